@@ -1,0 +1,68 @@
+"""Benchmark sections: each module `<name>.py` has `run(ctx: Context) -> dict[str, float]`."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class SectionSkipped(Exception):
+    """Raised by a section that cannot run on this machine; the message says why."""
+
+
+@dataclass
+class Context:
+    quick: bool = False
+    data: str | None = None
+    src: str | None = None
+    device: str = "cpu"
+    workers: int = 1
+    scratch: Path = field(default_factory=lambda: Path(os.environ.get("FASTVIT_BENCH_SCRATCH", "/tmp/fastvit-bench")))
+    _notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args) -> "Context":
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(quick=args.quick, data=args.data, src=args.src, device=device,
+                   workers=args.workers or os.cpu_count() or 1)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def skip(self, metric: str, why: str) -> None:
+        """Record that one metric of a section was not measured here, and why."""
+        self._notes[metric] = why
+
+    def pop_notes(self) -> dict:
+        notes, self._notes = self._notes, {}
+        return notes
+
+    def workdir(self, name: str) -> Path:
+        d = self.scratch / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def timeit(fn: Callable[[], object], *, warmup: int = 1, iters: int = 5, sync: Callable[[], None] | None = None) -> float:
+    """Median seconds per call of fn() after warmup (sync() is called around each timed call on GPU)."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
