@@ -1,0 +1,92 @@
+"""Plain-PyTorch `embed_kept_patches`: the oracle for tests and the CPU path.
+
+Semantics (the fused Triton kernel in `patch_embed.py` matches them):
+
+    x      = (images - mean) / std                         # fp32, (B,3,H,W)
+    tokens = conv2d(x, weight, stride=p)                   # compute dtype, fp32 accumulation
+    out    = tokens[b, keep_idx[b, j]] + bias + pos_embed[keep_idx[b, j]]   # added in fp32
+
+Compute/output dtype (`compute_dtype`): the autocast dtype when autocast is on for the images'
+device, else the weight's dtype. bf16/fp16 multiply with fp32 accumulation; fp32 is fp32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def as_triple(v, name: str) -> tuple[float, float, float]:
+    """mean/std given as one number, three numbers, or a 1- or 3-element tensor -> 3 python floats."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().flatten().tolist()  # a host sync when v lives on the GPU: pass floats there
+    if isinstance(v, (int, float)):
+        v = (v, v, v)
+    v = tuple(float(x) for x in v)
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3:
+        raise ValueError(f"{name} must be 1 or 3 numbers (one per RGB channel), got {len(v)}")
+    return v
+
+
+def compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the projection runs in and the tokens come out in (see module docstring)."""
+    dev = images.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def check_inputs(images, keep_idx, weight, bias, pos_embed) -> tuple[int, int, int, int, int, int]:
+    """Raise one clear ValueError for an unsupported call; return (B, K, D, p, gh, gw)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B,3,H,W), got {tuple(images.shape)}")
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (D,3,p,p) like nn.Conv2d, got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    B, _, H, W = images.shape
+    D, p = weight.shape[0], weight.shape[2]
+    if H % p or W % p:
+        raise ValueError(f"image sides {H}x{W} must be multiples of the patch size {p}")
+    gh, gw = H // p, W // p
+    if keep_idx.dim() != 2 or keep_idx.shape[0] != B:
+        raise ValueError(f"keep_idx must be (B={B}, K), got {tuple(keep_idx.shape)}")
+    if keep_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"keep_idx must be int32 or int64, got {keep_idx.dtype}")
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"bias must be (D={D},) or None, got {tuple(bias.shape)}")
+    if tuple(pos_embed.shape) != (gh * gw, D):
+        raise ValueError(f"pos_embed must be (N={gh * gw}, D={D}) for a {gh}x{gw} patch grid, "
+                         f"got {tuple(pos_embed.shape)}")
+    devs = {t.device for t in (images, keep_idx, weight, pos_embed) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return B, keep_idx.shape[1], D, p, gh, gw
+
+
+def embed_kept_patches_reference(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
+                                 bias: torch.Tensor | None, pos_embed: torch.Tensor,
+                                 mean: Sequence[float] | float, std: Sequence[float] | float) -> torch.Tensor:
+    """(B,3,H,W) images, (B,K) keep_idx -> (B,K,D) tokens, differentiable in weight/bias/pos_embed.
+
+    Embeds every patch then gathers (what timm/PSS do), so it is slow but obviously right.
+    """
+    B, K, D, p, gh, gw = check_inputs(images, keep_idx, weight, bias, pos_embed)
+    dtype = compute_dtype(images, weight)
+    mean_t = torch.tensor(as_triple(mean, "mean"), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(as_triple(std, "std"), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    with torch.autocast(images.device.type, enabled=False):
+        x = (images.float() - mean_t) / std_t                                    # (B,3,H,W) fp32
+        tokens = F.conv2d(x.to(dtype), weight.to(dtype), stride=p)               # (B,D,gh,gw)
+        tokens = tokens.flatten(2).transpose(1, 2)                               # (B,N,D)
+        idx = keep_idx.long()
+        kept = torch.gather(tokens, 1, idx[:, :, None].expand(B, K, D))          # (B,K,D)
+        out = kept.float() + pos_embed.float()[idx]                              # (B,K,D) fp32
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(dtype)
