@@ -7,10 +7,8 @@
 TRITON_INTERPRET=1), the plain-PyTorch reference otherwise; `embed_kept_patches_reference` is always
 the reference. Importing this package imports no Triton.
 """
+from .ops import embed_kept_patches
 from .reference import embed_kept_patches_reference
 from .sampling import sample_keep_indices
-
-# The fused op lands next; until then the dispatcher is the reference (same semantics).
-embed_kept_patches = embed_kept_patches_reference
 
 __all__ = ["embed_kept_patches", "embed_kept_patches_reference", "sample_keep_indices"]

@@ -63,9 +63,9 @@ def check_inputs(images, keep_idx, weight, bias, pos_embed) -> tuple[int, int, i
     if tuple(pos_embed.shape) != (gh * gw, D):
         raise ValueError(f"pos_embed must be (N={gh * gw}, D={D}) for a {gh}x{gw} patch grid, "
                          f"got {tuple(pos_embed.shape)}")
-    devs = {t.device for t in (images, keep_idx, weight, pos_embed) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    for name, t in (("keep_idx", keep_idx), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
+        if t is not None and t.device != images.device:
+            raise ValueError(f"{name} is on {t.device} but images are on {images.device}")
     return B, keep_idx.shape[1], D, p, gh, gw
 
 
@@ -76,12 +76,24 @@ def embed_kept_patches_reference(images: torch.Tensor, keep_idx: torch.Tensor, w
 
     Embeds every patch then gathers (what timm/PSS do), so it is slow but obviously right.
     """
-    B, K, D, p, gh, gw = check_inputs(images, keep_idx, weight, bias, pos_embed)
-    dtype = compute_dtype(images, weight)
-    mean_t = torch.tensor(as_triple(mean, "mean"), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(as_triple(std, "std"), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    check_inputs(images, keep_idx, weight, bias, pos_embed)
+    return reference_forward(images, keep_idx, weight, bias, pos_embed,
+                             as_triple(mean, "mean"), as_triple(std, "std"), compute_dtype(images, weight))
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B,3,H,W) uint8/float -> fp32 (images - mean) / std."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean_t) / std_t
+
+
+def reference_forward(images, keep_idx, weight, bias, pos_embed, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """The reference math with the compute dtype given (mean/std already 3 floats)."""
+    B, K = keep_idx.shape
+    D, p = weight.shape[0], weight.shape[2]
     with torch.autocast(images.device.type, enabled=False):
-        x = (images.float() - mean_t) / std_t                                    # (B,3,H,W) fp32
+        x = normalize(images, mean, std)                                         # (B,3,H,W) fp32
         tokens = F.conv2d(x.to(dtype), weight.to(dtype), stride=p)               # (B,D,gh,gw)
         tokens = tokens.flatten(2).transpose(1, 2)                               # (B,N,D)
         idx = keep_idx.long()
@@ -90,3 +102,31 @@ def embed_kept_patches_reference(images: torch.Tensor, keep_idx: torch.Tensor, w
         if bias is not None:
             out = out + bias.float()
         return out.to(dtype)
+
+
+def reference_backward(grad, images, keep_idx, weight, pos_embed, mean, std,
+                       need_weight: bool, need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `patch_embed.embed_backward`, in plain PyTorch (the CPU path's backward).
+
+    grad (B,K,D) -> (dW like weight or empty, dPos (N,D) fp32 or empty); dBias = dPos.sum(0).
+    """
+    B, K, D = grad.shape
+    p = weight.shape[2]
+    N = pos_embed.shape[0]
+    idx = keep_idx.long()
+    g = grad.reshape(B * K, D)                                                   # (M,D)
+    dw = weight.new_empty((0,))
+    dpos = torch.empty((0,), dtype=torch.float32, device=grad.device)
+    with torch.autocast(images.device.type, enabled=False):
+        if need_weight:
+            x = normalize(images, mean, std)                                     # (B,3,H,W)
+            gh, gw = x.shape[2] // p, x.shape[3] // p
+            patches = (x.view(B, 3, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+                       .reshape(B, gh * gw, 3 * p * p))                          # (B,N,3pp)
+            kept = torch.gather(patches, 1, idx[:, :, None].expand(B, K, 3 * p * p))
+            kept = kept.to(grad.dtype).float().reshape(B * K, -1)                # (M,3pp) as the GEMM sees it
+            dw = (g.float().t() @ kept).view(weight.shape).to(weight.dtype)      # (D,3,p,p)
+        if need_pos:
+            dpos = torch.zeros((N, D), dtype=torch.float32, device=grad.device)
+            dpos.index_add_(0, idx.reshape(-1), g.float())                       # duplicates add up
+    return dw, dpos

@@ -1,0 +1,103 @@
+"""`embed_kept_patches` as a PyTorch custom op: dispatch, fake (meta) kernels and autograd.
+
+    fastvit::embed_kept_patches           forward  (B,3,H,W),(B,K) -> (B,K,D)
+    fastvit::embed_kept_patches_backward  (dY) -> (dW, dPos fp32); dBias = dPos.sum(0)
+
+Both are opaque `torch.library.custom_op`s with fake kernels, so `torch.compile(fullgraph=True)`
+traces a model that calls them without a graph break; `register_autograd` wraps them in the
+autograd.Function that gives grads for weight, bias and pos_embed (never for images/keep_idx).
+
+Dispatch (inside the ops, so compiled graphs dispatch the same way): the fused Triton kernels for
+CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1; the plain-PyTorch reference otherwise.
+Triton is imported on the first Triton call, never at import time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .reference import as_triple, check_inputs, compute_dtype, reference_backward, reference_forward
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the fused kernels run for tensors on t's device (read at call time, not import)."""
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.library.custom_op("fastvit::embed_kept_patches", mutates_args=())
+def _embed_op(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor], pos_embed: torch.Tensor,
+              mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+    if use_triton(images):
+        from .patch_embed import embed_forward
+
+        return embed_forward(images, keep_idx, weight, bias, pos_embed, mean, std, out_dtype)
+    return reference_forward(images, keep_idx, weight, bias, pos_embed, mean, std, out_dtype)
+
+
+@_embed_op.register_fake
+def _(images, keep_idx, weight, bias, pos_embed, mean, std, out_dtype):
+    B, K = keep_idx.shape
+    return images.new_empty((B, K, weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastvit::embed_kept_patches_backward", mutates_args=())
+def _embed_backward_op(grad: torch.Tensor, images: torch.Tensor, keep_idx: torch.Tensor,
+                       weight: torch.Tensor, pos_embed: torch.Tensor,
+                       mean: Sequence[float], std: Sequence[float],
+                       need_weight: bool, need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(images):
+        from .patch_embed import embed_backward
+
+        return embed_backward(grad, images, keep_idx, weight, pos_embed, mean, std, need_weight, need_pos)
+    return reference_backward(grad, images, keep_idx, weight, pos_embed, mean, std, need_weight, need_pos)
+
+
+@_embed_backward_op.register_fake
+def _(grad, images, keep_idx, weight, pos_embed, mean, std, need_weight, need_pos):
+    dw = weight.new_empty(weight.shape if need_weight else (0,))
+    dpos = pos_embed.new_empty(pos_embed.shape if need_pos else (0,), dtype=torch.float32)
+    return dw, dpos
+
+
+def _setup_context(ctx, inputs, output):
+    images, keep_idx, weight, bias, pos_embed, mean, std, out_dtype = inputs
+    ctx.save_for_backward(images, keep_idx, weight, pos_embed)  # patches are recomputed, not saved
+    ctx.mean, ctx.std = mean, std
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    images, keep_idx, weight, pos_embed = ctx.saved_tensors
+    need_w, need_b, need_pos = ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dw, dpos32 = torch.ops.fastvit.embed_kept_patches_backward(
+        grad, images, keep_idx, weight, pos_embed, ctx.mean, ctx.std, need_w, need_b or need_pos)
+    d_weight = dw if need_w else None
+    d_bias = dpos32.sum(0).to(ctx.bias_dtype) if need_b else None  # each token hits one pos row
+    d_pos = dpos32.to(pos_embed.dtype) if need_pos else None
+    return None, None, d_weight, d_bias, d_pos, None, None, None
+
+
+_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def embed_kept_patches(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None, pos_embed: torch.Tensor,
+                       mean: Sequence[float] | float, std: Sequence[float] | float) -> torch.Tensor:
+    """Kept patch tokens (B,K,D) straight from the image batch (see fastvit.kernels).
+
+    images (B,3,H,W) uint8 or float; keep_idx (B,K) int32/int64 into the row-major (H/p)x(W/p) grid
+    (repeats allowed); weight (D,3,p,p); bias (D,) or None; pos_embed (N,D); mean/std: 1 or 3
+    numbers in the units of images (floats; a tensor costs a host sync). Output dtype: the autocast
+    dtype when autocast is on for the images' device, else weight.dtype; the GEMM accumulates in
+    fp32 and bias/pos_embed are added in fp32. Grads flow to weight, bias, pos_embed in their dtypes.
+    Indices outside [0, N) are not checked on the fused path (that would cost a host sync).
+    """
+    check_inputs(images, keep_idx, weight, bias, pos_embed)
+    return torch.ops.fastvit.embed_kept_patches(
+        images, keep_idx, weight, bias, pos_embed,
+        list(as_triple(mean, "mean")), list(as_triple(std, "std")), compute_dtype(images, weight))
