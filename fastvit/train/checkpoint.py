@@ -1,0 +1,111 @@
+"""Atomic, self-checking checkpoints; the last two are kept.
+
+File layout: torch.save payload ‖ sha256(payload) (32 bytes) ‖ MAGIC (8 bytes). Written to a temporary
+name, fsynced, renamed, and the directory fsynced, so a crash (kill -9, power loss) leaves either the
+old or the new file, never half of one. The trailing digest catches a truncated or corrupted file that
+torch.load might otherwise read without complaint; `load_latest` then falls back to the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"FVCKPT01"
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """tmp name + fsync + os.replace + fsync of the directory."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """Checkpoints in the run dir, newest (highest step) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write `state` as ckpt_<step>.pt atomically; delete all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    path = run_dir / f"ckpt_{step:08d}.pt"
+    atomic_write_bytes(path, payload + hashlib.sha256(payload).digest() + MAGIC)
+    for old in checkpoint_paths(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    data = Path(path).read_bytes()
+    if len(data) < 40 or data[-8:] != MAGIC:
+        raise CorruptCheckpoint(f"{path.name}: truncated (no end marker)")
+    payload, digest = data[:-40], data[-40:-8]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means unusable
+        raise CorruptCheckpoint(f"{path.name}: unreadable ({type(e).__name__})") from None
+
+
+def load_latest(run_dir: Path, log=print) -> tuple[dict, Path] | None:
+    """The newest checkpoint that reads back intact (a corrupt newest one is reported and skipped)."""
+    for path in checkpoint_paths(run_dir):
+        try:
+            return load_checkpoint(path), path
+        except CorruptCheckpoint as e:
+            log(f"checkpoint {e}; trying the previous one")
+    return None
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

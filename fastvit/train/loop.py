@@ -1,0 +1,662 @@
+"""The training run, top to bottom:
+
+  data + model + optimizer + EMA → probe each shape (counted) → plan → CurriculumLoader →
+  for each step: schedules(p) → augment → forward/backward (bf16 on GPU) → clip → AdamW → EMA
+               → log / checkpoint / periodic validation (not counted) / re-plan on drift
+  → final checkpoint (end of counted time) → full validation, raw and EMA → results.json, curves.png
+
+Sync points with the GPU are marked `# SYNC`. Everything that reads time goes through BudgetClock.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import schedules as S
+from .augment import make_mixup, mix_batch, randaugment_groups
+from .budget import BudgetClock
+from .checkpoint import (atomic_write_bytes, checkpoint_paths, load_latest, rng_state, save_checkpoint,
+                         set_rng_state)
+from .config import TrainConfig
+from .metrics import MetricsWriter, plot_curves
+from .planner import (BudgetTooSmall, Plan, Segment, build_segments, drifted, plan_budget, probe_speeds,
+                      replan)
+
+NAN_LIMIT = 10
+
+
+class TrainError(Exception):
+    """A failure the user can act on; printed as one line. code 2 = usage, 1 = runtime."""
+
+    def __init__(self, msg: str, code: int = 1):
+        super().__init__(msg)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)", 2)
+    return torch.device(dev)
+
+
+def choose_backend(cfg: TrainConfig, device: torch.device) -> str:
+    """Default loader. GPU: DALI (JPEG decode on the GPU's hardware decoder, stage size changes without
+    rebuilding the pipeline). CPU: DALI's CPU pipeline too: FFCV spends ~40 s compiling each new
+    pipeline with numba on a small CPU (one per curriculum stage plus validation), which a few-minute
+    CPU budget cannot afford; DALI builds in about a second. The baseline always reads the source
+    JPEGs with torchvision (what users would otherwise run)."""
+    if cfg.recipe == "baseline":
+        return "torchvision"
+    if cfg.backend:
+        return cfg.backend
+    return "dali"
+
+
+def read_manifest(data: str) -> dict:
+    """Checks done here so the user gets one line instead of a traceback from deep inside a loader."""
+    if not data:
+        raise TrainError("--data is required: a directory written by fastvit-prep", 2)
+    root = Path(data)
+    if not root.is_dir():
+        raise TrainError(f"--data {data} does not exist", 2)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise TrainError(f"--data {data} has no manifest.json: run `fastvit-prep --src SRC --out {data}` first", 2)
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"{mpath} is not readable JSON ({e}); re-run fastvit-prep", 2) from None
+    splits = man.get("splits", {})
+    for split in ("train", "val"):
+        if split not in splits or not splits[split].get("count"):
+            raise TrainError(f"{data} has no '{split}' split (manifest lists: {', '.join(splits) or 'none'}); "
+                             f"re-run fastvit-prep with --splits train,val", 2)
+    if not man.get("classes") or not man.get("resolutions"):
+        raise TrainError(f"{mpath} lists no classes or resolutions; re-run fastvit-prep", 2)
+    return man
+
+
+def pick_final_res(cfg: TrainConfig, man: dict, patch: int) -> int:
+    res = cfg.final_res or max(man["resolutions"])
+    if res % patch:
+        raise TrainError(f"final resolution {res} is not a multiple of the patch size {patch}", 2)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+class TimmBaseline(nn.Module):
+    """timm's plain ViT behind our forward surface: uint8 (or [0,1] float) in, normalization here
+    (timm expects normalized float input); keep_rate is ignored (all patches)."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, keep_rate: float | None = None) -> torch.Tensor:
+        x = images.float() if images.dtype == torch.uint8 else images.float() * 255.0
+        return self.model((x - self.mean) / self.std)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, base_res: int) -> tuple[nn.Module, nn.Module]:
+    """(model to train, module whose parameters the optimizer gets)."""
+    overrides = {k: getattr(cfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(cfg, k) is not None}
+    dpr = max(cfg.drop_path)
+    if cfg.recipe == "baseline":
+        import timm
+
+        size = cfg.model.split("_")[1] if cfg.model.startswith("vit_") else "small"
+        name = f"vit_{size}_patch16_224"
+        m = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=base_res,
+                              patch_size=cfg.patch_size, drop_path_rate=dpr, **overrides)
+        from fastvit.models.configs import IMAGENET_MEAN_255, IMAGENET_STD_255
+
+        return TimmBaseline(m, IMAGENET_MEAN_255, IMAGENET_STD_255), m
+    from fastvit.models import create_model
+
+    try:
+        m = create_model(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size,
+                         drop_path_rate=dpr, **overrides)
+    except ValueError as e:
+        raise TrainError(f"--model: {e}", 2) from None
+    return m, m
+
+
+def set_drop_path(model: nn.Module, base: dict, rate: float, max_rate: float) -> None:
+    """Scale every DropPath's probability to `rate` (the per-block ramp of the stochastic depth rule is
+    kept). Changes only at segment boundaries: a compiled graph guards on it."""
+    if max_rate <= 0:
+        return
+    for name, mod in model.named_modules():
+        if name in base:
+            mod.drop_prob = base[name] * rate / max_rate
+
+
+def drop_path_modules(model: nn.Module) -> dict:
+    from timm.layers import DropPath
+
+    return {n: m.drop_prob for n, m in model.named_modules() if isinstance(m, DropPath)}
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, *, device, amp: bool, max_images: int | None = None) -> dict:
+    """top-1 / top-5 (%) with all patches."""
+    was = model.training
+    model.eval()
+    n = c1 = c5 = 0
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        k = min(5, logits.shape[1])
+        top = logits.float().topk(k, dim=1).indices                                     # (B,k)
+        hit = top.eq(labels.view(-1, 1))
+        c1 += hit[:, 0].sum().item()                                                     # SYNC
+        c5 += hit.any(dim=1).sum().item()
+        n += labels.numel()
+        if max_images and n >= max_images:
+            break
+    model.train(was)
+    if n == 0:
+        raise TrainError("the validation loader gave no images", 1)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=None, clock_fn=None):
+        self.cfg = cfg
+        self.resume = resume
+        self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._clock_fn = clock_fn
+
+    def log(self, msg: str) -> None:
+        self._log(f"[fastvit-train] {msg}")
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir = Path(cfg.out)
+        ck = None
+        if self.resume:
+            got = load_latest(self.run_dir, self.log)
+            if got is None:
+                raise TrainError(f"nothing to resume in {self.run_dir}: no readable checkpoint", 2)
+            ck, path = got
+            saved = TrainConfig.from_dict(ck["config"])
+            saved.progress = cfg.progress
+            cfg = self.cfg = saved
+            self.log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
+        else:
+            if checkpoint_paths(self.run_dir):
+                raise TrainError(f"{self.run_dir} already holds a run: pass --resume to continue it, "
+                                 "or choose another --out", 2)
+            if not cfg.has_budget:
+                raise TrainError("give a budget: --hours H, --minutes M or --epochs N", 2)
+        kw = {"clock": self._clock_fn} if self._clock_fn else {}
+        self.clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **kw)
+        self.ckpt = ck
+
+        self.manifest = read_manifest(cfg.data)
+        self.device = resolve_device(cfg)
+        self.cuda = self.device.type == "cuda"
+        self.amp = cfg.amp if cfg.amp is not None else self.cuda
+        self.do_compile = cfg.compile if cfg.compile is not None else self.cuda
+        self.backend = choose_backend(cfg, self.device)
+        self.num_classes = len(self.manifest["classes"])
+        self.final_res = pick_final_res(cfg, self.manifest, cfg.patch_size)
+        self.train_count = int(self.manifest["splits"]["train"]["count"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.recipe == "baseline" and (cfg.baseline_res or self.final_res) != self.final_res:
+            self.final_res = cfg.baseline_res
+        if not self.resume:
+            torch.manual_seed(cfg.seed)
+            import numpy as np
+            import random
+
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        from fastvit.data import open_dataset
+
+        try:
+            self.ds = open_dataset(cfg.data)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise TrainError(f"--data {cfg.data}: {e}", 2) from None
+
+        self.model, opt_module = build_model(cfg, self.num_classes, self.final_res)
+        self.model.to(self.device).train()
+        self.dp_base = drop_path_modules(self.model)
+        self.dp_max = max(cfg.drop_path)
+        from timm.optim import create_optimizer_v2
+
+        # weight decay on weights only: timm's factory skips 1-D params (biases, norms) and the
+        # model's no_weight_decay() names (pos_embed, cls_token)
+        self.opt = create_optimizer_v2(opt_module, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=0.999, use_warmup=True)
+        self.mixup = make_mixup(mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                                num_classes=self.num_classes)
+        self.step_model = self.model
+        if self.do_compile:
+            self.step_model = torch.compile(self.model)
+        self.nan_run = 0
+        self.nan_total = 0
+        self.step = 0
+        self.evals_done = 0
+        self.history_val: list[dict] = []
+        self.val_s_total = 0.0
+
+        if ck:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["opt"])
+            if self.ema is not None and ck.get("ema") is not None:
+                self.ema.module.load_state_dict(ck["ema"])
+            self.plan = Plan.from_dict(ck["plan"])
+            self.step = ck["step"]
+            self.evals_done = ck.get("evals_done", 0)
+            self.nan_total = ck.get("nan_total", 0)
+            self.val_s_total = ck.get("val_s", 0.0)
+            set_rng_state(ck["rng"])
+            self.ckpt = None   # free the memory
+        else:
+            self.plan = self.make_plan()
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        self.save_plan()
+        if self.ema is not None:
+            self.ema.decay = self.ema_decay()
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if self.resume else None)
+
+    def ema_decay(self) -> float:
+        """Half-life = ema_halflife × planned steps: the EMA averages the same share of any budget."""
+        hl = max(1.0, self.cfg.ema_halflife * self.plan.total_steps)
+        return 0.5 ** (1.0 / hl)
+
+    def segments(self) -> list[Segment]:
+        cfg = self.cfg
+        if cfg.recipe == "baseline":
+            return [Segment(res=self.final_res, keep=1.0, batch=cfg.batch_size, lr_scale=1.0, f0=0.0, f1=1.0)]
+        try:
+            cur = S.parse_curriculum(cfg.curriculum) if cfg.curriculum else \
+                S.default_curriculum(self.final_res, cfg.patch_size, cfg.curriculum_stages)
+        except ValueError as e:
+            raise TrainError(f"--curriculum {cfg.curriculum!r}: {e}", 2) from None
+        bad = [r for r, _ in cur if r % cfg.patch_size]
+        if bad:
+            raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {cfg.patch_size}", 2)
+        return build_segments(curriculum=cur, keep_kind=cfg.keep_schedule, keep_min=cfg.keep_min,
+                              keep_full_from=cfg.keep_full_from, keep_cycles=cfg.keep_cycles,
+                              keep_step=cfg.keep_step, splits_per_stage=cfg.keep_splits,
+                              base_batch=cfg.batch_size, ref_res=self.final_res,
+                              const_tokens=cfg.const_tokens, max_batch=cfg.max_batch,
+                              lr_rule=cfg.lr_scaling, patch=cfg.patch_size)
+
+    # ------------------------------------------------------------------ planning
+    def make_plan(self) -> Plan:
+        cfg = self.cfg
+        segs = self.segments()
+        if cfg.budget_s is None:                      # --epochs: an image budget; no probe needed
+            return plan_budget(segs, budget_images=int(round(cfg.epochs * self.train_count)))
+        # probe: compile + time every shape on synthetic data; weights and optimizer restored after
+        snap_model = copy.deepcopy(self.model.state_dict())
+        snap_opt = copy.deepcopy(self.opt.state_dict())
+        rng = rng_state()
+
+        def run_step(shape):
+            res, keep, batch = shape
+            x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=self.device)
+            y = torch.randint(0, self.num_classes, (batch,), device=self.device)
+            self.train_step(x, y, keep=keep, lr=0.0, mix_prob=max(cfg.mix_prob),
+                            randaug=max(cfg.randaug), probe=True)
+            if self.cuda:
+                torch.cuda.synchronize()                                                 # SYNC
+
+        def on_oom(shape, new_batch):
+            self.log(f"out of GPU memory at res {shape[0]}, keep {shape[1]}, batch {shape[2]}: "
+                     f"halving to batch {new_batch} (LR scaled by {cfg.lr_scaling} rule)")
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+        shapes = [s.shape for s in segs]
+        self.log(f"probing {len(set(shapes))} shape(s) (compile={'on' if self.do_compile else 'off'})")
+        speeds, fixes = probe_speeds(shapes, run_step, self.clock.now, warmup=1, iters=cfg.probe_iters,
+                                     is_oom=_is_oom, on_oom=on_oom)
+        segs = [replace(s, batch=fixes[s.shape][2],
+                        lr_scale=S.lr_scale_for_batch(fixes[s.shape][2], cfg.batch_size, cfg.lr_scaling))
+                if fixes[s.shape] != s.shape else s for s in segs]
+        self.model.load_state_dict(snap_model)
+        self.opt.load_state_dict(snap_opt)
+        set_rng_state(rng)
+        del snap_model, snap_opt
+        # the first loader stage is built after planning; its start-up is measured on the first
+        # step and handled by the drift check
+        setup = self.clock.counted()
+        reserve = min(120.0, max(0.5, 0.01 * cfg.budget_s))
+        try:
+            plan = plan_budget(segs, speeds=speeds, budget_s=cfg.budget_s, setup_s=setup, reserve_s=reserve)
+        except BudgetTooSmall as e:
+            raise TrainError(str(e), 2) from None
+        return plan
+
+    def save_plan(self) -> None:
+        atomic_write_bytes(self.run_dir / "plan.json", self.plan.dumps().encode())
+
+    # ------------------------------------------------------------------ loader
+    def open_loader(self):
+        from fastvit.data import CurriculumLoader, Stage
+
+        stages = [Stage(res=r, batch_size=b, steps=n) for r, b, n in self.plan.loader_stages()]
+        kw = dict(backend=self.backend, device=str(self.device), seed=self.cfg.seed)
+        if self.cfg.workers:
+            kw["workers"] = self.cfg.workers
+        try:
+            return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
+        except TypeError:
+            kw.pop("workers", None)
+            return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
+
+    def open_val(self, res: int):
+        from fastvit.data import make_loader
+
+        kw = dict(split="val", res=res, batch_size=max(16, min(256, self.cfg.batch_size)),
+                  backend=self.backend, device=str(self.device), train=False, seed=0)
+        return make_loader(self.ds, **kw)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, images, labels, *, keep: float, lr: float, mix_prob: float, randaug: float,
+                   probe: bool = False) -> float | None:
+        """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped (NaN)."""
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if randaug > 0:
+            images = randaugment_groups(images, randaug, cfg.randaug_ops)
+        images, targets = mix_batch(self.mixup, images, labels, mix_prob)                # (B,3,r,r), (B,C)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.step_model(images, keep_rate=keep if keep < 1.0 else None)     # (B,C)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e12)
+        loss_v = loss.item()                                                             # SYNC
+        if not (math.isfinite(loss_v) and torch.isfinite(gnorm).item()):
+            self.opt.zero_grad(set_to_none=True)
+            if not probe:
+                self.nan_run += 1
+                self.nan_total += 1
+            return None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if not probe:
+            self.nan_run = 0
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+        return loss_v
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self) -> Path:
+        st = {
+            "config": self.cfg.to_dict(), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "plan": self.plan.to_dict(), "step": self.step, "counted_s": self.clock.counted(),
+            "rng": rng_state(), "loader_position": {"global_step": self.step, "seed": self.cfg.seed},
+            "evals_done": self.evals_done, "nan_total": self.nan_total, "val_s": self.val_s_total,
+        }
+        return save_checkpoint(self.run_dir, self.step, st)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        self.setup()
+        cfg = self.cfg
+        plan = self.plan
+        self.log(f"device {self.device} ({self.device_name()}), backend {self.backend}, "
+                 f"recipe {cfg.recipe}, model {cfg.model}, final res {self.final_res}")
+        self.log("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch} × {s.steps}"
+                                      for s in plan.segments) + f" = {plan.total_steps} steps")
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not cfg.progress, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        loader = self.open_loader() if self.step < plan.total_steps else None
+        it = iter(loader) if loader is not None else None
+        val_loader = None
+        last_ckpt_t = self.clock.counted()
+        window: deque = deque(maxlen=max(20, 2 * cfg.log_every))   # (counted_s, images) per step
+        cur_seg = -1
+        seg_first_step = self.step
+        loss_ema = None
+        waits: deque = deque(maxlen=100)
+        try:
+            while self.step < self.plan.total_steps:
+                plan = self.plan
+                k, j = plan.segment_at(self.step)
+                seg = plan.segments[k]
+                if k != cur_seg:
+                    cur_seg, seg_first_step = k, self.step
+                    window.clear()
+                    f_mid = 0.5 * (seg.f0 + seg.f1)
+                    set_drop_path(self.model, self.dp_base, S.aug_at(f_mid, drop_path=cfg.drop_path).drop_path,
+                                  self.dp_max)
+                f = plan.progress_at(self.step)                   # training-window progress
+                lr = S.lr_at(f, base_lr=cfg.lr, warmup=cfg.warmup, decay=cfg.lr_decay) * seg.lr_scale
+                aug = S.aug_at(f, mix_prob=cfg.mix_prob, randaug=cfg.randaug, drop_path=cfg.drop_path)
+                t_wait = self.clock.now()
+                try:
+                    images, labels, _stage = next(it)
+                except StopIteration:
+                    raise TrainError(f"the loader stopped at step {self.step} of {plan.total_steps}", 1) from None
+                wait = self.clock.now() - t_wait
+                waits.append(wait)
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                if images.shape[-1] != seg.res or images.shape[0] != seg.batch:
+                    raise TrainError(f"loader gave {tuple(images.shape)} at step {self.step}, plan wants "
+                                     f"res {seg.res} batch {seg.batch}", 1)
+                try:
+                    loss = self.train_step(images, labels, keep=seg.keep, lr=lr, mix_prob=aug.mix_prob,
+                                           randaug=aug.randaug_mag)
+                except Exception as e:  # noqa: BLE001
+                    if not _is_oom(e):
+                        raise
+                    loader, it = self.handle_oom(loader, seg)
+                    continue
+                if loss is None and self.nan_run >= NAN_LIMIT:
+                    path = self.save()
+                    raise TrainError(f"loss was NaN/inf for {NAN_LIMIT} steps in a row (step {self.step}); "
+                                     f"stopped, last good weights kept in {path}", 1)
+                self.step += 1
+                now = self.clock.counted()
+                window.append((now, seg.batch))
+                if loss is not None:
+                    loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.plan.total_steps:
+                    ips = self._speed(window)
+                    rec = {"kind": "train", "step": self.step, "counted_s": round(now, 3),
+                           "p": round(self.clock.progress(), 5) if cfg.budget_s else
+                           round(self.plan.progress_at(self.step), 5),
+                           "segment": k, "res": seg.res, "keep": seg.keep, "batch": seg.batch, "lr": lr,
+                           "loss": loss, "images_per_s": ips, "data_wait": sum(waits) / max(1, len(waits)),
+                           "mix_prob": aug.mix_prob, "drop_path": aug.drop_path, "nan_skipped": self.nan_total}
+                    self.metrics.log(rec)
+                    left = (cfg.budget_s - now) if cfg.budget_s else None
+                    bar.set_postfix_str(
+                        f"seg {k + 1}/{len(self.plan.segments)} res {seg.res} keep {seg.keep:g} "
+                        f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
+                        + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
+                           else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
+                    # re-plan when the real speed is >tol off (time budgets only)
+                    if self.plan.mode == "time" and self.step - seg_first_step >= 10 and ips:
+                        if drifted(seg.speed, ips, cfg.replan_tol) and self.step < self.plan.total_steps:
+                            old = self.plan.total_steps
+                            self.plan = replan(self.plan, step=self.step, counted_s=now,
+                                               speed_ratio=ips / seg.speed)
+                            self.save_plan()
+                            self.log(f"re-plan at step {self.step}: speed {ips:.0f} vs planned {seg.speed:.0f} "
+                                     f"img/s → {old} → {self.plan.total_steps} steps")
+                            bar.total = self.plan.total_steps
+                            bar.refresh()
+                            loader, it = self._reopen(loader)
+                            cur_seg = -1
+                            window.clear()
+                # checkpoint (counted)
+                if (now - last_ckpt_t >= cfg.ckpt_minutes * 60 or
+                        (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)) \
+                        and self.step < self.plan.total_steps:
+                    self.save()
+                    last_ckpt_t = self.clock.counted()
+                # periodic validation (not counted)
+                if cfg.evals and self.evals_done < cfg.evals and self.step < self.plan.total_steps and \
+                        self.plan.progress_at(self.step) >= (self.evals_done + 1) / (cfg.evals + 1):
+                    with self.clock.excluded() as ex:
+                        if val_loader is None:
+                            val_loader = self.open_val(self.final_res)
+                        r = self.validate(val_loader, cfg.eval_images)
+                    self.val_s_total += ex["seconds"]
+                    self.evals_done += 1
+                    self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(self.clock.counted(), 3),
+                                      **r, "val_s": round(ex["seconds"], 3)})
+                    self.log(f"val @ step {self.step}: top-1 {r['top1']:.2f}% (EMA {r.get('ema_top1', float('nan')):.2f}%)")
+        finally:
+            bar.close()
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
+        # final checkpoint: the end of the counted time
+        self.save()
+        counted = self.clock.counted()
+        with self.clock.excluded() as ex:
+            if val_loader is None or not hasattr(val_loader, "__iter__"):
+                val_loader = self.open_val(self.final_res)
+            final = self.validate(val_loader, None)
+        if hasattr(val_loader, "close"):
+            val_loader.close()
+        self.val_s_total += ex["seconds"]
+        self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(counted, 3), **final,
+                          "val_s": round(ex["seconds"], 3)})
+        results = self.results(counted, final)
+        atomic_write_bytes(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
+        try:
+            plot_curves(self.metrics.rows, self.run_dir / "curves.png",
+                        title=f"{cfg.recipe} {cfg.model}: top-1 {final['top1']:.1f}%")
+        finally:
+            self.metrics.close()
+        return results
+
+    def _speed(self, window) -> float | None:
+        if len(window) < 2:
+            return None
+        dt = window[-1][0] - window[0][0]
+        imgs = sum(b for _, b in list(window)[1:])
+        return imgs / dt if dt > 0 else None
+
+    def _reopen(self, loader):
+        if loader is not None and hasattr(loader, "close"):
+            loader.close()
+        loader = self.open_loader()
+        return loader, iter(loader)
+
+    def handle_oom(self, loader, seg: Segment):
+        """Out of GPU memory in the loop: halve the batch of this and later segments at this res,
+        scale the LR, log it, re-open the loader at the same step."""
+        new_b = seg.batch // 2
+        if new_b < 2:
+            raise TrainError(f"out of GPU memory even at batch {seg.batch} (res {seg.res}); "
+                             "use a smaller --model", 1)
+        self.opt.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.log(f"out of GPU memory at res {seg.res}, batch {seg.batch}: continuing with batch {new_b}, "
+                 f"LR scaled by {new_b / seg.batch:g}")
+        if self.plan.mode == "time":
+            self.plan = replan(self.plan, step=self.step, counted_s=self.clock.counted(), speed_ratio=1.0,
+                               new_batch={seg.res: new_b})
+        else:
+            segs = []
+            for i, s in enumerate(self.plan.segments):
+                k, j = self.plan.segment_at(self.step)
+                if i >= k and s.res == seg.res and s.batch > new_b:
+                    todo = s.steps - (j if i == k else 0)
+                    extra = todo * s.batch // new_b - todo
+                    s = replace(s, batch=new_b, lr_scale=s.lr_scale * new_b / s.batch, steps=s.steps + extra)
+                segs.append(s)
+            self.plan = replace(self.plan, segments=segs)
+        self.save_plan()
+        return self._reopen(loader)
+
+    def validate(self, val_loader, max_images) -> dict:
+        amp = self.amp
+        r = evaluate(self.model, val_loader, device=self.device, amp=amp, max_images=max_images)
+        out = {"top1": r["top1"], "top5": r["top5"], "val_images": r["images"]}
+        if self.ema is not None:
+            e = evaluate(self.ema.module, val_loader, device=self.device, amp=amp, max_images=max_images)
+            out.update(ema_top1=e["top1"], ema_top5=e["top5"])
+        return out
+
+    def device_name(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name(self.device)
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"cpu: {cpu} ({os.cpu_count()} cores)"
+
+    def results(self, counted: float, final: dict) -> dict:
+        cfg, plan = self.cfg, self.plan
+        stages = [{"res": s.res, "keep": s.keep, "batch_size": s.batch, "steps": s.steps,
+                   "lr_scale": round(s.lr_scale, 4), "planned_images_per_s": round(s.speed, 2)}
+                  for s in plan.segments]
+        return {
+            "top1": final["top1"], "top5": final["top5"],
+            "ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5"),
+            "eval_res": self.final_res, "val_images": final["val_images"],
+            "budget_s": cfg.budget_s, "budget_images": plan.budget_images,
+            "counted_s": round(counted, 3), "validation_s": round(self.val_s_total, 3),
+            "steps": self.step, "planned_steps": plan.total_steps, "images_seen": plan.images_until(self.step),
+            "replans": len(plan.replans), "nan_skipped": self.nan_total,
+            "device_name": self.device_name(), "backend": self.backend, "recipe": cfg.recipe,
+            "model": cfg.model, "stages": stages,
+        }
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
+    return Trainer(cfg, resume=resume, log=log).run()

@@ -1,0 +1,117 @@
+"""Metrics: one record per log step / validation to JSONL and CSV (and TensorBoard when installed);
+the curves plot (loss, val top-1, lr, res, keep against counted time).
+
+On resume the files are cut back to the checkpoint's step, so a crash never leaves duplicate rows.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+CSV_COLUMNS = ["kind", "step", "counted_s", "p", "segment", "res", "keep", "batch", "lr", "loss",
+               "images_per_s", "data_wait", "mix_prob", "drop_path", "nan_skipped",
+               "top1", "top5", "ema_top1", "ema_top5", "val_s"]
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.csv = self.run_dir / "metrics.csv"
+        rows = []
+        if resume_step is not None and self.jsonl.exists():
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:      # a line cut by the crash
+                    continue
+                if r.get("step", 0) <= resume_step:
+                    rows.append(r)
+        self._rows = rows
+        self._jf = open(self.jsonl, "w")
+        self._cf = open(self.csv, "w", newline="")
+        self._cw = csv.DictWriter(self._cf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        self._cw.writeheader()
+        for r in rows:
+            self._write(r)
+        self._flush()
+        self._tb = None
+        try:  # optional: TensorBoard when installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        except Exception:  # noqa: BLE001 - tensorboard missing or broken: JSONL/CSV are enough
+            self._tb = None
+
+    def _write(self, rec: dict) -> None:
+        self._jf.write(json.dumps(rec) + "\n")
+        self._cw.writerow(rec)
+
+    def _flush(self) -> None:
+        self._jf.flush()
+        self._cf.flush()
+
+    def log(self, rec: dict) -> None:
+        self._rows.append(rec)
+        self._write(rec)
+        self._flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec.get("step", 0))
+
+    @property
+    def rows(self) -> list[dict]:
+        return list(self._rows)
+
+    def close(self) -> None:
+        for f in (self._jf, self._cf):
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, ValueError):
+                pass
+            f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """curves.png: training loss, val top-1, lr, res and keep against counted seconds (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [("loss", train, "train loss"), ("top1", val, "val top-1 (%)"), ("lr", train, "learning rate"),
+              ("res", train, "resolution (px)"), ("keep", train, "keep rate"),
+              ("images_per_s", train, "images / s")]
+    for ax, (key, src, label) in zip(axes.flat, panels):
+        xs = [r["counted_s"] for r in src if r.get(key) is not None]
+        ys = [r[key] for r in src if r.get(key) is not None]
+        if key == "top1":
+            xe = [r["counted_s"] for r in src if r.get("ema_top1") is not None]
+            ye = [r["ema_top1"] for r in src if r.get("ema_top1") is not None]
+            if xe:
+                ax.plot(xe, ye, "o--", label="EMA")
+            ax.plot(xs, ys, "o-", label="raw")
+            ax.legend()
+        elif key in ("res", "keep"):
+            ax.step(xs, ys, where="post")
+        else:
+            ax.plot(xs, ys)
+        ax.set_xlabel("counted seconds")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

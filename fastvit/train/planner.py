@@ -1,0 +1,294 @@
+"""The planner: turn a budget into segments with step counts.
+
+A *segment* is a run of steps with one (resolution, keep rate, batch size); each covers a share
+[f0, f1) of the training window (the budget minus set-up and a reserve for the final checkpoint).
+Steps follow from a measured speed: steps = share × window seconds × images/s / batch. With an image
+budget (--epochs) steps follow from images alone and the speed does not matter.
+
+Flow: `build_segments` (schedules → shapes) → `probe_speeds` (compile + time each shape, counted) →
+`plan_budget` (→ Plan) → during the run `drifted` / `replan` when the real speed is more than 10% off.
+The Plan is saved in the run dir and in every checkpoint: given the plan, a run is reproducible.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable
+
+from . import schedules as S
+
+
+class BudgetTooSmall(ValueError):
+    """The budget leaves no time (or images) for training after set-up."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    res: int
+    keep: float          # quantized keep rate (1.0 = all patches)
+    batch: int
+    lr_scale: float      # LR multiplier for this batch (1.0 at the reference batch)
+    f0: float            # share of the training window where it starts
+    f1: float            # ... and ends
+    steps: int = 0
+    speed: float = 0.0   # planned images/s (time budget only)
+
+    @property
+    def shape(self) -> tuple[int, float, int]:
+        return (self.res, self.keep, self.batch)
+
+
+def build_segments(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_min: float,
+                   keep_full_from: float, keep_cycles: int, keep_step: float, splits_per_stage: int,
+                   base_batch: int, ref_res: int, const_tokens: bool, max_batch: int,
+                   lr_rule: str, patch: int = 16) -> list[Segment]:
+    """Cut [0, 1] at the curriculum's stage ends, split each stage into `splits_per_stage` equal parts
+    (and at keep_full_from), evaluate the keep schedule at each part's middle, quantize, and merge
+    neighbours that end up with the same shape. No steps yet."""
+    cuts = {0.0, 1.0, keep_full_from} if 0 < keep_full_from < 1 else {0.0, 1.0}
+    start = 0.0
+    for res, end in curriculum:
+        for i in range(1, splits_per_stage):
+            cuts.add(start + (end - start) * i / splits_per_stage)
+        cuts.add(end)
+        start = end
+    bounds = sorted(c for c in cuts if 0.0 <= c <= 1.0)
+    segs: list[Segment] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a < 1e-9:
+            continue
+        mid = 0.5 * (a + b)
+        res = S.res_at(mid, curriculum)
+        keep = S.quantize_keep(S.keep_at(mid, kind=keep_kind, keep_min=keep_min,
+                                         full_from=keep_full_from, cycles=keep_cycles), keep_step)
+        batch = S.batch_for(res, keep, base_batch=base_batch, ref_res=ref_res,
+                            const_tokens=const_tokens, max_batch=max_batch, patch=patch)
+        seg = Segment(res=res, keep=keep, batch=batch,
+                      lr_scale=S.lr_scale_for_batch(batch, base_batch, lr_rule), f0=a, f1=b)
+        if segs and segs[-1].shape == seg.shape:
+            segs[-1] = replace(segs[-1], f1=b)
+        else:
+            segs.append(seg)
+    return segs
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    mode: str                         # "time" | "images"
+    budget_s: float | None = None
+    budget_images: int | None = None
+    setup_s: float = 0.0              # counted seconds before the first step (window start)
+    reserve_s: float = 0.0            # kept back for the final checkpoint
+    replans: list[dict] = field(default_factory=list)
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.segments)
+
+    @property
+    def window_s(self) -> float:
+        return (self.budget_s or 0.0) - self.setup_s - self.reserve_s
+
+    def segment_at(self, step: int) -> tuple[int, int]:
+        """(segment index, step within it) of global step `step` (0-based, < total_steps)."""
+        acc = 0
+        for k, s in enumerate(self.segments):
+            if step < acc + s.steps:
+                return k, step - acc
+            acc += s.steps
+        return len(self.segments) - 1, self.segments[-1].steps
+
+    def progress_at(self, step: int) -> float:
+        """Training-window progress f ∈ [0, 1] at the start of global step `step` (1 after the last)."""
+        if step >= self.total_steps:
+            return 1.0
+        k, j = self.segment_at(step)
+        s = self.segments[k]
+        return s.f0 + (s.f1 - s.f0) * j / s.steps
+
+    def images_until(self, step: int) -> int:
+        acc, n = 0, 0
+        for s in self.segments:
+            take = min(s.steps, max(0, step - acc))
+            n += take * s.batch
+            acc += s.steps
+        return n
+
+    def loader_stages(self) -> list[tuple[int, int, int]]:
+        """(res, batch, steps) per loader stage: neighbouring segments that differ only in keep rate
+        share one loader (the keep rate is applied by the model)."""
+        out: list[list[int]] = []
+        for s in self.segments:
+            if s.steps <= 0:
+                continue
+            if out and out[-1][0] == s.res and out[-1][1] == s.batch:
+                out[-1][2] += s.steps
+            else:
+                out.append([s.res, s.batch, s.steps])
+        return [tuple(x) for x in out]
+
+    # -- (de)serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_steps"] = self.total_steps
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d.pop("total_steps", None)
+        d["segments"] = [Segment(**s) for s in d["segments"]]
+        return cls(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _steps_for(share: float, seg: Segment, speed: float | None, window_s: float | None,
+               budget_images: int | None) -> int:
+    if budget_images is not None:
+        return int(round(share * budget_images / seg.batch))
+    return int(math.floor(share * window_s * speed / seg.batch + 0.5))
+
+
+def plan_budget(segments: list[Segment], *, speeds: dict | None = None, budget_s: float | None = None,
+                budget_images: int | None = None, setup_s: float = 0.0,
+                reserve_s: float = 0.0) -> Plan:
+    """Steps per segment so the run ends on the budget.
+
+    Time budget: speeds[(res, keep, batch)] = measured training images/s of that shape; the window is
+    budget_s − setup_s (already spent) − reserve_s (final checkpoint). Image budget: steps from images.
+    Segments that get no step are dropped, except that the last one keeps at least one step (the
+    all-patches, final-resolution finish).
+    """
+    if (budget_s is None) == (budget_images is None):
+        raise ValueError("give exactly one of budget_s and budget_images")
+    mode = "time" if budget_s is not None else "images"
+    window = None
+    if mode == "time":
+        window = budget_s - setup_s - reserve_s
+        if window <= 0:
+            raise BudgetTooSmall(f"set-up took {setup_s:.0f} s of the {budget_s:.0f} s budget; "
+                                 "no time is left to train (raise --minutes/--hours)")
+        speeds = speeds or {}
+        missing = [s.shape for s in segments if s.shape not in speeds]
+        if missing:
+            raise ValueError(f"no measured speed for shapes {missing}")
+    elif budget_images <= 0:
+        raise BudgetTooSmall("the image budget is empty")
+    out = []
+    for s in segments:
+        sp = speeds[s.shape] if mode == "time" else 0.0
+        n = _steps_for(s.f1 - s.f0, s, sp, window, budget_images)
+        out.append(replace(s, steps=n, speed=sp))
+    out = _drop_empty(out)
+    return Plan(segments=out, mode=mode, budget_s=budget_s, budget_images=budget_images,
+                setup_s=setup_s, reserve_s=reserve_s)
+
+
+def _drop_empty(segs: list[Segment]) -> list[Segment]:
+    if not segs:
+        return segs
+    last = segs[-1]
+    kept = [s for s in segs[:-1] if s.steps > 0]
+    kept.append(last if last.steps > 0 else replace(last, steps=1))
+    # fold f-ranges of dropped segments into their successors so the window stays covered
+    for i in range(1, len(kept)):
+        if kept[i].f0 != kept[i - 1].f1:
+            kept[i] = replace(kept[i], f0=kept[i - 1].f1)
+    return kept
+
+
+def drifted(planned_speed: float, measured_speed: float, tol: float = 0.10) -> bool:
+    """True when the measured training speed is more than `tol` off the planned one."""
+    if planned_speed <= 0 or measured_speed <= 0:
+        return False
+    return abs(measured_speed / planned_speed - 1.0) > tol
+
+
+def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
+           new_batch: dict | None = None) -> Plan:
+    """Re-plan what is left after `step` steps at `counted_s` counted seconds.
+
+    Steps already taken keep their segments (and progress values). The current segment is cut at
+    `step`; its remainder and every later segment get steps from the time left with their planned
+    speed × `speed_ratio` (measured / planned on the current segment: the best evidence of how the
+    rest will go). The remainder starts at the *real* progress: if the run is behind, the schedules
+    jump forward rather than overrun the budget. `new_batch` {res: batch} overrides batch sizes of
+    remaining segments (out-of-memory fallback; the LR scale is adjusted with them).
+    Only for time budgets (an image budget does not drift).
+    """
+    if plan.mode != "time":
+        raise ValueError("only a time plan can be re-planned")
+    total = plan.total_steps
+    if step >= total:
+        return plan
+    k, j = plan.segment_at(step)
+    window = plan.window_s
+    f_now = min(1.0, max(0.0, (counted_s - plan.setup_s) / window))
+    done = list(plan.segments[:k])
+    cur = plan.segments[k]
+    if j > 0:
+        done.append(replace(cur, f1=plan.progress_at(step), steps=j))
+    rest = [replace(cur, f0=plan.progress_at(step))] + list(plan.segments[k + 1:])
+    new_rest = []
+    for s in rest:
+        f0 = max(s.f0, f_now)
+        share = max(0.0, s.f1 - f0)
+        batch = s.batch
+        lr_scale = s.lr_scale
+        if new_batch and s.res in new_batch and new_batch[s.res] < batch:
+            lr_scale = lr_scale * new_batch[s.res] / batch   # linear LR scaling with the batch
+            batch = new_batch[s.res]
+        speed = s.speed * speed_ratio
+        seg = replace(s, f0=f0 if share > 0 else s.f1, batch=batch, lr_scale=lr_scale, speed=speed,
+                      steps=0)
+        seg = replace(seg, steps=_steps_for(share, seg, speed, window, None) if share > 0 else 0)
+        new_rest.append(seg)
+    rest_kept = [s for s in new_rest[:-1] if s.steps > 0]
+    last = new_rest[-1]
+    if last.steps <= 0:
+        last = replace(last, steps=1)
+    rest_kept.append(last)
+    new = Plan(segments=done + rest_kept, mode=plan.mode, budget_s=plan.budget_s,
+               budget_images=plan.budget_images, setup_s=plan.setup_s, reserve_s=plan.reserve_s,
+               replans=list(plan.replans))
+    new.replans.append({"step": step, "counted_s": round(counted_s, 3), "speed_ratio": round(speed_ratio, 4),
+                        "old_total": total, "new_total": new.total_steps})
+    return new
+
+
+def probe_speeds(shapes: Iterable[tuple[int, float, int]], run_step: Callable[[tuple], None],
+                 now: Callable[[], float], *, warmup: int = 1, iters: int = 3,
+                 is_oom: Callable[[BaseException], bool] = lambda e: False,
+                 on_oom: Callable[[tuple, int], None] | None = None,
+                 min_batch: int = 2) -> tuple[dict, dict]:
+    """Compile and time each shape with `run_step(shape)` (one synchronous training step on synthetic
+    data). Returns (speeds {shape: images/s}, batch_fix {shape: fitted shape}); a shape that runs out
+    of memory is retried at half the batch (on_oom(shape, new_batch) logs it)."""
+    speeds: dict = {}
+    fixed: dict = {}
+    for shape in dict.fromkeys(shapes):
+        res, keep, batch = shape
+        while True:
+            cur = (res, keep, batch)
+            try:
+                for _ in range(warmup):
+                    run_step(cur)                    # compiles this shape (dynamo cache)
+                t0 = now()
+                for _ in range(iters):
+                    run_step(cur)
+                dt = max(now() - t0, 1e-9)
+                break
+            except BaseException as e:               # noqa: BLE001 - only OOM is handled
+                if not is_oom(e) or batch // 2 < min_batch:
+                    raise
+                batch //= 2
+                if on_oom:
+                    on_oom(shape, batch)
+        speeds[cur] = iters * batch / dt
+        fixed[shape] = cur
+    return speeds, fixed

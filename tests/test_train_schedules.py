@@ -1,0 +1,263 @@
+"""Schedules at their boundaries, the budget clock, the planner with a fake clock and fake speeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fastvit.train import schedules as S
+from fastvit.train.budget import BudgetClock
+from fastvit.train.config import ConfigError, TrainConfig, make_config
+from fastvit.train.planner import (BudgetTooSmall, Plan, Segment, build_segments, drifted, plan_budget,
+                                   probe_speeds, replan)
+
+
+# ---------------------------------------------------------------- learning rate
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_warmup_then_exactly_zero_at_end(decay):
+    kw = dict(base_lr=1e-3, warmup=0.1, decay=decay)
+    assert S.lr_at(0.0, **kw) == 0.0
+    assert S.lr_at(0.05, **kw) == pytest.approx(5e-4)
+    assert S.lr_at(0.1, **kw) == pytest.approx(1e-3)           # peak at the end of warm-up
+    assert S.lr_at(1.0, **kw) == 0.0                            # exactly 0 at the end of the budget
+    assert S.lr_at(1.5, **kw) == 0.0
+    assert 0 < S.lr_at(0.999, **kw) < 1e-5
+    vals = [S.lr_at(p / 100, **kw) for p in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))          # monotone decay after warm-up
+    mid = S.lr_at(0.55, **kw)
+    assert mid == pytest.approx(5e-4)                           # half-way through the decay: both give half
+
+
+def test_lr_rejects_unknown_decay():
+    with pytest.raises(ValueError):
+        S.lr_at(0.5, base_lr=1.0, decay="step")
+
+
+def test_lr_scale_rules():
+    assert S.lr_scale_for_batch(512, 256, "linear") == 2.0
+    assert S.lr_scale_for_batch(512, 256, "sqrt") == pytest.approx(math.sqrt(2))
+    assert S.lr_scale_for_batch(512, 256, "none") == 1.0
+
+
+# ---------------------------------------------------------------- resolution curriculum
+
+def test_curriculum_default_and_boundaries():
+    cur = S.default_curriculum(224)
+    assert cur == [(112, 0.4), (160, 0.75), (224, 1.0)]
+    assert S.default_curriculum(64) == [(32, 0.4), (48, 0.75), (64, 1.0)]
+    assert all(r % 16 == 0 for r, _ in cur)
+    assert S.res_at(0.0, cur) == 112
+    assert S.res_at(0.3999, cur) == 112
+    assert S.res_at(0.4, cur) == 160                             # a stage starts at its boundary
+    assert S.res_at(0.75, cur) == 224
+    assert S.res_at(1.0, cur) == 224
+    assert S.default_curriculum(32) == [(32, 1.0)]              # too small to climb: one stage
+    assert S.default_curriculum(64, n=1) == [(64, 1.0)]
+
+
+def test_parse_curriculum():
+    assert S.parse_curriculum("64:1,128:2,224:1") == [(64, 0.25), (128, 0.75), (224, 1.0)]
+    assert S.parse_curriculum("96,160") == [(96, 0.5), (160, 1.0)]
+    for bad in ["", "64:1,128", "64:-1", "x:1"]:
+        with pytest.raises(ValueError):
+            S.parse_curriculum(bad)
+
+
+# ---------------------------------------------------------------- keep rate
+
+@pytest.mark.parametrize("kind", ["fixed", "linear", "cyclic", "cosine"])
+def test_keep_all_patches_in_last_part(kind):
+    kw = dict(kind=kind, keep_min=0.25, full_from=0.8, cycles=3)
+    assert S.keep_at(0.8, **kw) == 1.0
+    assert S.keep_at(0.99, **kw) == 1.0
+    assert S.keep_at(1.0, **kw) == 1.0
+    for p in [i / 50 for i in range(40)]:
+        assert 0.25 - 1e-9 <= S.keep_at(p, **kw) <= 1.0
+
+
+def test_keep_shapes():
+    assert S.keep_at(0.0, kind="linear", keep_min=0.5, full_from=0.8) == 0.5
+    assert S.keep_at(0.4, kind="linear", keep_min=0.5, full_from=0.8) == pytest.approx(0.75)
+    assert S.keep_at(0.4, kind="cosine", keep_min=0.5, full_from=0.8) == pytest.approx(0.75)
+    assert S.keep_at(0.1, kind="cosine", keep_min=0.5, full_from=0.8) < \
+        S.keep_at(0.1, kind="linear", keep_min=0.5, full_from=0.8)
+    assert S.keep_at(0.5, kind="fixed", keep_min=0.5, full_from=0.8) == 0.5
+    # cyclic: 2 cycles over [0, 0.8): min at 0 / 0.4, max at 0.2 / 0.6
+    kw = dict(kind="cyclic", keep_min=0.5, full_from=0.8, cycles=2)
+    assert S.keep_at(0.0, **kw) == pytest.approx(0.5)
+    assert S.keep_at(0.2, **kw) == pytest.approx(1.0)
+    assert S.keep_at(0.4, **kw) == pytest.approx(0.5)
+    assert S.keep_at(0.6, **kw) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        S.keep_at(0.1, kind="random")
+
+
+def test_keep_quantize_and_count():
+    assert S.quantize_keep(0.51) == 0.625
+    assert S.quantize_keep(0.5) == 0.5
+    assert S.quantize_keep(0.01) == 0.125
+    assert S.quantize_keep(1.0) == 1.0
+    assert S.keep_count(224, 0.5) == 98
+    assert S.keep_count(32, 0.1) == 1
+    assert S.keep_count(64, 1.0) == 16
+
+
+def test_batch_const_tokens():
+    kw = dict(base_batch=256, ref_res=224, max_batch=4096, const_tokens=True)
+    assert S.batch_for(224, 1.0, **kw) == 256
+    assert S.batch_for(112, 1.0, **kw) == 1024                 # 4× fewer tokens per image
+    assert S.batch_for(224, 0.5, **kw) == 512
+    assert S.batch_for(112, 1.0, **{**kw, "max_batch": 600}) == 600
+    assert S.batch_for(112, 1.0, **{**kw, "const_tokens": False}) == 256
+    assert S.batch_for(176, 1.0, **kw) % 8 == 0
+
+
+def test_aug_ramps():
+    a0 = S.aug_at(0.0, mix_prob=(0.0, 0.8), randaug=(5, 15), drop_path=(0.0, 0.1))
+    a1 = S.aug_at(1.0, mix_prob=(0.0, 0.8), randaug=(5, 15), drop_path=(0.0, 0.1))
+    assert (a0.mix_prob, a0.randaug_mag, a0.drop_path) == (0.0, 5, 0.0)
+    assert (a1.mix_prob, a1.randaug_mag, a1.drop_path) == pytest.approx((0.8, 15, 0.1))
+
+
+# ---------------------------------------------------------------- budget clock
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_budget_clock_excludes_validation_and_resumes():
+    fc = FakeClock()
+    c = BudgetClock(100.0, clock=fc)
+    fc.t += 10
+    assert c.counted() == pytest.approx(10)
+    with c.excluded() as ex:
+        fc.t += 30                                              # validation: not counted
+        assert c.counted() == pytest.approx(10)
+    assert ex["seconds"] == pytest.approx(30)
+    fc.t += 5
+    assert c.counted() == pytest.approx(15)
+    assert c.progress() == pytest.approx(0.15)
+    assert c.excluded_s == pytest.approx(30)
+    c2 = BudgetClock(100.0, counted_s=15.0, clock=fc)           # resumed process
+    fc.t += 1
+    assert c2.counted() == pytest.approx(16)
+
+
+# ---------------------------------------------------------------- planner
+
+def _segments():
+    return build_segments(curriculum=[(64, 0.5), (128, 1.0)], keep_kind="linear", keep_min=0.5,
+                          keep_full_from=0.75, keep_cycles=1, keep_step=0.25, splits_per_stage=2,
+                          base_batch=64, ref_res=128, const_tokens=True, max_batch=512, lr_rule="linear")
+
+
+def test_build_segments_cover_window_with_full_keep_at_end():
+    segs = _segments()
+    assert segs[0].f0 == 0.0 and segs[-1].f1 == 1.0
+    assert all(a.f1 == b.f0 for a, b in zip(segs, segs[1:]))
+    assert segs[-1].keep == 1.0 and segs[-1].res == 128 and segs[-1].batch == 64
+    assert [s.res for s in segs][0] == 64
+    keeps = [s.keep for s in segs if s.res == 128]
+    assert keeps == sorted(keeps)
+    assert segs[0].batch > segs[-1].batch                       # const tokens: bigger batch at low res
+    assert segs[0].lr_scale == segs[0].batch / 64
+
+
+def test_plan_time_budget_ends_on_budget():
+    segs = _segments()
+    speeds = {s.shape: 1000.0 * 128 / s.res / s.keep for s in segs}   # faster at low res / low keep
+    plan = plan_budget(segs, speeds=speeds, budget_s=600.0, setup_s=60.0, reserve_s=6.0)
+    assert plan.window_s == pytest.approx(534.0)
+    planned_time = sum(s.steps * s.batch / s.speed for s in plan.segments)
+    assert planned_time == pytest.approx(534.0, rel=0.02)
+    for s in plan.segments:                                      # each gets its share of the time
+        assert s.steps * s.batch / s.speed == pytest.approx((s.f1 - s.f0) * 534.0, abs=s.batch / s.speed)
+    assert plan.progress_at(0) == 0.0 and plan.progress_at(plan.total_steps) == 1.0
+    assert plan.loader_stages()[0][0] == 64
+    assert sum(n for _, _, n in plan.loader_stages()) == plan.total_steps
+    again = Plan.from_dict(plan.to_dict())                       # saved plan → same plan
+    assert again.total_steps == plan.total_steps and again.segments == plan.segments
+
+
+def test_plan_image_budget_and_too_small():
+    segs = _segments()
+    plan = plan_budget(segs, budget_images=64_000)
+    assert plan.images_until(plan.total_steps) == pytest.approx(64_000, rel=0.02)
+    with pytest.raises(BudgetTooSmall):
+        plan_budget(segs, speeds={s.shape: 1.0 for s in segs}, budget_s=10.0, setup_s=12.0)
+    with pytest.raises(ValueError):
+        plan_budget(segs, budget_s=10.0)                          # no speeds measured
+
+
+def test_probe_with_fake_clock_and_oom_halving():
+    fc = FakeClock()
+    secs_per_image = {64: 0.001, 128: 0.004}
+    ran = []
+
+    class OOM(RuntimeError):
+        pass
+
+    def run_step(shape):
+        res, keep, batch = shape
+        if res == 128 and batch > 32:
+            raise OOM("CUDA out of memory")
+        ran.append(shape)
+        fc.t += batch * secs_per_image[res] * keep
+
+    logged = []
+    speeds, fixes = probe_speeds([(64, 0.5, 128), (128, 1.0, 64), (64, 0.5, 128)], run_step, fc, iters=4,
+                                 is_oom=lambda e: isinstance(e, OOM), on_oom=lambda s, b: logged.append(b))
+    assert speeds[(64, 0.5, 128)] == pytest.approx(1 / 0.0005)
+    assert fixes[(128, 1.0, 64)] == (128, 1.0, 32)                # halved once, logged
+    assert logged == [32]
+    assert speeds[(128, 1.0, 32)] == pytest.approx(1 / 0.004)
+    assert ran.count((64, 0.5, 128)) == 5                          # duplicates probed once: 1 warm-up + 4
+
+
+def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():
+    segs = _segments()
+    speeds = {s.shape: 2000.0 for s in segs}
+    plan = plan_budget(segs, speeds=speeds, budget_s=1000.0, setup_s=0.0, reserve_s=0.0)
+    step = plan.segments[0].steps // 2
+    # the run is really 20% slower: half of segment 0 took 20% longer than planned
+    t_done = plan.progress_at(step) * 1000.0 * 1.25
+    assert drifted(2000.0, 1600.0) and not drifted(2000.0, 1900.0)
+    new = replan(plan, step=step, counted_s=t_done, speed_ratio=0.8)
+    assert new.segments[0].steps == step                          # done steps kept as they were
+    assert new.progress_at(step - 1) == plan.progress_at(step - 1)
+    remaining_time = sum(s.steps * s.batch / s.speed for s in new.segments[1:])
+    assert t_done + remaining_time == pytest.approx(1000.0, rel=0.02)  # still ends on the budget
+    assert new.total_steps < plan.total_steps
+    assert new.replans and new.replans[-1]["step"] == step
+    assert new.segments[-1].keep == 1.0 and new.segments[-1].f1 == 1.0
+    # way behind: later segments collapse but the final one keeps ≥ 1 step
+    late = replan(plan, step=step, counted_s=999.0, speed_ratio=0.1)
+    assert late.total_steps >= step + 1 and late.segments[-1].steps >= 1
+    # out of memory: halved batch at res 128, LR scaled, steps doubled for the same images
+    oom = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
+                 new_batch={128: 32})
+    s128 = [s for s in oom.segments if s.res == 128]
+    assert all(s.batch == 32 for s in s128)
+    old128 = [s for s in plan.segments if s.res == 128]
+    assert s128[-1].lr_scale == pytest.approx(old128[-1].lr_scale / 2)
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_checks_keys_and_values():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        TrainConfig.from_dict({"lrr": 1.0})
+    with pytest.raises(ConfigError, match="one budget"):
+        TrainConfig(hours=1, minutes=3)
+    with pytest.raises(ConfigError, match="keep-schedule"):
+        TrainConfig(keep_schedule="zigzag")
+    cfg = make_config("cpu", {"lr": 5e-3, "depth": None})
+    assert cfg.lr == 5e-3 and cfg.depth == 4 and cfg.model == "vit_tiny_local"
+    assert TrainConfig(minutes=2).budget_s == 120.0
+    with pytest.raises(ConfigError, match="preset"):
+        make_config("nope", {})
