@@ -57,7 +57,8 @@ def _patch_tile(img_ptr, row_off, m_mask, offs_k, K_DIM, s_ic, s_ih, s_iw,
                 inv0, inv1, inv2, sh0, sh1, sh2, P: tl.constexpr):
     """(BLOCK_M, BLOCK_K) fp32 tile of normalized patch pixels, columns in weight's (c, py, px) order.
 
-    Out-of-range rows/columns are 0 so they add nothing to either GEMM.
+    Out-of-range rows/columns hold `shift` (finite) rather than 0: the other GEMM operand (W, masked
+    to 0 past K_DIM; dY, masked to 0 past M) cancels them, so no extra select is needed.
     """
     c = offs_k // (P * P)
     r = offs_k % (P * P)
@@ -67,8 +68,7 @@ def _patch_tile(img_ptr, row_off, m_mask, offs_k, K_DIM, s_ic, s_ih, s_iw,
     x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0).to(tl.float32)
     scale = tl.where(c == 0, inv0, tl.where(c == 1, inv1, inv2))                # 1/std[c]
     shift = tl.where(c == 0, sh0, tl.where(c == 1, sh1, sh2))                   # -mean[c]/std[c]
-    x = x * scale[None, :] + shift[None, :]
-    return tl.where(mask, x, 0.0)
+    return x * scale[None, :] + shift[None, :]
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _emulate_dot(dtype: torch.dtype) -> bool:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): standard Hopper/Ampere bf16 GEMM tilings.
 _FWD_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 192, 64, 8, 3)]
+                (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
 _BWD_CONFIGS = [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                 (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 64, 4, 4)]
 # One small tiling for the interpreter: several tiles per dimension even at test sizes.
