@@ -1,0 +1,95 @@
+"""Webdataset tar shards (`KEY.jpg` + `KEY.cls`) with the DALI index beside each tar.
+
+The index is what DALI's `wds2idx` writes (format v1.2): a first line `v1.2 <samples>`, then one line per
+sample listing, for each of its files, `<ext> <data offset> <size> <name>`, offsets counting from the
+start of the tar to the member's data (after its 512-byte header). Since we write the tar ourselves we
+know every offset, so the index is produced alongside it instead of by re-reading the tar.
+
+A key has no dots (webdataset splits a member name at the first dot of its basename).
+"""
+from __future__ import annotations
+
+import re
+import tarfile
+from pathlib import Path
+
+from .files import HashingWriter
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar's record size; the archive is padded to a whole record, as tarfile does
+IDX_VERSION = "v1.2"
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sample_key(index: int, stem: str) -> str:
+    """A unique, dot-free key: the source's position in its split plus a readable part of its name."""
+    return f"{index:08d}_{_BAD_KEY_CHARS.sub('_', stem)[:60]}"
+
+
+def _header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mode = 0o644
+    ti.mtime = 0  # fixed, so the same input gives byte-identical shards (and checksums)
+    ti.type = tarfile.REGTYPE
+    return ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+class ShardWriter:
+    """One webdataset tar plus its index, written under tmp names and published by `close()`."""
+
+    def __init__(self, tar_path: Path, idx_path: Path):
+        self.tar_path, self.idx_path = Path(tar_path), Path(idx_path)
+        self.w = HashingWriter(self.tar_path)
+        self.lines: list[str] = []
+
+    def _member(self, name: str, data: bytes) -> tuple[int, int]:
+        self.w.write(_header(name, len(data)))
+        offset = self.w.n
+        self.w.write(data)
+        pad = -len(data) % BLOCK
+        if pad:
+            self.w.write(b"\0" * pad)
+        return offset, len(data)
+
+    def add(self, key: str, jpeg: bytes, label: int) -> tuple[int, int]:
+        """Append a sample; returns (offset, size) of its JPEG inside the tar."""
+        jo, js = self._member(f"{key}.jpg", jpeg)
+        cls = str(int(label)).encode("ascii")
+        co, cs = self._member(f"{key}.cls", cls)
+        self.lines.append(f"jpg {jo} {js} {key}.jpg cls {co} {cs} {key}.cls")
+        return jo, js
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def close(self) -> tuple[dict, dict]:
+        """Finish the tar (two zero blocks, padded to a record) and write the index; returns both digests."""
+        end = 2 * BLOCK
+        end += -(self.w.n + end) % RECORD
+        self.w.write(b"\0" * end)
+        tar_digest = self.w.commit()
+        idx = HashingWriter(self.idx_path)
+        idx.write(f"{IDX_VERSION} {len(self.lines)}\n".encode())
+        idx.write(("\n".join(self.lines) + "\n").encode())
+        return tar_digest, idx.commit()
+
+    def abort(self) -> None:
+        self.w.abort()
+
+
+def read_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """[{ext: (offset, size)}] per sample of a v1.2 (or v1.1) DALI webdataset index."""
+    lines = Path(idx_path).read_text().splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise ValueError(f"{idx_path}: not a DALI webdataset index")
+    version, count = lines[0].split()[:2]
+    per = 4 if version >= "v1.2" else 3
+    out = []
+    for ln in lines[1:]:
+        parts = ln.split()
+        if parts:
+            out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
+    if len(out) != int(count):
+        raise ValueError(f"{idx_path}: index says {count} samples but lists {len(out)}")
+    return out
