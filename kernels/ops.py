@@ -1,7 +1,7 @@
 """`embed_kept_patches` as a PyTorch custom op: dispatch, fake (meta) kernels and autograd.
 
     fastvit::embed_kept_patches           forward  (B,3,H,W),(B,K) -> (B,K,D)
-    fastvit::embed_kept_patches_backward  (dY) -> (dW, dPos fp32); dBias = dPos.sum(0)
+    fastvit::embed_kept_patches_backward  (dY) -> (dW, dPos in fp32 (fp64 for fp64)); dBias = dPos.sum(0)
 
 Both are opaque `torch.library.custom_op`s with fake kernels, so `torch.compile(fullgraph=True)`
 traces a model that calls them without a graph break; `register_autograd` wraps them in the
@@ -18,7 +18,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .reference import as_triple, check_inputs, compute_dtype, reference_backward, reference_forward
+from .reference import (as_triple, check_inputs, compute_dtype, grad_accum_dtype, reference_backward,
+                        reference_forward)
+
+
+# compute dtypes the fused GEMM supports; anything else (fp64) takes the reference path
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -32,7 +37,7 @@ def use_triton(t: torch.Tensor) -> bool:
 def _embed_op(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor], pos_embed: torch.Tensor,
               mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
-    if use_triton(images):
+    if use_triton(images) and out_dtype in FUSED_DTYPES:
         from .patch_embed import embed_forward
 
         return embed_forward(images, keep_idx, weight, bias, pos_embed, mean, std, out_dtype)
@@ -50,7 +55,7 @@ def _embed_backward_op(grad: torch.Tensor, images: torch.Tensor, keep_idx: torch
                        weight: torch.Tensor, pos_embed: torch.Tensor,
                        mean: Sequence[float], std: Sequence[float],
                        need_weight: bool, need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(images):
+    if use_triton(images) and grad.dtype in FUSED_DTYPES:
         from .patch_embed import embed_backward
 
         return embed_backward(grad, images, keep_idx, weight, pos_embed, mean, std, need_weight, need_pos)
@@ -60,7 +65,7 @@ def _embed_backward_op(grad: torch.Tensor, images: torch.Tensor, keep_idx: torch
 @_embed_backward_op.register_fake
 def _(grad, images, keep_idx, weight, pos_embed, mean, std, need_weight, need_pos):
     dw = weight.new_empty(weight.shape if need_weight else (0,))
-    dpos = pos_embed.new_empty(pos_embed.shape if need_pos else (0,), dtype=torch.float32)
+    dpos = pos_embed.new_empty(pos_embed.shape if need_pos else (0,), dtype=grad_accum_dtype(grad.dtype))
     return dw, dpos
 
 
@@ -74,11 +79,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     images, keep_idx, weight, pos_embed = ctx.saved_tensors
     need_w, need_b, need_pos = ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dw, dpos32 = torch.ops.fastvit.embed_kept_patches_backward(
+    dw, dpos_acc = torch.ops.fastvit.embed_kept_patches_backward(
         grad, images, keep_idx, weight, pos_embed, ctx.mean, ctx.std, need_w, need_b or need_pos)
     d_weight = dw if need_w else None
-    d_bias = dpos32.sum(0).to(ctx.bias_dtype) if need_b else None  # each token hits one pos row
-    d_pos = dpos32.to(pos_embed.dtype) if need_pos else None
+    d_bias = dpos_acc.sum(0).to(ctx.bias_dtype) if need_b else None  # each token hits one pos row
+    d_pos = dpos_acc.to(pos_embed.dtype) if need_pos else None
     return None, None, d_weight, d_bias, d_pos, None, None, None
 
 

@@ -4,7 +4,7 @@ Semantics (the fused Triton kernel in `patch_embed.py` matches them):
 
     x      = (images - mean) / std                         # fp32, (B,3,H,W)
     tokens = conv2d(x, weight, stride=p)                   # compute dtype, fp32 accumulation
-    out    = tokens[b, keep_idx[b, j]] + bias + pos_embed[keep_idx[b, j]]   # added in fp32
+    out    = tokens[b, keep_idx[b, j]] + bias + pos_embed[keep_idx[b, j]]   # added in fp32 (fp64 if fp64)
 
 Compute/output dtype (`compute_dtype`): the autocast dtype when autocast is on for the images'
 device, else the weight's dtype. bf16/fp16 multiply with fp32 accumulation; fp32 is fp32.
@@ -98,17 +98,24 @@ def reference_forward(images, keep_idx, weight, bias, pos_embed, mean, std, dtyp
         tokens = tokens.flatten(2).transpose(1, 2)                               # (B,N,D)
         idx = keep_idx.long()
         kept = torch.gather(tokens, 1, idx[:, :, None].expand(B, K, D))          # (B,K,D)
-        out = kept.float() + pos_embed.float()[idx]                              # (B,K,D) fp32
+        acc = grad_accum_dtype(dtype)                                            # fp32 (fp64 for fp64)
+        out = kept.to(acc) + pos_embed.to(acc)[idx]                              # (B,K,D)
         if bias is not None:
-            out = out + bias.float()
+            out = out + bias.to(acc)
         return out.to(dtype)
+
+
+def grad_accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 gradients, fp64 for fp64: the dtype dW and dPos are summed in."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def reference_backward(grad, images, keep_idx, weight, pos_embed, mean, std,
                        need_weight: bool, need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `patch_embed.embed_backward`, in plain PyTorch (the CPU path's backward).
 
-    grad (B,K,D) -> (dW like weight or empty, dPos (N,D) fp32 or empty); dBias = dPos.sum(0).
+    grad (B,K,D) -> (dW like weight or empty, dPos (N,D) in `grad_accum_dtype` or empty);
+    dBias = dPos.sum(0).
     """
     B, K, D = grad.shape
     p = weight.shape[2]
@@ -116,7 +123,8 @@ def reference_backward(grad, images, keep_idx, weight, pos_embed, mean, std,
     idx = keep_idx.long()
     g = grad.reshape(B * K, D)                                                   # (M,D)
     dw = weight.new_empty((0,))
-    dpos = torch.empty((0,), dtype=torch.float32, device=grad.device)
+    acc = grad_accum_dtype(grad.dtype)
+    dpos = torch.empty((0,), dtype=acc, device=grad.device)
     with torch.autocast(images.device.type, enabled=False):
         if need_weight:
             x = normalize(images, mean, std)                                     # (B,3,H,W)
@@ -124,9 +132,9 @@ def reference_backward(grad, images, keep_idx, weight, pos_embed, mean, std,
             patches = (x.view(B, 3, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
                        .reshape(B, gh * gw, 3 * p * p))                          # (B,N,3pp)
             kept = torch.gather(patches, 1, idx[:, :, None].expand(B, K, 3 * p * p))
-            kept = kept.to(grad.dtype).float().reshape(B * K, -1)                # (M,3pp) as the GEMM sees it
-            dw = (g.float().t() @ kept).view(weight.shape).to(weight.dtype)      # (D,3,p,p)
+            kept = kept.to(grad.dtype).to(acc).reshape(B * K, -1)                # (M,3pp) as the GEMM sees it
+            dw = (g.to(acc).t() @ kept).view(weight.shape).to(weight.dtype)      # (D,3,p,p)
         if need_pos:
-            dpos = torch.zeros((N, D), dtype=torch.float32, device=grad.device)
-            dpos.index_add_(0, idx.reshape(-1), g.float())                       # duplicates add up
+            dpos = torch.zeros((N, D), dtype=acc, device=grad.device)
+            dpos.index_add_(0, idx.reshape(-1), g.to(acc))                       # duplicates add up
     return dw, dpos

@@ -114,7 +114,8 @@ def run(fn, case: Case, images, keep_idx, weight, bias, pos, mean, std, grad):
 def tolerances(dtype: torch.dtype) -> dict:
     # bf16/fp16: the fused GEMM and conv2d sum identical rounded products in different orders, then
     # round once: a couple of ulps of the result.
-    return {torch.float32: dict(rtol=1e-4, atol=1e-4),
+    return {torch.float64: dict(rtol=1e-10, atol=1e-10),
+            torch.float32: dict(rtol=1e-4, atol=1e-4),
             torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
             torch.float16: dict(rtol=3e-3, atol=3e-3)}[dtype]
 
@@ -125,15 +126,15 @@ def check_against_reference(case: Case, device: str):
     ref, *ref_grads = run(embed_kept_patches_reference, case, *inputs)
     cdtype = case.autocast or case.param_dtype
     assert out.shape == (case.B, case.K, case.D) and out.dtype == ref.dtype == cdtype
-    torch.testing.assert_close(out.float(), ref.float(), **tolerances(cdtype))
+    torch.testing.assert_close(out.double(), ref.double(), **tolerances(cdtype))
     for name, g, r, rg in zip(("weight", "bias", "pos_embed"), grads, ref_grads, case.grads):
         if not rg or r is None:
             assert g is None and r is None, name
             continue
         assert g is not None and g.dtype == r.dtype and g.shape == r.shape, name
-        scale = r.float().abs().max().clamp(min=1.0)
+        scale = r.double().abs().max().clamp(min=1.0)
         tol = tolerances(r.dtype if r.dtype != torch.float32 else cdtype)
-        torch.testing.assert_close(g.float() / scale, r.float() / scale, msg=f"grad of {name}", **tol)
+        torch.testing.assert_close(g.double() / scale, r.double() / scale, msg=f"grad of {name}", **tol)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
@@ -248,13 +249,20 @@ def test_torch_compile_fullgraph_traces_the_op():
 
 
 def test_opcheck_registration():
-    """torch.library.opcheck: schema, fake kernel, autograd registration agree with the real op."""
-    case = Case(8, (16, 16), B=2, K=3)
-    images, keep_idx, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
-    args = (images, keep_idx, weight.requires_grad_(), bias.requires_grad_(), pos.requires_grad_(),
-            list(mean), list(std), torch.float32)
-    torch.library.opcheck(torch.ops.fastvit.embed_kept_patches.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    """torch.library.opcheck: schema, fake kernels, autograd registration and AOT dispatch with
+    dynamic shapes agree with the real ops (forward and backward)."""
+    case = Case(8, (16, 16), B=2, K=3, duplicates=True)
+    images, keep_idx, weight, bias, pos, mean, std, grad = make_inputs(case, "cpu")
+    fwd_args = (images, keep_idx, weight.requires_grad_(), bias.requires_grad_(), pos.requires_grad_(),
+                list(mean), list(std), torch.float32)
+    torch.library.opcheck(torch.ops.fastvit.embed_kept_patches.default, fwd_args)
+    bwd_args = (grad, images, keep_idx, weight.detach(), pos.detach(), list(mean), list(std), True, True)
+    torch.library.opcheck(torch.ops.fastvit.embed_kept_patches_backward.default, bwd_args)
+
+
+def test_float64_params_take_the_reference_path():
+    case = Case(8, (16, 16), B=2, K=3, param_dtype=torch.float64)
+    check_against_reference(case, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
