@@ -47,10 +47,12 @@ def _align(x: int, page: int) -> int:
 
 
 def choose_page_size(sizes: Sequence[int], default: int = DEFAULT_PAGE_SIZE) -> int:
-    """FFCV's default page, shrunk (to >= 2 MiB) for small files, grown to fit the largest sample."""
+    """FFCV's default page (8 MiB) once a file holds >= 16 pages of it; smaller (>= 2 MiB) below that, so
+    small files are not mostly padding (the data region starts page-aligned and the last page is padded
+    out); grown to fit the largest sample."""
     total, biggest = int(sum(sizes)), int(max(sizes, default=0))
     page = MIN_PAGE_SIZE
-    while page < default and page < total:
+    while page < default and 16 * page < total:
         page *= 2
     while page < biggest:
         page *= 2

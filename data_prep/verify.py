@@ -64,7 +64,7 @@ def read_beton_samples(path: Path, n: int) -> tuple[np.ndarray, list[bytes]]:
     return meta, blobs
 
 
-def _ffcv_decode(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_with_ffcv(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarray]:
     """First n samples through a stock FFCV Loader: ((n, res, res, 3) uint8, (n,) labels)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
@@ -87,7 +87,7 @@ def _ffcv_decode(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarray]:
         Compiler.set_enabled(was)
 
 
-def _dali_decode(tars: list[Path], idxs: list[Path], n: int) -> tuple[list[np.ndarray], np.ndarray, list[bytes]]:
+def decode_with_dali(tars: list[Path], idxs: list[Path], n: int) -> tuple[list[np.ndarray], np.ndarray, list[bytes]]:
     """First n samples through a DALI CPU pipeline: (decoded HWC images, labels, raw JPEG bytes)."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -167,7 +167,7 @@ def _check_split_res(out: Path, rep: VerifyReport, split: str, s: dict, rk: str,
         if rep.ok and n:
             try:
                 meta, blobs = read_beton_samples(path, n)
-                images, labels = _ffcv_decode(path, n, r)
+                images, labels = decode_with_ffcv(path, n, r)
             except Exception as e:  # report, never crash: verify must say what is wrong
                 rep.fail(f"{beton}: FFCV cannot read it ({type(e).__name__}: {e})")
                 return
@@ -196,7 +196,7 @@ def _check_split_res(out: Path, rep: VerifyReport, split: str, s: dict, rk: str,
             rep.fail(f"{where}: DALI indexes list {total} samples, manifest says {count}")
         if rep.ok and n:
             try:
-                images, labels, raw = _dali_decode(tars, idxs, n)
+                images, labels, raw = decode_with_dali(tars, idxs, n)
             except Exception as e:
                 rep.fail(f"{where}: DALI cannot read the shards ({type(e).__name__}: {e})")
                 return
