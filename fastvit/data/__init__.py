@@ -1,1 +1,21 @@
-"""(filled by its issue)"""
+"""fastvit.data: prep output -> uint8 (B,3,r,r) batches on the device, stage by stage of the curriculum.
+
+    ds = open_dataset(OUT)
+    it = make_loader(ds, split="train", res=128, batch_size=256, backend="ffcv", device="cuda", seed=0)
+    val = make_val_loader(ds, res=224, batch_size=500, backend="ffcv", device="cuda")
+    cl = CurriculumLoader(ds, [Stage(64, 512, 1000), Stage(128, 256, 500)], backend="dali", device="cuda",
+                          seed=0, start_step=0)
+    for images, labels, stage in cl: ...
+
+Backends: "ffcv" (.beton), "dali" (webdataset tars + .idx), "torchvision" (source JPEG tree, the
+baseline), "gpu_resident" (a shard decoded once into device memory, augmented there).
+"""
+from .base import LoaderOptions
+from .curriculum import CurriculumLoader, Stage, plan_segments
+from .dataset import DataError, PreppedDataset, open_dataset, pick_stored_res
+from .loader import BACKENDS, make_loader, make_val_loader
+from .order import BatchPlan, PlanStage, epoch_order, stage_seed
+
+__all__ = ["BACKENDS", "BatchPlan", "CurriculumLoader", "DataError", "LoaderOptions", "PlanStage", "PreppedDataset",
+           "Stage", "epoch_order", "make_loader", "make_val_loader", "open_dataset", "pick_stored_res",
+           "plan_segments", "stage_seed"]

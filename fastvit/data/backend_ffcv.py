@@ -1,0 +1,170 @@
+"""FFCV backend: one `ffcv.loader.Loader` over ffcv/{split}_{r'}.beton per (res, batch size).
+
+Train: RandomResizedCropRGBImageDecoder((r, r), scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip.
+Val: CenterCropRGBImageDecoder((r, r), 224/256). Then ToTensor -> ToDevice(non_blocking) -> ToTorchImage.
+The decoder's output size is baked into the compiled (numba) pipeline, so a new size needs a new
+Loader: the CurriculumLoader builds it in the background.
+
+The order comes from BatchPlan through a TraversalOrder (`_PlanOrder`), which is what makes
+"same seed -> same order" hold across backends and lets a resumed run skip whole batches for free.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .base import BatchLoader, LoaderOptions
+from .dataset import DataError
+from .order import BatchPlan, epoch_order
+from .shards import beton_fields
+
+_COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
+# Compiled pipelines of closed loaders. numba's dispatcher finalizer raises (KeyError, printed as
+# "Exception ignored") when FFCV's literal-typed overloads are garbage collected; keeping the few
+# compiled stage pipelines of a run alive avoids that noise for a few MB.
+_RETIRED_CODE: list = []
+
+
+def _stop(it, timeout: float = 10.0) -> None:
+    """Stop an EpochIterator thread for good: a producer that finished its epoch blocks on
+    `queue.put(None)` while the queue is full (FFCV puts it without timeout), so drain while joining."""
+    import queue
+    import time
+
+    it.close()  # terminate_event: a producer waiting to put a batch leaves within 0.5 s
+    deadline = time.monotonic() + timeout
+    while it.is_alive() and time.monotonic() < deadline:
+        try:
+            while True:
+                it.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        it.join(0.05)
+
+
+def _make_order(plan: BatchPlan, quasi: bool):
+    """A TraversalOrder *instance* FFCV can take: Loader calls `order(loader)` on instances it is given."""
+    from ffcv.traversal_order import QuasiRandom
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class _Skip:
+        skip = 0  # samples to drop once from the next epoch's order (a resumed epoch)
+
+        def __call__(self, loader):
+            (QuasiRandom if quasi else TraversalOrder).__init__(self, loader)
+            return self
+
+        def _take_skip(self, order):
+            skip, self.skip = self.skip, 0
+            return order[skip:]
+
+    class PlanOrder(_Skip, TraversalOrder):
+        """Epoch e of the plan's (single) stage, exactly as BatchPlan computes it."""
+
+        def sample_order(self, epoch: int):
+            st = plan.stages[0]
+            return self._take_skip(epoch_order(plan.n, st.seed, epoch, plan.shuffle))
+
+    class QuasiOrder(_Skip, QuasiRandom):
+        """FFCV's page-local shuffle (for datasets much larger than RAM); its own seed scheme."""
+
+        def sample_order(self, epoch: int):
+            return self._take_skip(QuasiRandom.sample_order(self, epoch))
+
+    cls = QuasiOrder if quasi else PlanOrder
+    return cls.__new__(cls)
+
+
+class FFCVLoader(BatchLoader):
+    backend = "ffcv"
+
+    def __init__(self, path, plan: BatchPlan, device: torch.device, *, workers: int, train: bool,
+                 opts: LoaderOptions, start_batch: int = 0):
+        super().__init__(plan, device, start_batch=start_batch, train=train)
+        if len(plan.stages) != 1 or plan.res_fn is not None:
+            raise DataError("the ffcv backend compiles one output size per loader: no res_schedule")
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline.compiler import Compiler
+        from ffcv.reader import Reader
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        st = plan.stages[0]
+        r = st.res
+        img_field, lab_field = beton_fields(Reader(str(path)))
+        on_gpu = device.type == "cuda"
+        if train:
+            decode = [RandomResizedCropRGBImageDecoder((r, r), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+                      RandomHorizontalFlip()]
+        else:
+            decode = [CenterCropRGBImageDecoder((r, r), ratio=224 / 256)]
+        # ToTorchImage(channels_last=False): contiguous NCHW like every other backend (a device copy).
+        image_pipe = decode + [ToTensor()] + ([ToDevice(device, non_blocking=True)] if on_gpu else []) + \
+            [ToTorchImage(channels_last=False)]
+        label_pipe = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device, non_blocking=True)] if on_gpu else [])
+
+        quasi = opts.order == "quasi_random"
+        self._order = _make_order(plan, quasi)
+        os_cache = False if quasi else opts.os_cache  # quasi-random order is for FFCV's own page cache
+        with _COMPILER_LOCK:
+            was = Compiler.is_enabled
+            Compiler.set_enabled(opts.ffcv_jit)
+            try:
+                self._loader = Loader(str(path), batch_size=st.batch_size, num_workers=workers,
+                                      os_cache=os_cache, order=self._order, seed=st.seed % (1 << 20),
+                                      drop_last=plan.drop_last, batches_ahead=opts.batches_ahead,
+                                      pipelines={img_field: image_pipe, lab_field: label_pipe})
+            finally:
+                Compiler.set_enabled(was)
+        if len(self._loader) != plan.batches_per_epoch(0):
+            raise DataError(f"{path}: {len(self._loader)} batches per epoch, the plan expects {plan.batches_per_epoch(0)} "
+                            f"(the .beton and the manifest disagree on the sample count)")
+        self._ahead = max(1, opts.batches_ahead)
+        self._epoch_iters: list = []
+
+    def _start_epoch(self, epoch: int, skip_batches: int):
+        self._order.skip = skip_batches * self.plan.stages[0].batch_size
+        self._loader.next_epoch = epoch
+        it = iter(self._loader)  # an EpochIterator thread starts decoding right away
+        self._epoch_iters.append(it)
+        return it
+
+    def _open_stream(self, g: int) -> Iterator:
+        plan = self.plan
+        nb = plan.batches_per_epoch(0)
+        total = plan.total_steps
+        epoch, b = divmod(g, nb)
+        cur = self._start_epoch(epoch, b)
+        nxt = None
+        while True:
+            remaining = nb - b
+            # Start the next epoch's decode while this one drains, so its first batch is waiting.
+            more = total is None or (epoch + 1) * nb < total
+            if nxt is None and more and remaining <= self._ahead:
+                nxt = self._start_epoch(epoch + 1, 0)
+            batch = next(cur)
+            yield batch
+            b += 1
+            if b == nb:
+                self._finish(cur)
+                epoch, b = epoch + 1, 0
+                cur, nxt = (nxt if nxt is not None else self._start_epoch(epoch, 0)), None
+
+    def _finish(self, it) -> None:
+        _stop(it)  # all its batches were consumed; what is left in its queue is the end marker
+        if it in self._epoch_iters:
+            self._epoch_iters.remove(it)
+
+    def _close_stream(self) -> None:
+        for it in self._epoch_iters:
+            it.terminate_event.set()  # all at once, then wait for each
+        for it in self._epoch_iters:
+            _stop(it)
+        self._epoch_iters = []
+        if self._loader is not None and self._loader.code is not None:
+            _RETIRED_CODE.append(self._loader.code)
+        self._loader = None

@@ -1,0 +1,259 @@
+"""GPU-resident backend: decode a shard once into device memory, augment there in batched torch ops.
+
+At 32-64 px a ViT eats images faster than any JPEG decoder, but a whole ImageNet shard at 64 px is
+~15 GB of uint8 (and 3.9 GB at 32 px): it fits in an H100. Decoding once and cropping on the GPU takes
+the decoder out of the loop for those stages.
+
+Storage: every image at its stored size, HWC uint8, packed end to end in one flat tensor (no padding
+whatever the aspect ratio) with per-image offset, height, width.
+
+Per batch (all batched, no per-sample kernel launches):
+  boxes (B,4) = RandomResizedCrop parameters (torchvision's rule: 10 tries, then a center crop with
+  the ratio clamped), drawn with numpy from a generator seeded by (stage seed, epoch, batch), so a
+  resumed run repeats the uninterrupted run's crops exactly; flip (B,) bool.
+  bilinear sampling (align_corners=False, like F.interpolate) = 4 gathers from the flat tensor.
+Val: the center crop 224/256 of the shorter side, resized to r (FFCV's CenterCropRGBImageDecoder).
+
+Works on CPU tensors too (the tests), where "device memory" means host RAM.
+"""
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .base import BatchLoader, LoaderOptions
+from .dataset import DataError, PreppedDataset
+from .order import BatchPlan
+
+# ---------------------------------------------------------------------------------------------- crops
+
+
+def random_resized_boxes(h: np.ndarray, w: np.ndarray, rng: np.random.Generator, scale=(0.08, 1.0),
+                         ratio=(3 / 4, 4 / 3), tries: int = 10) -> np.ndarray:
+    """(B,4) int64 [top, left, height, width] per image of size (h, w): torchvision's RandomResizedCrop."""
+    b = len(h)
+    area = (h * w).astype(np.float64)[:, None]                                    # (B,1)
+    target = area * rng.uniform(scale[0], scale[1], size=(b, tries))              # (B,T)
+    log_r = np.log(ratio)
+    aspect = np.exp(rng.uniform(log_r[0], log_r[1], size=(b, tries)))
+    cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    ok = (cw > 0) & (ch > 0) & (cw <= w[:, None]) & (ch <= h[:, None])
+    first = np.argmax(ok, axis=1)                                                 # first accepted try
+    found = ok[np.arange(b), first]
+    bw, bh = cw[np.arange(b), first], ch[np.arange(b), first]
+    # Fallback (no try fits): the whole image, cropped to the nearest allowed aspect ratio, centered.
+    in_ratio = w / h
+    fw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.round(h * ratio[1]), w)).astype(np.int64)
+    fh = np.where(in_ratio < ratio[0], np.round(w / ratio[0]), h).astype(np.int64)
+    bw, bh = np.where(found, bw, fw), np.where(found, bh, fh)
+    u = rng.uniform(size=(b, 2))
+    top = np.where(found, np.floor(u[:, 0] * (h - bh + 1)), (h - bh) // 2).astype(np.int64)
+    left = np.where(found, np.floor(u[:, 1] * (w - bw + 1)), (w - bw) // 2).astype(np.int64)
+    return np.stack([top, left, bh, bw], axis=1)
+
+
+def center_boxes(h: np.ndarray, w: np.ndarray, ratio: float = 224 / 256) -> np.ndarray:
+    """(B,4) [top, left, c, c]: the centered square of side ratio * min(h, w) (FFCV's center crop)."""
+    c = np.maximum(1, (ratio * np.minimum(h, w)).astype(np.int64))
+    return np.stack([(h - c) // 2, (w - c) // 2, c, c], axis=1)
+
+
+def crop_resize_flat(data: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                     boxes: torch.Tensor, flip: torch.Tensor, res: int) -> torch.Tensor:
+    """Bilinear crop+resize of packed HWC uint8 images -> (B,3,res,res) uint8 contiguous.
+
+    data (total,) uint8; offsets/heights/widths (B,) int64 of the batch's images; boxes (B,4) float
+    [top, left, h, w] in pixels; flip (B,) bool. Sample centers follow align_corners=False.
+    """
+    dev = data.device
+    top, left, bh, bw = boxes.unbind(1)                                           # (B,)
+    p = torch.arange(res, device=dev, dtype=torch.float32) + 0.5                  # (r,)
+    ys = top[:, None] + p[None] * (bh / res)[:, None] - 0.5                       # (B,r)
+    xs = left[:, None] + p[None] * (bw / res)[:, None] - 0.5                      # (B,r)
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    hmax = (heights - 1).to(torch.float32)[:, None]
+    wmax = (widths - 1).to(torch.float32)[:, None]
+    ys = torch.minimum(ys.clamp_min(0), hmax)
+    xs = torch.minimum(xs.clamp_min(0), wmax)
+    y0, x0 = ys.floor(), xs.floor()
+    wy, wx = ys - y0, xs - x0                                                     # (B,r)
+    y0, x0 = y0.long(), x0.long()
+    y1 = torch.minimum(y0 + 1, heights[:, None] - 1)
+    x1 = torch.minimum(x0 + 1, widths[:, None] - 1)
+    row = widths[:, None] * 3                                                     # (B,1) bytes per row
+    base = offsets[:, None, None]                                                 # (B,1,1)
+    c = torch.arange(3, device=dev)                                               # (3,)
+
+    def at(yy, xx):  # (B,r),(B,r) -> (B,r,r,3) float
+        idx = base + (yy * row)[:, :, None] + (xx * 3)[:, None, :]                # (B,r,r)
+        return data[idx[..., None] + c].to(torch.float32)
+
+    top_row = at(y0, x0) * (1 - wx)[:, None, :, None] + at(y0, x1) * wx[:, None, :, None]
+    bot_row = at(y1, x0) * (1 - wx)[:, None, :, None] + at(y1, x1) * wx[:, None, :, None]
+    out = top_row * (1 - wy)[:, :, None, None] + bot_row * wy[:, :, None, None]   # (B,r,r,3)
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+@dataclass
+class ResidentShard:
+    data: torch.Tensor     # (total,) uint8, images HWC packed
+    offsets: torch.Tensor  # (N,) int64
+    heights: torch.Tensor  # (N,) int64
+    widths: torch.Tensor   # (N,) int64
+    labels: torch.Tensor   # (N,) int64
+    np_heights: np.ndarray
+    np_widths: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel())
+
+
+def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(buf.tobytes())) as im:  # header only
+        return im.height, im.width
+
+
+def memory_budget(device: torch.device, share: float) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * share)
+
+
+def _encoded_source(ds: PreppedDataset, split: str, stored: int):
+    """(labels, heights, widths, get(i) -> bytes view, is_raw(i)) from the .beton if any, else the tars."""
+    from .shards import BetonShard, WdsShard
+
+    if "ffcv" in ds.formats(split) and str(stored) in ds.splits[split].get("ffcv", {}):
+        b = BetonShard(ds.ffcv_path(split, stored))
+        return b.labels, b.heights, b.widths, b.data, (lambda i: b.modes[i] == 1), b
+    tars, idxs = ds.dali_shard(split, stored)
+    w = WdsShard(tars, idxs)
+    hw = np.array([_jpeg_size(w.jpeg(i)) for i in range(len(w))], dtype=np.int64).reshape(-1, 2)
+    return w.labels, hw[:, 0], hw[:, 1], w.jpeg, (lambda i: False), w
+
+
+def estimate_bytes(ds: PreppedDataset, split: str, stored: int) -> int:
+    """Decoded size of a shard (exact from .beton metadata; from 256 JPEG headers otherwise)."""
+    from .shards import BetonShard, WdsShard
+
+    if str(stored) in ds.splits[split].get("ffcv", {}):
+        b = BetonShard(ds.ffcv_path(split, stored))
+        return int((3 * b.heights * b.widths).sum())
+    w = WdsShard(*ds.dali_shard(split, stored))
+    pick = np.linspace(0, len(w) - 1, num=min(256, len(w))).astype(np.int64)
+    mean = float(np.mean([3 * np.prod(_jpeg_size(w.jpeg(i))) for i in pick]))
+    w.close()
+    return int(mean * ds.count(split))
+
+
+def decode_shard(ds: PreppedDataset, split: str, stored: int, device: torch.device, *, share: float = 0.5,
+                 workers: int = 1, chunk: int = 512) -> ResidentShard:
+    """Decode every image of the (split, stored) shard once into one packed uint8 tensor on `device`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    labels, h, w, get, is_raw, src = _encoded_source(ds, split, stored)
+    try:
+        n = len(labels)
+        sizes = 3 * h * w
+        total = int(sizes.sum())
+        budget = memory_budget(device, share)
+        if total > budget:
+            raise DataError(f"{split} @{stored} px decodes to {total / 2**30:.2f} GiB, more than "
+                            f"{share:.0%} of free {device.type} memory ({budget / 2**30:.2f} GiB)")
+        offsets = np.zeros(n, dtype=np.int64)
+        offsets[1:] = np.cumsum(sizes)[:-1]
+        data = torch.empty(total, dtype=torch.uint8, device=device)
+
+        def put(i: int, img: torch.Tensor) -> None:  # img (3,H,W) uint8 or raw HWC bytes
+            if img.dim() == 3:
+                if img.shape[1:] != (h[i], w[i]):
+                    raise DataError(f"{split} @{stored} sample {i}: decoded {tuple(img.shape[1:])}, metadata ({h[i]}, {w[i]})")
+                img = img.permute(1, 2, 0)
+            data[offsets[i]:offsets[i] + sizes[i]].copy_(img.reshape(-1), non_blocking=True)
+
+        def cpu_decode(i: int) -> torch.Tensor:
+            raw = torch.from_numpy(np.array(get(i)))
+            return raw if is_raw(i) else decode_jpeg(raw, mode=ImageReadMode.RGB)
+
+        if device.type == "cuda":
+            for s in range(0, n, chunk):
+                ids = list(range(s, min(s + chunk, n)))
+                jpg = [i for i in ids if not is_raw(i)]
+                if jpg:  # nvJPEG batched decode, straight into device memory
+                    outs = decode_jpeg([torch.from_numpy(np.array(get(i))) for i in jpg], mode=ImageReadMode.RGB,
+                                       device=device)
+                    for i, img in zip(jpg, outs):
+                        put(i, img)
+                for i in ids:
+                    if is_raw(i):
+                        put(i, torch.from_numpy(np.array(get(i))))
+            torch.cuda.current_stream(device).synchronize()
+        else:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for i, img in enumerate(pool.map(cpu_decode, range(n), chunksize=64)):
+                    put(i, img)
+    finally:
+        src.close()
+    as_t = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
+    return ResidentShard(data=data, offsets=as_t(offsets), heights=as_t(h), widths=as_t(w), labels=as_t(labels),
+                         np_heights=np.asarray(h), np_widths=np.asarray(w))
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+class ResidentLoader(BatchLoader):
+    backend = "gpu_resident"
+
+    def __init__(self, ds: PreppedDataset, split: str, stored: int, plan: BatchPlan, device: torch.device, *,
+                 workers: int, train: bool, opts: LoaderOptions, start_batch: int = 0,
+                 shard: ResidentShard | None = None):
+        super().__init__(plan, device, start_batch=start_batch, train=train)
+        self.shard = shard if shard is not None else decode_shard(ds, split, stored, device,
+                                                                  share=opts.gpu_mem_share, workers=workers)
+        if len(self.shard.labels) != plan.n:
+            raise DataError(f"{split} @{stored}: {len(self.shard.labels)} images decoded, the plan expects {plan.n}")
+
+    def make_batch(self, g: int):
+        spec = self.plan.batch(g)
+        idx_np = spec.indices
+        h, w = self.shard.np_heights[idx_np], self.shard.np_widths[idx_np]
+        if self.train:
+            rng = np.random.default_rng([self.plan.stages[spec.stage].seed, spec.epoch, spec.index_in_epoch])
+            boxes = random_resized_boxes(h, w, rng)
+            flip = rng.uniform(size=len(idx_np)) < 0.5
+        else:
+            boxes, flip = center_boxes(h, w), np.zeros(len(idx_np), dtype=bool)
+        dev = self.device
+        # One small host->device copy per batch: (B,) indices, (B,4) boxes, (B,) flips.
+        idx = torch.from_numpy(idx_np.copy()).to(dev, non_blocking=True)
+        s = self.shard
+        images = crop_resize_flat(s.data, s.offsets[idx], s.heights[idx], s.widths[idx],
+                                  torch.from_numpy(boxes.astype(np.float32)).to(dev, non_blocking=True),
+                                  torch.from_numpy(flip).to(dev, non_blocking=True), spec.res)
+        return images, s.labels[idx]
+
+    def _open_stream(self, g: int) -> Iterator:
+        total = self.plan.total_steps
+        while total is None or g < total:
+            yield self.make_batch(g)
+            g += 1
+
+    def _close_stream(self) -> None:
+        self.shard = None

@@ -1,0 +1,86 @@
+"""torchvision backend: DataLoader over the *source* JPEG tree (ImageFolder), the baseline users run.
+
+Train: RandomResizedCrop(r, scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip; val:
+Resize(round(r*256/224)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
+The batch order comes from BatchPlan through a batch sampler, like every other backend.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import torch
+
+from .base import BatchLoader, LoaderOptions
+from .dataset import DataError
+from .order import BatchPlan
+
+
+class _PlanBatchSampler:
+    """Yields the index lists of global batches [start, end) (set before each DataLoader pass)."""
+
+    def __init__(self, plan: BatchPlan):
+        self.plan, self.start, self.end = plan, 0, 0
+
+    def __iter__(self):
+        for g in range(self.start, self.end):
+            yield self.plan.batch(g).indices.tolist()
+
+    def __len__(self):
+        return self.end - self.start
+
+
+def open_image_folder(root, res: int, train: bool):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, Resize, CenterCrop, PILToTensor
+
+    if train:
+        ops = [RandomResizedCrop(res, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), RandomHorizontalFlip()]
+    else:
+        ops = [Resize(round(res * 256 / 224), antialias=True), CenterCrop(res)]
+    # ImageFolder's PIL loader converts grayscale/CMYK sources to RGB.
+    return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))
+
+
+class TorchvisionLoader(BatchLoader):
+    backend = "torchvision"
+
+    def __init__(self, dataset, plan: BatchPlan, device: torch.device, *, workers: int, train: bool,
+                 opts: LoaderOptions, seed: int, classes=None, start_batch: int = 0):
+        super().__init__(plan, device, start_batch=start_batch, train=train)
+        if len(plan.stages) != 1 or plan.res_fn is not None:
+            raise DataError("the torchvision backend has one output size per loader: no res_schedule")
+        self.dataset = dataset  # an ImageFolder with this plan's transform (open_image_folder)
+        if classes is not None and list(dataset.classes) != list(classes):
+            raise DataError(f"{dataset.root}: class folders differ from the manifest's classes")
+        if len(dataset) != plan.n:
+            raise DataError(f"{dataset.root}: {len(dataset)} images, the plan expects {plan.n}")
+        self._sampler = _PlanBatchSampler(plan)
+        on_gpu = device.type == "cuda"
+        # fork is fast but unsafe once other loaders' threads run in this process (CurriculumLoader).
+        ctx = None
+        if workers > 0:
+            ctx = "fork" if threading.active_count() == 1 else "forkserver"
+        self._dl = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self._sampler, num_workers=workers, pin_memory=on_gpu,
+            persistent_workers=workers > 0, prefetch_factor=max(1, opts.batches_ahead) if workers > 0 else None,
+            multiprocessing_context=ctx, generator=torch.Generator().manual_seed(seed))
+        self._dl_iter = None
+
+    def _open_stream(self, g: int) -> Iterator:
+        non_blocking = self.device.type == "cuda"
+        total = self.plan.total_steps
+        while total is None or g < total:
+            self._sampler.start, self._sampler.end = g, self.plan.epoch_end(g)
+            self._dl_iter = iter(self._dl)
+            for images, labels in self._dl_iter:
+                yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+                g += 1
+
+    def _close_stream(self) -> None:
+        it = getattr(self._dl, "_iterator", None) or self._dl_iter
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # joins worker processes and the pin-memory thread now
+        if self._dl is not None:
+            self._dl._iterator = None
+        self._dl_iter = self._dl = None

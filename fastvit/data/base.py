@@ -1,0 +1,124 @@
+"""What every backend shares: options, the epoch/stream bookkeeping, clean shutdown.
+
+A backend subclass implements `_open_stream(g)` (an iterator of batches g, g+1, ... in plan order)
+and `_close_stream()`. `BatchLoader` turns that into one epoch per `for` pass and `next_batch()` for
+the CurriculumLoader, and counts the global batch index so a stream can be reopened (resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .dataset import DataError
+from .order import BatchPlan
+
+
+@dataclass
+class LoaderOptions:
+    """Backend knobs beyond make_loader's named arguments (checked against these keys)."""
+
+    src: str | None = None             # source JPEG tree for torchvision, when the manifest lacks it
+    order: str = "random"              # "random" | "quasi_random" (FFCV only: page-local, for data >> RAM)
+    batches_ahead: int = 3             # FFCV batches_ahead, DALI prefetch_queue_depth, torchvision prefetch_factor
+    ffcv_jit: bool = True              # False: FFCV runs its pipeline as plain Python (debugging, tiny CPU tests)
+    os_cache: bool = True              # FFCV: page cache (True) or its own process cache (quasi_random)
+    hw_decoder_load: float = 0.65      # DALI mixed decoder: share of images sent to the hardware JPEG decoder
+    dali_reader: str = "index"         # "index": exact per-epoch permutations | "webdataset": stock reader, buffer shuffle
+    initial_fill: int = 4096           # DALI stock reader's shuffle buffer
+    gpu_mem_share: float = 0.5         # gpu_resident: use at most this share of free (GPU or host) memory
+    res_schedule: Callable[[int], int] | None = None  # DALI/gpu_resident: global batch index -> output side
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "LoaderOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(kwargs) - known)
+        if bad:
+            raise DataError(f"unknown loader option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        opts = cls(**kwargs)
+        if opts.order not in ("random", "quasi_random", "sequential"):
+            raise DataError(f"order must be random, quasi_random or sequential, not {opts.order!r}")
+        if opts.dali_reader not in ("index", "webdataset"):
+            raise DataError(f"dali_reader must be index or webdataset, not {opts.dali_reader!r}")
+        if not 0.0 < opts.gpu_mem_share <= 1.0:
+            raise DataError("gpu_mem_share must be in (0, 1]")
+        return opts
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class BatchLoader:
+    """One epoch per `for` pass over (images uint8 (B,3,r,r) on device, labels int64 (B,) on device)."""
+
+    backend = "?"
+
+    def __init__(self, plan: BatchPlan, device: torch.device, *, start_batch: int = 0, train: bool = True):
+        self.plan = plan
+        self.device = device
+        self.train = train
+        self._g = start_batch      # global index of the next batch handed out
+        self._stream: Iterator | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        """Batches per epoch (of the plan's first stage)."""
+        return self.plan.batches_per_epoch(0)
+
+    @property
+    def next_index(self) -> int:
+        return self._g
+
+    def next_batch(self):
+        """The next batch in plan order (epochs chained, no pause at their boundary)."""
+        if self.closed:
+            raise DataError(f"{self.backend} loader is closed")
+        total = self.plan.total_steps
+        if total is not None and self._g >= total:
+            raise StopIteration
+        if self._stream is None:
+            self._stream = self._open_stream(self._g)
+        batch = next(self._stream)
+        self._g += 1
+        return batch
+
+    def __iter__(self):
+        """One epoch (the rest of the current one when a run resumed mid-epoch)."""
+        total = self.plan.total_steps
+        if total is not None and self._g >= total:
+            return
+        end = self.plan.epoch_end(self._g)
+        while self._g < end:
+            yield self.next_batch()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stream = None
+            self._close_stream()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # backend hooks -------------------------------------------------------------------------------
+    def _open_stream(self, g: int) -> Iterator:
+        raise NotImplementedError
+
+    def _close_stream(self) -> None:
+        pass

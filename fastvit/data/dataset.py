@@ -1,0 +1,148 @@
+"""The prep output as the loaders see it: `open_dataset(OUT)` reads and checks OUT/manifest.json.
+
+    ds = open_dataset(OUT)              # PreppedDataset, or DataError with one clear line
+    ds.ffcv_path("train", 64)           # Path to ffcv/train_64.beton
+    ds.dali_shard("train", 64)          # (tars, idxs) of the webdataset
+    ds.stored_res(96)                   # 128 when 64/128/224 are stored (smallest >= r, else largest)
+
+Paths in the manifest are relative to OUT. Label i is classes[i].
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("fastvit.data")
+
+MANIFEST = "manifest.json"
+SUPPORTED_VERSIONS = (1,)
+# Keys a manifest may use for the source JPEG tree the torchvision backend reads.
+SOURCE_KEYS = ("src", "source", "source_dir", "src_dir")
+
+
+class DataError(Exception):
+    """A dataset or loader cannot be used as asked; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class PreppedDataset:
+    """What a manifest promises. Built by open_dataset; immutable so loaders can share it across threads."""
+
+    root: Path
+    classes: tuple[str, ...]
+    resolutions: tuple[int, ...]
+    splits: dict = field(repr=False)  # the manifest's "splits" object, checked
+    src: Path | None = None  # the source JPEG tree, if the manifest records it
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def count(self, split: str) -> int:
+        return int(self._split(split)["count"])
+
+    def _split(self, split: str) -> dict:
+        if split not in self.splits:
+            raise DataError(f"split {split!r} is not in {self.root / MANIFEST} (has {', '.join(sorted(self.splits))})")
+        return self.splits[split]
+
+    def formats(self, split: str) -> tuple[str, ...]:
+        return tuple(f for f in ("ffcv", "dali") if self._split(split).get(f))
+
+    def stored_res(self, res: int, split: str = "train", fmt: str | None = None) -> int:
+        """The stored resolution a stage at `res` reads: the smallest >= res, else the largest."""
+        avail = self.resolutions
+        if fmt is not None:
+            avail = tuple(sorted(int(r) for r in self._split(split).get(fmt, {})))
+            if not avail:
+                raise DataError(f"{self.root}: split {split!r} has no {fmt} files (prep with --formats {fmt})")
+        return pick_stored_res(res, avail)
+
+    def ffcv_path(self, split: str, stored: int) -> Path:
+        entry = self._split(split).get("ffcv", {}).get(str(stored))
+        if entry is None:
+            raise DataError(f"{self.root}: no ffcv file for split {split!r} at {stored} px")
+        return self.root / entry
+
+    def dali_shard(self, split: str, stored: int) -> tuple[list[Path], list[Path]]:
+        entry = self._split(split).get("dali", {}).get(str(stored))
+        if entry is None:
+            raise DataError(f"{self.root}: no dali files for split {split!r} at {stored} px")
+        return [self.root / t for t in entry["tars"]], [self.root / i for i in entry["index"]]
+
+    def source_dir(self, split: str, src: str | Path | None = None) -> Path:
+        """The ImageFolder directory of `split` in the source tree (for the torchvision backend)."""
+        base = Path(src) if src is not None else self.src
+        if base is None:
+            raise DataError(f"{self.root / MANIFEST} does not record the source JPEG tree; pass src=<the tree fastvit-prep read>")
+        d = base / split
+        if not d.is_dir():
+            raise DataError(f"source tree {base} has no {split}/ folder")
+        return d
+
+
+_logged_choices: set = set()
+
+
+def pick_stored_res(res: int, available) -> int:
+    """Smallest stored resolution >= res, else the largest (pure; the loader logs the choice once)."""
+    avail = sorted(int(r) for r in available)
+    if not avail:
+        raise DataError("no stored resolutions")
+    for r in avail:
+        if r >= res:
+            return r
+    return avail[-1]
+
+
+def log_choice_once(backend: str, split: str, res: int, stored: int) -> None:
+    key = (backend, split, res, stored)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        how = "exact" if stored == res else ("next larger" if stored > res else "largest stored, upsampled")
+        log.info("%s %s @%d px reads the %d px shard (%s)", backend, split, res, stored, how)
+
+
+def _check(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise DataError(f"{path}: bad manifest: {what}")
+
+
+def open_dataset(out: str | Path) -> PreppedDataset:
+    """Read and check OUT/manifest.json; every file it names must exist."""
+    root = Path(out)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory (expected a fastvit-prep output)")
+    if not path.is_file():
+        raise DataError(f"{path} not found: run fastvit-prep --src SRC --out {root} first")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read manifest ({e})") from None
+    _check(isinstance(m, dict), path, "not a JSON object")
+    _check(m.get("version") in SUPPORTED_VERSIONS, path, f"version {m.get('version')!r} (supported: {SUPPORTED_VERSIONS})")
+    classes = m.get("classes")
+    _check(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes), path, "'classes' must be a non-empty list of names")
+    res = m.get("resolutions")
+    _check(isinstance(res, list) and res and all(isinstance(r, int) and r > 0 for r in res), path, "'resolutions' must be positive integers")
+    splits = m.get("splits")
+    _check(isinstance(splits, dict) and splits, path, "'splits' is missing or empty")
+    for name, s in splits.items():
+        _check(isinstance(s, dict) and isinstance(s.get("count"), int) and s["count"] >= 0, path, f"split {name!r} needs an integer 'count'")
+        for r, rel in (s.get("ffcv") or {}).items():
+            _check((root / rel).is_file(), path, f"missing file {rel}")
+        for r, entry in (s.get("dali") or {}).items():
+            _check(isinstance(entry, dict) and len(entry.get("tars", [])) == len(entry.get("index", [])) and entry.get("tars"),
+                   path, f"split {name!r} dali {r}: 'tars' and 'index' must be lists of equal length")
+            for rel in entry["tars"] + entry["index"]:
+                _check((root / rel).is_file(), path, f"missing file {rel}")
+    src = next((m[k] for k in SOURCE_KEYS if isinstance(m.get(k), str)), None)
+    src_path = None
+    if src is not None:
+        src_path = Path(src) if Path(src).is_absolute() else (root / src)
+    return PreppedDataset(root=root, classes=tuple(classes), resolutions=tuple(sorted(res)), splits=splits,
+                          src=src_path, manifest=m)

@@ -1,0 +1,106 @@
+"""`make_loader`: one backend, one split, batches of uint8 (B,3,r,r) + int64 (B,) labels on the device.
+
+    it = make_loader(ds, split="train", res=128, batch_size=256, backend="ffcv", device="cuda", seed=0)
+    for images, labels in it: ...      # one epoch per pass
+    len(it)                            # batches per epoch
+    it = make_val_loader(ds, res=224, batch_size=500, backend="dali")   # center crop, in order, all images
+
+Shard choice: a loader at res r reads the stored resolution r' = the smallest >= r (else the
+largest), logged once. The order of batch g is BatchPlan's (seeded permutation per epoch), shared by
+all backends; `start_batch=g` starts at global batch g (epoch g // len, batch g % len) without
+decoding anything before it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import BatchLoader, LoaderOptions, default_workers
+from .dataset import DataError, PreppedDataset, log_choice_once
+from .order import BatchPlan, PlanStage
+
+BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
+
+
+def _device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("device='cuda' but no CUDA GPU is available (use device='cpu')")
+    if dev.type not in ("cuda", "cpu"):
+        raise DataError(f"device must be cuda or cpu, not {device!r}")
+    return dev
+
+
+def _shard_format(backend: str) -> str | None:
+    return {"ffcv": "ffcv", "dali": "dali"}.get(backend)
+
+
+def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *, backend: str, device,
+                 train: bool, seed: int, workers: int | None, drop_last: bool, start_batch: int = 0,
+                 opts: LoaderOptions) -> BatchLoader:
+    """A loader over a plan of one or more stages that share one stored shard (CurriculumLoader's unit)."""
+    if backend not in BACKENDS:
+        raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    dev = _device(device)
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise DataError("workers must be >= 0")
+    shuffle = train and opts.order != "sequential"
+    res0 = stages[0].res
+    if backend == "torchvision":
+        from .backend_torchvision import TorchvisionLoader, open_image_folder
+
+        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train)
+        plan = BatchPlan(len(folder), stages, drop_last=drop_last, shuffle=shuffle, res_fn=opts.res_schedule)
+        log_choice_once(backend, split, res0, res0)
+        return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
+                                 classes=ds.classes, start_batch=start_batch)
+
+    fmt = _shard_format(backend)
+    if fmt is None:  # gpu_resident decodes whichever container exists for that resolution
+        fmt = "ffcv" if "ffcv" in ds.formats(split) else "dali"
+    stored = ds.stored_res(max(s.res for s in stages), split, fmt)
+    for s in stages:
+        log_choice_once(backend, split, s.res, stored)
+    plan = BatchPlan(ds.count(split), stages, drop_last=drop_last, shuffle=shuffle, res_fn=opts.res_schedule)
+    if backend == "ffcv":
+        from .backend_ffcv import FFCVLoader
+
+        return FFCVLoader(ds.ffcv_path(split, stored), plan, dev, workers=max(1, workers), train=train, opts=opts,
+                          start_batch=start_batch)
+    if backend == "dali":
+        from .backend_dali import DALILoader
+
+        tars, idxs = ds.dali_shard(split, stored)
+        return DALILoader(tars, idxs, plan, dev, workers=max(1, workers), train=train, opts=opts, seed=seed,
+                          start_batch=start_batch)
+    from .backend_resident import ResidentLoader
+
+    return ResidentLoader(ds, split, stored, plan, dev, workers=max(1, workers), train=train, opts=opts,
+                          start_batch=start_batch)
+
+
+def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_size: int = 256,
+                backend: str = "ffcv", device="cuda", train: bool = True, seed: int = 0,
+                workers: int | None = None, drop_last: bool = True, *, start_batch: int = 0,
+                **options) -> BatchLoader:
+    """Batches of (uint8 (B,3,res,res), int64 (B,)) on `device`, one epoch per pass.
+
+    train=True: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) + flip, shuffled per epoch;
+    train=False: center crop 224/256, in stored order. Options: see LoaderOptions (src=, order=,
+    batches_ahead=, ffcv_jit=, hw_decoder_load=, dali_reader=, gpu_mem_share=, res_schedule=).
+    """
+    opts = LoaderOptions.from_kwargs(options)
+    if res <= 0 or batch_size <= 0:
+        raise DataError("res and batch_size must be positive")
+    stage = PlanStage(res=int(res), batch_size=int(batch_size), steps=None, seed=int(seed))
+    return build_loader(ds, split, [stage], backend=backend, device=device, train=train, seed=seed,
+                        workers=workers, drop_last=drop_last, start_batch=start_batch, opts=opts)
+
+
+def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "ffcv", device="cuda",
+                    split: str = "val", workers: int | None = None, **options) -> BatchLoader:
+    """Every image of `split` once per pass, in stored order, center crop 224/256 resized to res."""
+    return make_loader(ds, split=split, res=res, batch_size=batch_size, backend=backend, device=device,
+                       train=False, seed=0, workers=workers, drop_last=False, **options)

@@ -1,0 +1,118 @@
+"""Which samples go in which batch: a pure function of (seed, stage, epoch, batch).
+
+Every backend draws its order from here, so the same seed gives the same order on FFCV, DALI,
+torchvision and the GPU-resident path, and a run resumed at global step g sees exactly the batches an
+uninterrupted run would have (the order of batch g is computed, never replayed).
+
+    plan = BatchPlan(n=9469, stages=[PlanStage(res=64, batch_size=512, steps=1000, seed=s0), ...])
+    spec = plan.batch(g)     # BatchSpec(stage, res, epoch, index_in_epoch, indices (bs,) int64)
+
+A stage starts a fresh epoch (its own seed, epoch 0); epochs wrap inside a stage. With drop_last the
+samples past the last full batch of an epoch are skipped; without it the last batch is smaller.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """A 31-bit seed for stage `stage` of a run seeded `seed` (independent streams per stage)."""
+    return int(np.random.SeedSequence([int(seed), int(stage), 0x5EED]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    p = np.random.default_rng([int(seed), int(epoch)]).permutation(n).astype(np.int64)
+    p.setflags(write=False)
+    return p
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """(n,) int64 sample indices of one epoch (read-only, cached: a backend asks once per batch)."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return _permutation(n, seed, epoch)
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    res: int
+    batch_size: int
+    steps: int | None  # None: endless (make_loader's epoch-per-pass loaders)
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    stage: int           # index into plan.stages
+    res: int             # output side length of this batch
+    epoch: int           # epoch within the stage
+    index_in_epoch: int  # batch index within the epoch
+    indices: np.ndarray  # (bs,) int64 sample indices, bs <= batch_size
+
+
+class BatchPlan:
+    """Global batch index -> BatchSpec for a run of stages over a dataset of n samples."""
+
+    def __init__(self, n: int, stages: Sequence[PlanStage], *, drop_last: bool = True, shuffle: bool = True,
+                 res_fn: Callable[[int], int] | None = None):
+        if n <= 0:
+            raise ValueError("the dataset is empty")
+        if not stages:
+            raise ValueError("a plan needs at least one stage")
+        for s in stages[:-1]:
+            if s.steps is None:
+                raise ValueError("only the last stage of a plan may be endless")
+        self.n, self.stages, self.drop_last, self.shuffle, self.res_fn = n, tuple(stages), drop_last, shuffle, res_fn
+        for s in self.stages:
+            if self.batches_per_epoch_of(s) == 0:
+                raise ValueError(f"batch size {s.batch_size} is larger than the dataset ({n} samples) with drop_last")
+        self.starts = [0]  # global index of each stage's first batch
+        for s in self.stages[:-1]:
+            self.starts.append(self.starts[-1] + s.steps)
+
+    def batches_per_epoch_of(self, s: PlanStage) -> int:
+        return self.n // s.batch_size if self.drop_last else -(-self.n // s.batch_size)
+
+    def batches_per_epoch(self, stage: int = 0) -> int:
+        return self.batches_per_epoch_of(self.stages[stage])
+
+    @property
+    def total_steps(self) -> int | None:
+        last = self.stages[-1]
+        return None if last.steps is None else self.starts[-1] + last.steps
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(s.batch_size for s in self.stages)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(stage, step within the stage) of global batch g."""
+        total = self.total_steps
+        if g < 0 or (total is not None and g >= total):
+            raise IndexError(f"batch {g} is outside the plan (0..{total})")
+        k = bisect.bisect_right(self.starts, g) - 1
+        return k, g - self.starts[k]
+
+    def epoch_end(self, g: int) -> int:
+        """Global index one past the last batch of the epoch that contains batch g (capped at the stage end)."""
+        k, s = self.locate(g)
+        nb = self.batches_per_epoch(k)
+        end = self.starts[k] + (s // nb + 1) * nb
+        st = self.stages[k]
+        return end if st.steps is None else min(end, self.starts[k] + st.steps)
+
+    def batch(self, g: int) -> BatchSpec:
+        k, s = self.locate(g)
+        st = self.stages[k]
+        nb = self.batches_per_epoch_of(st)
+        epoch, b = divmod(s, nb)
+        order = epoch_order(self.n, st.seed, epoch, self.shuffle)
+        idx = order[b * st.batch_size: min((b + 1) * st.batch_size, self.n)]
+        res = st.res if self.res_fn is None else int(self.res_fn(g))
+        return BatchSpec(stage=k, res=res, epoch=epoch, index_in_epoch=b, indices=idx)

@@ -1,0 +1,128 @@
+"""Random access to the encoded samples of a shard, without decoding: JPEG bytes and labels by index.
+
+`WdsShard` reads webdataset tars through their DALI `.idx` files (`v1.2 N`, then per sample
+`ext offset size name ...`) over a read-only mmap, so a batch's JPEGs are zero-copy views.
+`BetonShard` does the same for an FFCV .beton (its metadata holds labels and image sizes).
+Sample i is the i-th sample of the shard in stored order (the same in both formats when prep writes
+both from one list).
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .dataset import DataError
+
+
+def parse_wds_index(text: str, path: Path | str = "?") -> list[dict[str, tuple[int, int]]]:
+    """[{ext: (offset, size)}] per sample from a DALI webdataset index (v1.1 without names, v1.2 with)."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise DataError(f"{path}: not a DALI webdataset index (first line {lines[:1]})")
+    version, count = lines[0].split()[:2]
+    per = 4 if version >= "v1.2" else 3
+    out = []
+    for ln in lines[1:]:
+        parts = ln.split()
+        if not parts:
+            continue
+        if len(parts) % per:
+            raise DataError(f"{path}: malformed index line {ln[:80]!r}")
+        out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
+    if len(out) != int(count):
+        raise DataError(f"{path}: index says {count} samples but lists {len(out)}")
+    return out
+
+
+class WdsShard:
+    """All tars of one (split, res) webdataset; JPEG views and int64 labels by global sample index."""
+
+    def __init__(self, tars: Sequence[Path], idxs: Sequence[Path], img_ext: str = "jpg", cls_ext: str = "cls"):
+        self._files, self._maps, offs, sizes, tar_of = [], [], [], [], []
+        labels = []
+        for t, (tar, idx) in enumerate(zip(tars, idxs)):
+            entries = parse_wds_index(Path(idx).read_text(), idx)
+            f = open(tar, "rb")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._files.append(f)
+            self._maps.append(mm)
+            buf = np.frombuffer(mm, dtype=np.uint8)
+            for e in entries:
+                if img_ext not in e or cls_ext not in e:
+                    raise DataError(f"{idx}: a sample lacks .{img_ext} or .{cls_ext}")
+                o, s = e[img_ext]
+                offs.append(o)
+                sizes.append(s)
+                tar_of.append(t)
+                co, cs = e[cls_ext]
+                labels.append(int(bytes(buf[co:co + cs]).decode("ascii").strip()))
+        self._bufs = [np.frombuffer(mm, dtype=np.uint8) for mm in self._maps]
+        self.offsets = np.asarray(offs, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.tar_of = np.asarray(tar_of, dtype=np.int32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def jpeg(self, i: int) -> np.ndarray:
+        o, s = self.offsets[i], self.sizes[i]
+        return self._bufs[self.tar_of[i]][o:o + s]
+
+    def close(self) -> None:
+        self._bufs = []
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the map goes when it does
+                pass
+        for f in self._files:
+            f.close()
+        self._maps, self._files = [], []
+
+
+def beton_fields(reader) -> tuple[str, str]:
+    """(image field name, label field name) of an FFCV reader, found by type, not by name."""
+    from ffcv.fields import IntField, RGBImageField
+
+    img = [k for k, h in reader.handlers.items() if isinstance(h, RGBImageField)]
+    lab = [k for k, h in reader.handlers.items() if isinstance(h, IntField)]
+    if len(img) != 1 or len(lab) != 1:
+        raise DataError(f"{reader.file_name}: expected one RGBImageField and one IntField, found {list(reader.handlers)}")
+    return img[0], lab[0]
+
+
+class BetonShard:
+    """Encoded images (JPEG or raw HWC) and labels of an FFCV .beton by sample index."""
+
+    def __init__(self, path: Path):
+        from ffcv.reader import Reader
+
+        self.reader = Reader(str(path))
+        img, lab = beton_fields(self.reader)
+        names = list(self.reader.handlers)
+        meta = self.reader.metadata
+        im = meta[f"f{names.index(img)}"]
+        self.labels = np.asarray(meta[f"f{names.index(lab)}"], dtype=np.int64)
+        self.heights = np.asarray(im["height"], dtype=np.int64)
+        self.widths = np.asarray(im["width"], dtype=np.int64)
+        self.modes = np.asarray(im["mode"], dtype=np.int64)  # 0 jpg, 1 raw
+        ptrs = np.asarray(im["data_ptr"], dtype=np.int64)
+        table = self.reader.alloc_table
+        size_of = dict(zip(table["ptr"].astype(np.int64).tolist(), table["size"].astype(np.int64).tolist()))
+        self.offsets = ptrs
+        self.sizes = np.asarray([size_of[p] for p in ptrs.tolist()], dtype=np.int64)
+        self._buf = np.memmap(str(path), dtype=np.uint8, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def data(self, i: int) -> np.ndarray:
+        o, s = self.offsets[i], self.sizes[i]
+        return self._buf[o:o + s]
+
+    def close(self) -> None:
+        self._buf = None
