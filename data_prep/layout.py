@@ -3,7 +3,7 @@
 Layouts, detected per split:
   imagefolder  SRC/<split>/<class>/*.JPEG  (ImageNet after the usual val re-sort, Imagenette, any ImageFolder)
   loc_csv      SRC/val/*.JPEG, labels from LOC_val_solution.csv (Kaggle ImageNet: first token of
-               PredictionString is the wnid) found in val/ or any of its parent folders up to SRC's parent
+               PredictionString is the wnid) found in val/ or up to 4 folders above it
   wnid_prefix  a flat folder whose files are named <wnid>_*.JPEG (label = the wnid); SRC itself counts as
                the "train" split when it is such a folder (e.g. ../shared/data/imagenet-sample)
 The devkit's ILSVRC2012_validation_ground_truth.txt is not supported: its ids map to wnids only through
@@ -66,17 +66,17 @@ def _flat_images(d: Path) -> list[str]:
     return [e.name for e in _listdir(d) if (e.is_file() or e.is_symlink()) and _is_image(e.name)]
 
 
-def find_loc_csv(val_dir: Path, src: Path) -> Path | None:
-    """LOC_val_solution.csv beside or above val/ (Kaggle keeps it three levels up), at most up to SRC/.."""
-    stop = src.resolve().parent
+def find_loc_csv(val_dir: Path, levels: int = 4) -> Path | None:
+    """LOC_val_solution.csv in val/ or up to `levels` folders above it (Kaggle's sits 4 above
+    ILSVRC/Data/CLS-LOC/val)."""
     d = val_dir.resolve()
-    while True:
-        cand = d / LOC_CSV
-        if cand.is_file():
-            return cand
-        if d == stop or d.parent == d:
+    for _ in range(levels + 1):
+        if (d / LOC_CSV).is_file():
+            return d / LOC_CSV
+        if d.parent == d:
             return None
         d = d.parent
+    return None
 
 
 def read_loc_csv(path: Path) -> dict[str, str]:
@@ -98,7 +98,7 @@ def _flat_split(name: str, d: Path, src: Path) -> SplitSource:
     rel = lambda f: os.path.relpath(d / f, src)  # noqa: E731
     if files and all(_WNID_PREFIX.match(f) for f in files):
         return SplitSource(name, d, "wnid_prefix", [(rel(f), _WNID_PREFIX.match(f).group(1)) for f in files])
-    loc = find_loc_csv(d, src)
+    loc = find_loc_csv(d)
     if loc is not None:
         labels = read_loc_csv(loc)
         items, missing = [], []

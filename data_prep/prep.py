@@ -319,6 +319,8 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
                     cur["samples"].append([idx, labels[idx], orig[0], orig[1], per_res])
                 if ctx.bar is not None:
                     ctx.bar.update(1)
+                if idx + 1 == cur["stop"]:
+                    advance(idx + 1)  # publish the shard now, not when the next result arrives
         advance(math.inf)
     except BaseException:
         if cur is not None:
