@@ -138,7 +138,10 @@ def _embed_bwd_kernel(img_ptr, idx_ptr, dy_ptr, dw_ptr, dpos_ptr,
     t_lo = pid_s * per_split
     t_hi = tl.minimum(t_lo + per_split, m_tiles)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # acc holds dW^T: the recomputed patch tile (registers) is the left operand and dY, loaded straight
+    # from memory, the right one, so the compiler can stream dY through shared memory asynchronously
+    # (with dW = dY^T A instead, both operands would have to round-trip through shared memory).
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for t in range(t_lo, t_hi):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask, idx, row_off = _token_rows(idx_ptr, offs_m, M, K_KEEP, GW, s_kb, s_kk, s_ib, s_ih, s_iw, P)
@@ -151,17 +154,18 @@ def _embed_bwd_kernel(img_ptr, idx_ptr, dy_ptr, dw_ptr, dpos_ptr,
             a = _patch_tile(img_ptr, row_off, m_mask, offs_k, K_DIM, s_ic, s_ih, s_iw,
                             inv0, inv1, inv2, sh0, sh1, sh2, P).to(cdtype)            # (BM, BK)
             if EMULATE_DOT:
-                acc = tl.dot(tl.trans(dy.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(tl.trans(a.to(tl.float32)), dy.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(tl.trans(dy), a, acc, input_precision=DOT_PRECISION)     # (BN, BK)
+                acc = tl.dot(tl.trans(a), dy, acc, input_precision=DOT_PRECISION)     # (BK, BN)
         if NEED_POS:
             if pid_k == 0:  # one K_DIM tile per D tile scatters dY into dpos
                 # every element is its own atomic, so repeated patch indices accumulate correctly
                 tl.atomic_add(dpos_ptr + idx.to(tl.int64)[:, None] * D + offs_n[None, :],
-                              dy.to(tl.float32), mask=mask)
+                              dy.to(tl.float32), mask=mask, sem="relaxed")
     if NEED_W:
-        w_mask = n_mask[:, None] & (offs_k < K_DIM)[None, :]
-        tl.atomic_add(dw_ptr + offs_n.to(tl.int64)[:, None] * K_DIM + offs_k[None, :], acc, mask=w_mask)
+        w_mask = (offs_k < K_DIM)[:, None] & n_mask[None, :]
+        tl.atomic_add(dw_ptr + offs_n.to(tl.int64)[None, :] * K_DIM + offs_k[:, None], acc, mask=w_mask,
+                      sem="relaxed")  # plain sums: no ordering needed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,9 +238,13 @@ def embed_forward(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Te
     out = torch.empty((B, K, D), dtype=out_dtype, device=images.device)
     if M == 0 or D == 0:
         return out
-    args = (images, keep_idx, weight, bias if bias is not None else pos_embed, pos_embed, out,
+    # Cast W (D x 3pp, tiny) to the compute dtype once instead of in every program's k-loop: its
+    # tiles then go straight from memory to the MMA's shared-memory operand (fp32 params under
+    # autocast would otherwise be converted through registers 12x per token block).
+    w = weight if weight.dtype == out_dtype else weight.to(out_dtype)
+    args = (images, keep_idx, w, bias if bias is not None else pos_embed, pos_embed, out,
             M, K, D, K_DIM, GW, _m_bucket(M),
-            *images.stride(), *keep_idx.stride(), *weight.stride(), *pos_embed.stride(),
+            *images.stride(), *keep_idx.stride(), *w.stride(), *pos_embed.stride(),
             *_norm_consts(mean, std))
     meta = dict(P=P, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(out_dtype),
                 EMULATE_DOT=_emulate_dot(out_dtype))
