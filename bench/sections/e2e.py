@@ -1,6 +1,101 @@
-"""bench section 'e2e': filled by its issue."""
+"""bench section 'e2e': the real training loop (real loader, real model, optimizer, EMA) per stage.
+
+Runs `fastvit-train` in-process on a short time budget and reads its metrics back:
+  e2e/images_per_s@<res>,keep<k>      training images/s of each stage (steady state: the first logged
+                                      interval of a stage, which holds its compile/switch, is left out)
+  e2e/data_wait_share@<res>,keep<k>   share of that stage's step time spent waiting for the loader
+  e2e/gpu_busy@<res>,keep<k>          (GPU only) real images/s ÷ the planner's probe images/s for the
+                                      same shape on synthetic on-device data: the share of wall time
+                                      the step's GPU work would need, i.e. how busy the loop keeps it
+  e2e/images_per_s@all                images seen / counted training time of the whole run
+CPU: a tiny model at 32/64 px (a smoke run of the loop, not a performance claim); GPU: vit_small_local
+on the 112→224 curriculum.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
 from . import SectionSkipped
 
 
-def run(ctx):
-    raise SectionSkipped("not implemented yet")
+def _demo_data(ctx) -> Path:
+    root = ctx.workdir("e2e")
+    out = root / "prepped"
+    if (out / "manifest.json").is_file():
+        return out
+    try:
+        from fastvit.data_prep import prep_dataset
+        from fastvit.data_prep.demo import make_demo_dataset
+    except ImportError as e:
+        raise SectionSkipped(f"no data given and fastvit.data_prep is not available ({e})")
+    src = make_demo_dataset(root / "src", num_classes=10, train_per_class=60, val_per_class=10, seed=0,
+                            min_side=64, max_side=200)
+    prep_dataset(src, out, resolutions=[32, 64, 128, 224] if ctx.cuda else [32, 64], formats=("ffcv", "dali"),
+                 splits=("train", "val"), quality=90, workers=max(1, ctx.workers), progress=False)
+    return out
+
+
+def per_stage(rows: list[dict]) -> dict[tuple[int, float], dict]:
+    """Sum the logged intervals of each (res, keep), skipping each stage's first interval."""
+    acc: dict = defaultdict(lambda: {"s": 0.0, "wait": 0.0, "images": 0})
+    seen = set()
+    for r in rows:
+        if r.get("kind") != "train" or not r.get("interval_s"):
+            continue
+        key = (r["res"], r["keep"])
+        if (key, r["segment"]) not in seen:       # first interval of a segment: compile / loader switch
+            seen.add((key, r["segment"]))
+            continue
+        a = acc[key]
+        a["s"] += r["interval_s"]
+        a["wait"] += r["interval_wait_s"]
+        a["images"] += r["interval_images"]
+    return {k: v for k, v in acc.items() if v["s"] > 0}
+
+
+def run(ctx) -> dict:
+    import torch
+
+    from fastvit.train.config import make_config
+    from fastvit.train.loop import train
+
+    data = Path(ctx.data) if ctx.data else _demo_data(ctx)
+    run_dir = ctx.workdir("e2e") / ("run_gpu" if ctx.cuda else "run_cpu")
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if ctx.cuda:
+        man = json.loads((data / "manifest.json").read_text())
+        over = dict(data=str(data), out=str(run_dir), device="cuda", minutes=1.0 if ctx.quick else 4.0,
+                    model="vit_small_local", final_res=min(224, max(man["resolutions"])), evals=0,
+                    progress=False, log_every=10)
+        cfg = make_config("gpu", over)
+    else:
+        over = dict(data=str(data), out=str(run_dir), device="cpu", minutes=0.3 if ctx.quick else 1.0,
+                    model="vit_tiny_local", depth=2, embed_dim=64, num_heads=2, final_res=64,
+                    curriculum="32:0.5,64:0.5", batch_size=32, max_batch=128, evals=0, eval_images=64,
+                    progress=False, log_every=5, compile=False, workers=ctx.workers)
+        cfg = make_config("cpu", over)
+    res = train(cfg, log=lambda s: None)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    probe = {(s["res"], s["keep"]): s["speed"] for s in plan["segments"]}
+    out: dict[str, float] = {}
+    for (r, k), a in sorted(per_stage(rows).items()):
+        tag = f"{r},keep{k:g}"
+        ips = a["images"] / a["s"]
+        out[f"e2e/images_per_s@{tag}"] = ips
+        out[f"e2e/data_wait_share@{tag}"] = a["wait"] / a["s"]
+        if ctx.cuda and probe.get((r, k)):
+            out[f"e2e/gpu_busy@{tag}"] = min(1.0, ips / probe[(r, k)])
+        elif not ctx.cuda:
+            ctx.skip(f"e2e/gpu_busy@{tag}", "needs a CUDA GPU (CPU run: no GPU to keep busy)")
+    train_s = res["counted_s"] - plan["setup_s"]
+    if train_s > 0:
+        out["e2e/images_per_s@all"] = res["images_seen"] / train_s
+    out["e2e/top1_smoke"] = res["top1"]
+    if torch.cuda.is_available() and ctx.cuda:
+        torch.cuda.empty_cache()
+    return out

@@ -145,7 +145,7 @@ PRESETS: dict[str, dict] = {
                 mix_prob=(0.0, 0.3), drop_path=(0.0, 0.0), warmup=0.05, ema_halflife=0.05),
     "test": dict(model="vit_tiny_local", depth=1, embed_dim=32, num_heads=2, final_res=32,
                  curriculum_stages=1, batch_size=16, max_batch=64, lr=3e-3, evals=0, eval_images=64,
-                 mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), compile=False, probe_iters=1,
+                 mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), compile=False, probe_iters=2,
                  log_every=1, ema_halflife=0.1, progress=False),
 }
 

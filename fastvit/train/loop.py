@@ -192,9 +192,11 @@ def evaluate(model: nn.Module, batches, *, device, amp: bool, max_images: int | 
 # the run
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=None, clock_fn=None):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None,
+                 clock_fn=None):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._clock_fn = clock_fn
 
@@ -217,8 +219,15 @@ class Trainer:
             self.log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
         else:
             if checkpoint_paths(self.run_dir):
-                raise TrainError(f"{self.run_dir} already holds a run: pass --resume to continue it, "
-                                 "or choose another --out", 2)
+                finished = (self.run_dir / "results.json").is_file()
+                if not (self.overwrite or finished):
+                    raise TrainError(f"{self.run_dir} holds an unfinished run: pass --resume to continue it, "
+                                     "--overwrite to start over, or choose another --out", 2)
+                self.log(f"starting over in {self.run_dir} (the previous run's files are replaced)")
+                for p in checkpoint_paths(self.run_dir):
+                    p.unlink()
+                for name in ("results.json", "plan.json", "curves.png"):
+                    (self.run_dir / name).unlink(missing_ok=True)
             if not cfg.has_budget:
                 raise TrainError("give a budget: --hours H, --minutes M or --epochs N", 2)
         kw = {"clock": self._clock_fn} if self._clock_fn else {}
@@ -252,7 +261,7 @@ class Trainer:
 
         try:
             self.ds = open_dataset(cfg.data)
-        except (FileNotFoundError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - fastvit.data.DataError and friends: one line
             raise TrainError(f"--data {cfg.data}: {e}", 2) from None
 
         self.model, opt_module = build_model(cfg, self.num_classes, self.final_res)
@@ -385,16 +394,19 @@ class Trainer:
             kw["workers"] = self.cfg.workers
         try:
             return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
-        except TypeError:
-            kw.pop("workers", None)
-            return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
+        except Exception as e:  # noqa: BLE001 - DataError (missing shard/source tree): one line
+            if type(e).__name__ != "DataError":
+                raise
+            raise TrainError(f"loader ({self.backend}): {e}", 2) from None
 
     def open_val(self, res: int):
-        from fastvit.data import make_loader
+        from fastvit.data import make_val_loader
 
-        kw = dict(split="val", res=res, batch_size=max(16, min(256, self.cfg.batch_size)),
-                  backend=self.backend, device=str(self.device), train=False, seed=0)
-        return make_loader(self.ds, **kw)
+        kw = dict(res=res, batch_size=max(16, min(256, self.cfg.batch_size)), backend=self.backend,
+                  device=str(self.device))
+        if self.cfg.workers:
+            kw["workers"] = self.cfg.workers
+        return make_val_loader(self.ds, **kw)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, images, labels, *, keep: float, lr: float, mix_prob: float, randaug: float,
@@ -459,6 +471,9 @@ class Trainer:
         seg_first_step = self.step
         loss_ema = None
         waits: deque = deque(maxlen=100)
+        iv = {"t": self.clock.counted(), "wait": 0.0, "images": 0}   # since the last log record
+        meas = None
+        self.min_span = min(600.0, max(2.0, 0.02 * (cfg.budget_s or 0.0)))
         try:
             while self.step < self.plan.total_steps:
                 plan = self.plan
@@ -467,6 +482,7 @@ class Trainer:
                 if k != cur_seg:
                     cur_seg, seg_first_step = k, self.step
                     window.clear()
+                    meas = None
                     f_mid = 0.5 * (seg.f0 + seg.f1)
                     set_drop_path(self.model, self.dp_base, S.aug_at(f_mid, drop_path=cfg.drop_path).drop_path,
                                   self.dp_max)
@@ -480,6 +496,7 @@ class Trainer:
                     raise TrainError(f"the loader stopped at step {self.step} of {plan.total_steps}", 1) from None
                 wait = self.clock.now() - t_wait
                 waits.append(wait)
+                iv["wait"] += wait
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 if images.shape[-1] != seg.res or images.shape[0] != seg.batch:
@@ -500,6 +517,11 @@ class Trainer:
                 self.step += 1
                 now = self.clock.counted()
                 window.append((now, seg.batch))
+                iv["images"] += seg.batch
+                if self.step - seg_first_step == 2:
+                    meas = [now, 0, self.step]              # (start counted s, images, start step)
+                elif meas is not None:
+                    meas[1] += seg.batch
                 if loss is not None:
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 bar.update(1)
@@ -510,23 +532,31 @@ class Trainer:
                            round(self.plan.progress_at(self.step), 5),
                            "segment": k, "res": seg.res, "keep": seg.keep, "batch": seg.batch, "lr": lr,
                            "loss": loss, "images_per_s": ips, "data_wait": sum(waits) / max(1, len(waits)),
-                           "mix_prob": aug.mix_prob, "drop_path": aug.drop_path, "nan_skipped": self.nan_total}
+                           "mix_prob": aug.mix_prob, "drop_path": aug.drop_path, "nan_skipped": self.nan_total,
+                           "interval_s": round(now - iv["t"], 6), "interval_wait_s": round(iv["wait"], 6),
+                           "interval_images": iv["images"]}
                     self.metrics.log(rec)
+                    iv = {"t": now, "wait": 0.0, "images": 0}
                     left = (cfg.budget_s - now) if cfg.budget_s else None
                     bar.set_postfix_str(
                         f"seg {k + 1}/{len(self.plan.segments)} res {seg.res} keep {seg.keep:g} "
                         f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
                         + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
                            else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
-                    # re-plan when the real speed is >tol off (time budgets only)
-                    if self.plan.mode == "time" and self.step - seg_first_step >= 10 and ips:
-                        if drifted(seg.speed, ips, cfg.replan_tol) and self.step < self.plan.total_steps:
+                    # re-plan when the segment's real speed is >tol off (time budgets only). Measured
+                    # over the segment since its 3rd step (compiles and loader switches left out) and
+                    # over at least 2% of the budget, so timing noise does not make the plan thrash.
+                    seg_ips = None
+                    if meas is not None and now - meas[0] >= self.min_span and self.step - meas[2] >= 10:
+                        seg_ips = meas[1] / (now - meas[0])
+                    if self.plan.mode == "time" and seg_ips and self.step < self.plan.total_steps:
+                        if drifted(seg.speed, seg_ips, cfg.replan_tol):
                             old = self.plan.total_steps
                             self.plan = replan(self.plan, step=self.step, counted_s=now,
-                                               speed_ratio=ips / seg.speed)
+                                               speed_ratio=seg_ips / seg.speed)
                             self.save_plan()
-                            self.log(f"re-plan at step {self.step}: speed {ips:.0f} vs planned {seg.speed:.0f} "
-                                     f"img/s → {old} → {self.plan.total_steps} steps")
+                            self.log(f"re-plan at step {self.step}: speed {seg_ips:.0f} vs planned "
+                                     f"{seg.speed:.0f} img/s; {old} → {self.plan.total_steps} steps")
                             bar.total = self.plan.total_steps
                             bar.refresh()
                             loader, it = self._reopen(loader)
@@ -658,5 +688,5 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
-    return Trainer(cfg, resume=resume, log=log).run()
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 CSV_COLUMNS = ["kind", "step", "counted_s", "p", "segment", "res", "keep", "batch", "lr", "loss",
                "images_per_s", "data_wait", "mix_prob", "drop_path", "nan_skipped",
-               "top1", "top5", "ema_top1", "ema_top5", "val_s"]
+               "top1", "top5", "ema_top1", "ema_top5", "val_s", "interval_s", "interval_wait_s",
+               "interval_images"]
 
 
 class MetricsWriter:

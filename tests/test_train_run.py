@@ -1,0 +1,182 @@
+"""fastvit-train end to end on the tiny prepped dataset (CPU): a run whose loss falls, kill -9 then
+--resume reaching the same planned steps, a corrupt last checkpoint, the baseline recipe, NaN losses,
+and one-line errors for the user's mistakes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastvit.train import checkpoint as C
+from fastvit.train.cli import main
+
+TINY = ["--preset", "test", "--device", "cpu", "--backend", "dali", "--no-progress"]
+
+
+def _rows(run: Path, kind="train"):
+    return [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_tiny_run_loss_falls_and_writes_results(tiny_prepped, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "12", "--evals", "1", *TINY])
+    assert rc == 0
+    res = json.loads((run / "results.json").read_text())
+    for key in ("top1", "top5", "ema_top1", "ema_top5", "budget_s", "counted_s", "steps", "planned_steps",
+                "images_seen", "device_name", "stages"):
+        assert key in res, key
+    assert res["steps"] == res["planned_steps"] == json.loads((run / "plan.json").read_text())["total_steps"]
+    assert res["images_seen"] == 12 * 64 // 16 * 16
+    assert res["val_images"] == 24                               # the full val split
+    assert all({"res", "keep", "batch_size", "steps"} <= set(s) for s in res["stages"])
+    assert any(s["keep"] < 1 for s in res["stages"]) and res["stages"][-1]["keep"] == 1.0
+    losses = [r["loss"] for r in _rows(run) if r["loss"] is not None]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.2, (first, last)                    # it learns
+    assert res["top1"] > 25.0                                   # above chance (4 classes)
+    assert len(_rows(run, "val")) == 2                          # one periodic + the final validation
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert (run / "metrics.csv").read_text().startswith("kind,step,")
+    assert len(C.checkpoint_paths(run)) == 1                    # the final checkpoint
+    assert "final top-1" in capsys.readouterr().out
+
+
+def test_time_budget_run_plans_with_probe(tiny_prepped, tmp_path):
+    run = tmp_path / "run"
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--minutes", "0.25", "--evals", "0", *TINY])
+    assert rc == 0
+    res = json.loads((run / "results.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["mode"] == "time" and plan["setup_s"] > 0
+    assert all(s["speed"] > 0 for s in plan["segments"])        # probed
+    assert res["steps"] == res["planned_steps"] == plan["total_steps"]
+    assert res["budget_s"] == 15.0
+    assert 0.3 * 15 < res["counted_s"] < 2.0 * 15               # ends near the budget (noisy 2-core box)
+
+
+def _wait_for(pred, timeout, proc):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_kill9_then_resume_reaches_planned_steps_and_skips_corrupt_checkpoint(tiny_prepped, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastvit.train.cli", "--data", str(tiny_prepped), "--out", str(run),
+           "--epochs", "40", "--ckpt-every-steps", "4", "--evals", "0", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        ok = _wait_for(lambda: len(C.checkpoint_paths(run)) >= 2, 240, proc)
+        assert ok, "the run never wrote two checkpoints: " + (proc.stderr.read().decode()[-2000:]
+                                                              if proc.poll() is not None else "timeout")
+        os.kill(proc.pid, signal.SIGKILL)                       # no chance to clean up
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not (run / "results.json").exists()
+    planned = json.loads((run / "plan.json").read_text())["total_steps"]
+    ckpts = C.checkpoint_paths(run)
+    newest, previous = ckpts[0], ckpts[1]
+    prev_step = C.load_checkpoint(previous)["step"]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])                  # truncated newest checkpoint
+    # a fresh run refuses to clobber the unfinished one
+    assert main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "2", *TINY]) == 2
+    msgs = []
+    from fastvit.train.loop import Trainer
+
+    t = Trainer(C_load_cfg(run), resume=True, log=msgs.append)
+    res = t.run()
+    assert any("trying the previous one" in m for m in msgs)
+    assert any(f"step {prev_step}" in m for m in msgs)          # resumed from the previous checkpoint
+    assert res["steps"] == res["planned_steps"] == planned == 40 * 64 // 16
+    steps = [r["step"] for r in _rows(run)]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))   # no duplicate rows after the crash
+
+
+def C_load_cfg(run):
+    from fastvit.train.config import TrainConfig
+
+    return TrainConfig(out=str(run), progress=False)
+
+
+def test_corrupt_checkpoint_detected_and_previous_used(tmp_path):
+    C.save_checkpoint(tmp_path, 1, {"step": 1})
+    C.save_checkpoint(tmp_path, 2, {"step": 2})
+    C.save_checkpoint(tmp_path, 3, {"step": 3})
+    assert [p.name for p in C.checkpoint_paths(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000002.pt"]  # last two
+    newest = C.checkpoint_paths(tmp_path)[0]
+    b = bytearray(newest.read_bytes())
+    b[len(b) // 3] ^= 0xFF                                      # one flipped byte: torch.load may not notice
+    newest.write_bytes(bytes(b))
+    with pytest.raises(C.CorruptCheckpoint):
+        C.load_checkpoint(newest)
+    st, path = C.load_latest(tmp_path, log=lambda m: None)
+    assert st["step"] == 2 and path.name == "ckpt_00000002.pt"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_baseline_recipe_runs(tiny_prepped, tiny_src, tmp_path):
+    run = tmp_path / "base"
+    man = json.loads((tiny_prepped / "manifest.json").read_text())
+    data = tiny_prepped
+    if not any(k in man for k in ("src", "source", "source_dir", "src_dir")):
+        pytest.skip("the manifest does not record the source tree the torchvision baseline reads")
+    rc = main(["--data", str(data), "--out", str(run), "--recipe", "baseline", "--epochs", "3", "--evals", "0",
+               *TINY[:-3], "--no-progress"])
+    assert rc == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["recipe"] == "baseline" and res["backend"] == "torchvision"
+    assert [s["keep"] for s in res["stages"]] == [1.0] and res["steps"] == res["planned_steps"] > 0
+
+
+def test_nan_losses_stop_with_checkpoint(tiny_prepped, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import fastvit.train.loop as L
+
+    real = L.F.log_softmax
+    monkeypatch.setattr(L.F, "log_softmax", lambda x, dim: real(x, dim=dim) * float("nan"))
+    run = tmp_path / "nan"
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "10", "--evals", "0", *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "NaN" in err[-1] and "Traceback" not in "\n".join(err)
+    st, _ = C.load_latest(run)
+    assert st["nan_total"] == 10 and torch.isfinite(next(iter(st["model"].values()))).all()
+
+
+def test_user_errors_are_one_line(tiny_prepped, tmp_path, capsys):
+    cases = [
+        (["--data", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "a")], "manifest"),
+        (["--data", str(tmp_path / "nope"), "--epochs", "1", "--out", str(tmp_path / "b")], "does not exist"),
+        (["--data", str(tiny_prepped), "--out", str(tmp_path / "c")], "budget"),
+        (["--out", str(tmp_path / "d"), "--resume"], "nothing to resume"),
+        (["--data", str(tiny_prepped), "--epochs", "1", "--out", str(tmp_path / "e"), "--curriculum", "40:1"],
+         "multiple"),
+    ]
+    for argv, words in cases:
+        assert main(argv + TINY) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    nosplit = tmp_path / "nosplit"
+    nosplit.mkdir()
+    man = json.loads((tiny_prepped / "manifest.json").read_text())
+    man["splits"].pop("val")
+    (nosplit / "manifest.json").write_text(json.dumps(man))
+    assert main(["--data", str(nosplit), "--epochs", "1", "--out", str(tmp_path / "f"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'val' split" in err[0]
