@@ -149,8 +149,13 @@ def _encoded_source(ds: PreppedDataset, split: str, stored: int):
 
 
 def estimate_bytes(ds: PreppedDataset, split: str, stored: int) -> int:
-    """Decoded size of a shard (exact from .beton metadata; from 256 JPEG headers otherwise)."""
+    """Decoded size of a shard: from the manifest's mean stored size when it has one, else exact from
+    .beton metadata, else from 256 JPEG headers."""
     from .shards import BetonShard, WdsShard
+
+    stats = (ds.splits[split].get("images") or {}).get(str(stored)) or {}
+    if stats.get("mean_width") and stats.get("mean_height"):
+        return int(3 * stats["mean_width"] * stats["mean_height"] * ds.count(split) * 1.02)  # 2%: mean of products
 
     if str(stored) in ds.splits[split].get("ffcv", {}):
         b = BetonShard(ds.ffcv_path(split, stored))
@@ -165,8 +170,6 @@ def estimate_bytes(ds: PreppedDataset, split: str, stored: int) -> int:
 def decode_shard(ds: PreppedDataset, split: str, stored: int, device: torch.device, *, share: float = 0.5,
                  workers: int = 1, chunk: int = 512) -> ResidentShard:
     """Decode every image of the (split, stored) shard once into one packed uint8 tensor on `device`."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     labels, h, w, get, is_raw, src = _encoded_source(ds, split, stored)
     try:
         n = len(labels)
@@ -187,15 +190,21 @@ def decode_shard(ds: PreppedDataset, split: str, stored: int, device: torch.devi
                 img = img.permute(1, 2, 0)
             data[offsets[i]:offsets[i] + sizes[i]].copy_(img.reshape(-1), non_blocking=True)
 
-        def cpu_decode(i: int) -> torch.Tensor:
-            raw = torch.from_numpy(np.array(get(i)))
-            return raw if is_raw(i) else decode_jpeg(raw, mode=ImageReadMode.RGB)
+        def cpu_decode(i: int) -> torch.Tensor:  # PIL: torchvision's CPU decode_jpeg is deprecated
+            if is_raw(i):
+                return torch.from_numpy(np.array(get(i)))
+            from PIL import Image
+
+            with Image.open(io.BytesIO(get(i).tobytes())) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
 
         if device.type == "cuda":
             for s in range(0, n, chunk):
                 ids = list(range(s, min(s + chunk, n)))
                 jpg = [i for i in ids if not is_raw(i)]
                 if jpg:  # nvJPEG batched decode, straight into device memory
+                    from torchvision.io import ImageReadMode, decode_jpeg
+
                     outs = decode_jpeg([torch.from_numpy(np.array(get(i))) for i in jpg], mode=ImageReadMode.RGB,
                                        device=device)
                     for i, img in zip(jpg, outs):

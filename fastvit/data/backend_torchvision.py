@@ -6,7 +6,6 @@ The batch order comes from BatchPlan through a batch sampler, like every other b
 """
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 
 import torch
@@ -57,14 +56,12 @@ class TorchvisionLoader(BatchLoader):
             raise DataError(f"{dataset.root}: {len(dataset)} images, the plan expects {plan.n}")
         self._sampler = _PlanBatchSampler(plan)
         on_gpu = device.type == "cuda"
-        # fork is fast but unsafe once other loaders' threads run in this process (CurriculumLoader).
-        ctx = None
-        if workers > 0:
-            ctx = "fork" if threading.active_count() == 1 else "forkserver"
+        # Linux default (fork): workers start in milliseconds; forkserver/spawn would re-import torch per
+        # loader, seconds per stage on a small machine.
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=workers, pin_memory=on_gpu,
             persistent_workers=workers > 0, prefetch_factor=max(1, opts.batches_ahead) if workers > 0 else None,
-            multiprocessing_context=ctx, generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed))
         self._dl_iter = None
 
     def _open_stream(self, g: int) -> Iterator:
@@ -81,6 +78,12 @@ class TorchvisionLoader(BatchLoader):
         it = getattr(self._dl, "_iterator", None) or self._dl_iter
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()  # joins worker processes and the pin-memory thread now
+            # Its queues' feeder threads exit on their own shortly after; wait so none outlives close().
+            queues = list(getattr(it, "_index_queues", [])) + [getattr(it, "_worker_result_queue", None)]
+            for q in queues:
+                t = getattr(q, "_thread", None)
+                if t is not None:
+                    t.join(timeout=5)
         if self._dl is not None:
             self._dl._iterator = None
         self._dl_iter = self._dl = None

@@ -146,6 +146,7 @@ class CurriculumLoader:
         self.switch_steps: list[int] = []           # global steps at which a new segment's first batch was served
         self.ready_step: dict[int, int] = {}        # segment -> steps consumed when its pre-fill completed
         self.build_s: dict[int, float] = {}         # segment -> seconds to build + pre-fill
+        self.prefilled_in_time: dict[int, bool] = {}  # segment -> its first batch was waiting at its first step
         self._step = self.start_step
         self._lock = threading.Lock()
         self._closed = False
@@ -200,8 +201,19 @@ class CurriculumLoader:
     def __iter__(self):
         return self
 
+    def next_ready(self) -> bool:
+        """True when no build is pending or the pending one has its first batch in hand."""
+        b = self._pending
+        return b is None or b.done.is_set()
+
+    @property
+    def step(self) -> int:
+        """Global step of the next batch."""
+        return self._step
+
     def _take_pending(self):
         b = self._pending
+        self.prefilled_in_time[b.seg_idx] = b.done.is_set()
         b.done.wait()
         b.join()
         self._pending = None

@@ -1,0 +1,146 @@
+"""CurriculumLoader: exact switch steps, background build + pre-fill, resume order, clean shutdown (CPU).
+
+FFCV runs uncompiled here (ffcv_jit=False: the same pipeline in plain Python); the compiled path is
+covered by tests/test_data.py, and the background compile by the same code that builds any loader.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from fastvit.data import CurriculumLoader, DataError, Stage, open_dataset, plan_segments
+from fastvit.data.order import BatchPlan, PlanStage, stage_seed
+
+N_TRAIN = 64
+# 32 px reads the 32 shard; 48 and 64 both read the 64 shard (one DALI / GPU-resident segment).
+# Stage 2 (72 steps at 6 per batch: 10 batches per epoch) wraps epochs inside the stage.
+STAGES = [Stage(res=32, batch_size=8, steps=5), Stage(res=48, batch_size=8, steps=4), Stage(res=64, batch_size=6, steps=12)]
+BOUNDS = [0, 5, 9, 21]
+
+
+@pytest.fixture(scope="module")
+def ds(tiny_prepped):
+    return open_dataset(tiny_prepped)
+
+
+@pytest.fixture(scope="module")
+def train_labels(tiny_src):
+    from torchvision.datasets import ImageFolder
+
+    return np.asarray(ImageFolder(str(tiny_src / "train")).targets)
+
+
+def expected_indices(step: int) -> np.ndarray:
+    """What stage k's own plan says for `step` (independent of how stages are grouped into loaders)."""
+    k = max(i for i in range(len(STAGES)) if BOUNDS[i] <= step)
+    st = STAGES[k]
+    plan = BatchPlan(N_TRAIN, [PlanStage(st.res, st.batch_size, st.steps, stage_seed(0, k))])
+    return plan.batch(step - BOUNDS[k]).indices
+
+
+def _leak_check():
+    threads, children = set(threading.enumerate()), psutil.Process().children(recursive=True)
+
+    def check():
+        left = {t for t in threading.enumerate() if t.is_alive()} - threads
+        assert not left, f"threads left: {left}"
+        assert psutil.Process().children(recursive=True) == children
+
+    return check
+
+
+def test_plan_segments_groups_stages_on_one_shard():
+    stored = {32: 32, 48: 64, 64: 64}.get
+    dali = plan_segments(STAGES, "dali", stored)
+    assert [(s.first, s.last, s.start_step, s.steps) for s in dali] == [(0, 0, 0, 5), (1, 2, 5, 16)]
+    ffcv = plan_segments(STAGES, "ffcv", stored)
+    assert [(s.first, s.last) for s in ffcv] == [(0, 0), (1, 1), (2, 2)]
+    assert len(plan_segments(STAGES, "dali", stored, merge=False)) == 3
+
+
+@pytest.mark.parametrize("backend", ["dali", "gpu_resident", "ffcv"])
+def test_switches_at_exact_steps_with_next_stage_prefilled(ds, backend, train_labels):
+    check = _leak_check()
+    kw = {"ffcv_jit": False} if backend == "ffcv" else {}
+    cl = CurriculumLoader(ds, STAGES, backend=backend, device="cpu", seed=0, workers=2, **kw)
+    assert len(cl) == 21
+    steps = []
+    for step, (images, labels, stage) in enumerate(cl):
+        k = max(i for i in range(3) if BOUNDS[i] <= step)
+        assert stage is STAGES[k]
+        assert images.shape == (stage.batch_size, 3, stage.res, stage.res) and images.dtype == torch.uint8
+        assert labels.dtype == torch.int64 and labels.tolist() == train_labels[expected_indices(step)].tolist()
+        steps.append(step)
+        if step + 1 in BOUNDS[1:-1]:
+            # Before handing out the last batch of a segment, the next one must get ready in the
+            # background, while this consumer still holds the current stage (no pull needed).
+            deadline = time.monotonic() + 120
+            while not cl.next_ready() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert cl.next_ready()
+    assert steps == list(range(21))
+    seg_starts = [s.start_step for s in cl.segments]
+    assert cl.switch_steps == seg_starts
+    for i, s in enumerate(cl.segments[1:], start=1):
+        assert cl.ready_step[i] <= s.start_step and cl.prefilled_in_time[i]  # ready before its first step
+    assert len(cl.data_wait_s) == 21 and all(w >= 0 for w in cl.data_wait_s)
+    cl.close()
+    check()
+
+
+def test_resume_gives_the_uninterrupted_order(ds):
+    full = CurriculumLoader(ds, STAGES, backend="gpu_resident", device="cpu", seed=0, workers=1)
+    ref = [(x, y) for x, y, _ in full]
+    for start in (3, 9, 16):  # mid-stage, a stage boundary inside a segment, mid-epoch of stage 2
+        with CurriculumLoader(ds, STAGES, backend="gpu_resident", device="cpu", seed=0, workers=1,
+                              start_step=start) as cl:
+            got = [(x, y) for x, y, _ in cl]
+        assert len(got) == 21 - start
+        for (xa, ya), (xb, yb) in zip(ref[start:], got):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    dali = CurriculumLoader(ds, STAGES, backend="dali", device="cpu", seed=0, workers=1, start_step=7)
+    assert [y.tolist() for _, y, _ in dali] == [y.tolist() for _, y in ref[7:]]  # same order on DALI
+
+
+def test_unmerged_segments_give_the_same_batches(ds):
+    a = [y.tolist() for _, y, _ in CurriculumLoader(ds, STAGES, backend="dali", device="cpu", seed=0, workers=1)]
+    b = [y.tolist() for _, y, _ in CurriculumLoader(ds, STAGES, backend="dali", device="cpu", seed=0, workers=1,
+                                                    merge=False)]
+    assert a == b
+
+
+def test_torchvision_curriculum_and_close_mid_run(ds):
+    check = _leak_check()
+    cl = CurriculumLoader(ds, STAGES[:2], backend="torchvision", device="cpu", seed=0, workers=2)
+    got = []
+    for images, labels, stage in cl:
+        got.append((images.shape[-1], stage.res))
+        if len(got) == 6:  # inside stage 1, a build may be pending or done: close must stop everything
+            break
+    assert got == [(32, 32)] * 5 + [(48, 48)]
+    cl.close()
+    check()
+
+
+def test_close_while_next_stage_builds(ds):
+    check = _leak_check()
+    cl = CurriculumLoader(ds, STAGES, backend="ffcv", device="cpu", seed=0, workers=2, ffcv_jit=False)
+    next(cl)
+    cl.close()  # the stage-1 build is likely still running: close waits for it and shuts it down
+    check()
+    with pytest.raises(StopIteration):
+        next(cl)
+
+
+def test_stage_validation(ds):
+    with pytest.raises(DataError, match="at least one stage"):
+        CurriculumLoader(ds, [], backend="dali", device="cpu")
+    with pytest.raises(DataError, match="must be positive"):
+        CurriculumLoader(ds, [Stage(32, 8, 0)], backend="dali", device="cpu")
+    with pytest.raises(DataError, match="start_step"):
+        CurriculumLoader(ds, [Stage(32, 8, 3)], backend="dali", device="cpu", start_step=3)
