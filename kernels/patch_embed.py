@@ -80,6 +80,7 @@ def _embed_fwd_kernel(img_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
                       P: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       EMULATE_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M_BUCKET (next pow2 of M) is only read by the autotuner, as part of its key.
     # axis 0 = D tiles (fastest), so the programs sharing one block of tokens run together and
     # the gathered image bytes are read from HBM once and from L2 for the other D tiles.
     pid_n = tl.program_id(0)

@@ -204,6 +204,16 @@ def test_int32_indices_and_tensor_mean_std():
     torch.testing.assert_close(out, ref, **tolerances(torch.float32))
 
 
+def test_one_keep_idx_shared_by_the_batch():
+    """keep_idx expanded over the batch (stride 0) works without a copy."""
+    case = Case(8, (16, 24), B=3, K=2)
+    images, _, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
+    keep_idx = torch.tensor([[5, 1]]).expand(3, 2)
+    ref = embed_kept_patches_reference(images, keep_idx, weight, bias, pos, mean, std)
+    out = embed_kept_patches(images, keep_idx, weight, bias, pos, mean, std)
+    torch.testing.assert_close(out, ref, **tolerances(torch.float32))
+
+
 class _TinyEmbed(torch.nn.Module):
     def __init__(self, p=8, D=32, N=4):
         super().__init__()
