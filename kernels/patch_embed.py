@@ -23,8 +23,9 @@ Backward (one kernel, recomputing A from the image instead of saving the (M, K_D
 
 Atomics make the fp32 summation order (hence the last bits of dW/dPos) run-to-run nondeterministic.
 
-Block sizes: on CUDA `triton.autotune` picks among a few GEMM tilings per (D, K_DIM, M bucket);
-under TRITON_INTERPRET=1 (CPU tests) one small fixed tiling keeps the interpreter fast.
+Block sizes: on CUDA `triton.autotune` picks among a few GEMM tilings per (D, K_DIM, M bucket, dtypes);
+FASTVIT_AUTOTUNE=0 skips the search and uses the first tiling of each table (quick start-up, e.g. in
+tests). Under TRITON_INTERPRET=1 (CPU tests) one small fixed tiling keeps the interpreter fast.
 """
 from __future__ import annotations
 
@@ -192,6 +193,22 @@ _BWD_CONFIGS = [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
 _INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
 
 
+# Tests set this to {"fwd": row, "bwd": row} to run one specific tiling of the tables above.
+_FORCED: dict | None = None
+
+
+def _fixed_config(kind: str) -> dict | None:
+    """Launch kwargs of the tiling to use without autotuning, or None to autotune."""
+    if _FORCED is not None:
+        row = _FORCED[kind]
+    elif os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+        row = (_FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS)[0]
+    else:
+        return None
+    m, n, k, warps, stages = row
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+
+
 def _cfgs(table):
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
             for m, n, k, w, s in table]
@@ -256,8 +273,12 @@ def embed_forward(images: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Te
     if _interpreting():
         _embed_fwd_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
     else:
+        fixed = _fixed_config("fwd")
         with torch.cuda.device(images.device):
-            _tuned_fwd()[grid](*args, **meta)
+            if fixed is None:
+                _tuned_fwd()[grid](*args, **meta)
+            else:
+                _embed_fwd_kernel[grid](*args, **meta, **fixed)
     return out
 
 
@@ -299,8 +320,12 @@ def embed_backward(grad: torch.Tensor, images: torch.Tensor, keep_idx: torch.Ten
                 m_tiles = triton.cdiv(M, META["BLOCK_M"])
                 return (n_tiles, k_tiles, max(1, min(m_tiles, triton.cdiv(2 * sms, n_tiles * k_tiles))))
 
+            fixed = _fixed_config("bwd")
             with torch.cuda.device(images.device):
-                _tuned_bwd()[grid](*args, **meta)
+                if fixed is None:
+                    _tuned_bwd()[grid](*args, **meta)
+                else:
+                    _embed_bwd_kernel[grid](*args, **meta, **fixed)
     if need_weight:
         dw = dw.view(D, 3, P, P).to(weight.dtype)
     else:

@@ -284,17 +284,35 @@ CUDA_CASES = CPU_CASES + [
 ]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-def test_fused_matches_reference_cuda(case):
-    assert use_triton(torch.empty(0, device="cuda"))
+@pytest.fixture
+def exact_fp32_conv():
     # the reference's conv2d would use TF32 for fp32; the fused fp32 path multiplies in full fp32
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    try:
-        check_against_reference(case, "cuda")
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+def test_fused_matches_reference_cuda(case, exact_fp32_conv, monkeypatch):
+    assert use_triton(torch.empty(0, device="cuda"))
+    if case.D < 384:  # autotune only the ViT-sized cases: each tiling is a separate compile
+        monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
+    check_against_reference(case, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row", range(6))
+def test_every_tiling_is_correct_cuda(row, exact_fp32_conv, monkeypatch):
+    """Whichever tiling the autotuner picks must be right: run each table row directly."""
+    from fastvit.kernels import patch_embed
+
+    assert len(patch_embed._FWD_CONFIGS) == len(patch_embed._BWD_CONFIGS) == 6, "update the parametrization"
+    monkeypatch.setattr(patch_embed, "_FORCED", {"fwd": patch_embed._FWD_CONFIGS[row],
+                                                 "bwd": patch_embed._BWD_CONFIGS[row]})
+    check_against_reference(Case(16, (128, 160), B=3, K=37, D=200, duplicates=True,
+                                 param_dtype=torch.bfloat16), "cuda")
 
 
 @pytest.mark.cuda
