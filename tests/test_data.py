@@ -295,3 +295,12 @@ def test_cuda_batches(ds, backend):
     assert images.is_cuda and labels.is_cuda and images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64
     it.close()
+
+
+def test_parse_ascii_labels():
+    from fastvit.data.backend_dali import parse_ascii_labels
+
+    padded = torch.zeros(3, 12, dtype=torch.uint8)
+    for i, s in enumerate([b"7", b"42", b"999"]):
+        padded[i, :len(s)] = torch.tensor(list(s), dtype=torch.uint8)
+    assert parse_ascii_labels(padded).tolist() == [7, 42, 999]
