@@ -4,6 +4,7 @@ eager. Inductor on CPU is slow to compile (~30 s a shape on 2 cores), so the mod
 shrunk by overrides (depth 1, dim 32, 2 heads) at 32 and 64 px; the graph is the same code."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,4 +44,25 @@ def test_compile_fullgraph_two_resolutions_keep_half_one_graph_per_shape():
                 torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5,
                                            msg=lambda s, n=n: f"{n}: {s}")
     # the warmed-up shapes ran again without compiling anything new
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(shapes)
+
+
+@pytest.mark.cuda
+def test_compile_vit_small_local_bf16_on_gpu_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = create_model("vit_small_local", num_classes=10).cuda().train()
+    shapes = [(224, 0.5, 8), (128, 1.0, 8)]
+    with torch._inductor.config.patch(fallback_random=True):
+        cm = compile_model(m, shapes=shapes, amp_dtype=torch.bfloat16)
+        for res, keep, B in shapes:
+            x = torch.randint(0, 256, (B, 3, res, res), dtype=torch.uint8, device="cuda")
+            kw = {"keep_rate": keep} if keep < 1.0 else {}
+            outs = []
+            for model in (cm, m):
+                torch.manual_seed(3)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    outs.append(model(x, **kw).float().detach())
+                m.zero_grad(set_to_none=True)
+            torch.testing.assert_close(outs[0], outs[1], rtol=5e-2, atol=5e-2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(shapes)

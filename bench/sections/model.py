@@ -1,6 +1,158 @@
-"""bench section 'model': filled by its issue."""
-from . import SectionSkipped
+"""bench section 'model': training-step throughput of the fastvit ViT vs timm's ViT, same batch.
+
+One training step = forward + backward + AdamW on a fixed random uint8 batch already on the device
+(the model's cost alone: no loader). fastvit models are torch.compile'd through compile_model (one
+graph per shape, compiled before timing; its time is reported per shape). timm's vit_small_patch16_224
+runs eager and compiled; it is fed the same uint8 batch and normalizes it in the step, as a training
+loop must. timm always processes all patches, so it is timed once per resolution (`timm_*@{res},keep1.0`) and
+the keep-0.5 ratio divides by that: it is what sampling buys.
+
+GPU: ViT-S/16 (vit_small_local / vit_small_plain, timm vit_small_patch16_224), bf16 autocast, batch
+256, settings (224, keep 1.0), (224, 0.5), (128, 1.0), (64, 1.0); metrics `model/...`, MFU against
+PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd).
+CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16;
+metrics `model_cpu_tiny/...`. --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
+2 cores) and names the fastvit numbers `..._eager_...`; MFU is GPU-only.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import SectionSkipped, timeit
+
+PEAK_TFLOPS = 790.0   # H100 dense bf16 peak the issue measures MFU against (SXM spec sheet: 989)
+CPU_TINY = dict(embed_dim=64, num_heads=2, depth=2)
 
 
-def run(ctx):
-    raise SectionSkipped("not implemented yet")
+def _label(res: int, keep: float) -> str:
+    return f"{res},keep{keep:.1f}"
+
+
+def _train_step(model, opt, x, y, amp_dtype, call):
+    """One fwd+bwd+AdamW step; `call(model, x)` gives logits."""
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(call(model, x).float(), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _fastvit_call(keep):
+    kw = {} if keep >= 1.0 else {"keep_rate": keep}
+    return lambda m, x: m(x, **kw)
+
+
+def _timm_call(mean, std):
+    def call(m, x):
+        return m((x.float() - mean) / std)                   # uint8 -> normalized float, on device
+    return call
+
+
+def run(ctx) -> dict[str, float]:
+    try:
+        import timm
+        from fastvit.models import (compile_model, create_model, model_config, num_kept_patches,
+                                    vit_forward_flops)
+    except ImportError as e:  # pragma: no cover - the venv has both
+        raise SectionSkipped(f"needs timm and fastvit.models: {e}")
+
+    dev = torch.device(ctx.device)
+    gpu = ctx.cuda
+    if gpu:
+        prefix, overrides, batch = "model", {}, (128 if ctx.quick else 256)
+        settings = [(224, 1.0), (224, 0.5)] if ctx.quick else [(224, 1.0), (224, 0.5), (128, 1.0), (64, 1.0)]
+        amp, warmup, iters = torch.bfloat16, 3, (5 if ctx.quick else 15)
+        compiled = True
+    else:
+        prefix, overrides, batch = "model_cpu_tiny", CPU_TINY, 16
+        settings = [(64, 1.0), (64, 0.5)] if ctx.quick else [(64, 1.0), (64, 0.5), (32, 1.0)]
+        amp, warmup, iters = None, 2, 10
+        compiled = not ctx.quick
+        if not compiled:
+            ctx.skip(f"{prefix}/fastvit_*,timm_compiled_*", "compiled runs skipped with --quick on CPU "
+                     "(inductor takes ~30-70 s a shape on 2 cores); fastvit numbers are eager")
+        ctx.skip(f"{prefix}/*_mfu", "MFU is against an H100 peak: GPU only")
+    sync = (lambda: torch.cuda.synchronize(dev)) if gpu else None
+    out: dict[str, float] = {}
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def batch_for(res):
+        x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g).to(dev)
+        y = torch.randint(0, 1000, (batch,), generator=g).to(dev)
+        return x, y
+
+    def flops_per_image(cfg, res, keep):
+        return 3.0 * vit_forward_flops(cfg, res, num_kept_patches((res // cfg.patch_size) ** 2, keep))
+
+    def record(name, label, img_s, cfg, res, keep):
+        out[f"{prefix}/{name}_img_s@{label}"] = img_s
+        tflops = img_s * flops_per_image(cfg, res, keep) / 1e12
+        out[f"{prefix}/{name}_tflops@{label}"] = tflops
+        if gpu:
+            out[f"{prefix}/{name}_mfu@{label}"] = tflops / PEAK_TFLOPS
+
+    # ---- fastvit: vit_small_local (the headline) and vit_small_plain
+    for variant in ("local", "plain"):
+        torch.manual_seed(0)
+        model = create_model(f"vit_small_{variant}", num_classes=1000, **overrides).to(dev).train()
+        cfg = model.cfg
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
+        shapes = [(res, keep, batch) for res, keep in settings]
+        runner, tag = model, f"fastvit_{variant}_eager"
+        if compiled:
+            runner = compile_model(model, shapes=shapes, amp_dtype=amp)   # compiles every shape now
+            tag = f"fastvit_{variant}"
+            for (res, keep, _, _), sec in runner.compile_seconds.items():
+                out[f"{prefix}/{tag}_compile_s@{_label(res, keep)}"] = sec
+        for res, keep in settings:
+            x, y = batch_for(res)
+            dt = timeit(_train_step(runner, opt, x, y, amp, _fastvit_call(keep)), warmup=warmup, iters=iters, sync=sync)
+            record(tag, _label(res, keep), batch / dt, cfg, res, keep)
+        del model, runner, opt
+        if gpu:
+            torch.cuda.empty_cache()
+
+    # ---- timm vit_small_patch16_224, eager (AMP) and compiled, same batch, all patches
+    timm_cfg = model_config("vit_small_plain", class_token=True, head="token", **overrides)
+    mean = torch.tensor(timm_cfg.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(timm_cfg.std, device=dev).view(1, 3, 1, 1)
+    timm_modes = ["eager"] + (["compiled"] if compiled else [])
+    for mode in timm_modes:
+        torch.manual_seed(0)
+        t = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000,
+                              dynamic_img_size=True, **overrides).to(dev).train()
+        opt = torch.optim.AdamW(t.parameters(), lr=1e-4, fused=gpu)
+        runner = torch.compile(t, fullgraph=True, dynamic=False) if mode == "compiled" else t
+        for res in dict.fromkeys(res for res, _ in settings):     # all patches: once per resolution
+            x, y = batch_for(res)
+            step = _train_step(runner, opt, x, y, amp, _timm_call(mean, std))
+            if mode == "compiled":
+                t0 = time.perf_counter()
+                step()
+                if sync:
+                    sync()
+                out[f"{prefix}/timm_compiled_compile_s@{res}"] = time.perf_counter() - t0
+            dt = timeit(step, warmup=warmup, iters=iters, sync=sync)
+            record(f"timm_{mode}", _label(res, 1.0), batch / dt, timm_cfg, res, 1.0)
+        del t, runner, opt
+        if gpu:
+            torch.cuda.empty_cache()
+
+    # ---- ratios (fastvit = the compiled locality model; on CPU --quick, eager vs eager)
+    fv = "fastvit_local" if compiled else "fastvit_local_eager"
+    fvp = "fastvit_plain" if compiled else "fastvit_plain_eager"
+    head = "fastvit" if compiled else "fastvit_eager"
+    for res, keep in settings:
+        lab = _label(res, keep)
+        base = out[f"{prefix}/timm_eager_img_s@{_label(res, 1.0)}"]     # timm keeps every patch
+        out[f"{prefix}/{head}_over_timm_eager@{lab}"] = out[f"{prefix}/{fv}_img_s@{lab}"] / base
+        out[f"{prefix}/{head}_plain_over_timm_eager@{lab}"] = out[f"{prefix}/{fvp}_img_s@{lab}"] / base
+        if compiled:
+            out[f"{prefix}/fastvit_over_timm_compiled@{lab}"] = (
+                out[f"{prefix}/{fv}_img_s@{lab}"] / out[f"{prefix}/timm_compiled_img_s@{_label(res, 1.0)}"])
+    return out

@@ -90,7 +90,8 @@ class LocalityViT(nn.Module):
             # fixed; not saved (rebuilt from the config), resampled like the learned one
             self.register_buffer("pos_embed_fixed", build_sincos2d_pos_embed([gh, gw], D).unsqueeze(0),
                                  persistent=False)
-        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]  # stochastic depth rule
+        # stochastic depth: linear ramp 0 -> drop_path_rate over the blocks (plain floats: meta-device safe)
+        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
         # timm naming: "token" head -> final norm then class token; "gap" head -> pool then fc_norm.
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.head == "token" else nn.Identity()
