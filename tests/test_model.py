@@ -42,6 +42,7 @@ def test_registry_lists_the_six_variants_with_deit_sizes():
     (dict(not_a_key=1), "unknown model config key"),
     (dict(head="token"), "class_token"),
     (dict(pos_embed="rope"), "pos_embed"),
+    (dict(dwconv_impl="fft"), "dwconv_impl"),
 ])
 def test_create_model_rejects_bad_names_and_keys_with_one_clear_error(bad, match):
     name = bad.pop("name", "vit_tiny_local")
@@ -93,23 +94,25 @@ def _dense_dwconv(grid_bnc, weight, bias, gh, gw):
     return F.conv2d(img, weight, bias, padding=1, groups=C).reshape(B, C, N).transpose(1, 2)   # (B,N,C)
 
 
-def test_local_dwconv_with_all_kept_equals_dense_conv():
+@pytest.mark.parametrize("impl", ["conv", "taps"])
+def test_local_dwconv_with_all_kept_equals_dense_conv(impl):
     torch.manual_seed(0)
     B, gh, gw, C = 2, 3, 5, 8
     x = torch.randn(B, gh * gw, C)
     w, b = torch.randn(C, 1, 3, 3), torch.randn(C)
     dense = _dense_dwconv(x, w, b, gh, gw)
-    torch.testing.assert_close(local_dwconv(x, w, b, (gh, gw)), dense)              # fast path
+    torch.testing.assert_close(local_dwconv(x, w, b, (gh, gw), impl=impl), dense)              # fast path
     ident = torch.arange(gh * gw).expand(B, -1)
-    torch.testing.assert_close(local_dwconv(x, w, b, (gh, gw), ident), dense)       # scatter/gather path
+    torch.testing.assert_close(local_dwconv(x, w, b, (gh, gw), ident, impl), dense)       # scatter/gather path
     # all kept but in a shuffled order: the tokens carry their positions, the result follows the order
     perm = torch.stack([torch.randperm(gh * gw) for _ in range(B)])                 # (B,N)
     xs = torch.gather(x, 1, perm[..., None].expand(-1, -1, C))
     expect = torch.gather(dense, 1, perm[..., None].expand(-1, -1, C))
-    torch.testing.assert_close(local_dwconv(xs, w, b, (gh, gw), perm), expect)
+    torch.testing.assert_close(local_dwconv(xs, w, b, (gh, gw), perm, impl), expect)
 
 
-def test_local_dwconv_with_dropped_patches_equals_dense_conv_on_zero_filled_grid_then_gather():
+@pytest.mark.parametrize("impl", ["conv", "taps"])
+def test_local_dwconv_with_dropped_patches_equals_dense_conv_on_zero_filled_grid_then_gather(impl):
     torch.manual_seed(0)
     B, gh, gw, C, K = 3, 4, 4, 6, 7
     idx = sample_keep_indices(B, gh * gw, K, "cpu", generator=torch.Generator().manual_seed(0))
@@ -120,20 +123,30 @@ def test_local_dwconv_with_dropped_patches_equals_dense_conv_on_zero_filled_grid
         for j in range(K):
             zero_filled[bi, idx[bi, j]] = x[bi, j]
     expect = torch.stack([_dense_dwconv(zero_filled, w, b, gh, gw)[bi, idx[bi]] for bi in range(B)])
-    out = local_dwconv(x, w, b, (gh, gw), idx)
+    out = local_dwconv(x, w, b, (gh, gw), idx, impl)
     torch.testing.assert_close(out, expect)
-    # a kept token with no kept neighbour sees only itself: centre tap * x + bias
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_keep_all_fast_path_matches_explicit_arange_exactly():
-    m = _model()
+@pytest.mark.parametrize("impl", ["conv", "taps"])
+def test_keep_all_fast_path_matches_explicit_arange_exactly(impl):
+    m = _model(dwconv_impl=impl)
     x = _images(2, 48)
     ident = torch.arange(9).expand(2, 9)
     with torch.no_grad():
         a, b, c = m(x), m(x, keep_rate=1.0), m(x, keep_idx=ident)
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_taps_and_conv_models_compute_the_same_logits():
+    a = _model(class_token=True)
+    b = _model(class_token=True, dwconv_impl="taps")
+    b.load_state_dict(a.state_dict())
+    x = _images(2, 64)
+    idx = sample_keep_indices(2, 16, 9, "cpu", generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, keep_idx=idx), b(x, keep_idx=idx), rtol=1e-5, atol=1e-5)
 
 
 def test_class_token_bypasses_the_conv_only():

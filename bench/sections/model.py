@@ -9,7 +9,9 @@ the keep-0.5 ratio divides by that: it is what sampling buys.
 
 GPU: ViT-S/16 (vit_small_local / vit_small_plain, timm vit_small_patch16_224), bf16 autocast, batch
 256, settings (224, keep 1.0), (224, 0.5), (128, 1.0), (64, 1.0); metrics `model/...`, MFU against
-PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd).
+PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd). The full GPU
+run also times vit_small_local with dwconv_impl="taps" (`fastvit_taps_over_fastvit@...` > 1 says the
+fusable taps beat cuDNN's depthwise conv and should become the default).
 CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16;
 metrics `model_cpu_tiny/...`. --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
 2 cores) and names the fastvit numbers `..._eager_...`; MFU is GPU-only.
@@ -97,9 +99,13 @@ def run(ctx) -> dict[str, float]:
             out[f"{prefix}/{name}_mfu@{label}"] = tflops / PEAK_TFLOPS
 
     # ---- fastvit: vit_small_local (the headline) and vit_small_plain
-    for variant in ("local", "plain"):
+    # vit_small_local with the locality conv as fusable taps (impl choice for the GPU; full GPU run only)
+    variants = [("local", "local", {}), ("plain", "plain", {})]
+    if gpu and not ctx.quick:
+        variants.append(("local_taps", "local", {"dwconv_impl": "taps"}))
+    for variant, kind, extra in variants:
         torch.manual_seed(0)
-        model = create_model(f"vit_small_{variant}", num_classes=1000, **overrides).to(dev).train()
+        model = create_model(f"vit_small_{kind}", num_classes=1000, **overrides, **extra).to(dev).train()
         cfg = model.cfg
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
         shapes = [(res, keep, batch) for res, keep in settings]
@@ -152,6 +158,9 @@ def run(ctx) -> dict[str, float]:
         base = out[f"{prefix}/timm_eager_img_s@{_label(res, 1.0)}"]     # timm keeps every patch
         out[f"{prefix}/{head}_over_timm_eager@{lab}"] = out[f"{prefix}/{fv}_img_s@{lab}"] / base
         out[f"{prefix}/{head}_plain_over_timm_eager@{lab}"] = out[f"{prefix}/{fvp}_img_s@{lab}"] / base
+        if f"{prefix}/fastvit_local_taps_img_s@{lab}" in out:
+            out[f"{prefix}/fastvit_taps_over_fastvit@{lab}"] = (
+                out[f"{prefix}/fastvit_local_taps_img_s@{lab}"] / out[f"{prefix}/{fv}_img_s@{lab}"])
         if compiled:
             out[f"{prefix}/fastvit_over_timm_compiled@{lab}"] = (
                 out[f"{prefix}/{fv}_img_s@{lab}"] / out[f"{prefix}/timm_compiled_img_s@{_label(res, 1.0)}"])

@@ -23,6 +23,7 @@ class ViTConfig:
     img_size: int = 224            # base resolution: the learned pos-embed lives on its (img/p)^2 grid
     num_classes: int = 1000
     local: bool = True             # locality MLP (dw-conv between the MLP's linears) vs timm's plain Mlp
+    dwconv_impl: str = "conv"      # locality conv as "conv" (cuDNN depthwise) | "taps" (9 fusable mul-adds)
     class_token: bool = False
     head: str = "gap"              # "gap": mean over kept tokens + fc_norm; "token": norm + class token
     pos_embed: str = "learned"     # "learned" (resampled to the input grid) | "sincos" (fixed 2-D)
@@ -39,6 +40,7 @@ class ViTConfig:
         self.std = tuple(float(v) for v in self.std)
         checks = [
             (self.head in ("gap", "token"), f"head must be 'gap' or 'token', got {self.head!r}"),
+            (self.dwconv_impl in ("conv", "taps"), f"dwconv_impl must be 'conv' or 'taps', got {self.dwconv_impl!r}"),
             (self.pos_embed in ("learned", "sincos"), f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"),
             (self.head != "token" or self.class_token, "head='token' needs class_token=True"),
             (self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"),

@@ -10,8 +10,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+DWCONV_IMPLS = ("conv", "taps")
+
+
+def dwconv_taps(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise kxk conv (zero padding k//2) on a channels-last (B,gh,gw,C) grid as k*k shifted
+    multiply-adds. Same maths as F.conv2d(groups=C); written in pointwise ops so torch.compile can fuse
+    it with the scatter, the gather and both Hardswishes into one kernel instead of calling cuDNN's
+    depthwise conv between them. Accumulates in fp32 (weights are fp32 masters); returns grid's dtype."""
+    B, gh, gw, C = grid.shape
+    k = weight.shape[-1]
+    r = k // 2
+    padded = F.pad(grid, (0, 0, r, r, r, r))                                    # (B,gh+2r,gw+2r,C)
+    taps = weight.reshape(C, k * k).t()                                         # (k*k,C)
+    y = bias.float() if bias is not None else grid.new_zeros((), dtype=torch.float32)
+    for i in range(k):
+        for j in range(k):
+            y = y + padded[:, i:i + gh, j:j + gw, :].float() * taps[i * k + j].float()
+    return y.to(grid.dtype)                                                     # (B,gh,gw,C)
+
+
 def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 grid_hw: tuple[int, int], keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+                 grid_hw: tuple[int, int], keep_idx: torch.Tensor | None = None,
+                 impl: str = "conv") -> torch.Tensor:
     """Depthwise conv over the 2-D patch grid, seen only through the kept tokens.
 
     x: (B,K,C) tokens of the kept patches, in the order of `keep_idx` (B,K) (distinct indices into the
@@ -21,6 +42,7 @@ def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Dropped patches are zeros in the grid, so each kept token mixes only with kept neighbours (and the
     image border is zero padding, as in the dense conv). With all patches kept this IS the dense conv,
     so the model trains on sampled patches and evaluates on all of them with the same weights.
+    impl: "conv" (F.conv2d, cuDNN on the GPU) or "taps" (dwconv_taps, fusable by torch.compile).
     """
     B, K, C = x.shape
     gh, gw = grid_hw
@@ -34,10 +56,15 @@ def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         # contiguous C-vectors (cheaper than scatter/gather with an index expanded over C).
         flat = (keep_idx + torch.arange(B, device=x.device).unsqueeze(1) * N).reshape(-1)   # (B*K,)
         grid = x.new_zeros(B * N, C).index_put((flat,), x.reshape(B * K, C)).view(B, N, C)  # zero-filled
-    k = weight.shape[-1]
-    # (B,N,C) viewed as NCHW with channels-last strides: no copy, and what cuDNN/inductor like for dw.
-    y = F.conv2d(grid.view(B, gh, gw, C).permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=C)
-    y = y.permute(0, 2, 3, 1).reshape(B, N, C)                                   # (B,N,C)
+    if impl == "taps":
+        y = dwconv_taps(grid.view(B, gh, gw, C), weight, bias).reshape(B, N, C)   # (B,N,C)
+    elif impl == "conv":
+        k = weight.shape[-1]
+        # (B,N,C) viewed as NCHW with channels-last strides: no copy, what cuDNN likes for depthwise.
+        y = F.conv2d(grid.view(B, gh, gw, C).permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=C)
+        y = y.permute(0, 2, 3, 1).reshape(B, N, C)                               # (B,N,C)
+    else:
+        raise ValueError(f"impl must be one of {DWCONV_IMPLS}, got {impl!r}")
     if keep_idx is None:
         return y
     return y.reshape(B * N, C)[flat].view(B, K, C)                               # gather back (B,K,C)
@@ -50,8 +77,9 @@ class LocalityMlp(nn.Module):
     Prefix (class) tokens bypass the conv only: they still go through both linears and activations.
     """
 
-    def __init__(self, dim: int, hidden: int, kernel_size: int = 3):
+    def __init__(self, dim: int, hidden: int, kernel_size: int = 3, impl: str = "conv"):
         super().__init__()
+        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.Hardswish()
         # nn.Conv2d only as the parameter holder: its layout and default init; local_dwconv runs it.
@@ -63,10 +91,10 @@ class LocalityMlp(nn.Module):
         h = self.act(self.fc1(x))                                                  # (B,T,C)
         if num_prefix:
             prefix, h = h[:, :num_prefix], h[:, num_prefix:]                       # (B,P,C), (B,K,C)
-            h = local_dwconv(h, self.conv.weight, self.conv.bias, grid_hw, keep_idx)
+            h = local_dwconv(h, self.conv.weight, self.conv.bias, grid_hw, keep_idx, self.impl)
             h = torch.cat([prefix, h], dim=1)                                      # (B,T,C)
         else:
-            h = local_dwconv(h, self.conv.weight, self.conv.bias, grid_hw, keep_idx)
+            h = local_dwconv(h, self.conv.weight, self.conv.bias, grid_hw, keep_idx, self.impl)
         return self.fc2(self.act(h))                                               # (B,T,D)
 
 

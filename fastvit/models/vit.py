@@ -50,7 +50,10 @@ class Block(nn.Module):
         self.attn = Attention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = LocalityMlp(dim, cfg.mlp_hidden) if cfg.local else Mlp(dim, cfg.mlp_hidden, act_layer=nn.GELU)
+        if cfg.local:
+            self.mlp = LocalityMlp(dim, cfg.mlp_hidden, impl=cfg.dwconv_impl)
+        else:
+            self.mlp = Mlp(dim, cfg.mlp_hidden, act_layer=nn.GELU)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid_hw: tuple[int, int], keep_idx: torch.Tensor | None,
