@@ -11,11 +11,11 @@ Reference path: Pillow (`draft` for the same power-of-two DCT scaling). Everythi
 not handle plainly goes there: non-JPEG data (PNG named .JPEG), CMYK/YCCK, EXIF orientation, and any
 libjpeg warning (Pillow decides whether the file is truncated or merely has extraneous bytes).
 
-Resizing uses OpenCV when present: exact 2x box reductions (INTER_AREA's fast path) until the remaining
-factor is above 1/2, then bilinear for the first (largest) size, where bilinear at a factor in (1/2, 1]
-is within ~1 dB PSNR of INTER_AREA against a Lanczos reference at a fifth of the cost; the smaller sizes
-are cascaded from the previous one with INTER_AREA (cheap at those sizes, and ~1.5 dB better than
-bilinear at the 0.57 and 0.5 steps).
+Resizing uses OpenCV when present (`_resize`): exact 2x box reductions (INTER_AREA's integer fast
+path) and bilinear steps that never shrink by more than 2x at once (or 1.33x between stored sizes,
+where it matters more); the smaller sizes cascade from the previous one. Against a Lanczos reference on
+ImageNet photos this matches INTER_AREA's PSNR (within 0.5 dB, better at the largest size) at 40-50% of
+its cost, and ~1.5-4.5 dB better than plain bilinear cascades.
 """
 from __future__ import annotations
 
@@ -245,20 +245,33 @@ def _exif_orientation(tiff: bytes) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Resize and encode
 
+def _box2(a: np.ndarray) -> np.ndarray:
+    """Exact 2x2 box average (OpenCV's integer INTER_AREA fast path); odd edges are dropped."""
+    h2, w2 = a.shape[0] // 2, a.shape[1] // 2
+    return cv2.resize(a[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
+
+
 def _resize(a: np.ndarray, size: tuple[int, int], first: bool) -> np.ndarray:
-    """(H, W, 3) -> (size[1], size[0], 3); see the module docstring for the filter choice."""
+    """(H, W, 3) -> (size[1], size[0], 3) downscale; see the module docstring for the filter choice.
+
+    Exact 2x box reductions while the source is >= 4x the target; then bilinear straight to the target
+    when the remaining factor is >= `direct` (0.5 from the decoded image, 0.75 between stored sizes:
+    bilinear aliases below that); else bilinear to twice the target and one exact 2x box, which costs
+    half of INTER_AREA's generic path at the same PSNR (measured against Lanczos on ImageNet photos).
+    """
     w, h = size
     if a.shape[1] == w and a.shape[0] == h:
         return a
     if cv2 is None:  # pragma: no cover - Pillow fallback
         return np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR if first else Image.BOX))
-    # exact 2x box reductions (INTER_AREA's integer fast path) while the factor is below 1/2
-    while a.shape[1] >= 2 * w and a.shape[0] >= 2 * h:
-        h2, w2 = a.shape[0] // 2, a.shape[1] // 2
-        a = cv2.resize(a[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
-    if a.shape[1] == w and a.shape[0] == h:
-        return a
-    return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR if first else cv2.INTER_AREA)
+    while a.shape[1] >= 4 * w and a.shape[0] >= 4 * h:
+        a = _box2(a)
+    if a.shape[1] == 2 * w and a.shape[0] == 2 * h:
+        return _box2(a)
+    direct = 0.5 if first else 0.75
+    if w >= direct * a.shape[1] and h >= direct * a.shape[0]:
+        return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+    return _box2(cv2.resize(a, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR))
 
 
 def encode(a: np.ndarray, quality: int, use_turbojpeg: bool = True) -> bytes:
@@ -290,12 +303,11 @@ def transcode(data: bytes, resolutions: Sequence[int], size_ratio: float, qualit
         targets = stored_sizes(w0, h0, resolutions, size_ratio)
     outputs: list = [None] * len(resolutions)
     cache: dict[tuple[int, int], bytes] = {}
-    cur, first = a, True
+    cur = a
     for i in order:
         size = targets[i]
         if size not in cache:
-            cur = _resize(cur, size, first)
-            first = False
+            cur = _resize(cur, size, first=cur is a)
             cache[size] = encode(cur, quality, use_turbojpeg)
         outputs[i] = (size[0], size[1], cache[size])
     return Transcoded((w0, h0), outputs)

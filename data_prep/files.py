@@ -48,8 +48,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     commit(tmp, path)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+def write_json_atomic(path: Path, obj, compact: bool = False) -> None:
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    write_bytes_atomic(path, (text + "\n").encode())
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> dict:

@@ -50,15 +50,15 @@ def _listdir(d: Path) -> list[os.DirEntry]:
 
 def _imagefolder(src: Path, d: Path) -> list[tuple[str, str]]:
     items = []
+    base = str(src)
     for cls in _listdir(d):
         if not cls.is_dir():
             continue
         # os.walk so nested folders inside a class (rare, but ImageFolder accepts them) are kept
         for root, dirs, files in os.walk(cls.path, followlinks=True):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            for f in sorted(files):
-                if _is_image(f):
-                    items.append((os.path.relpath(os.path.join(root, f), src), cls.name))
+            rel_root = os.path.relpath(root, base)  # once per folder: relpath per file costs ~20 us
+            items.extend((f"{rel_root}/{f}", cls.name) for f in sorted(files) if _is_image(f))
     return items
 
 

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -30,7 +31,7 @@ from . import codec
 from .beton import write_beton
 from .files import file_digest, remove_stale_tmp, write_json_atomic
 from .layout import LayoutError, find_sources
-from .wds import ShardWriter, sample_key
+from .wds import ShardWriter, sample_blob, sample_key
 
 MANIFEST_VERSION = 1
 PREP_FORMAT = 1  # bump when the bytes written for the same settings change
@@ -134,15 +135,21 @@ def settings_fingerprint(opts: PrepOptions, src: Path) -> dict:
 # Workers
 
 def _transcode_chunk(task: tuple) -> list[tuple]:
-    """Worker: [(src_index, path)] -> [(src_index, orig_size, [(w, h, jpeg)]) or (src_index, None, reason)]."""
+    """Worker: [(src_index, path, key, label)] -> per image (src_index, orig_size, [(w, h, jpeg_len,
+    cls_len, tar blob)] per resolution) or (src_index, None, reason). The tar members are built here,
+    in parallel, so the main process only appends bytes."""
     items, resolutions, size_ratio, quality, use_tj = task
     out = []
-    for idx, path in items:
+    for idx, path, key, label in items:
         try:
             with open(path, "rb") as f:
                 data = f.read()
             t = codec.transcode(data, resolutions, size_ratio, quality, use_tj)
-            out.append((idx, t.orig_size, t.outputs))
+            res = []
+            for w, h, jpeg in t.outputs:
+                blob, cls_len = sample_blob(key, jpeg, label)
+                res.append((w, h, len(jpeg), cls_len, blob))
+            out.append((idx, t.orig_size, res))
         except codec.BadImage as e:
             out.append((idx, None, str(e)))
         except OSError as e:
@@ -176,13 +183,12 @@ def _ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
         return
     import multiprocessing as mp
 
-    # forkserver: workers are forked from a small clean server, never from a parent that may hold
-    # threads (torch, DALI, tqdm's monitor); the server preloads this module once.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload([__name__])
-    pool = ctx.Pool(workers, initializer=_worker_init)
+    # fork (Linux), as FFCV's DatasetWriter and torch's DataLoader do: workers start instantly and,
+    # unlike spawn/forkserver, never re-import the caller's __main__ (a script calling prep_dataset
+    # without a __main__ guard would otherwise recurse). Workers only run Pillow/OpenCV/TurboJPEG code,
+    # and we start no thread before forking (our progress bar runs without tqdm's monitor thread).
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    pool = mp.get_context(method).Pool(workers, initializer=_worker_init)
     try:
         pending: deque = deque()
         it = iter(tasks)
@@ -251,7 +257,7 @@ def _tasks(ctx: _Ctx, items: list, labels: list, todo: list[tuple[int, int, int]
         for i in range(start, stop):
             if labels[i] is None:
                 continue
-            chunk.append((i, str(ctx.src / items[i][0])))
+            chunk.append((i, str(ctx.src / items[i][0]), sample_key(i, Path(items[i][0]).stem), labels[i]))
             if len(chunk) == o.chunk_size:
                 yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg)
                 chunk = []
@@ -283,7 +289,7 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
                "skipped": sh["skipped"], "files": files,
                "tars": {str(r): [_rel(ctx.out, p[0]), _rel(ctx.out, p[1])] for r, p in sh["paths"].items()
                         if r in sh["writers"]}}
-        write_json_atomic(_record_path(ctx, split, sh["k"]), rec)
+        write_json_atomic(_record_path(ctx, split, sh["k"]), rec, compact=True)
 
     def advance(upto):
         """Finish every open/pending shard that ends at or before `upto` (source index)."""
@@ -310,11 +316,11 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
                 else:
                     key = sample_key(idx, Path(items[idx][0]).stem)
                     per_res = []
-                    for r, (w, h, jpeg) in zip(o.resolutions, outs):
+                    for r, (w, h, jpeg_len, cls_len, blob) in zip(o.resolutions, outs):
                         wr = cur["writers"].get(r)
                         if wr is None:
                             wr = cur["writers"][r] = ShardWriter(*cur["paths"][r])
-                        off, size = wr.add(key, jpeg, labels[idx])
+                        off, size = wr.add_blob(key, blob, jpeg_len, cls_len)
                         per_res.append([w, h, off, size])
                     cur["samples"].append([idx, labels[idx], orig[0], orig[1], per_res])
                 if ctx.bar is not None:
@@ -344,11 +350,10 @@ def _assemble_beton(ctx: _Ctx, split: str, records: list[dict], ri: int, r: int)
             if not rec["samples"]:
                 continue
             tar = ctx.out / rec["tars"][str(r)][0]
-            with open(tar, "rb") as f:
-                fd = f.fileno()
+            with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 for s in rec["samples"]:
                     _, _, off, size = s[4][ri]
-                    yield os.pread(fd, size, off)
+                    yield mm[off:off + size]  # a bytes copy: pages may mix samples of two tars
 
     path = ctx.out / "ffcv" / f"{split}_{r}.beton"
     d = write_beton(path, widths, heights, labels, sizes, jpegs(), page_size=ctx.opts.page_size)
@@ -580,7 +585,10 @@ def _prep_locked(src: Path, out: Path, opts: PrepOptions, classes: list, sources
     if opts.progress and total:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="img", desc="fastvit-prep", smoothing=0.05, dynamic_ncols=True)
+        class _Bar(tqdm):
+            monitor_interval = 0  # no monitor thread: worker processes are forked from this one
+
+        bar = _Bar(total=total, unit="img", desc=f"fastvit-prep {todo[0]}", smoothing=0.05, dynamic_ncols=True)
     ctx = _Ctx(src, out, opts, classes, bar)
     try:
         for split in todo:

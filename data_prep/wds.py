@@ -26,13 +26,44 @@ def sample_key(index: int, stem: str) -> str:
     return f"{index:08d}_{_BAD_KEY_CHARS.sub('_', stem)[:60]}"
 
 
-def _header(name: str, size: int) -> bytes:
+def _header_slow(name: str, size: int) -> bytes:
+    """The ustar header Python's tarfile writes (reference for `_header`; used for long names)."""
     ti = tarfile.TarInfo(name)
     ti.size = size
     ti.mode = 0o644
     ti.mtime = 0  # fixed, so the same input gives byte-identical shards (and checksums)
     ti.type = tarfile.REGTYPE
     return ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+_TEMPLATE = bytearray(_header_slow("", 0))
+_TEMPLATE[148:156] = b"        "  # the checksum is computed with its own field as spaces
+_TEMPLATE_SUM = sum(_TEMPLATE)
+_TEMPLATE_SIZE_SUM = sum(_TEMPLATE[124:136])
+
+
+def _header(name: str, size: int) -> bytes:
+    """Same bytes as tarfile's USTAR header for a regular file, ~10x faster (one per member matters)."""
+    raw = name.encode("ascii")
+    if len(raw) > 99 or size >= 8 ** 11:
+        return _header_slow(name, size)
+    h = bytearray(_TEMPLATE)
+    h[0:len(raw)] = raw
+    sz = b"%011o\0" % size
+    h[124:136] = sz
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(sz) - _TEMPLATE_SIZE_SUM)
+    return bytes(h)
+
+
+def member(name: str, data: bytes) -> bytes:
+    """One tar member: header + data + zero padding to the next 512-byte block."""
+    return b"".join((_header(name, len(data)), data, bytes(-len(data) % BLOCK)))
+
+
+def sample_blob(key: str, jpeg: bytes, label: int) -> tuple[bytes, int]:
+    """(tar bytes of KEY.jpg + KEY.cls, length of the .cls payload); built by workers, appended as is."""
+    cls = str(int(label)).encode("ascii")
+    return member(f"{key}.jpg", jpeg) + member(f"{key}.cls", cls), len(cls)
 
 
 class ShardWriter:
@@ -43,22 +74,18 @@ class ShardWriter:
         self.w = HashingWriter(self.tar_path)
         self.lines: list[str] = []
 
-    def _member(self, name: str, data: bytes) -> tuple[int, int]:
-        self.w.write(_header(name, len(data)))
-        offset = self.w.n
-        self.w.write(data)
-        pad = -len(data) % BLOCK
-        if pad:
-            self.w.write(b"\0" * pad)
-        return offset, len(data)
-
     def add(self, key: str, jpeg: bytes, label: int) -> tuple[int, int]:
         """Append a sample; returns (offset, size) of its JPEG inside the tar."""
-        jo, js = self._member(f"{key}.jpg", jpeg)
-        cls = str(int(label)).encode("ascii")
-        co, cs = self._member(f"{key}.cls", cls)
-        self.lines.append(f"jpg {jo} {js} {key}.jpg cls {co} {cs} {key}.cls")
-        return jo, js
+        blob, cls_len = sample_blob(key, jpeg, label)
+        return self.add_blob(key, blob, len(jpeg), cls_len)
+
+    def add_blob(self, key: str, blob: bytes, jpeg_len: int, cls_len: int) -> tuple[int, int]:
+        """Append a sample_blob(); returns (offset, size) of its JPEG inside the tar."""
+        jo = self.w.n + BLOCK
+        co = jo + jpeg_len + (-jpeg_len % BLOCK) + BLOCK
+        self.w.write(blob)
+        self.lines.append(f"jpg {jo} {jpeg_len} {key}.jpg cls {co} {cls_len} {key}.cls")
+        return jo, jpeg_len
 
     def __len__(self) -> int:
         return len(self.lines)
