@@ -12,7 +12,8 @@ GPU: ViT-S/16 (vit_small_local / vit_small_plain, timm vit_small_patch16_224), b
 PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd). The full GPU
 run also times vit_small_local with dwconv_impl="taps" (`fastvit_taps_over_fastvit@...` > 1 says the
 fusable taps beat cuDNN's depthwise conv and should become the default).
-CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16;
+CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16,
+one thread;
 metrics `model_cpu_tiny/...`. --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
 2 cores) and names the fastvit numbers `..._eager_...`; MFU is GPU-only.
 """
@@ -56,6 +57,19 @@ def _timm_call(mean, std):
 
 
 def run(ctx) -> dict[str, float]:
+    """On CPU the section runs single-threaded: on a small shared machine OpenMP threads contending
+    with other processes turn multi-threaded step times into noise (x10 swings seen on 2 cores)."""
+    if ctx.cuda:
+        return _run(ctx)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(ctx) -> dict[str, float]:
     try:
         import timm
         from fastvit.models import (compile_model, create_model, model_config, num_kept_patches,
