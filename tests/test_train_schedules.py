@@ -261,3 +261,30 @@ def test_config_checks_keys_and_values():
     assert TrainConfig(minutes=2).budget_s == 120.0
     with pytest.raises(ConfigError, match="preset"):
         make_config("nope", {})
+
+
+# ---------------------------------------------------------------- batch augmentations (uint8, device)
+
+def test_mix_batch_keeps_uint8_and_soft_targets_sum_to_one():
+    import numpy as np
+    import torch
+
+    from fastvit.train.augment import make_mixup, mix_batch, randaugment_groups
+
+    np.random.seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    mix = make_mixup(mixup=0.8, cutmix=1.0, label_smoothing=0.1, num_classes=4)
+    x0, t0 = mix_batch(mix, x, y, mix_prob=0.0)                  # never mixes: smoothed one-hot
+    assert torch.equal(x0, x) and torch.allclose(t0.sum(1), torch.ones(8))
+    assert torch.allclose(t0.argmax(1), y) and t0.max() == pytest.approx(0.925)
+    changed = 0
+    for _ in range(6):
+        xm, tm = mix_batch(mix, x, y, mix_prob=1.0)
+        assert xm.dtype == torch.uint8 and xm.shape == x.shape
+        assert torch.allclose(tm.sum(1), torch.ones(8))
+        changed += int(not torch.equal(xm, x))
+    assert changed >= 5
+    ra = randaugment_groups(x, magnitude=9, num_ops=2, groups=4)
+    assert ra.dtype == torch.uint8 and ra.shape == x.shape
+    assert randaugment_groups(x, 0) is x

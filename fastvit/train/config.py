@@ -140,9 +140,10 @@ class TrainConfig:
 # (the demo); "test" is the smallest model that still learns (unit tests).
 PRESETS: dict[str, dict] = {
     "gpu": {},
-    "cpu": dict(model="vit_tiny_local", depth=4, final_res=64, batch_size=64, max_batch=256,
-                lr=2e-3, lr_scaling="sqrt", evals=2, eval_images=2000, ckpt_minutes=5.0,
-                mix_prob=(0.0, 0.3), drop_path=(0.0, 0.0), warmup=0.05, ema_halflife=0.05),
+    "cpu": dict(model="vit_tiny_local", depth=4, final_res=64, curriculum="48:0.5,64:0.5", batch_size=64,
+                const_tokens=False, max_batch=256, lr=2e-3, lr_scaling="sqrt", evals=2, eval_images=1000,
+                ckpt_minutes=5.0, mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), warmup=0.05,
+                ema_halflife=0.05, probe_iters=1),
     "test": dict(model="vit_tiny_local", depth=1, embed_dim=32, num_heads=2, final_res=32,
                  curriculum_stages=1, batch_size=16, max_batch=64, lr=3e-3, evals=0, eval_images=64,
                  mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), compile=False, probe_iters=2,

@@ -282,7 +282,16 @@ class Trainer:
                                 num_classes=self.num_classes)
         self.step_model = self.model
         if self.do_compile:
-            self.step_model = torch.compile(self.model)
+            # one static graph per (res, keep, batch, drop-path) shape (fastvit.models.compile's
+            # rule); a curriculum needs more graphs than dynamo's default limit of 8
+            dyn = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dyn, name):
+                    setattr(dyn, name, max(getattr(dyn, name), 64))
+            for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+                if hasattr(dyn, name):
+                    setattr(dyn, name, max(getattr(dyn, name), 256))
+            self.step_model = torch.compile(self.model, fullgraph=cfg.recipe == "fastvit", dynamic=False)
         self.nan_run = 0
         self.nan_total = 0
         self.step = 0
@@ -362,8 +371,15 @@ class Trainer:
 
         shapes = [s.shape for s in segs]
         self.log(f"probing {len(set(shapes))} shape(s) (compile={'on' if self.do_compile else 'off'})")
-        speeds, fixes = probe_speeds(shapes, run_step, self.clock.now, warmup=1, iters=cfg.probe_iters,
-                                     is_oom=_is_oom, on_oom=on_oom)
+        if self.do_compile:      # the probe compiles each shape; time it after one warm-up step
+            speeds, fixes = probe_speeds(shapes, run_step, self.clock.now, warmup=1, iters=cfg.probe_iters,
+                                         is_oom=_is_oom, on_oom=on_oom)
+        else:                    # eager: nothing to warm up; a small batch gives images/s as well
+            small = {s: (s[0], s[1], min(s[2], 32)) for s in shapes}
+            sp, _ = probe_speeds(list(small.values()), run_step, self.clock.now, warmup=0,
+                                 iters=cfg.probe_iters, is_oom=_is_oom, on_oom=on_oom)
+            speeds = {s: sp[small[s]] for s in shapes}
+            fixes = {s: s for s in shapes}
         segs = [replace(s, batch=fixes[s.shape][2],
                         lr_scale=S.lr_scale_for_batch(fixes[s.shape][2], cfg.batch_size, cfg.lr_scaling))
                 if fixes[s.shape] != s.shape else s for s in segs]
@@ -473,6 +489,7 @@ class Trainer:
         waits: deque = deque(maxlen=100)
         iv = {"t": self.clock.counted(), "wait": 0.0, "images": 0}   # since the last log record
         meas = None
+        run_first_step = self.step
         self.min_span = min(600.0, max(2.0, 0.02 * (cfg.budget_s or 0.0)))
         try:
             while self.step < self.plan.total_steps:
@@ -482,7 +499,6 @@ class Trainer:
                 if k != cur_seg:
                     cur_seg, seg_first_step = k, self.step
                     window.clear()
-                    meas = None
                     f_mid = 0.5 * (seg.f0 + seg.f1)
                     set_drop_path(self.model, self.dp_base, S.aug_at(f_mid, drop_path=cfg.drop_path).drop_path,
                                   self.dp_max)
@@ -518,10 +534,12 @@ class Trainer:
                 now = self.clock.counted()
                 window.append((now, seg.batch))
                 iv["images"] += seg.batch
-                if self.step - seg_first_step == 2:
-                    meas = [now, 0, self.step]              # (start counted s, images, start step)
-                elif meas is not None:
-                    meas[1] += seg.batch
+                # drift measure: real seconds vs the plan's seconds for the same steps, across
+                # segments, from the 3rd step after the (re-)start on (loader start-up left out)
+                if meas is None and self.step - run_first_step >= 2:
+                    meas = [now, 0.0, self.step]            # (start counted s, planned s, start step)
+                elif meas is not None and seg.speed > 0:
+                    meas[1] += seg.batch / seg.speed
                 if loss is not None:
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 bar.update(1)
@@ -543,20 +561,22 @@ class Trainer:
                         f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
                         + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
                            else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
-                    # re-plan when the segment's real speed is >tol off (time budgets only). Measured
-                    # over the segment since its 3rd step (compiles and loader switches left out) and
-                    # over at least 2% of the budget, so timing noise does not make the plan thrash.
-                    seg_ips = None
+                    # re-plan when the real speed is >tol off the plan (time budgets only): the
+                    # plan's seconds for the steps since the last (re-)start vs the counted seconds
+                    # they took, over at least 2% of the budget and 10 steps, so timing noise does
+                    # not make the plan thrash
+                    ratio = None
                     if meas is not None and now - meas[0] >= self.min_span and self.step - meas[2] >= 10:
-                        seg_ips = meas[1] / (now - meas[0])
-                    if self.plan.mode == "time" and seg_ips and self.step < self.plan.total_steps:
-                        if drifted(seg.speed, seg_ips, cfg.replan_tol):
+                        ratio = meas[1] / (now - meas[0])          # real speed / planned speed
+                    if self.plan.mode == "time" and ratio and self.step < self.plan.total_steps:
+                        if drifted(1.0, ratio, cfg.replan_tol):
                             old = self.plan.total_steps
-                            self.plan = replan(self.plan, step=self.step, counted_s=now,
-                                               speed_ratio=seg_ips / seg.speed)
+                            self.plan = replan(self.plan, step=self.step, counted_s=now, speed_ratio=ratio)
                             self.save_plan()
-                            self.log(f"re-plan at step {self.step}: speed {seg_ips:.0f} vs planned "
-                                     f"{seg.speed:.0f} img/s; {old} → {self.plan.total_steps} steps")
+                            self.log(f"re-plan at step {self.step}: running at {ratio:.2f}× the planned "
+                                     f"speed; {old} → {self.plan.total_steps} steps")
+                            meas = None
+                            run_first_step = self.step
                             bar.total = self.plan.total_steps
                             bar.refresh()
                             loader, it = self._reopen(loader)
