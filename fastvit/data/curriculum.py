@@ -134,6 +134,8 @@ class CurriculumLoader:
         fmt = {"ffcv": "ffcv", "dali": "dali"}.get(backend)
         if backend == "gpu_resident":
             fmt = "ffcv" if "ffcv" in ds.formats(split) else "dali"
+        if backend == "torchvision":
+            ds.source_dir(split, self.opts.src)  # fail here, with one line, rather than at the first batch
         stored_of = (lambda r: r) if backend == "torchvision" else (lambda r: ds.stored_res(r, split, fmt))
         backend_of = None
         if backend == "gpu_resident":  # stages whose shard does not fit run on the fallback backend
