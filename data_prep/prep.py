@@ -169,7 +169,29 @@ def default_workers(workers: int | None = None) -> int:
         return os.cpu_count() or 1
 
 
-def _worker_init() -> None:
+_LOCK_FD: int | None = None  # OUT's lock, held by the main process (see _lock)
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int | None = None) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (no worker tracebacks)
+    if _LOCK_FD is not None:  # a forked copy of the lock must not outlive the main process
+        try:
+            os.close(_LOCK_FD)
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        # die with the main process (kill -9 included) instead of lingering as orphans
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if parent is not None and os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
     if codec.cv2 is not None:
         codec.cv2.setNumThreads(1)  # one process per core already
 
@@ -177,35 +199,48 @@ def _worker_init() -> None:
 def _ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
     """fn over tasks in order, on `workers` processes, with at most `window` tasks in flight."""
     if workers <= 1:
-        _worker_init()
+        if codec.cv2 is not None:
+            codec.cv2.setNumThreads(1)
         for t in tasks:
             yield fn(t)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # fork (Linux), as FFCV's DatasetWriter and torch's DataLoader do: workers start instantly and,
     # unlike spawn/forkserver, never re-import the caller's __main__ (a script calling prep_dataset
     # without a __main__ guard would otherwise recurse). Workers only run Pillow/OpenCV/TurboJPEG code,
     # and we start no thread before forking (our progress bar runs without tqdm's monitor thread).
+    # An executor rather than mp.Pool: a worker killed by the OOM killer raises BrokenProcessPool here
+    # instead of hanging the run forever.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    pool = mp.get_context(method).Pool(workers, initializer=_worker_init)
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                             initargs=(os.getpid(),))
+    ok = False
     try:
         pending: deque = deque()
         it = iter(tasks)
         for t in it:
-            pending.append(pool.apply_async(fn, (t,)))
+            pending.append(ex.submit(fn, t))
             if len(pending) >= window:
                 break
         while pending:
-            r = pending.popleft().get()
+            try:
+                r = pending.popleft().result()
+            except BrokenProcessPool:
+                raise PrepError("a worker process died (out of memory?); rerun the same command to resume",
+                                exit_code=1) from None
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.apply_async(fn, (nxt,)))
+                pending.append(ex.submit(fn, nxt))
             yield r
-        pool.close()
+        ok = True
     finally:
-        pool.terminate()
-        pool.join()
+        ex.shutdown(wait=ok, cancel_futures=True)
+        if not ok:  # interrupted or failed: stop the workers now rather than after their current chunk
+            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                proc.terminate()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,13 +475,21 @@ def recs_file(recs: list[dict], rel: str) -> dict:
 
 def _lock(out: Path) -> int:
     """An exclusive lock on OUT itself (no lock file left behind); refuses a second concurrent run."""
+    global _LOCK_FD
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise PrepError(f"another fastvit-prep is writing {out}", exit_code=1) from None
+    _LOCK_FD = fd
     return fd
+
+
+def _unlock(fd: int) -> None:
+    global _LOCK_FD
+    _LOCK_FD = None
+    os.close(fd)
 
 
 def _clear_outputs(out: Path) -> None:
@@ -521,7 +564,7 @@ def prep_dataset(src, out, resolutions, formats=FORMATS, splits=("train", "val")
                             f"(finished shards are kept)", exit_code=1) from None
         raise
     finally:
-        os.close(lock)
+        _unlock(lock)
     _log(opts, f"done in {time.perf_counter() - t0:.1f} s: " + "; ".join(
         f"{k} {v['count']} images ({len(v['skipped'])} skipped)" for k, v in manifest["splits"].items()))
     _bad_fraction_check(manifest, opts)

@@ -192,3 +192,16 @@ def test_other_settings_refused_unless_overwrite(awkward_src, tmp_path, capsys):
     assert main(["--src", str(awkward_src), "--out", str(stray), "--res", "32", "--workers", "1"]) == 2
     assert (stray / "dali" / "x.tar").exists()
     assert not any(p.name.endswith(".tmp-%d" % os.getpid()) for p in out.rglob("*"))
+
+
+def test_demo_flag_writes_and_preps(tmp_path, monkeypatch):
+    from fastvit.data_prep import cli
+
+    monkeypatch.setitem(cli.DEMO_SIZES, "small", {"num_classes": 2, "train_per_class": 3, "val_per_class": 2,
+                                                  "min_side": 48, "max_side": 80})
+    out = tmp_path / "demo"
+    assert main(["--demo", "--demo-size", "small", "--out", str(out), "--res", "32", "--workers", "1",
+                 "--no-progress"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (6, 4)
+    assert m["src"] == str((out / "src").resolve())

@@ -57,6 +57,19 @@ def src_with_pipe(tiny_src, tmp_path) -> tuple[Path, Path, Path]:
     return src, fifo, donor
 
 
+def processes_writing(out: Path) -> list[int]:
+    """Pids whose command line names `out` (the prep run and its forked workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(out).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
 def finished_shards(out: Path) -> list[Path]:
     return sorted((out / ".work").glob("train_*.json"))
 
@@ -76,7 +89,9 @@ def test_kill_9_then_resume(src_with_pipe, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        release(fifo)
+    # the workers die with the main process (none lingers holding OUT's lock or blocked on the pipe)
+    wait_for(lambda: not processes_writing(out), timeout=10)
+    release(fifo)
     assert not (out / "manifest.json").exists()
     records = finished_shards(out)
     assert len(records) == 1
@@ -134,3 +149,30 @@ def test_ctrl_c_leaves_no_finished_looking_file(src_with_pipe, tmp_path):
     assert lines[-1].startswith("fastvit-prep: error: interrupted") and "Traceback" not in err.decode()
     assert not (out / "manifest.json").exists()
     assert not any(".tmp-" in p.name for p in out.rglob("*")), "the interrupted shard's files were removed"
+
+
+def test_disk_full_is_one_line_and_resumable(tiny_src, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a shard: PrepError (exit 1), no half file under a final name, rerun resumes."""
+    import errno
+
+    from fastvit.data_prep import PrepError, files
+
+    real_write, calls = files.HashingWriter.write, {"n": 0}
+
+    def full_after_a_while(self, b):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, b)
+
+    monkeypatch.setattr(files.HashingWriter, "write", full_after_a_while)
+    out = tmp_path / "out"
+    with pytest.raises(PrepError, match="disk full") as ei:
+        prep_dataset(tiny_src, out, resolutions=[32], workers=1, progress=False, shard_size=SHARD)
+    assert ei.value.exit_code == 1
+    assert not any(".tmp-" in p.name for p in out.rglob("*"))
+    done = {rel for r in finished_shards(out) for rel in json.loads(r.read_text())["files"]}
+    assert done and {str(p.relative_to(out)) for p in (out / "dali").iterdir()} == done
+    monkeypatch.setattr(files.HashingWriter, "write", real_write)
+    m = prep_dataset(tiny_src, out, resolutions=[32], workers=1, progress=False, shard_size=SHARD)
+    assert verify_dataset(out, decode=False).ok and m["splits"]["train"]["count"] == 64
