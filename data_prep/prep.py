@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import mmap
@@ -268,14 +269,22 @@ def _record_path(ctx: _Ctx, split: str, k: int) -> Path:
     return ctx.out / WORK / f"{split}_{k:06d}.json"
 
 
-def _load_done_record(ctx: _Ctx, split: str, k: int, start: int, stop: int) -> dict | None:
-    """A finished shard's record, if its files are all there with the recorded checksums."""
+def sources_digest(items: Sequence[tuple[str, str]]) -> str:
+    """Fingerprint of a list of (relative path, class): a changed source tree is never mistaken for the old."""
+    h = hashlib.sha256()
+    for rel, cls in items:
+        h.update(f"{rel}\0{cls}\n".encode())
+    return h.hexdigest()
+
+
+def _load_done_record(ctx: _Ctx, split: str, k: int, start: int, stop: int, items: list) -> dict | None:
+    """A finished shard's record, if it covers the same sources and its files all carry their checksums."""
     p = _record_path(ctx, split, k)
     try:
         rec = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("start") != start or rec.get("stop") != stop:
+    if rec.get("start") != start or rec.get("stop") != stop or rec.get("sources") != sources_digest(items[start:stop]):
         return None
     for rel, digest in rec.get("files", {}).items():
         f = ctx.out / rel
@@ -320,7 +329,8 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
             tar_d, idx_d = w.close()
             files[_rel(ctx.out, sh["paths"][r][0])] = tar_d
             files[_rel(ctx.out, sh["paths"][r][1])] = idx_d
-        rec = {"shard": sh["k"], "start": sh["start"], "stop": sh["stop"], "samples": sh["samples"],
+        rec = {"shard": sh["k"], "start": sh["start"], "stop": sh["stop"],
+               "sources": sources_digest(items[sh["start"]:sh["stop"]]), "samples": sh["samples"],
                "skipped": sh["skipped"], "files": files,
                "tars": {str(r): [_rel(ctx.out, p[0]), _rel(ctx.out, p[1])] for r, p in sh["paths"].items()
                         if r in sh["writers"]}}
@@ -423,7 +433,7 @@ def _run_split(ctx: _Ctx, split: str, source) -> tuple[dict, dict]:
     records: dict[int, dict] = {}
     todo = []
     for k, start, stop in shards:
-        rec = _load_done_record(ctx, split, k, start, stop)
+        rec = _load_done_record(ctx, split, k, start, stop, items)
         if rec is None:
             todo.append((k, start, stop))
         else:
@@ -441,7 +451,7 @@ def _run_split(ctx: _Ctx, split: str, source) -> tuple[dict, dict]:
                         f"(first: {recs[0]['skipped'][0][0]}: {recs[0]['skipped'][0][1]})" if n else
                         f"split {split} of {ctx.src} has no images", exit_code=1)
     files: dict[str, dict] = {}
-    entry: dict = {"count": count, "inputs": n, "layout": source.layout}
+    entry: dict = {"count": count, "inputs": n, "layout": source.layout, "sources_sha256": sources_digest(items)}
     if source.label_file is not None:
         entry["label_file"] = str(source.label_file)
     if "ffcv" in o.formats:
@@ -457,13 +467,13 @@ def _run_split(ctx: _Ctx, split: str, source) -> tuple[dict, dict]:
             entry["dali"][str(r)] = {"tars": [t for t, _ in tars], "index": [i for _, i in tars],
                                      "samples": [len(rec["samples"]) for rec in recs if str(r) in rec["tars"]]}
             for t, i in tars:
-                files[t], files[i] = recs_file(recs, t), recs_file(recs, i)
+                files[t], files[i] = _recs_file(recs, t), _recs_file(recs, i)
     entry["skipped"] = [{"path": p, "reason": why} for rec in recs for p, why in rec["skipped"]]
     entry["images"] = _split_stats(recs, o.resolutions)
     return entry, files
 
 
-def recs_file(recs: list[dict], rel: str) -> dict:
+def _recs_file(recs: list[dict], rel: str) -> dict:
     for rec in recs:
         if rel in rec["files"]:
             return rec["files"][rel]
@@ -599,6 +609,9 @@ def _prep_locked(src: Path, out: Path, opts: PrepOptions, classes: list, sources
         if prior.get("classes") != classes:
             raise PrepError(f"{out} was prepared with other classes; pass --overwrite to replace it")
         for split, entry in (prior.get("splits") or {}).items():
+            if split in sources and entry.get("sources_sha256") != sources_digest(sources[split].items):
+                raise PrepError(f"{src / split} changed since {out} was prepared ({entry.get('inputs')} -> "
+                                f"{len(sources[split].items)} images or other names); pass --overwrite to redo it")
             split_files = {rel: prior["files"][rel] for rel in _split_files(entry)}
             bad = _check_files(out, split_files)
             if bad:

@@ -184,6 +184,13 @@ def test_other_settings_refused_unless_overwrite(awkward_src, tmp_path, capsys):
     assert len(err) == 1 and "other settings" in err[0] and "quality 90 -> 80" in err[0]
     assert main(base + ["--quality", "80", "--overwrite"]) == 0
     assert json.loads((out / "manifest.json").read_text())["encode"]["quality"] == 80
+    extra = awkward_src / "val" / "n00000002" / "zz_new.JPEG"  # the source changes under a finished OUT
+    extra.write_bytes(jpeg_bytes(gradient(40, 40, 9)))
+    try:
+        assert main(base + ["--quality", "80"]) == 2
+        assert "changed since" in capsys.readouterr().err
+    finally:
+        extra.unlink()
     with pytest.raises(PrepError, match="unknown option"):
         prep_dataset(awkward_src, out, [32], bogus_option=1)
     stray = tmp_path / "stray"
