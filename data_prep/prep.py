@@ -238,10 +238,10 @@ def _ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
             yield r
         ok = True
     finally:
-        ex.shutdown(wait=ok, cancel_futures=True)
         if not ok:  # interrupted or failed: stop the workers now rather than after their current chunk
             for proc in list((getattr(ex, "_processes", None) or {}).values()):
                 proc.terminate()
+        ex.shutdown(wait=ok, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------

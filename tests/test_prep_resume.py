@@ -127,10 +127,11 @@ def test_kill_9_then_resume(src_with_pipe, tmp_path):
     assert verify_dataset(out, decode=False).ok
 
 
-def test_ctrl_c_leaves_no_finished_looking_file(src_with_pipe, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_leaves_no_finished_looking_file(src_with_pipe, tmp_path, workers):
     src, fifo, _ = src_with_pipe
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli(src, out, workers=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli(src, out, workers=workers), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: (finished_shards(out) and any(".tmp-" in p.name for p in (out / "dali").iterdir()))
                  or proc.poll() is not None)
@@ -149,6 +150,7 @@ def test_ctrl_c_leaves_no_finished_looking_file(src_with_pipe, tmp_path):
     assert lines[-1].startswith("fastvit-prep: error: interrupted") and "Traceback" not in err.decode()
     assert not (out / "manifest.json").exists()
     assert not any(".tmp-" in p.name for p in out.rglob("*")), "the interrupted shard's files were removed"
+    wait_for(lambda: not processes_writing(out), timeout=10)
 
 
 def test_disk_full_is_one_line_and_resumable(tiny_src, tmp_path, monkeypatch):
