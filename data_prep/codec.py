@@ -33,11 +33,6 @@ try:  # OpenCV ships with FFCV; without it we resize with Pillow (slower, same s
 except ImportError:  # pragma: no cover - exercised only on machines without OpenCV
     cv2 = None
 
-# Refuse truncated images (Pillow's default, stated here because correctness depends on it).
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# ImageNet has a few very large images; they are legitimate, so lift Pillow's bomb guard to 1 Gpx.
-Image.MAX_IMAGE_PIXELS = 1 << 30
-
 SUBSAMPLING = "4:2:0"
 _TJSAMP_420 = 2
 _TJPF_RGB = 0
@@ -155,6 +150,15 @@ def _draft_denom(w: int, h: int, min_short: int) -> int:
 
 def _pil_decode(data: bytes, min_short: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Pillow reference decode: (H, W, 3) uint8 RGB, upright; and the upright full-size (w, h)."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whatever the caller set
+    try:
+        return _pil_decode_strict(data, min_short)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def _pil_decode_strict(data: bytes, min_short: int) -> tuple[np.ndarray, tuple[int, int]]:
     try:
         im = Image.open(io.BytesIO(data))
         orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else 1

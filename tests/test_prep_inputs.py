@@ -155,6 +155,7 @@ def test_loc_csv_and_flat_layouts(tmp_path):
     (["--src", "{src}", "--out", "{out}", "--res", "64,abc"], "--res"),
     (["--src", "{src}", "--out", "{out}", "--formats", "ffcv,tfrecord"], "unknown format"),
     (["--src", "{empty}", "--out", "{out}"], "no train split"),
+    (["--src", "{noclass}", "--out", "{out}", "--splits", "train"], "holds no images"),
     (["--src", "{src}", "--out", "{out}", "--quality", "0"], "quality"),
     (["--src", "{src}", "--out", "{out}", "--workers", "0"], "workers"),
     (["--src", "{src}", "--out", "{out}", "--splits", "train,test"], "no test split"),
@@ -163,8 +164,9 @@ def test_loc_csv_and_flat_layouts(tmp_path):
 ])
 def test_bad_arguments_one_line_exit_2(args, needle, awkward_src, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "noclass" / "train").mkdir(parents=True)
     fill = {"missing": str(tmp_path / "nope"), "out": str(tmp_path / "out"), "src": str(awkward_src),
-            "empty": str(tmp_path / "empty")}
+            "empty": str(tmp_path / "empty"), "noclass": str(tmp_path / "noclass")}
     assert main([a.format(**fill) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastvit-prep: error:") and needle in err[0], err
