@@ -374,9 +374,9 @@ class Trainer:
         if self.do_compile:      # the probe compiles each shape; time it after one warm-up step
             speeds, fixes = probe_speeds(shapes, run_step, self.clock.now, warmup=1, iters=cfg.probe_iters,
                                          is_oom=_is_oom, on_oom=on_oom)
-        else:                    # eager: nothing to warm up; a small batch gives images/s as well
+        else:                    # eager: one warm-up step (lazy init); a small batch gives images/s as well
             small = {s: (s[0], s[1], min(s[2], 32)) for s in shapes}
-            sp, _ = probe_speeds(list(small.values()), run_step, self.clock.now, warmup=0,
+            sp, _ = probe_speeds(list(small.values()), run_step, self.clock.now, warmup=1,
                                  iters=cfg.probe_iters, is_oom=_is_oom, on_oom=on_oom)
             speeds = {s: sp[small[s]] for s in shapes}
             fixes = {s: s for s in shapes}
@@ -561,27 +561,27 @@ class Trainer:
                         f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
                         + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
                            else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
-                    # re-plan when the real speed is >tol off the plan (time budgets only): the
-                    # plan's seconds for the steps since the last (re-)start vs the counted seconds
-                    # they took, over at least 2% of the budget and 10 steps, so timing noise does
-                    # not make the plan thrash
-                    ratio = None
-                    if meas is not None and now - meas[0] >= self.min_span and self.step - meas[2] >= 10:
-                        ratio = meas[1] / (now - meas[0])          # real speed / planned speed
-                    if self.plan.mode == "time" and ratio and self.step < self.plan.total_steps:
-                        if drifted(1.0, ratio, cfg.replan_tol):
-                            old = self.plan.total_steps
-                            self.plan = replan(self.plan, step=self.step, counted_s=now, speed_ratio=ratio)
-                            self.save_plan()
-                            self.log(f"re-plan at step {self.step}: running at {ratio:.2f}× the planned "
-                                     f"speed; {old} → {self.plan.total_steps} steps")
-                            meas = None
-                            run_first_step = self.step
-                            bar.total = self.plan.total_steps
-                            bar.refresh()
-                            loader, it = self._reopen(loader)
-                            cur_seg = -1
-                            window.clear()
+                # re-plan when the real speed is >tol off the plan (time budgets only): the
+                # plan's seconds for the steps since the last (re-)start vs the counted seconds
+                # they took, over at least 2% of the budget and 5 steps, so timing noise does
+                # not make the plan thrash
+                ratio = None
+                if meas is not None and now - meas[0] >= self.min_span and self.step - meas[2] >= 5:
+                    ratio = meas[1] / (now - meas[0])          # real speed / planned speed
+                if self.plan.mode == "time" and ratio and self.step < self.plan.total_steps:
+                    if drifted(1.0, ratio, cfg.replan_tol):
+                        old = self.plan.total_steps
+                        self.plan = replan(self.plan, step=self.step, counted_s=now, speed_ratio=ratio)
+                        self.save_plan()
+                        self.log(f"re-plan at step {self.step}: running at {ratio:.2f}× the planned "
+                                 f"speed; {old} → {self.plan.total_steps} steps")
+                        meas = None
+                        run_first_step = self.step
+                        bar.total = self.plan.total_steps
+                        bar.refresh()
+                        loader, it = self._reopen(loader)
+                        cur_seg = -1
+                        window.clear()
                 # checkpoint (counted)
                 if (now - last_ckpt_t >= cfg.ckpt_minutes * 60 or
                         (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)) \
