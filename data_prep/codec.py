@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without Ope
 SUBSAMPLING = "4:2:0"
 _TJSAMP_420 = 2
 _TJPF_RGB = 0
-_TJCS_CMYK, _TJCS_YCCK = 3, 4
+_TJCS_YCbCr, _TJCS_CMYK, _TJCS_YCCK = 1, 3, 4
 _TJERR_WARNING = 0
 
 
@@ -189,11 +189,12 @@ def _pil_decode_strict(data: bytes, min_short: int) -> tuple[np.ndarray, tuple[i
     return a, (w0, h0)
 
 
-def decode(data: bytes, min_short: int, use_turbojpeg: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode once, DCT-downscaled while both sides stay >= min_short: ((H, W, 3) uint8 RGB upright, (w0, h0)).
+def decode(data: bytes, min_short: int, use_turbojpeg: bool = True) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """Decode once, DCT-downscaled while both sides stay >= min_short.
 
-    (w0, h0) is the upright size at full resolution: stored sizes are computed from it, so the fast and
-    the reference path agree on every output size.
+    Returns ((H, W, 3) uint8 RGB upright, (w0, h0), clean) where (w0, h0) is the upright size at full
+    resolution (stored sizes are computed from it, so both paths agree on every output size) and
+    `clean` says TurboJPEG decoded a plain YCbCr JPEG without a single warning.
     """
     if not data:
         raise BadImage("empty file")
@@ -201,11 +202,43 @@ def decode(data: bytes, min_short: int, use_turbojpeg: bool = True) -> tuple[np.
     if tj is not None and data[:2] == b"\xff\xd8":
         hdr = tj.header(data)
         if hdr is not None and hdr[2] not in (_TJCS_CMYK, _TJCS_YCCK) and not _has_rotation(data):
-            w, h, _ = hdr
+            w, h, cs = hdr
             a = tj.decode_rgb(data, w, h, _draft_denom(w, h, min_short))
             if a is not None:
-                return a, (w, h)
-    return _pil_decode(data, min_short)
+                return a, (w, h), cs == _TJCS_YCbCr
+    a, size = _pil_decode(data, min_short)
+    return a, size, False
+
+
+def passthrough_jpeg(data: bytes) -> bytes | None:
+    """The source JPEG itself, minus metadata segments, when it can be stored without re-encoding.
+
+    Only for sequential Huffman (SOF0/SOF1), 8-bit, 3-component JPEGs; progressive ones are slower to
+    decode at training time, and anything else is re-encoded. APP1-APP13/APP15 (EXIF, XMP, ICC, ...)
+    and comments are dropped: every reader here ignores them and they can weigh more than a small image.
+    The entropy-coded data is copied byte for byte, so the pixels are exactly the source's.
+    """
+    parts, i, n = [data[:2]], 2, len(data)
+    sof_ok = False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the rest is image data, copied as is
+            return b"".join(parts) + data[i:] if sof_ok else None
+        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
+        seg = data[i:i + 2 + seg_len]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a SOFn
+            if marker not in (0xC0, 0xC1) or seg[4] != 8 or seg[9] != 3:
+                return None
+            sof_ok = True
+        if not ((0xE1 <= marker <= 0xEF and marker != 0xEE) or marker == 0xFE):
+            parts.append(seg)
+        i += 2 + seg_len
+    return None
 
 
 def _has_rotation(data: bytes) -> bool:
@@ -292,21 +325,35 @@ def encode(a: np.ndarray, quality: int, use_turbojpeg: bool = True) -> bytes:
 class Transcoded:
     orig_size: tuple[int, int]                 # upright (w, h) of the source at full resolution
     outputs: list[tuple[int, int, bytes]]      # per requested resolution, in the order given: (w, h, jpeg)
+    kept: tuple = ()                           # per resolution: True when the source's bytes were kept
 
 
 def transcode(data: bytes, resolutions: Sequence[int], size_ratio: float, quality: int,
-              use_turbojpeg: bool = True) -> Transcoded:
-    """Decode once, resize to every stored size (largest first, cascading), encode each size once."""
+              use_turbojpeg: bool = True, passthrough: bool = True) -> Transcoded:
+    """Decode once, resize to every stored size (largest first, cascading), encode each size once.
+
+    A size equal to the source's (a source no bigger than the target is never upscaled) keeps the
+    source JPEG's own bytes when `passthrough` and the source is a clean sequential YCbCr JPEG
+    (`passthrough_jpeg`): no generation loss, no encode.
+    """
     order = sorted(range(len(resolutions)), key=lambda i: -resolutions[i])
     max_short = max(1, int(round(max(resolutions) * size_ratio)))
-    a, (w0, h0) = decode(data, max_short, use_turbojpeg)
+    a, (w0, h0), clean = decode(data, max_short, use_turbojpeg)
     targets = stored_sizes(w0, h0, resolutions, size_ratio)
     if a.shape[1] < targets[order[0]][0] or a.shape[0] < targets[order[0]][1]:
         # never happens for valid inputs (draft keeps both sides >= max_short); guards odd EXIF sizes
         a, (w0, h0) = _pil_decode(data, 10 ** 9)
         targets = stored_sizes(w0, h0, resolutions, size_ratio)
+        clean = False
     outputs: list = [None] * len(resolutions)
     cache: dict[tuple[int, int], bytes] = {}
+    kept_size = None
+    if passthrough and clean and (w0, h0) in targets:
+        # stored at source size (never upscaled): keep the source's own bytes rather than re-encode them
+        kept = passthrough_jpeg(data)
+        if kept is not None:
+            cache[(w0, h0)] = kept
+            kept_size = (w0, h0)
     cur = a
     for i in order:
         size = targets[i]
@@ -314,4 +361,4 @@ def transcode(data: bytes, resolutions: Sequence[int], size_ratio: float, qualit
             cur = _resize(cur, size, first=cur is a)
             cache[size] = encode(cur, quality, use_turbojpeg)
         outputs[i] = (size[0], size[1], cache[size])
-    return Transcoded((w0, h0), outputs)
+    return Transcoded((w0, h0), outputs, tuple(t == kept_size for t in targets))

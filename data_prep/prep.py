@@ -35,7 +35,7 @@ from .layout import LayoutError, find_sources
 from .wds import ShardWriter, sample_blob, sample_key
 
 MANIFEST_VERSION = 1
-PREP_FORMAT = 1  # bump when the bytes written for the same settings change
+PREP_FORMAT = 2  # bump when the bytes written for the same settings change
 FORMATS = ("ffcv", "dali")
 WORK = ".work"
 MANIFEST = "manifest.json"
@@ -74,6 +74,7 @@ class PrepOptions:
     chunk_size: int = 16          # images per task sent to a worker
     page_size: int | None = None  # FFCV page size; None: FFCV's default (8 MiB), smaller for small files
     use_turbojpeg: bool = True    # False: the Pillow reference path only
+    passthrough: bool = True      # keep a source JPEG's bytes where its stored size is its own size
 
     @classmethod
     def make(cls, **kw) -> "PrepOptions":
@@ -129,7 +130,8 @@ def settings_fingerprint(opts: PrepOptions, src: Path) -> dict:
     return {"src": str(src.resolve()), "resolutions": list(opts.resolutions), "formats": list(opts.formats),
             "splits": list(opts.splits), "quality": opts.quality, "size_ratio": round(opts.size_ratio, 9),
             "shard_size": opts.shard_size, "page_size": opts.page_size,
-            "encoder": codec.encoder_name(opts.use_turbojpeg), "prep_format": PREP_FORMAT}
+            "encoder": codec.encoder_name(opts.use_turbojpeg), "passthrough": opts.passthrough,
+            "prep_format": PREP_FORMAT}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,17 +141,17 @@ def _transcode_chunk(task: tuple) -> list[tuple]:
     """Worker: [(src_index, path, key, label)] -> per image (src_index, orig_size, [(w, h, jpeg_len,
     cls_len, tar blob)] per resolution) or (src_index, None, reason). The tar members are built here,
     in parallel, so the main process only appends bytes."""
-    items, resolutions, size_ratio, quality, use_tj = task
+    items, resolutions, size_ratio, quality, use_tj, passthrough = task
     out = []
     for idx, path, key, label in items:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            t = codec.transcode(data, resolutions, size_ratio, quality, use_tj)
+            t = codec.transcode(data, resolutions, size_ratio, quality, use_tj, passthrough)
             res = []
-            for w, h, jpeg in t.outputs:
+            for (w, h, jpeg), kept in zip(t.outputs, t.kept):
                 blob, cls_len = sample_blob(key, jpeg, label)
-                res.append((w, h, len(jpeg), cls_len, blob))
+                res.append((w, h, len(jpeg), cls_len, blob, kept))
             out.append((idx, t.orig_size, res))
         except codec.BadImage as e:
             out.append((idx, None, str(e)))
@@ -303,10 +305,10 @@ def _tasks(ctx: _Ctx, items: list, labels: list, todo: list[tuple[int, int, int]
                 continue
             chunk.append((i, str(ctx.src / items[i][0]), sample_key(i, Path(items[i][0]).stem), labels[i]))
             if len(chunk) == o.chunk_size:
-                yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg)
+                yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg, o.passthrough)
                 chunk = []
         if chunk:
-            yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg)
+            yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg, o.passthrough)
 
 
 def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[tuple[int, int, int]]) -> None:
@@ -361,12 +363,12 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
                 else:
                     key = sample_key(idx, Path(items[idx][0]).stem)
                     per_res = []
-                    for r, (w, h, jpeg_len, cls_len, blob) in zip(o.resolutions, outs):
+                    for r, (w, h, jpeg_len, cls_len, blob, kept) in zip(o.resolutions, outs):
                         wr = cur["writers"].get(r)
                         if wr is None:
                             wr = cur["writers"][r] = ShardWriter(*cur["paths"][r])
                         off, size = wr.add_blob(key, blob, jpeg_len, cls_len)
-                        per_res.append([w, h, off, size])
+                        per_res.append([w, h, off, size, int(kept)])
                     cur["samples"].append([idx, labels[idx], orig[0], orig[1], per_res])
                 if ctx.bar is not None:
                     ctx.bar.update(1)
@@ -397,7 +399,7 @@ def _assemble_beton(ctx: _Ctx, split: str, records: list[dict], ri: int, r: int)
             tar = ctx.out / rec["tars"][str(r)][0]
             with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 for s in rec["samples"]:
-                    _, _, off, size = s[4][ri]
+                    _, _, off, size = s[4][ri][:4]
                     yield mm[off:off + size]  # a bytes copy: pages may mix samples of two tars
 
     path = ctx.out / "ffcv" / f"{split}_{r}.beton"
@@ -415,7 +417,9 @@ def _split_stats(records: list[dict], resolutions: Sequence[int]) -> dict:
             out[str(r)] = {"jpeg_bytes": 0}
             continue
         shorts = [min(w, h) for w, h in zip(ws, hs)]
+        kept = sum(s[4][ri][4] for rec in records for s in rec["samples"])
         out[str(r)] = {"jpeg_bytes": int(sum(nb)), "mean_jpeg_bytes": round(sum(nb) / len(nb), 1),
+                       "source_bytes_kept": int(kept),
                        "mean_width": round(sum(ws) / len(ws), 1), "mean_height": round(sum(hs) / len(hs), 1),
                        "min_short_side": int(min(shorts)), "max_short_side": int(max(shorts)),
                        "max_long_side": int(max(max(w, h) for w, h in zip(ws, hs)))}
@@ -690,7 +694,11 @@ def _build_manifest(src: Path, out: Path, opts: PrepOptions, classes: list, fp: 
                    "encoder": codec.encoder_name(opts.use_turbojpeg),
                    "resize": "DCT-domain 1/2^k on decode, exact 2x box, bilinear to the largest size, "
                              "INTER_AREA cascade to the smaller ones",
-                   "same_bytes_in_ffcv_and_dali": True},
+                   "same_bytes_in_ffcv_and_dali": True,
+                   "passthrough": ("a source no bigger than the stored size keeps its own JPEG bytes (metadata "
+                                   "segments dropped) when it is a clean sequential 8-bit YCbCr JPEG; counted per "
+                                   "split and resolution as images.<res>.source_bytes_kept")
+                   if opts.passthrough else False},
         "ffcv": {"fields": {"image": "RGBImageField (jpg mode)", "label": "IntField"}} if "ffcv" in opts.formats else None,
         "dali": {"ext": ["jpg", "cls"], "index_format": "v1.2", "shard_size": opts.shard_size} if "dali" in opts.formats else None,
         "splits": {s: e for s, (e, _) in done.items()},

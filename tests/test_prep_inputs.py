@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastvit.data_prep import PrepError, TooManyBadImages, prep_dataset, stored_size
 from fastvit.data_prep.cli import main
+from fastvit.data_prep.codec import passthrough_jpeg
 from fastvit.data_prep.verify import read_beton_samples
 
 RATIO = 256 / 224
@@ -104,6 +105,12 @@ def test_awkward_inputs(awkward_src, tmp_path, use_turbojpeg):
         assert im.mode == "RGB", name  # grayscale and CMYK sources are stored as RGB
         err = np.abs(np.asarray(im, np.float32) - expect).mean()
         assert err < 6, f"{name}: mean abs error {err:.1f} (wrong colours or orientation?)"
+
+    # a_rgb.JPEG (60 px high) is no bigger than the 73 px stored at 64: the fast path keeps its bytes
+    kept = m["splits"]["train"]["images"]["64"]["source_bytes_kept"]
+    assert kept == (1 + 6 if use_turbojpeg else 0)  # a_rgb + the six small z_train images; Pillow path: none
+    if use_turbojpeg:
+        assert blobs[0] == passthrough_jpeg(files["a_rgb.JPEG"][0]) == files["a_rgb.JPEG"][0]
 
     # the same run with a permissive --max-bad succeeds and the outputs verify
     assert main(["--src", str(awkward_src), "--out", str(tmp_path / "ok"), "--res", "32", "--workers", "1",
@@ -214,3 +221,17 @@ def test_demo_flag_writes_and_preps(tmp_path, monkeypatch):
     m = json.loads((out / "manifest.json").read_text())
     assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (6, 4)
     assert m["src"] == str((out / "src").resolve())
+
+
+def test_passthrough_rules():
+    a = gradient(64, 48, 1)
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"  # harmless metadata: dropped, pixels untouched
+    with_exif = jpeg_bytes(a, exif=exif.tobytes())
+    kept = passthrough_jpeg(with_exif)
+    assert kept is not None and len(kept) < len(with_exif) and b"Exif" not in kept
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(kept))), np.asarray(Image.open(io.BytesIO(with_exif))))
+    assert passthrough_jpeg(jpeg_bytes(a, progressive=True)) is None  # slower to decode at training time
+    assert passthrough_jpeg(jpeg_bytes(a[..., 0], "L")) is None       # stored as RGB, so re-encoded
+    assert passthrough_jpeg(jpeg_bytes(a, "CMYK")) is None
+    assert passthrough_jpeg(b"\x89PNG\r\n") is None
