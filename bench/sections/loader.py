@@ -53,7 +53,7 @@ def _subset_tree(src: Path, root: Path, n: int) -> Path:
 
 def _dataset(ctx):
     """(PreppedDataset, description)."""
-    from fastvit.data import open_dataset
+    from fastvit.data import DataError, open_dataset
     from fastvit.data_prep import prep_dataset
 
     if ctx.data:
@@ -71,10 +71,15 @@ def _dataset(ctx):
         src = ctx.workdir("loader-demo-src")
         make_demo_dataset(src, num_classes=10, train_per_class=100 if ctx.quick else 300, val_per_class=10)
         desc, out = "synthetic demo tree", ctx.workdir("loader-data-demo")
-    if not (out / "manifest.json").is_file():
-        for d in ("ffcv", "dali"):
-            shutil.rmtree(out / d, ignore_errors=True)
-    # Resumable and idempotent: an existing complete OUT with the same settings is reused as is.
+    if (out / "manifest.json").is_file():
+        try:  # a complete earlier prep of this section is reused as is
+            ds = open_dataset(out)
+            if set(RES) <= set(ds.resolutions):
+                return ds, desc
+        except DataError:
+            pass
+    for d in ("ffcv", "dali", "manifest.json"):
+        shutil.rmtree(out / d, ignore_errors=True) if d != "manifest.json" else (out / d).unlink(missing_ok=True)
     prep_dataset(src, out, resolutions=list(RES), formats=("ffcv", "dali"), splits=("train",), quality=90,
                  workers=ctx.workers, progress=False, max_bad=1.0)
     return open_dataset(out), desc
