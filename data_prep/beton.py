@@ -132,7 +132,8 @@ def write_beton(path: Path, widths: Sequence[int], heights: Sequence[int], label
             ptr = int(ptrs[i])
             if ptr >= page_base + page_size:  # this sample opens the next page: pad out and flush
                 used = sum(len(x) for x in parts)
-                w.write(b"".join(parts) + bytes(page_size - used))
+                w.write(b"".join(parts))
+                w.write(bytes(page_size - used))
                 parts, page_base = [], page_base + page_size
             parts.append(data)
             got += 1
@@ -140,7 +141,8 @@ def write_beton(path: Path, widths: Sequence[int], heights: Sequence[int], label
             raise ValueError(f"got {got} JPEGs for {n} planned samples")
         if n:
             used = sum(len(x) for x in parts)
-            w.write(b"".join(parts) + bytes(page_size - used))
+            w.write(b"".join(parts))
+            w.write(bytes(page_size - used))
         assert w.n == alloc_ptr, (w.n, alloc_ptr)
         w.write(table.tobytes())
         digest = w.commit()

@@ -295,15 +295,16 @@ def _load_done_record(ctx: _Ctx, split: str, k: int, start: int, stop: int, item
     return rec
 
 
-def _tasks(ctx: _Ctx, items: list, labels: list, todo: list[tuple[int, int, int]]):
-    """Chunks of (src_index, absolute path) of the shards still to do, in order."""
+def _tasks(ctx: _Ctx, items: list, labels: list, keys: list, todo: list[tuple[int, int, int]]):
+    """Chunks of (src_index, absolute path, key, label) of the shards still to do, in order."""
     o = ctx.opts
+    src = str(ctx.src)
     for _, start, stop in todo:
         chunk = []
         for i in range(start, stop):
             if labels[i] is None:
                 continue
-            chunk.append((i, str(ctx.src / items[i][0]), sample_key(i, Path(items[i][0]).stem), labels[i]))
+            chunk.append((i, os.path.join(src, items[i][0]), keys[i], labels[i]))
             if len(chunk) == o.chunk_size:
                 yield (chunk, o.resolutions, o.size_ratio, o.quality, o.use_turbojpeg, o.passthrough)
                 chunk = []
@@ -314,8 +315,9 @@ def _tasks(ctx: _Ctx, items: list, labels: list, todo: list[tuple[int, int, int]
 def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[tuple[int, int, int]]) -> None:
     """Transcode the source images of the shards in `todo` and write their tars + records."""
     o = ctx.opts
+    keys = [sample_key(i, os.path.splitext(os.path.basename(rel))[0]) for i, (rel, _) in enumerate(items)]
     workers = max(1, min(default_workers(o.workers), math.ceil(sum(stop - start for _, start, stop in todo) / o.chunk_size)))
-    results = _ordered_map(_transcode_chunk, _tasks(ctx, items, labels, todo), workers, window=4 * workers)
+    results = _ordered_map(_transcode_chunk, _tasks(ctx, items, labels, keys, todo), workers, window=4 * workers)
     pending = deque(todo)
     cur = None  # the shard being written: dict with writers, samples, skipped, next expected index
 
@@ -361,7 +363,7 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
                 if orig is None:
                     cur["skipped"].append([items[idx][0], outs])
                 else:
-                    key = sample_key(idx, Path(items[idx][0]).stem)
+                    key = keys[idx]
                     per_res = []
                     for r, (w, h, jpeg_len, cls_len, blob, kept) in zip(o.resolutions, outs):
                         wr = cur["writers"].get(r)
