@@ -7,7 +7,8 @@ The console script `fastvit-prep` (data_prep/cli.py) wraps both. Layout of OUT: 
 Nothing heavy is imported here: FFCV and DALI are imported only by verify_dataset.
 """
 from .codec import BadImage, stored_size
-from .prep import PrepError, PrepOptions, TooManyBadImages, prep_dataset
+from .options import PrepError, PrepOptions, TooManyBadImages
+from .prep import prep_dataset
 from .verify import verify_dataset
 
 __all__ = ["prep_dataset", "verify_dataset", "PrepError", "TooManyBadImages", "PrepOptions", "BadImage",

@@ -98,7 +98,8 @@ def _verify(args) -> int:
 
 
 def _prep(args) -> int:
-    from .prep import PrepError, TooManyBadImages, prep_dataset
+    from .options import PrepError, TooManyBadImages
+    from .prep import prep_dataset
 
     if not args.out:
         return _fail("--out OUT is required", 2)

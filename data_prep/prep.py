@@ -10,6 +10,7 @@ bytes (read back from the tars; they are in the page cache) and the shard record
 manifest is written. With --formats ffcv only, the tars live in OUT/.work and are deleted at the end.
 
 Memory stays bounded: at most `4 * workers` chunks of `chunk_size` images are in flight.
+Settings and errors live in options.py, the worker pool in workers.py.
 """
 from __future__ import annotations
 
@@ -24,226 +25,18 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-from . import codec
+from . import codec, workers as _workers
 from .beton import write_beton
 from .files import file_digest, remove_stale_tmp, write_json_atomic
 from .layout import LayoutError, find_sources
-from .wds import ShardWriter, sample_blob, sample_key
-
-MANIFEST_VERSION = 1
-PREP_FORMAT = 2  # bump when the bytes written for the same settings change
-FORMATS = ("ffcv", "dali")
-WORK = ".work"
-MANIFEST = "manifest.json"
-
-
-class PrepError(Exception):
-    """A user error or an unusable input; the message is one line. exit_code: 2 usage, 1 otherwise."""
-
-    def __init__(self, msg: str, exit_code: int = 2):
-        super().__init__(msg)
-        self.exit_code = exit_code
-
-
-class TooManyBadImages(PrepError):
-    """More than max_bad of the inputs were skipped. The outputs and manifest are written anyway."""
-
-    def __init__(self, msg: str, manifest: dict):
-        super().__init__(msg, exit_code=1)
-        self.manifest = manifest
-
-
-@dataclass
-class PrepOptions:
-    """Every setting of a prep run; unknown keys are refused (see `PrepOptions.make`)."""
-
-    resolutions: tuple = (64, 128, 224)
-    formats: tuple = FORMATS
-    splits: tuple = ("train", "val")
-    quality: int = 90
-    workers: int | None = None
-    max_bad: float = 0.001
-    overwrite: bool = False
-    progress: bool = True
-    size_ratio: float = 256 / 224
-    shard_size: int = 5000        # source images per webdataset shard (and per resume unit)
-    chunk_size: int = 16          # images per task sent to a worker
-    page_size: int | None = None  # FFCV page size; None: FFCV's default (8 MiB), smaller for small files
-    use_turbojpeg: bool = True    # False: the Pillow reference path only
-    passthrough: bool = True      # keep a source JPEG's bytes where its stored size is its own size
-
-    @classmethod
-    def make(cls, **kw) -> "PrepOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise PrepError(f"unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        o = cls(**kw)
-        o.check()
-        return o
-
-    def check(self) -> None:
-        """Normalize and validate; PrepError with one line on the first problem."""
-        try:
-            res = [int(r) for r in (self.resolutions if not isinstance(self.resolutions, (int, str))
-                                    else str(self.resolutions).split(","))]
-        except (TypeError, ValueError):
-            raise PrepError(f"resolutions must be positive integers, got {self.resolutions!r}") from None
-        if not res or any(r <= 0 or r > 4096 for r in res):
-            raise PrepError(f"resolutions must be integers in 1..4096, got {self.resolutions!r}")
-        self.resolutions = tuple(sorted(set(res)))
-        fmts = tuple(self.formats.split(",") if isinstance(self.formats, str) else self.formats)
-        bad = [f for f in fmts if f not in FORMATS]
-        if bad or not fmts:
-            raise PrepError(f"unknown format(s) {', '.join(map(str, bad)) or '(none)'}; choose from {', '.join(FORMATS)}")
-        self.formats = tuple(f for f in FORMATS if f in fmts)
-        splits = tuple(self.splits.split(",") if isinstance(self.splits, str) else self.splits)
-        if not splits or any(not s or "/" in s or s.startswith(".") for s in splits) or len(set(splits)) != len(splits):
-            raise PrepError(f"splits must be distinct folder names, got {self.splits!r}")
-        self.splits = splits
-        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
-            raise PrepError(f"quality must be an integer in 1..100, got {self.quality!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise PrepError(f"workers must be a positive integer, got {self.workers!r}")
-        if not (0 <= float(self.max_bad) <= 1):
-            raise PrepError(f"max_bad is a fraction in [0, 1], got {self.max_bad!r}")
-        if not (0.5 <= float(self.size_ratio) <= 4):
-            raise PrepError(f"size_ratio must be in [0.5, 4], got {self.size_ratio!r}")
-        self.size_ratio = float(self.size_ratio)
-        for name in ("shard_size", "chunk_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise PrepError(f"{name} must be a positive integer, got {v!r}")
-        if self.page_size is not None and (self.page_size < (1 << 21) or self.page_size & (self.page_size - 1)):
-            raise PrepError(f"page_size must be a power of two >= 2 MiB, got {self.page_size!r}")
-
-    def stored_short(self) -> dict[str, int]:
-        return {str(r): int(round(r * self.size_ratio)) for r in self.resolutions}
-
-
-def settings_fingerprint(opts: PrepOptions, src: Path) -> dict:
-    """What must match for a rerun to resume (anything that changes the bytes written)."""
-    return {"src": str(src.resolve()), "resolutions": list(opts.resolutions), "formats": list(opts.formats),
-            "splits": list(opts.splits), "quality": opts.quality, "size_ratio": round(opts.size_ratio, 9),
-            "shard_size": opts.shard_size, "page_size": opts.page_size,
-            "encoder": codec.encoder_name(opts.use_turbojpeg), "passthrough": opts.passthrough,
-            "prep_format": PREP_FORMAT}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Workers
-
-def _transcode_chunk(task: tuple) -> list[tuple]:
-    """Worker: [(src_index, path, key, label)] -> per image (src_index, orig_size, [(w, h, jpeg_len,
-    cls_len, tar blob)] per resolution) or (src_index, None, reason). The tar members are built here,
-    in parallel, so the main process only appends bytes."""
-    items, resolutions, size_ratio, quality, use_tj, passthrough = task
-    out = []
-    for idx, path, key, label in items:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            t = codec.transcode(data, resolutions, size_ratio, quality, use_tj, passthrough)
-            res = []
-            for (w, h, jpeg), kept in zip(t.outputs, t.kept):
-                blob, cls_len = sample_blob(key, jpeg, label)
-                res.append((w, h, len(jpeg), cls_len, blob, kept))
-            out.append((idx, t.orig_size, res))
-        except codec.BadImage as e:
-            out.append((idx, None, str(e)))
-        except OSError as e:
-            out.append((idx, None, f"cannot read ({e.strerror or e})"))
-        except Exception as e:  # one bad image never aborts the run; it is listed with the reason
-            out.append((idx, None, f"cannot decode ({type(e).__name__}: {e})"))
-    return out
-
-
-def default_workers(workers: int | None = None) -> int:
-    """`workers`, else the cores this process may use."""
-    if workers:
-        return int(workers)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-_LOCK_FD: int | None = None  # OUT's lock, held by the main process (see _lock)
-_PR_SET_PDEATHSIG = 1
-
-
-def _worker_init(parent: int | None = None) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (no worker tracebacks)
-    if _LOCK_FD is not None:  # a forked copy of the lock must not outlive the main process
-        try:
-            os.close(_LOCK_FD)
-        except OSError:
-            pass
-    if sys.platform.startswith("linux"):
-        # die with the main process (kill -9 included) instead of lingering as orphans
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-        if parent is not None and os.getppid() != parent:  # it died before prctl took effect
-            os._exit(1)
-    if codec.cv2 is not None:
-        codec.cv2.setNumThreads(1)  # one process per core already
-
-
-def _ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
-    """fn over tasks in order, on `workers` processes, with at most `window` tasks in flight."""
-    if workers <= 1:
-        if codec.cv2 is not None:
-            codec.cv2.setNumThreads(1)
-        for t in tasks:
-            yield fn(t)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    # fork (Linux), as FFCV's DatasetWriter and torch's DataLoader do: workers start instantly and,
-    # unlike spawn/forkserver, never re-import the caller's __main__ (a script calling prep_dataset
-    # without a __main__ guard would otherwise recurse). Workers only run Pillow/OpenCV/TurboJPEG code,
-    # and we start no thread before forking (our progress bar runs without tqdm's monitor thread).
-    # An executor rather than mp.Pool: a worker killed by the OOM killer raises BrokenProcessPool here
-    # instead of hanging the run forever.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
-                             initargs=(os.getpid(),))
-    ok = False
-    try:
-        pending: deque = deque()
-        it = iter(tasks)
-        for t in it:
-            pending.append(ex.submit(fn, t))
-            if len(pending) >= window:
-                break
-        while pending:
-            try:
-                r = pending.popleft().result()
-            except BrokenProcessPool:
-                raise PrepError("a worker process died (out of memory?); rerun the same command to resume",
-                                exit_code=1) from None
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(ex.submit(fn, nxt))
-            yield r
-        ok = True
-    finally:
-        if not ok:  # interrupted or failed: stop the workers now rather than after their current chunk
-            for proc in list((getattr(ex, "_processes", None) or {}).values()):
-                proc.terminate()
-        ex.shutdown(wait=ok, cancel_futures=True)
+from .options import (FORMATS, MANIFEST, MANIFEST_VERSION, PREP_FORMAT, WORK, PrepError, PrepOptions,
+                      TooManyBadImages, settings_fingerprint)
+from .wds import ShardWriter, sample_key
+from .workers import default_workers, ordered_map, transcode_chunk
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +110,7 @@ def _write_shards(ctx: _Ctx, split: str, items: list, labels: list, todo: list[t
     o = ctx.opts
     keys = [sample_key(i, os.path.splitext(os.path.basename(rel))[0]) for i, (rel, _) in enumerate(items)]
     workers = max(1, min(default_workers(o.workers), math.ceil(sum(stop - start for _, start, stop in todo) / o.chunk_size)))
-    results = _ordered_map(_transcode_chunk, _tasks(ctx, items, labels, keys, todo), workers, window=4 * workers)
+    results = ordered_map(transcode_chunk, _tasks(ctx, items, labels, keys, todo), workers, window=4 * workers)
     pending = deque(todo)
     cur = None  # the shard being written: dict with writers, samples, skipped, next expected index
 
@@ -491,20 +284,18 @@ def _recs_file(recs: list[dict], rel: str) -> dict:
 
 def _lock(out: Path) -> int:
     """An exclusive lock on OUT itself (no lock file left behind); refuses a second concurrent run."""
-    global _LOCK_FD
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise PrepError(f"another fastvit-prep is writing {out}", exit_code=1) from None
-    _LOCK_FD = fd
+    _workers.LOCK_FD = fd  # forked workers close their copy (see workers.worker_init)
     return fd
 
 
 def _unlock(fd: int) -> None:
-    global _LOCK_FD
-    _LOCK_FD = None
+    _workers.LOCK_FD = None
     os.close(fd)
 
 
