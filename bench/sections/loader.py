@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -78,10 +77,9 @@ def _dataset(ctx):
                 return ds, desc
         except DataError:
             pass
-    for d in ("ffcv", "dali", "manifest.json"):
-        shutil.rmtree(out / d, ignore_errors=True) if d != "manifest.json" else (out / d).unlink(missing_ok=True)
+    # Anything else there (an older format, other settings, an interrupted run) is replaced.
     prep_dataset(src, out, resolutions=list(RES), formats=("ffcv", "dali"), splits=("train",), quality=90,
-                 workers=ctx.workers, progress=False, max_bad=1.0)
+                 workers=ctx.workers, progress=False, max_bad=1.0, overwrite=True)
     return open_dataset(out), desc
 
 
