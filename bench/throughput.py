@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/sections as a plain package, independent of the cwd
 
 from sections import SectionSkipped, Context  # noqa: E402
+from fastvit.fileio import write_json_atomic  # noqa: E402
 
 SECTIONS = ["prep", "loader", "kernel", "model", "e2e"]
 
@@ -123,10 +124,7 @@ def main(argv=None) -> int:
     result = {"machine": machine_info(), "metrics": metrics, "skipped": skipped, "failed": failed,
               "args": {k: v for k, v in vars(args).items() if k != "sections"}}
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        write_json_atomic(Path(args.json), result)
         print(f"wrote {args.json}")
     return 1 if failed else 0
 

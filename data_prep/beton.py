@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .files import HashingWriter
+from ..fileio import HashingWriter
 
 FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE (2 MiB)

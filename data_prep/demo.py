@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..fileio import commit, remove_stale_tmp, tmp_name, write_json_atomic
+
 SHAPES = ("disc", "square", "triangle", "star", "ring")
 TEXTURES = ("stripes", "dots")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
@@ -141,9 +143,9 @@ def render_demo_image(shape: str, texture: str, class_hue: float, rng: np.random
 
 
 def _write_jpeg_atomic(img: Image.Image, path: Path, quality: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     img.save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 def _file_name(job) -> str:
@@ -189,8 +191,7 @@ def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: i
             for i in range(per_class):
                 jobs.append((split, split_id, label, wnid, shape, texture, i))
 
-    for stale in out.glob("*/*/*.JPEG.tmp"):  # left by a killed run
-        stale.unlink()
+    remove_stale_tmp(out)  # left by a killed run
     todo = [(n, job) for n, job in enumerate(jobs)
             if not (out / job[0] / job[3] / _file_name(job)).exists()]
     args = [(str(out), seed, num_classes, min_side, max_side, grayscale_every, n, job) for n, job in todo]
@@ -214,7 +215,5 @@ def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: i
                     bar.update(1)
     if bar is not None:
         bar.close()
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(settings))
-    os.replace(tmp, marker)
+    write_json_atomic(marker, settings)
     return out

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from . import codec, workers as _workers
 from .beton import write_beton
-from .files import file_digest, remove_stale_tmp, write_json_atomic
+from ..fileio import file_digest, remove_stale_tmp, write_json_atomic
 from .layout import LayoutError, find_sources
 from .options import (FORMATS, MANIFEST, MANIFEST_VERSION, PREP_FORMAT, WORK, PrepError, PrepOptions,
                       TooManyBadImages, settings_fingerprint)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .beton import METADATA_TYPE, TYPE_ID_INT, TYPE_ID_RGB, read_beton_header, HEADER_TYPE, FIELD_DESC_TYPE, ALLOC_TABLE_TYPE
-from .files import file_digest
+from ..fileio import file_digest
 from .wds import read_index
 
 MANIFEST = "manifest.json"

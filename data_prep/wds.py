@@ -13,7 +13,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from .files import HashingWriter
+from ..fileio import HashingWriter
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size; the archive is padded to a whole record, as tarfile does
@@ -105,18 +105,29 @@ class ShardWriter:
         self.w.abort()
 
 
-def read_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
-    """[{ext: (offset, size)}] per sample of a v1.2 (or v1.1) DALI webdataset index."""
-    lines = Path(idx_path).read_text().splitlines()
+def parse_index(text: str, path: Path | str = "?") -> list[dict[str, tuple[int, int]]]:
+    """[{ext: (offset, size)}] per sample of a DALI webdataset index (v1.1 without names, v1.2 with).
+
+    The one reader of the format this module writes (prep's verify and the loaders both use it);
+    raises ValueError on anything malformed."""
+    lines = text.splitlines()
     if not lines or not lines[0].startswith("v1."):
-        raise ValueError(f"{idx_path}: not a DALI webdataset index")
+        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[:1]})")
     version, count = lines[0].split()[:2]
     per = 4 if version >= "v1.2" else 3
     out = []
     for ln in lines[1:]:
         parts = ln.split()
-        if parts:
-            out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
+        if not parts:
+            continue
+        if len(parts) % per:
+            raise ValueError(f"{path}: malformed index line {ln[:80]!r}")
+        out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
     if len(out) != int(count):
-        raise ValueError(f"{idx_path}: index says {count} samples but lists {len(out)}")
+        raise ValueError(f"{path}: index says {count} samples but lists {len(out)}")
     return out
+
+
+def read_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """parse_index of an .idx file."""
+    return parse_index(Path(idx_path).read_text(), idx_path)

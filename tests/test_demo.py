@@ -41,11 +41,11 @@ def test_deterministic_and_resumes(tmp_path):
     victim = sorted(a.rglob("*.JPEG"))[0]
     victim.unlink()
     (a / ".demo-complete.json").unlink()
-    (victim.parent / (victim.name + ".tmp")).write_bytes(b"partial")
+    (victim.parent / (victim.name + ".tmp-12345")).write_bytes(b"partial")
     make_demo_dataset(a, num_classes=2, train_per_class=3, val_per_class=1, seed=1,
                       min_side=40, max_side=80, grayscale_every=0, workers=1)
     assert _digest(a) == _digest(b)
-    assert not list(a.rglob("*.tmp"))
+    assert not list(a.rglob("*.tmp-*"))
     c = make_demo_dataset(tmp_path / "c", num_classes=2, train_per_class=3, val_per_class=1, seed=2,
                           min_side=40, max_side=80, grayscale_every=0, workers=1)
     assert _digest(c) != _digest(a)

@@ -157,7 +157,8 @@ def test_disk_full_is_one_line_and_resumable(tiny_src, tmp_path, monkeypatch):
     """ENOSPC in the middle of a shard: PrepError (exit 1), no half file under a final name, rerun resumes."""
     import errno
 
-    from fastvit.data_prep import PrepError, files
+    from fastvit import fileio as files
+    from fastvit.data_prep import PrepError
 
     real_write, calls = files.HashingWriter.write, {"n": 0}
 

@@ -7,7 +7,6 @@ the CurriculumLoader, and counts the global batch index so a stream can be reope
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -46,13 +45,6 @@ class LoaderOptions:
         if not 0.0 < opts.gpu_mem_share <= 1.0:
             raise DataError("gpu_mem_share must be in (0, 1]")
         return opts
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class BatchLoader:

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .base import BatchLoader, LoaderOptions, default_workers
+from ..data_prep.workers import default_workers
+from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
 from .order import BatchPlan, PlanStage
 

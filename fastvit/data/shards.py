@@ -14,27 +14,16 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data_prep.wds import parse_index
 from .dataset import DataError
 
 
 def parse_wds_index(text: str, path: Path | str = "?") -> list[dict[str, tuple[int, int]]]:
-    """[{ext: (offset, size)}] per sample from a DALI webdataset index (v1.1 without names, v1.2 with)."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise DataError(f"{path}: not a DALI webdataset index (first line {lines[:1]})")
-    version, count = lines[0].split()[:2]
-    per = 4 if version >= "v1.2" else 3
-    out = []
-    for ln in lines[1:]:
-        parts = ln.split()
-        if not parts:
-            continue
-        if len(parts) % per:
-            raise DataError(f"{path}: malformed index line {ln[:80]!r}")
-        out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
-    if len(out) != int(count):
-        raise DataError(f"{path}: index says {count} samples but lists {len(out)}")
-    return out
+    """[{ext: (offset, size)}] per sample from a DALI webdataset index; DataError when malformed."""
+    try:
+        return parse_index(text, path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 class WdsShard:

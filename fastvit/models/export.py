@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from .configs import ViTConfig
 from .vit import LocalityViT
+from ..fileio import commit, tmp_name
 
 _CONFIG_KEY = "fastvit_config"
 
@@ -31,12 +32,10 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     if isinstance(model, LocalityViT):
         metadata[_CONFIG_KEY] = json.dumps(model.cfg.to_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = tmp_name(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

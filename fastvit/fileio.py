@@ -1,4 +1,4 @@
-"""Files the user keeps: atomic writes (tmp name + fsync + os.replace) and checksums.
+"""Files the user keeps: atomic writes (tmp name + fsync + os.replace) and checksums, for every part of fastvit.
 
 A file under its final name is always complete: writers fill `NAME.tmp-<pid>` and rename it at the
 end, so an interrupted run (Ctrl-C, kill -9, disk full) leaves only `*.tmp-*` files, which the next
