@@ -38,7 +38,10 @@ def open_image_folder(root, res: int, train: bool):
     else:
         ops = [Resize(round(res * 256 / 224), antialias=True), CenterCrop(res)]
     # ImageFolder's PIL loader converts grayscale/CMYK sources to RGB.
-    return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))
+    try:
+        return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))
+    except (FileNotFoundError, NotADirectoryError) as e:  # e.g. a flat Kaggle val/ with no class folders
+        raise DataError(f"torchvision backend needs {root}/<class>/*.JPEG folders: {e}") from None
 
 
 class TorchvisionLoader(BatchLoader):

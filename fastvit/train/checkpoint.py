@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import re
 from pathlib import Path
@@ -17,37 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import remove_stale_tmp, write_bytes_atomic
+
+atomic_write_bytes = write_bytes_atomic  # the name loop.py imports
+
 MAGIC = b"FVCKPT01"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
 class CorruptCheckpoint(Exception):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """tmp name + fsync + os.replace + fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -67,7 +45,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2) -> Pat
     torch.save(state, buf)
     payload = buf.getvalue()
     path = run_dir / f"ckpt_{step:08d}.pt"
-    atomic_write_bytes(path, payload + hashlib.sha256(payload).digest() + MAGIC)
+    remove_stale_tmp(run_dir)  # a half-written checkpoint of a killed run, never under a final name
+    write_bytes_atomic(path, payload + hashlib.sha256(payload).digest() + MAGIC)
     for old in checkpoint_paths(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path

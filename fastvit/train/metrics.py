@@ -6,9 +6,12 @@ On resume the files are cut back to the checkpoint's step, so a crash never leav
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
+
+from ..fileio import write_bytes_atomic
 
 CSV_COLUMNS = ["kind", "step", "counted_s", "p", "segment", "res", "keep", "batch", "lr", "loss",
                "images_per_s", "data_wait", "mix_prob", "drop_path", "nan_skipped",
@@ -31,13 +34,17 @@ class MetricsWriter:
                 if r.get("step", 0) <= resume_step:
                     rows.append(r)
         self._rows = rows
-        self._jf = open(self.jsonl, "w")
-        self._cf = open(self.csv, "w", newline="")
+        # The history up to the resume step is rewritten atomically (a crash now loses nothing), then
+        # both files are appended to.
+        text = io.StringIO()
+        header = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        header.writeheader()
+        header.writerows(rows)
+        write_bytes_atomic(self.csv, text.getvalue().encode())
+        write_bytes_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self._jf = open(self.jsonl, "a")
+        self._cf = open(self.csv, "a", newline="")
         self._cw = csv.DictWriter(self._cf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        self._cw.writeheader()
-        for r in rows:
-            self._write(r)
-        self._flush()
         self._tb = None
         try:  # optional: TensorBoard when installed
             from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +119,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(Path(path), buf.getvalue())
