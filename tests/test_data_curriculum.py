@@ -144,3 +144,76 @@ def test_stage_validation(ds):
         CurriculumLoader(ds, [Stage(32, 8, 0)], backend="dali", device="cpu")
     with pytest.raises(DataError, match="start_step"):
         CurriculumLoader(ds, [Stage(32, 8, 3)], backend="dali", device="cpu", start_step=3)
+
+
+# ------------------------------------------------------------------------------------------------ re-plan
+
+# At step 2 (stage 0): stage 0 grows 5 -> 7, stage 2 shrinks. At step 9 (stage 1, which DALI and the
+# GPU-resident path serve in one loader with stage 2): stage 2 shrinks again and a 32 px stage follows.
+REPLANS = {2: [Stage(32, 8, 7), Stage(48, 8, 4), Stage(64, 6, 10)],
+           9: [Stage(32, 8, 7), Stage(48, 8, 4), Stage(64, 6, 6), Stage(32, 8, 3)]}
+FINAL = REPLANS[9]
+
+
+def _labels_of(stages, step):
+    starts = np.cumsum([0] + [s.steps for s in stages])
+    k = max(i for i in range(len(stages)) if starts[i] <= step)
+    st = stages[k]
+    plan = BatchPlan(N_TRAIN, [PlanStage(st.res, st.batch_size, None, stage_seed(0, k))])
+    return plan.batch(step - starts[k]).indices
+
+
+@pytest.mark.parametrize("backend", ["dali", "gpu_resident", "ffcv"])
+def test_replan_in_place_keeps_the_loader_and_switches_at_the_new_steps(ds, backend, train_labels):
+    check = _leak_check()
+    kw = {"ffcv_jit": False} if backend == "ffcv" else {}
+    cl = CurriculumLoader(ds, STAGES, backend=backend, device="cpu", seed=0, workers=2, **kw)
+    built = []
+    build = cl._build
+    cl._build = lambda spec, start: (built.append((spec[1][0].res, start)), build(spec, start))[1]
+    got = []
+    for step in range(20):
+        if step in REPLANS:
+            running = cl._current
+            assert cl.replan(REPLANS[step]) is True              # the running loader serves the new plan
+            assert cl._current is running and cl.step == step
+        images, labels, stage = next(cl)
+        got.append((images.clone(), labels.clone()))  # FFCV on CPU reuses its batch buffers
+        plan = FINAL if step >= 9 else REPLANS[2] if step >= 2 else STAGES
+        assert labels.tolist() == train_labels[_labels_of(plan, step)].tolist(), step
+        assert images.shape == (stage.batch_size, 3, stage.res, stage.res)
+    with pytest.raises(StopIteration):
+        next(cl)
+    starts = [0, 7, 17] if backend != "ffcv" else [0, 7, 11, 17]   # FFCV: one loader per stage
+    assert cl.switch_steps == starts == [s.start_step for s in cl.segments]
+    # one build per later segment (the first was built before the wrapper), none for the re-plans
+    assert sorted(built) == sorted([(32, 0), (48, 0)] + ([(64, 0)] if backend == "ffcv" else []))
+    assert cl.rebuilt_on_replan == 0 and cl.replans == 2
+    cl.close()
+    check()
+    # a run resumed after the last re-plan (the checkpoint holds the final plan) sees the same batches
+    with CurriculumLoader(ds, FINAL, backend=backend, device="cpu", seed=0, workers=1, start_step=12, **kw) as cl2:
+        resumed = [(x.clone(), y.clone()) for x, y, _ in cl2]
+    assert [y.tolist() for _, y in resumed] == [y.tolist() for _, y in got[12:]]
+    if backend == "gpu_resident":  # crops are a function of the plan too
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, got[12:]))
+
+
+def test_replan_inside_the_prefetch_window_rebuilds_and_stays_exact(ds, train_labels):
+    check = _leak_check()
+    cl = CurriculumLoader(ds, STAGES, backend="dali", device="cpu", seed=0, workers=1)
+    for _ in range(6):
+        next(cl)                                            # step 5 = first step of the 48/64 segment
+    new = [Stage(32, 8, 5), Stage(48, 8, 2), Stage(64, 6, 12)]   # stage 1 ends at 7: DALI scheduled past it
+    assert cl.replan(new) is False and cl.rebuilt_on_replan == 1
+    rest = [y.tolist() for _, y, _ in cl]
+    assert rest == [train_labels[_labels_of(new, g)].tolist() for g in range(6, 19)]
+    with pytest.raises(DataError, match="only steps not yet served"):
+        cl2 = CurriculumLoader(ds, STAGES, backend="dali", device="cpu", seed=0, workers=1)
+        next(cl2), next(cl2)
+        try:
+            cl2.replan([Stage(32, 8, 1)] + STAGES[1:])
+        finally:
+            cl2.close()
+    cl.close()
+    check()
