@@ -8,8 +8,8 @@ import pytest
 from fastvit.train import schedules as S
 from fastvit.train.budget import BudgetClock
 from fastvit.train.config import ConfigError, TrainConfig, make_config
-from fastvit.train.planner import (BudgetTooSmall, Plan, Segment, build_segments, drifted, plan_budget,
-                                   probe_speeds, replan)
+from fastvit.train.planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, drifted,
+                                   plan_budget, probe_speeds, remaining_planned_s, replan)
 
 
 # ---------------------------------------------------------------- learning rate
@@ -245,6 +245,61 @@ def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():
     assert all(s.batch == 32 for s in s128)
     old128 = [s for s in plan.segments if s.res == 128]
     assert s128[-1].lr_scale == pytest.approx(old128[-1].lr_scale / 2)
+
+
+def test_replan_when_ahead_stretches_to_the_budget():
+    """The under-run case: a run that is ahead of its plan gets more steps, not an early end."""
+    segs = _segments()
+    plan = plan_budget(segs, speeds={s.shape: 2000.0 for s in segs}, budget_s=1000.0, setup_s=0.0, reserve_s=0.0)
+    step = plan.segments[1].steps // 2 + plan.segments[0].steps
+    t_done = plan.progress_at(step) * 1000.0 / 1.25                 # 25% faster so far
+    new = replan(plan, step=step, counted_s=t_done, speed_ratio=1.25)
+    assert t_done + remaining_planned_s(new, step) == pytest.approx(1000.0, rel=0.01)
+    assert new.total_steps > plan.total_steps
+    assert new.progress_at(step) == pytest.approx(plan.progress_at(step))   # no schedule jump
+    assert all(a.f1 == b.f0 for a, b in zip(new.segments, new.segments[1:]))
+    assert new.segments[-1].f1 == 1.0 and new.progress_at(new.total_steps - 1) < 1.0
+
+
+def _simulate(factor, budget=180.0, setup=5.0, startup=3.0, seed=0):
+    """A run on a fake clock: step g really takes batch / (probed speed × factor(t, g)) seconds, the
+    loader start-up costs `startup` s on the first step. Returns (end counted s, plan, monitor)."""
+    import random
+
+    rnd = random.Random(seed)
+    segs = _segments()
+    probed = {s.shape: 600.0 * 128 / s.res / s.keep for s in segs}
+    reserve = 0.01 * budget
+    plan = plan_budget(segs, speeds=probed, budget_s=budget, setup_s=setup, reserve_s=reserve)
+    mon = DriftMonitor(budget)
+    t, step = setup, 0
+    while step < plan.total_steps:
+        seg = plan.segments[plan.segment_at(step)[0]]
+        t += seg.batch / (probed[seg.shape] * factor(t, step, rnd)) + (startup if step == 0 else 0.0)
+        step += 1
+        mon.step_done(t, seg.batch / seg.speed)
+        r = mon.check(t, plan, step)
+        if r is not None:
+            plan = replan(plan, step=step, counted_s=t, speed_ratio=r)
+            mon.restart(t)
+    return t + 0.2, plan, mon                                          # + the final checkpoint
+
+
+@pytest.mark.parametrize("case", ["steady", "faster", "slower", "noisy", "swings"])
+def test_drift_monitor_ends_on_the_budget_without_thrashing(case):
+    factor = {
+        "steady": lambda t, g, r: 1.0,                                  # only the start-up is unplanned
+        "faster": lambda t, g, r: 1.0 if t < 60 else 1.35,              # the under-run case
+        "slower": lambda t, g, r: 1.0 if t < 60 else 0.7,
+        "noisy": lambda t, g, r: r.uniform(0.5, 1.5),                   # per-step jitter, mean 1
+        "swings": lambda t, g, r: 1.0 if (t // 20) % 2 == 0 else 0.6,  # other jobs come and go
+    }[case]
+    end, plan, mon = _simulate(factor)
+    assert end == pytest.approx(180.0, abs=0.025 * 180), (case, end)   # counted seconds ≈ budget
+    assert mon.replans <= {"steady": 2, "faster": 4, "slower": 4, "noisy": 4, "swings": 12}[case], mon.replans
+    if case != "steady":
+        assert mon.replans >= 1                                         # a >10% drift does re-plan
+    assert plan.segments[-1].keep == 1.0 and plan.segments[-1].f1 == 1.0
 
 
 # ---------------------------------------------------------------- config

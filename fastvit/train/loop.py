@@ -29,7 +29,7 @@ from .checkpoint import (atomic_write_bytes, checkpoint_paths, load_latest, rng_
                          set_rng_state)
 from .config import TrainConfig
 from .metrics import MetricsWriter, plot_curves
-from .planner import (BudgetTooSmall, Plan, Segment, build_segments, drifted, plan_budget, probe_speeds,
+from .planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, plan_budget, probe_speeds,
                       replan)
 
 NAN_LIMIT = 10
@@ -401,10 +401,15 @@ class Trainer:
         atomic_write_bytes(self.run_dir / "plan.json", self.plan.dumps().encode())
 
     # ------------------------------------------------------------------ loader
+    def _loader_stages(self):
+        from fastvit.data import Stage
+
+        return [Stage(res=r, batch_size=b, steps=n) for r, b, n in self.plan.loader_stages()]
+
     def open_loader(self):
         from fastvit.data import CurriculumLoader, Stage
 
-        stages = [Stage(res=r, batch_size=b, steps=n) for r, b, n in self.plan.loader_stages()]
+        stages = self._loader_stages()
         kw = dict(backend=self.backend, device=str(self.device), seed=self.cfg.seed)
         if self.cfg.workers:
             kw["workers"] = self.cfg.workers
@@ -488,9 +493,7 @@ class Trainer:
         loss_ema = None
         waits: deque = deque(maxlen=100)
         iv = {"t": self.clock.counted(), "wait": 0.0, "images": 0}   # since the last log record
-        meas = None
-        run_first_step = self.step
-        self.min_span = min(600.0, max(2.0, 0.02 * (cfg.budget_s or 0.0)))
+        drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.replan_tol)
         try:
             while self.step < self.plan.total_steps:
                 plan = self.plan
@@ -534,12 +537,8 @@ class Trainer:
                 now = self.clock.counted()
                 window.append((now, seg.batch))
                 iv["images"] += seg.batch
-                # drift measure: real seconds vs the plan's seconds for the same steps, across
-                # segments, from the 3rd step after the (re-)start on (loader start-up left out)
-                if meas is None and self.step - run_first_step >= 2:
-                    meas = [now, 0.0, self.step]            # (start counted s, planned s, start step)
-                elif meas is not None and seg.speed > 0:
-                    meas[1] += seg.batch / seg.speed
+                if seg.speed > 0:
+                    drift.step_done(now, seg.batch / seg.speed)
                 if loss is not None:
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 bar.update(1)
@@ -561,27 +560,22 @@ class Trainer:
                         f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
                         + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
                            else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
-                # re-plan when the real speed is >tol off the plan (time budgets only): the
-                # plan's seconds for the steps since the last (re-)start vs the counted seconds
-                # they took, over at least 2% of the budget and 5 steps, so timing noise does
-                # not make the plan thrash
-                ratio = None
-                if meas is not None and now - meas[0] >= self.min_span and self.step - meas[2] >= 5:
-                    ratio = meas[1] / (now - meas[0])          # real speed / planned speed
-                if self.plan.mode == "time" and ratio and self.step < self.plan.total_steps:
-                    if drifted(1.0, ratio, cfg.replan_tol):
-                        old = self.plan.total_steps
-                        self.plan = replan(self.plan, step=self.step, counted_s=now, speed_ratio=ratio)
-                        self.save_plan()
-                        self.log(f"re-plan at step {self.step}: running at {ratio:.2f}× the planned "
-                                 f"speed; {old} → {self.plan.total_steps} steps")
-                        meas = None
-                        run_first_step = self.step
-                        bar.total = self.plan.total_steps
-                        bar.refresh()
-                        loader, it = self._reopen(loader)
-                        cur_seg = -1
-                        window.clear()
+                # re-plan (time budgets): the smoothed real speed is >10% off the plan, or the run
+                # would miss the budget's end by more than ~1% (DriftMonitor: fresh span after each
+                # re-plan, a minimum interval between them, so a noisy machine does not thrash)
+                ratio = drift.check(now, self.plan, self.step) if self.plan.mode == "time" else None
+                if ratio is not None:
+                    old = self.plan.total_steps
+                    self.plan = replan(self.plan, step=self.step, counted_s=now, speed_ratio=ratio)
+                    self.save_plan()
+                    self.log(f"re-plan at step {self.step} ({now:.0f} s): running at {ratio:.2f}× the "
+                             f"planned speed; {old} → {self.plan.total_steps} steps")
+                    drift.restart(now)
+                    bar.total = self.plan.total_steps
+                    bar.refresh()
+                    loader, it = self._replan_loader(loader, it)
+                    cur_seg = -1
+                    window.clear()
                 # checkpoint (counted)
                 if (now - last_ckpt_t >= cfg.ckpt_minutes * 60 or
                         (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)) \
@@ -631,6 +625,20 @@ class Trainer:
         dt = window[-1][0] - window[0][0]
         imgs = sum(b for _, b in list(window)[1:])
         return imgs / dt if dt > 0 else None
+
+    def _replan_loader(self, loader, it):
+        """Hand the new plan to the running CurriculumLoader: same res and batch continue, a changed
+        later stage is built in the background at its turn (no stall, no rebuild of the current one)."""
+        if loader is None:
+            return loader, it
+        try:
+            loader.replan(self._loader_stages())
+        except Exception as e:  # noqa: BLE001 - DataError: a plan whose served history changed
+            if type(e).__name__ != "DataError":
+                raise
+            self.log(f"re-plan: the loader could not take the new plan in place ({e}); reopening it")
+            return self._reopen(loader)
+        return loader, it
 
     def _reopen(self, loader):
         if loader is not None and hasattr(loader, "close"):

@@ -6,7 +6,8 @@ Steps follow from a measured speed: steps = share × window seconds × images/s 
 budget (--epochs) steps follow from images alone and the speed does not matter.
 
 Flow: `build_segments` (schedules → shapes) → `probe_speeds` (compile + time each shape, counted) →
-`plan_budget` (→ Plan) → during the run `drifted` / `replan` when the real speed is more than 10% off.
+`plan_budget` (→ Plan) → during the run `DriftMonitor` → `replan` when the real speed is more than 10% off
+(or the run would end more than ~1% of the budget off it).
 The Plan is saved in the run dir and in every checkpoint: given the plan, a run is reproducible.
 """
 from __future__ import annotations
@@ -214,12 +215,14 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     """Re-plan what is left after `step` steps at `counted_s` counted seconds.
 
     Steps already taken keep their segments (and progress values). The current segment is cut at
-    `step`; its remainder and every later segment get steps from the time left with their planned
-    speed × `speed_ratio` (measured / planned on the current segment: the best evidence of how the
-    rest will go). The remainder starts at the *real* progress: if the run is behind, the schedules
-    jump forward rather than overrun the budget. `new_batch` {res: batch} overrides batch sizes of
-    remaining segments (out-of-memory fallback; the LR scale is adjusted with them).
-    Only for time budgets (an image budget does not drift).
+    `step`; the seconds really left (budget − reserve − counted_s) are shared by its remainder and the
+    later segments in proportion to their remaining progress ranges, at their planned speed ×
+    `speed_ratio` (measured / planned: the best evidence of how the rest will go). Progress continues
+    from where the plan stood (no jump of the schedules either way): a run that is ahead gets more
+    steps, one that is behind fewer, and both end on the budget. A segment left with no step is
+    dropped and its progress range folded into its successor; the last segment keeps >= 1 step.
+    `new_batch` {res: batch} overrides batch sizes of remaining segments (out-of-memory fallback; the
+    LR scale is adjusted with them). Only for time budgets (an image budget does not drift).
     """
     if plan.mode != "time":
         raise ValueError("only a time plan can be re-planned")
@@ -227,38 +230,117 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     if step >= total:
         return plan
     k, j = plan.segment_at(step)
-    window = plan.window_s
-    f_now = min(1.0, max(0.0, (counted_s - plan.setup_s) / window))
+    f_cur = plan.progress_at(step)
+    time_left = max(0.0, (plan.budget_s or 0.0) - plan.reserve_s - counted_s)
+    rest_share = max(1e-12, 1.0 - f_cur)
     done = list(plan.segments[:k])
     cur = plan.segments[k]
     if j > 0:
-        done.append(replace(cur, f1=plan.progress_at(step), steps=j))
-    rest = [replace(cur, f0=plan.progress_at(step))] + list(plan.segments[k + 1:])
+        done.append(replace(cur, f1=f_cur, steps=j))
+    rest = [replace(cur, f0=f_cur)] + list(plan.segments[k + 1:])
     new_rest = []
     for s in rest:
-        f0 = max(s.f0, f_now)
-        share = max(0.0, s.f1 - f0)
-        batch = s.batch
-        lr_scale = s.lr_scale
+        batch, lr_scale = s.batch, s.lr_scale
         if new_batch and s.res in new_batch and new_batch[s.res] < batch:
             lr_scale = lr_scale * new_batch[s.res] / batch   # linear LR scaling with the batch
             batch = new_batch[s.res]
         speed = s.speed * speed_ratio
-        seg = replace(s, f0=f0 if share > 0 else s.f1, batch=batch, lr_scale=lr_scale, speed=speed,
-                      steps=0)
-        seg = replace(seg, steps=_steps_for(share, seg, speed, window, None) if share > 0 else 0)
-        new_rest.append(seg)
-    rest_kept = [s for s in new_rest[:-1] if s.steps > 0]
-    last = new_rest[-1]
-    if last.steps <= 0:
-        last = replace(last, steps=1)
-    rest_kept.append(last)
-    new = Plan(segments=done + rest_kept, mode=plan.mode, budget_s=plan.budget_s,
+        seconds = time_left * max(0.0, s.f1 - s.f0) / rest_share
+        steps = int(math.floor(seconds * speed / batch + 0.5)) if speed > 0 else 0
+        new_rest.append(replace(s, batch=batch, lr_scale=lr_scale, speed=speed, steps=steps))
+    new_rest = _drop_empty(new_rest)
+    new_rest[0] = replace(new_rest[0], f0=f_cur)
+    new = Plan(segments=done + new_rest, mode=plan.mode, budget_s=plan.budget_s,
                budget_images=plan.budget_images, setup_s=plan.setup_s, reserve_s=plan.reserve_s,
                replans=list(plan.replans))
     new.replans.append({"step": step, "counted_s": round(counted_s, 3), "speed_ratio": round(speed_ratio, 4),
                         "old_total": total, "new_total": new.total_steps})
     return new
+
+
+def remaining_planned_s(plan: Plan, step: int) -> float:
+    """Planned seconds of steps [step, total) at the plan's speeds (time plans)."""
+    acc, t = 0, 0.0
+    for s in plan.segments:
+        todo = min(s.steps, max(0, acc + s.steps - step))
+        if todo and s.speed > 0:
+            t += todo * s.batch / s.speed
+        acc += s.steps
+    return t
+
+
+class DriftMonitor:
+    """Decides when the loop re-plans, from counted seconds and the plan's own speeds (no clock).
+
+    Speed estimate: the plan's seconds for the steps since the last (re-)plan divided by the counted
+    seconds they took (a cumulative, hence smoothed, measure; the first `skip` steps of a process are
+    left out: loader start-up). It triggers when, after at least `min_span` measured seconds and
+    `min_steps` steps, and at least `min_interval` counted seconds since the last re-plan:
+      - drift: the measured speed is more than `tol` (10%) off the plan's, or
+      - end error: at the measured speed the run would end more than `end_tol` seconds off the
+        budget (catches start-up, checkpoint and probe errors below 10% that add up);
+    Hysteresis: after a re-plan the measurement starts afresh, so a new one needs the drift to show
+    again over a fresh span, and no sooner than min_interval (10% of the budget) later; near the end
+    min_interval shrinks to a quarter of the time left (at least min_span) so a last correction can
+    still land, while the end-error threshold keeps small late errors from re-planning at all.
+    """
+
+    def __init__(self, budget_s: float, *, tol: float = 0.10, skip: int = 2, min_steps: int = 5,
+                 min_span: float | None = None, min_interval: float | None = None,
+                 end_tol: float | None = None):
+        self.budget_s = float(budget_s)
+        self.tol = tol
+        self.skip = skip
+        self.min_steps = min_steps
+        self.min_span = min_span if min_span is not None else min(600.0, max(2.0, 0.02 * budget_s))
+        self.min_interval = min_interval if min_interval is not None else max(self.min_span, 0.10 * budget_s)
+        self.end_tol = end_tol if end_tol is not None else max(1.0, 0.01 * budget_s)
+        self.replans = 0
+        self._start_step: int | None = None
+        self._t0 = self._planned = 0.0
+        self._n = 0
+        self._last_replan_t = -math.inf
+        self._seen = 0
+
+    def restart(self, now: float) -> None:
+        """After a re-plan: measure afresh (no start-up to skip: the loader keeps running)."""
+        self._start_step, self._t0, self._planned, self._n = 0, now, 0.0, 0
+        self._last_replan_t = now
+        self.replans += 1
+
+    def step_done(self, now: float, planned_s: float) -> None:
+        """One training step ended at counted second `now`; the plan gave it `planned_s` seconds."""
+        self._seen += 1
+        if self._start_step is None:
+            if self._seen >= self.skip:
+                self._start_step, self._t0 = 0, now
+            return
+        self._planned += planned_s
+        self._n += 1
+
+    def ratio(self, now: float) -> float | None:
+        """Measured speed / planned speed, once enough has been measured."""
+        if self._start_step is None or self._n < self.min_steps or now - self._t0 < self.min_span:
+            return None
+        return self._planned / max(1e-9, now - self._t0)
+
+    def check(self, now: float, plan: Plan, step: int, reserve_s: float | None = None) -> float | None:
+        """The speed ratio to re-plan with, or None to keep the plan."""
+        r = self.ratio(now)
+        if r is None or plan.mode != "time" or step >= plan.total_steps:
+            return None
+        left = self.budget_s - (plan.reserve_s if reserve_s is None else reserve_s) - now
+        interval = max(self.min_span, min(self.min_interval, 0.25 * max(0.0, left)))
+        if now - self._last_replan_t < interval:
+            return None
+        if drifted(1.0, r, self.tol):
+            return r
+        # an end error that later corrections can still fix waits: it must exceed 5% of the time left
+        # (measurement noise over a span of several seconds is a few %), or end_tol near the end
+        end_error = now + remaining_planned_s(plan, step) / r - (self.budget_s - plan.reserve_s)
+        if abs(end_error) > max(self.end_tol, 0.05 * left):
+            return r
+        return None
 
 
 def probe_speeds(shapes: Iterable[tuple[int, float, int]], run_step: Callable[[tuple], None],
