@@ -67,6 +67,21 @@ def test_time_budget_run_plans_with_probe(tiny_prepped, tmp_path):
     assert 0.3 * 15 < res["counted_s"] < 2.0 * 15               # ends near the budget (noisy 2-core box)
 
 
+def test_compiled_run_uses_one_static_graph_per_shape(tiny_prepped, tmp_path):
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run = tmp_path / "run"
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "1", "--evals", "0", "--compile",
+               "--keep-min", "1", "--curriculum", "32:1", *TINY])
+    assert rc == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["compile_s"] > 0 and res["steps"] == 64 // 16
+    # compiled ahead of time through compile_model, no recompile in the loop (same call form and shape)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def _wait_for(pred, timeout, proc):
     t0 = time.time()
     while time.time() - t0 < timeout:

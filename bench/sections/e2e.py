@@ -96,6 +96,8 @@ def run(ctx) -> dict:
     if train_s > 0:
         out["e2e/images_per_s@all"] = res["images_seen"] / train_s
     out["e2e/top1_smoke"] = res["top1"]
+    if res.get("compile_s"):                      # ahead-of-time compile of every shape (counted)
+        out["e2e/compile_s"] = res["compile_s"]
     if torch.cuda.is_available() and ctx.cuda:
         torch.cuda.empty_cache()
     return out

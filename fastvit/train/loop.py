@@ -51,6 +51,18 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
+def _raise_graph_limit(n_graphs: int) -> None:
+    """Room for every graph of the run (several drop-path rates per shape, eval): dynamo would fall
+    back to eager after `recompile_limit` (8) graphs of one function."""
+    dyn = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dyn, name):
+            setattr(dyn, name, max(getattr(dyn, name), n_graphs + 8))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dyn, name):
+            setattr(dyn, name, max(getattr(dyn, name), 4 * (n_graphs + 8)))
+
+
 def resolve_device(cfg: TrainConfig) -> torch.device:
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -268,6 +280,11 @@ class Trainer:
         self.model.to(self.device).train()
         self.dp_base = drop_path_modules(self.model)
         self.dp_max = max(cfg.drop_path)
+        # drop-path rate per shape, from the config's own segments (not the re-planned ones, whose
+        # cut ranges would move it): a compiled graph guards on the rate, so one rate per shape
+        self.dp_of = {}
+        for sg in self.segments():
+            self.dp_of.setdefault(sg.shape, S.aug_at(0.5 * (sg.f0 + sg.f1), drop_path=cfg.drop_path).drop_path)
         from timm.optim import create_optimizer_v2
 
         # weight decay on weights only: timm's factory skips 1-D params (biases, norms) and the
@@ -281,17 +298,10 @@ class Trainer:
         self.mixup = make_mixup(mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                 num_classes=self.num_classes)
         self.step_model = self.model
-        if self.do_compile:
-            # one static graph per (res, keep, batch, drop-path) shape (fastvit.models.compile's
-            # rule); a curriculum needs more graphs than dynamo's default limit of 8
-            dyn = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dyn, name):
-                    setattr(dyn, name, max(getattr(dyn, name), 64))
-            for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(dyn, name):
-                    setattr(dyn, name, max(getattr(dyn, name), 256))
-            self.step_model = torch.compile(self.model, fullgraph=cfg.recipe == "fastvit", dynamic=False)
+        if self.do_compile and cfg.recipe == "baseline":
+            # timm's model, not ours: plain torch.compile, static shapes (one resolution)
+            self.step_model = torch.compile(self.model, dynamic=False)
+        self.compile_s = 0.0
         self.nan_run = 0
         self.nan_total = 0
         self.step = 0
@@ -311,6 +321,8 @@ class Trainer:
             self.val_s_total = ck.get("val_s", 0.0)
             set_rng_state(ck["rng"])
             self.ckpt = None   # free the memory
+            k0, _ = self.plan.segment_at(min(self.step, self.plan.total_steps - 1))
+            self.compile_shapes(self.plan.segments[k0:])
         else:
             self.plan = self.make_plan()
             atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
@@ -348,6 +360,7 @@ class Trainer:
         cfg = self.cfg
         segs = self.segments()
         if cfg.budget_s is None:                      # --epochs: an image budget; no probe needed
+            self.compile_shapes(segs)
             return plan_budget(segs, budget_images=int(round(cfg.epochs * self.train_count)))
         # probe: compile + time every shape on synthetic data; weights and optimizer restored after
         snap_model = copy.deepcopy(self.model.state_dict())
@@ -370,9 +383,15 @@ class Trainer:
                 torch.cuda.empty_cache()
 
         shapes = [s.shape for s in segs]
+        self.compile_shapes(segs)
+
+        def run_shape(shape):   # with the drop-path rate its graph was compiled with
+            set_drop_path(self.model, self.dp_base, self.dp_of.get(shape, 0.0), self.dp_max)
+            run_step(shape)
+
         self.log(f"probing {len(set(shapes))} shape(s) (compile={'on' if self.do_compile else 'off'})")
-        if self.do_compile:      # the probe compiles each shape; time it after one warm-up step
-            speeds, fixes = probe_speeds(shapes, run_step, self.clock.now, warmup=1, iters=cfg.probe_iters,
+        if self.do_compile:      # compiled above; one warm-up step (optimizer state, caches), then timed
+            speeds, fixes = probe_speeds(shapes, run_shape, self.clock.now, warmup=1, iters=cfg.probe_iters,
                                          is_oom=_is_oom, on_oom=on_oom)
         else:                    # eager: one warm-up step (lazy init); a small batch gives images/s as well
             small = {s: (s[0], s[1], min(s[2], 32)) for s in shapes}
@@ -390,12 +409,50 @@ class Trainer:
         # the first loader stage is built after planning; its start-up is measured on the first
         # step and handled by the drift check
         setup = self.clock.counted()
-        reserve = min(120.0, max(0.5, 0.01 * cfg.budget_s))
+        reserve = min(120.0, max(0.5, 0.005 * cfg.budget_s))   # the final checkpoint
         try:
             plan = plan_budget(segs, speeds=speeds, budget_s=cfg.budget_s, setup_s=setup, reserve_s=reserve)
         except BudgetTooSmall as e:
             raise TrainError(str(e), 2) from None
         return plan
+
+    def _drop_path(self, seg: Segment) -> float:
+        return self.dp_of.get(seg.shape, S.aug_at(0.5 * (seg.f0 + seg.f1), drop_path=self.cfg.drop_path).drop_path)
+
+    def compile_shapes(self, segs) -> None:
+        """Compile every (res, keep, batch) of `segs` ahead of time through fastvit.models.compile_model
+        (fullgraph, static shapes: one graph per shape; dynamo's default would go dynamic after the
+        second resolution and stop compiling after 8 graphs), counted in the budget. Each segment's
+        drop-path rate is a constant of its graph, so segments are warmed with their own rate."""
+        if not self.do_compile or self.cfg.recipe != "fastvit" or not segs:
+            return
+        from fastvit.models import compile_model
+
+        cfg = self.cfg
+        t0 = self.clock.counted()
+        amp = torch.bfloat16 if self.amp else None
+        by_dp: dict = {}
+        for sg in segs:
+            shape = (sg.res, float(sg.keep), sg.batch)
+            if shape not in by_dp.setdefault(self._drop_path(sg), []):
+                by_dp[self._drop_path(sg)].append(shape)
+        n = sum(len(v) for v in by_dp.values())
+        first = True
+        for dp, shapes in by_dp.items():
+            set_drop_path(self.model, self.dp_base, dp, self.dp_max)
+            if first:   # one compiled module for the run (dynamo's cache is per module and backend)
+                _raise_graph_limit(2 * n)
+                self.step_model = compile_model(self.model, shapes, amp_dtype=amp, device=self.device)
+                first = False
+            else:       # the same module warmed at another drop-path rate
+                for res, keep, b in shapes:
+                    x = torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=self.device)
+                    with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        out = self.step_model(x, keep_rate=keep) if keep < 1.0 else self.step_model(x)
+                    out.float().sum().backward()
+                self.opt.zero_grad(set_to_none=True)
+        self.compile_s += self.clock.counted() - t0
+        self.log(f"compiled {n} shape(s) ahead of time in {self.clock.counted() - t0:.1f} s (counted)")
 
     def save_plan(self) -> None:
         atomic_write_bytes(self.run_dir / "plan.json", self.plan.dumps().encode())
@@ -440,7 +497,8 @@ class Trainer:
             images = randaugment_groups(images, randaug, cfg.randaug_ops)
         images, targets = mix_batch(self.mixup, images, labels, mix_prob)                # (B,3,r,r), (B,C)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.step_model(images, keep_rate=keep if keep < 1.0 else None)     # (B,C)
+            # the call form compile_model warmed up: no keep argument for all patches
+            logits = self.step_model(images, keep_rate=keep) if keep < 1.0 else self.step_model(images)  # (B,C)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e12)
@@ -502,9 +560,7 @@ class Trainer:
                 if k != cur_seg:
                     cur_seg, seg_first_step = k, self.step
                     window.clear()
-                    f_mid = 0.5 * (seg.f0 + seg.f1)
-                    set_drop_path(self.model, self.dp_base, S.aug_at(f_mid, drop_path=cfg.drop_path).drop_path,
-                                  self.dp_max)
+                    set_drop_path(self.model, self.dp_base, self._drop_path(seg), self.dp_max)
                 f = plan.progress_at(self.step)                   # training-window progress
                 lr = S.lr_at(f, base_lr=cfg.lr, warmup=cfg.warmup, decay=cfg.lr_decay) * seg.lr_scale
                 aug = S.aug_at(f, mix_prob=cfg.mix_prob, randaug=cfg.randaug, drop_path=cfg.drop_path)
@@ -710,7 +766,7 @@ class Trainer:
             "budget_s": cfg.budget_s, "budget_images": plan.budget_images,
             "counted_s": round(counted, 3), "validation_s": round(self.val_s_total, 3),
             "steps": self.step, "planned_steps": plan.total_steps, "images_seen": plan.images_until(self.step),
-            "replans": len(plan.replans), "nan_skipped": self.nan_total,
+            "replans": len(plan.replans), "nan_skipped": self.nan_total, "compile_s": round(self.compile_s, 3),
             "device_name": self.device_name(), "backend": self.backend, "recipe": cfg.recipe,
             "model": cfg.model, "stages": stages,
         }
