@@ -203,3 +203,39 @@ def test_user_errors_are_one_line(tiny_prepped, tmp_path, capsys):
     assert main(["--data", str(nosplit), "--epochs", "1", "--out", str(tmp_path / "f"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'val' split" in err[0]
+
+
+def test_every_evaluation_starts_at_the_first_val_image(tiny_prepped, tmp_path, monkeypatch):
+    """Capped periodic validations stop mid-epoch; the next one (and the final, full one) must start at
+    the beginning of the val split again, and raw and EMA weights must be scored on the same images."""
+    from fastvit.data.base import BatchLoader
+    from fastvit.train.config import make_config
+    from fastvit.train.loop import Trainer
+
+    calls: list[list] = []                       # per validation: (global batch index, labels) read
+    real_next, real_validate = BatchLoader.next_batch, Trainer.validate
+
+    def next_batch(self):
+        g = self.next_index
+        batch = real_next(self)
+        if not self.train and calls:
+            calls[-1].append((g, batch[1].tolist()))
+        return batch
+
+    def validate(self, *a, **k):
+        calls.append([])
+        return real_validate(self, *a, **k)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+    monkeypatch.setattr(Trainer, "validate", validate)
+    cfg = make_config("test", dict(data=str(tiny_prepped), out=str(tmp_path / "run"), device="cpu", backend="dali",
+                                   epochs=3, evals=2, eval_images=8, progress=False))
+    res = Trainer(cfg, log=lambda m: None).run()
+    assert len(calls) == 3                                       # two periodic + the final validation
+    full = calls[-1]
+    assert [g for g, _ in full] == [0, 1] and sum(len(b) for _, b in full) == 24   # val split: 24 images, 16 a batch
+    for periodic in calls[:-1]:
+        assert periodic == full[:1]                              # one batch covers the cap, for raw and EMA alike
+    assert res["val_images"] == 24 and res["ema_top1"] is not None
+    vals = _rows(tmp_path / "run", "val")
+    assert [r["val_images"] for r in vals] == [16, 16, 24]

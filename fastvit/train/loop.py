@@ -176,28 +176,36 @@ def drop_path_modules(model: nn.Module) -> dict:
 # evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, device, amp: bool, max_images: int | None = None) -> dict:
-    """top-1 / top-5 (%) with all patches."""
-    was = model.training
-    model.eval()
-    n = c1 = c5 = 0
+def evaluate(model: nn.Module | dict, batches, *, device, amp: bool, max_images: int | None = None) -> dict:
+    """top-1 / top-5 (%) with all patches. `model` may be {name: model}: every model then sees the
+    very same batches in one pass (raw and EMA weights compared on identical images), and the result
+    is {name: {top1, top5, images}}. Stops after the batch that reaches `max_images`."""
+    models = model if isinstance(model, dict) else {"_": model}
+    was = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    n = 0
+    hits = {k: [0, 0] for k in models}                                                    # top-1, top-5
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        k = min(5, logits.shape[1])
-        top = logits.float().topk(k, dim=1).indices                                     # (B,k)
-        hit = top.eq(labels.view(-1, 1))
-        c1 += hit[:, 0].sum().item()                                                     # SYNC
-        c5 += hit.any(dim=1).sum().item()
+        for k, m in models.items():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = m(images)
+            kk = min(5, logits.shape[1])
+            top = logits.float().topk(kk, dim=1).indices                                # (B,k)
+            hit = top.eq(labels.view(-1, 1))
+            hits[k][0] += hit[:, 0].sum().item()                                         # SYNC
+            hits[k][1] += hit.any(dim=1).sum().item()
         n += labels.numel()
         if max_images and n >= max_images:
             break
-    model.train(was)
+    for k, m in models.items():
+        m.train(was[k])
     if n == 0:
         raise TrainError("the validation loader gave no images", 1)
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": n}
+    out = {k: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": n} for k, (c1, c5) in hits.items()}
+    return out if isinstance(model, dict) else out["_"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +219,7 @@ class Trainer:
         self.overwrite = overwrite
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._clock_fn = clock_fn
+        self._val = None          # the val loader, kept between evaluations (see validate)
 
     def log(self, msg: str) -> None:
         self._log(f"[fastvit-train] {msg}")
@@ -543,7 +552,7 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr)
         loader = self.open_loader() if self.step < plan.total_steps else None
         it = iter(loader) if loader is not None else None
-        val_loader = None
+        self._val = None
         last_ckpt_t = self.clock.counted()
         window: deque = deque(maxlen=max(20, 2 * cfg.log_every))   # (counted_s, images) per step
         cur_seg = -1
@@ -642,14 +651,15 @@ class Trainer:
                 if cfg.evals and self.evals_done < cfg.evals and self.step < self.plan.total_steps and \
                         self.plan.progress_at(self.step) >= (self.evals_done + 1) / (cfg.evals + 1):
                     with self.clock.excluded() as ex:
-                        if val_loader is None:
-                            val_loader = self.open_val(self.final_res)
-                        r = self.validate(val_loader, cfg.eval_images)
+                        r = self.validate(cfg.eval_images)
                     self.val_s_total += ex["seconds"]
                     self.evals_done += 1
                     self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(self.clock.counted(), 3),
                                       **r, "val_s": round(ex["seconds"], 3)})
                     self.log(f"val @ step {self.step}: top-1 {r['top1']:.2f}% (EMA {r.get('ema_top1', float('nan')):.2f}%)")
+        except BaseException:
+            self.close_val()
+            raise
         finally:
             bar.close()
             if loader is not None and hasattr(loader, "close"):
@@ -658,11 +668,10 @@ class Trainer:
         self.save()
         counted = self.clock.counted()
         with self.clock.excluded() as ex:
-            if val_loader is None or not hasattr(val_loader, "__iter__"):
-                val_loader = self.open_val(self.final_res)
-            final = self.validate(val_loader, None)
-        if hasattr(val_loader, "close"):
-            val_loader.close()
+            try:
+                final = self.validate(None)          # the full val split, from its first image
+            finally:
+                self.close_val()
         self.val_s_total += ex["seconds"]
         self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(counted, 3), **final,
                           "val_s": round(ex["seconds"], 3)})
@@ -730,14 +739,29 @@ class Trainer:
         self.save_plan()
         return self._reopen(loader)
 
-    def validate(self, val_loader, max_images) -> dict:
-        amp = self.amp
-        r = evaluate(self.model, val_loader, device=self.device, amp=amp, max_images=max_images)
-        out = {"top1": r["top1"], "top5": r["top5"], "val_images": r["images"]}
+    def validate(self, max_images) -> dict:
+        """Raw and EMA weights in one pass over the same batches, from the first image of the val split
+        (a capped evaluation stops mid-epoch; the next one does not continue there). The val loader is
+        kept between evaluations while it stands at an epoch start, else reopened."""
+        v = self._val
+        if v is not None and (getattr(v, "closed", False) or v.next_index % len(v) != 0):
+            v.close()
+            v = self._val = None
+        if v is None:
+            v = self._val = self.open_val(self.final_res)
+        models = {"raw": self.model}
         if self.ema is not None:
-            e = evaluate(self.ema.module, val_loader, device=self.device, amp=amp, max_images=max_images)
-            out.update(ema_top1=e["top1"], ema_top5=e["top5"])
+            models["ema"] = self.ema.module
+        r = evaluate(models, v, device=self.device, amp=self.amp, max_images=max_images)
+        out = {"top1": r["raw"]["top1"], "top5": r["raw"]["top5"], "val_images": r["raw"]["images"]}
+        if "ema" in r:
+            out.update(ema_top1=r["ema"]["top1"], ema_top5=r["ema"]["top5"])
         return out
+
+    def close_val(self) -> None:
+        if self._val is not None:
+            self._val.close()
+            self._val = None
 
     def device_name(self) -> str:
         if self.cuda:
