@@ -239,3 +239,37 @@ def test_every_evaluation_starts_at_the_first_val_image(tiny_prepped, tmp_path, 
     assert res["val_images"] == 24 and res["ema_top1"] is not None
     vals = _rows(tmp_path / "run", "val")
     assert [r["val_images"] for r in vals] == [16, 16, 24]
+
+
+def _variant(tiny_prepped, dst: Path, edit) -> Path:
+    """A data dir reading tiny_prepped's shards (symlinked) through an edited manifest."""
+    dst.mkdir()
+    for sub in ("ffcv", "dali"):
+        (dst / sub).symlink_to(tiny_prepped / sub, target_is_directory=True)
+    man = json.loads((tiny_prepped / "manifest.json").read_text())
+    edit(man)
+    (dst / "manifest.json").write_text(json.dumps(man))
+    return dst
+
+
+def test_loader_failures_are_one_line_exit_2(tiny_prepped, tmp_path, capsys):
+    """DataErrors from the val loader (opened after training) and from a train stage built in the
+    background (surfacing at next(it)) end as one line and exit 2, not a traceback."""
+    def no_val_dali(m):
+        m["splits"]["val"].pop("dali")                          # the val shard is missing for --backend dali
+
+    def val_count(m):
+        m["splits"]["val"]["count"] -= 1                        # .idx files disagree with the manifest
+
+    def train_count(m):
+        m["splits"]["train"]["count"] -= 1
+
+    for name, edit, words in [("noval", no_val_dali, "val"), ("valcount", val_count, "val"),
+                              ("traincount", train_count, "train")]:
+        data = _variant(tiny_prepped, tmp_path / name, edit)
+        rc = main(["--data", str(data), "--out", str(tmp_path / f"run_{name}"), "--epochs", "1", "--evals", "0", *TINY])
+        err = capsys.readouterr().err.strip().splitlines()
+        err = [e for e in err if not e.startswith("[fastvit-train]")]   # the run's own log lines
+        assert rc == 2, (name, err)
+        assert len(err) == 1 and err[0].startswith("fastvit-train: error:") and words in err[0], (name, err)
+        assert "samples" in err[0] or "no dali" in err[0], err[0]

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvit.data.dataset import DataError
+
 from . import schedules as S
 from .augment import make_mixup, mix_batch, randaugment_groups
 from .budget import BudgetClock
@@ -481,9 +483,7 @@ class Trainer:
             kw["workers"] = self.cfg.workers
         try:
             return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
-        except Exception as e:  # noqa: BLE001 - DataError (missing shard/source tree): one line
-            if type(e).__name__ != "DataError":
-                raise
+        except DataError as e:   # missing shard/source tree: one line
             raise TrainError(f"loader ({self.backend}): {e}", 2) from None
 
     def open_val(self, res: int):
@@ -493,7 +493,10 @@ class Trainer:
                   device=str(self.device))
         if self.cfg.workers:
             kw["workers"] = self.cfg.workers
-        return make_val_loader(self.ds, **kw)
+        try:
+            return make_val_loader(self.ds, **kw)
+        except DataError as e:   # val shard missing at this res, flat val/ for torchvision, ...: one line
+            raise TrainError(f"val loader ({self.backend}, {res} px): {e}", 2) from None
 
     # ------------------------------------------------------------------ one step
     def train_step(self, images, labels, *, keep: float, lr: float, mix_prob: float, randaug: float,
@@ -578,6 +581,10 @@ class Trainer:
                     images, labels, _stage = next(it)
                 except StopIteration:
                     raise TrainError(f"the loader stopped at step {self.step} of {plan.total_steps}", 1) from None
+                except DataError as e:
+                    # stages are built in the background: a missing backend, a count mismatch or an
+                    # ImageFolder error surfaces here, at the first batch of the stage
+                    raise TrainError(f"train loader ({self.backend}): {e}", 2) from None
                 wait = self.clock.now() - t_wait
                 waits.append(wait)
                 iv["wait"] += wait
@@ -698,9 +705,7 @@ class Trainer:
             return loader, it
         try:
             loader.replan(self._loader_stages())
-        except Exception as e:  # noqa: BLE001 - DataError: a plan whose served history changed
-            if type(e).__name__ != "DataError":
-                raise
+        except DataError as e:   # a plan whose served history changed
             self.log(f"re-plan: the loader could not take the new plan in place ({e}); reopening it")
             return self._reopen(loader)
         return loader, it
@@ -752,7 +757,11 @@ class Trainer:
         models = {"raw": self.model}
         if self.ema is not None:
             models["ema"] = self.ema.module
-        r = evaluate(models, v, device=self.device, amp=self.amp, max_images=max_images)
+        try:
+            r = evaluate(models, v, device=self.device, amp=self.amp, max_images=max_images)
+        except DataError as e:   # a backend that opens its stream at the first batch
+            self.close_val()
+            raise TrainError(f"val loader ({self.backend}, {self.final_res} px): {e}", 2) from None
         out = {"top1": r["raw"]["top1"], "top5": r["raw"]["top5"], "val_images": r["raw"]["images"]}
         if "ema" in r:
             out.update(ema_top1=r["ema"]["top1"], ema_top5=r["ema"]["top5"])
