@@ -273,3 +273,33 @@ def test_loader_failures_are_one_line_exit_2(tiny_prepped, tmp_path, capsys):
         assert rc == 2, (name, err)
         assert len(err) == 1 and err[0].startswith("fastvit-train: error:") and words in err[0], (name, err)
         assert "samples" in err[0] or "no dali" in err[0], err[0]
+
+
+def test_oom_mid_run_halves_batch_and_scales_lr_by_the_configured_rule(tiny_prepped, tmp_path, monkeypatch):
+    import math
+
+    from fastvit.train import schedules as S
+    from fastvit.train.config import make_config
+    from fastvit.train.loop import Trainer
+
+    real = Trainer.train_step
+    hit = []
+
+    def train_step(self, images, *a, **k):
+        if not hit and not k.get("probe"):
+            hit.append(images.shape[0])
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(self, images, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    cfg = make_config("test", dict(data=str(tiny_prepped), out=str(tmp_path / "run"), device="cpu", backend="dali",
+                                   epochs=1, keep_min=1.0, curriculum="32:1", evals=0, lr_scaling="sqrt", progress=False))
+    msgs: list[str] = []
+    res = Trainer(cfg, log=msgs.append).run()
+    assert hit == [16]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert [s["batch"] for s in plan["segments"]] == [8]
+    assert plan["segments"][0]["lr_scale"] == pytest.approx(math.sqrt(0.5))
+    assert plan["segments"][0]["lr_scale"] == pytest.approx(S.lr_scale_for_batch(8, 16, "sqrt"))
+    assert any("out of GPU memory" in m and "sqrt" in m and "0.707" in m for m in msgs), msgs
+    assert res["steps"] == res["planned_steps"] == 64 // 8

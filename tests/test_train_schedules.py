@@ -240,11 +240,17 @@ def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():
     assert late.total_steps >= step + 1 and late.segments[-1].steps >= 1
     # out of memory: halved batch at res 128, LR scaled, steps doubled for the same images
     oom = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
-                 new_batch={128: 32})
+                 new_batch={128: 32}, base_batch=64, lr_rule="linear")
     s128 = [s for s in oom.segments if s.res == 128]
     assert all(s.batch == 32 for s in s128)
     old128 = [s for s in plan.segments if s.res == 128]
     assert s128[-1].lr_scale == pytest.approx(old128[-1].lr_scale / 2)
+    # the run's own rule, as the planned segments and the probe fallback use (sqrt by default)
+    sq = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
+                new_batch={128: 32}, base_batch=64, lr_rule="sqrt")
+    assert all(s.lr_scale == pytest.approx(math.sqrt(32 / 64)) for s in sq.segments if s.res == 128)
+    with pytest.raises(ValueError):
+        replan(plan, step=step, counted_s=0.0, speed_ratio=1.0, new_batch={128: 32})   # no rule given
 
 
 def test_replan_when_ahead_stretches_to_the_budget():

@@ -726,19 +726,21 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         if self.cuda:
             torch.cuda.empty_cache()
+        cfg = self.cfg
+        new_scale = S.lr_scale_for_batch(new_b, cfg.batch_size, cfg.lr_scaling)   # as the planner's segments
         self.log(f"out of GPU memory at res {seg.res}, batch {seg.batch}: continuing with batch {new_b}, "
-                 f"LR scaled by {new_b / seg.batch:g}")
+                 f"LR scale {seg.lr_scale:g} -> {new_scale:g} ({cfg.lr_scaling} rule, reference batch {cfg.batch_size})")
         if self.plan.mode == "time":
             self.plan = replan(self.plan, step=self.step, counted_s=self.clock.counted(), speed_ratio=1.0,
-                               new_batch={seg.res: new_b})
+                               new_batch={seg.res: new_b}, base_batch=cfg.batch_size, lr_rule=cfg.lr_scaling)
         else:
             segs = []
+            k, j = self.plan.segment_at(self.step)
             for i, s in enumerate(self.plan.segments):
-                k, j = self.plan.segment_at(self.step)
                 if i >= k and s.res == seg.res and s.batch > new_b:
                     todo = s.steps - (j if i == k else 0)
                     extra = todo * s.batch // new_b - todo
-                    s = replace(s, batch=new_b, lr_scale=s.lr_scale * new_b / s.batch, steps=s.steps + extra)
+                    s = replace(s, batch=new_b, lr_scale=new_scale, steps=s.steps + extra)
                 segs.append(s)
             self.plan = replace(self.plan, segments=segs)
         self.save_plan()

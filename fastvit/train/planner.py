@@ -211,7 +211,7 @@ def drifted(planned_speed: float, measured_speed: float, tol: float = 0.10) -> b
 
 
 def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
-           new_batch: dict | None = None) -> Plan:
+           new_batch: dict | None = None, base_batch: int | None = None, lr_rule: str | None = None) -> Plan:
     """Re-plan what is left after `step` steps at `counted_s` counted seconds.
 
     Steps already taken keep their segments (and progress values). The current segment is cut at
@@ -221,11 +221,14 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     from where the plan stood (no jump of the schedules either way): a run that is ahead gets more
     steps, one that is behind fewer, and both end on the budget. A segment left with no step is
     dropped and its progress range folded into its successor; the last segment keeps >= 1 step.
-    `new_batch` {res: batch} overrides batch sizes of remaining segments (out-of-memory fallback; the
-    LR scale is adjusted with them). Only for time budgets (an image budget does not drift).
+    `new_batch` {res: batch} overrides batch sizes of remaining segments (out-of-memory fallback); their
+    LR scale becomes lr_scale_for_batch(batch, base_batch, lr_rule), the rule the planned segments and
+    the probe's fallback use. Only for time budgets (an image budget does not drift).
     """
     if plan.mode != "time":
         raise ValueError("only a time plan can be re-planned")
+    if new_batch and (base_batch is None or lr_rule is None):
+        raise ValueError("new_batch needs base_batch and lr_rule (the LR scaling rule of the run)")
     total = plan.total_steps
     if step >= total:
         return plan
@@ -242,8 +245,8 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     for s in rest:
         batch, lr_scale = s.batch, s.lr_scale
         if new_batch and s.res in new_batch and new_batch[s.res] < batch:
-            lr_scale = lr_scale * new_batch[s.res] / batch   # linear LR scaling with the batch
             batch = new_batch[s.res]
+            lr_scale = S.lr_scale_for_batch(batch, base_batch, lr_rule)
         speed = s.speed * speed_ratio
         seconds = time_left * max(0.0, s.f1 - s.f0) / rest_share
         steps = int(math.floor(seconds * speed / batch + 0.5)) if speed > 0 else 0
