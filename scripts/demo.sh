@@ -18,7 +18,7 @@ step "1/3 fastvit-prep --demo --out $OUT --res 64,128,224"
 
 step "2/3 fastvit-train --data $OUT --minutes $MINUTES"
 # shellcheck disable=SC2086
-.venv/bin/fastvit-train --data "$OUT" --minutes "$MINUTES" --out "$RUN" ${DEMO_TRAIN_ARGS:-}
+.venv/bin/fastvit-train --data "$OUT" --minutes "$MINUTES" --out "$RUN" --overwrite ${DEMO_TRAIN_ARGS:-}
 
 step "3/3 bench/throughput.py --quick"
 "$PY" bench/throughput.py --quick --data "$OUT" --json "$RUN/bench_quick.json"

@@ -303,3 +303,23 @@ def test_oom_mid_run_halves_batch_and_scales_lr_by_the_configured_rule(tiny_prep
     assert plan["segments"][0]["lr_scale"] == pytest.approx(S.lr_scale_for_batch(8, 16, "sqrt"))
     assert any("out of GPU memory" in m and "sqrt" in m and "0.707" in m for m in msgs), msgs
     assert res["steps"] == res["planned_steps"] == 64 // 8
+
+
+def test_rerun_into_a_finished_run_needs_overwrite(tiny_prepped, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--data", str(tiny_prepped), "--out", str(run), "--epochs", "1", "--evals", "0",
+            "--keep-min", "1", "--curriculum", "32:1", *TINY]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert "results.json" in before and "metrics.jsonl" in before
+    capsys.readouterr()
+    assert main(argv) == 2                                      # finished: refused, nothing touched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished run" in err[0] and "--overwrite" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    (run / "results.json").unlink()                             # unfinished (checkpoint, metrics): refused too
+    assert main(argv) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+    assert main(argv + ["--overwrite"]) == 0                    # replaced on request
+    assert json.loads((run / "results.json").read_text())["steps"] == 64 // 16

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--minutes", type=float, help="budget in minutes")
     b.add_argument("--epochs", type=float, help="budget in images: N × train images (comparisons by epochs)")
     a("--resume", action="store_true", default=False, help="continue the run in --out from its last good checkpoint")
-    a("--overwrite", action="store_true", default=False, help="start over in an --out that holds an unfinished run")
+    a("--overwrite", action="store_true", default=False, help="start over in an --out that holds a run (finished or not), replacing its files")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: gpu on CUDA, cpu otherwise)")
     a("--config", help="YAML file of settings (keys as in TrainConfig)")
     a("--recipe", choices=["fastvit", "baseline"])

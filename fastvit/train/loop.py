@@ -35,6 +35,8 @@ from .planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segment
                       replan)
 
 NAN_LIMIT = 10
+# what a run writes into its dir besides checkpoints (a re-run without --overwrite must not touch them)
+RUN_FILES = ("results.json", "plan.json", "curves.png", "config.json", "metrics.jsonl", "metrics.csv")
 
 
 class TrainError(Exception):
@@ -221,6 +223,7 @@ class Trainer:
         self.overwrite = overwrite
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._clock_fn = clock_fn
+        self._prior: list[Path] = []   # a previous run's files, replaced under --overwrite
         self._val = None          # the val loader, kept between evaluations (see validate)
 
     def log(self, msg: str) -> None:
@@ -241,16 +244,16 @@ class Trainer:
             cfg = self.cfg = saved
             self.log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
         else:
-            if checkpoint_paths(self.run_dir):
-                finished = (self.run_dir / "results.json").is_file()
-                if not (self.overwrite or finished):
-                    raise TrainError(f"{self.run_dir} holds an unfinished run: pass --resume to continue it, "
-                                     "--overwrite to start over, or choose another --out", 2)
-                self.log(f"starting over in {self.run_dir} (the previous run's files are replaced)")
-                for p in checkpoint_paths(self.run_dir):
-                    p.unlink()
-                for name in ("results.json", "plan.json", "curves.png"):
-                    (self.run_dir / name).unlink(missing_ok=True)
+            # a previous run's files (checkpoints, results, metrics): never replaced without --overwrite
+            prior = checkpoint_paths(self.run_dir) + [self.run_dir / n for n in RUN_FILES
+                                                      if (self.run_dir / n).is_file()]
+            if prior and not self.overwrite:
+                if (self.run_dir / "results.json").is_file():
+                    raise TrainError(f"{self.run_dir} holds a finished run (results.json): pass --overwrite to "
+                                     "replace it, or choose another --out", 2)
+                raise TrainError(f"{self.run_dir} holds an unfinished run: pass --resume to continue it, "
+                                 "--overwrite to start over, or choose another --out", 2)
+            self._prior = prior      # removed once the data and settings are checked (below)
             if not cfg.has_budget:
                 raise TrainError("give a budget: --hours H, --minutes M or --epochs N", 2)
         kw = {"clock": self._clock_fn} if self._clock_fn else {}
@@ -266,6 +269,10 @@ class Trainer:
         self.num_classes = len(self.manifest["classes"])
         self.final_res = pick_final_res(cfg, self.manifest, cfg.patch_size)
         self.train_count = int(self.manifest["splits"]["train"]["count"])
+        if self._prior:
+            self.log(f"starting over in {self.run_dir} (--overwrite: the previous run's files are replaced)")
+            for p in self._prior:
+                p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.recipe == "baseline" and (cfg.baseline_res or self.final_res) != self.final_res:
             self.final_res = cfg.baseline_res
