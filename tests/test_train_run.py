@@ -323,3 +323,15 @@ def test_rerun_into_a_finished_run_needs_overwrite(tiny_prepped, tmp_path, capsy
     assert (run / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert main(argv + ["--overwrite"]) == 0                    # replaced on request
     assert json.loads((run / "results.json").read_text())["steps"] == 64 // 16
+
+
+def test_resume_warns_about_flags_the_saved_config_overrides(tiny_prepped, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "1", "--evals", "0",
+                 "--keep-min", "1", "--curriculum", "32:1", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--lr", "0.5", "--minutes", "3", "--no-progress"]) == 0
+    warn = [line for line in capsys.readouterr().err.splitlines() if "ignored" in line]
+    assert len(warn) == 1 and "--lr" in warn[0] and "--minutes" in warn[0] and "--out" not in warn[0] \
+        and "--no-progress" not in warn[0] and "--progress" not in warn[0], warn
+    assert json.loads((run / "results.json").read_text())["budget_s"] is None   # still the saved --epochs run

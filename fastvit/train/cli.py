@@ -95,6 +95,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return make_config(preset, overrides, args.config)
 
 
+# flags that still count with --resume (everything else comes from the run's saved config)
+RESUME_FLAGS = ("out", "resume", "progress")
+
+
+def ignored_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags the user gave beside --resume that the saved config overrides (argparse default None
+    = not given; store_true flags default False)."""
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in RESUME_FLAGS and v is not None and v is not False]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,7 +120,8 @@ def main(argv=None) -> int:
             cfg = config_from_args(args)
             if not args.out:
                 cfg.out = f"runs/{cfg.recipe}"
-        res = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        ignored = ignored_on_resume(args) if args.resume else []
+        res = train(cfg, resume=args.resume, overwrite=args.overwrite, ignored_flags=ignored)
     except ConfigError as e:
         print(f"fastvit-train: error: {e}", file=sys.stderr)
         return 2

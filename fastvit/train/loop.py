@@ -217,8 +217,9 @@ def evaluate(model: nn.Module | dict, batches, *, device, amp: bool, max_images:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None,
-                 clock_fn=None):
+                 clock_fn=None, ignored_flags=()):
         self.cfg = cfg
+        self.ignored_flags = list(ignored_flags)   # given with --resume; the saved config wins
         self.resume = resume
         self.overwrite = overwrite
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -243,6 +244,8 @@ class Trainer:
             saved.progress = cfg.progress
             cfg = self.cfg = saved
             self.log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
+            if self.ignored_flags:
+                self.log(f"warning: ignored with --resume (the run's saved config wins): {', '.join(self.ignored_flags)}")
         else:
             # a previous run's files (checkpoints, results, metrics): never replaced without --overwrite
             prior = checkpoint_paths(self.run_dir) + [self.run_dir / n for n in RUN_FILES
@@ -814,5 +817,6 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
-    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run()
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None,
+          ignored_flags=()) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log, ignored_flags=ignored_flags).run()
