@@ -335,3 +335,36 @@ def test_resume_warns_about_flags_the_saved_config_overrides(tiny_prepped, tmp_p
     assert len(warn) == 1 and "--lr" in warn[0] and "--minutes" in warn[0] and "--out" not in warn[0] \
         and "--no-progress" not in warn[0] and "--progress" not in warn[0], warn
     assert json.loads((run / "results.json").read_text())["budget_s"] is None   # still the saved --epochs run
+
+
+def test_metrics_record_compute_time_and_plan_keeps_probe_speed(tiny_prepped, tmp_path):
+    """Each log record carries the steps' compute seconds next to their wall seconds (the GPU-busy
+    share's parts); the plan keeps the probe's images/s apart from the (re-planned) speed."""
+    run = tmp_path / "run"
+    assert main(["--data", str(tiny_prepped), "--out", str(run), "--minutes", "0.1", "--evals", "0",
+                 "--keep-min", "1", "--curriculum", "32:1", *TINY]) == 0
+    rows = _rows(run)
+    assert rows and all(0 < r["interval_compute_s"] <= r["interval_s"] + 1e-5 for r in rows[1:])
+    plan = json.loads((run / "plan.json").read_text())
+    assert all(s["probe_speed"] > 0 for s in plan["segments"])
+    assert "interval_compute_s" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    e2e = importlib.import_module("sections.e2e")
+
+    def row(seg, s, compute, images=64, wait=0.1):
+        return {"kind": "train", "segment": seg, "res": 32, "keep": 1.0, "interval_s": s, "interval_wait_s": wait,
+                "interval_images": images, "interval_compute_s": compute}
+
+    rows = [row(0, 9.0, 0.1), row(0, 1.0, 0.5), row(0, 1.0, 0.3)]   # the first interval (compile) is left out
+    # re-planned speed (what the old metric divided by) differs from the probe's: only the probe counts
+    plan = {"segments": [{"res": 32, "keep": 1.0, "speed": 64.0, "probe_speed": 50.0}]}
+    m = e2e.stage_metrics(rows, plan, cuda=True)
+    assert m["e2e/gpu_busy@32,keep1"] == pytest.approx(0.4)
+    assert m["e2e/images_per_s@32,keep1"] == pytest.approx(64.0)
+    assert m["e2e/speed_over_probe@32,keep1"] == pytest.approx(64.0 / 50.0)   # > 1 shown, not clipped
+    assert "e2e/gpu_busy@32,keep1" not in e2e.stage_metrics(rows, plan, cuda=False)

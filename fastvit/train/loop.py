@@ -30,7 +30,7 @@ from .budget import BudgetClock
 from .checkpoint import (atomic_write_bytes, checkpoint_paths, load_latest, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig
-from .metrics import MetricsWriter, plot_curves
+from .metrics import MetricsWriter, StepTimer, plot_curves
 from .planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, plan_budget, probe_speeds,
                       replan)
 
@@ -574,6 +574,7 @@ class Trainer:
         waits: deque = deque(maxlen=100)
         iv = {"t": self.clock.counted(), "wait": 0.0, "images": 0}   # since the last log record
         drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.replan_tol)
+        timer = StepTimer(self.cuda, self.clock.now)     # per-step compute time (GPU-busy share)
         try:
             while self.step < self.plan.total_steps:
                 plan = self.plan
@@ -603,14 +604,17 @@ class Trainer:
                 if images.shape[-1] != seg.res or images.shape[0] != seg.batch:
                     raise TrainError(f"loader gave {tuple(images.shape)} at step {self.step}, plan wants "
                                      f"res {seg.res} batch {seg.batch}", 1)
+                timer.start()
                 try:
                     loss = self.train_step(images, labels, keep=seg.keep, lr=lr, mix_prob=aug.mix_prob,
                                            randaug=aug.randaug_mag)
                 except Exception as e:  # noqa: BLE001
+                    timer.cancel()
                     if not _is_oom(e):
                         raise
                     loader, it = self.handle_oom(loader, seg)
                     continue
+                timer.stop()                                      # the EMA update is inside the span
                 if loss is None and self.nan_run >= NAN_LIMIT:
                     path = self.save()
                     raise TrainError(f"loss was NaN/inf for {NAN_LIMIT} steps in a row (step {self.step}); "
@@ -633,7 +637,7 @@ class Trainer:
                            "loss": loss, "images_per_s": ips, "data_wait": sum(waits) / max(1, len(waits)),
                            "mix_prob": aug.mix_prob, "drop_path": aug.drop_path, "nan_skipped": self.nan_total,
                            "interval_s": round(now - iv["t"], 6), "interval_wait_s": round(iv["wait"], 6),
-                           "interval_images": iv["images"]}
+                           "interval_images": iv["images"], "interval_compute_s": round(timer.take(), 6)}
                     self.metrics.log(rec)
                     iv = {"t": now, "wait": 0.0, "images": 0}
                     left = (cfg.budget_s - now) if cfg.budget_s else None

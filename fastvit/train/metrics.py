@@ -16,7 +16,61 @@ from ..fileio import write_bytes_atomic
 CSV_COLUMNS = ["kind", "step", "counted_s", "p", "segment", "res", "keep", "batch", "lr", "loss",
                "images_per_s", "data_wait", "mix_prob", "drop_path", "nan_skipped",
                "top1", "top5", "ema_top1", "ema_top5", "val_s", "interval_s", "interval_wait_s",
-               "interval_images"]
+               "interval_images", "interval_compute_s"]
+
+
+class StepTimer:
+    """Compute time of the training steps between two log records (the GPU-busy share's numerator).
+
+    CUDA: a pair of timing events on the current stream around each step's compute (augment, forward,
+    backward, clip, optimizer, EMA), read only at log time, so no step waits for them; the time is the
+    GPU's from the step's first queued kernel to its last (gaps inside a step, e.g. at the loss sync,
+    count as busy; the wait for the next batch, logging, checkpoints count as idle). CPU: the host
+    clock around the same part (`now` is the budget clock's, the only clock the loop reads)."""
+
+    def __init__(self, cuda: bool, now):
+        self.cuda = cuda
+        self._now = now
+        self._start = None
+        self._pairs: list = []
+        self._host_s = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = self._now()
+
+    def stop(self) -> None:
+        if self._start is None:
+            return
+        if self.cuda:
+            import torch
+
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pairs.append((self._start, end))
+        else:
+            self._host_s += self._now() - self._start
+        self._start = None
+
+    def cancel(self) -> None:
+        """A step that failed (out of memory): not counted."""
+        self._start = None
+
+    def take(self) -> float:
+        """Seconds of compute since the last take()."""
+        if self.cuda:
+            if self._pairs:
+                self._pairs[-1][1].synchronize()                                         # SYNC (log time only)
+            s = sum(a.elapsed_time(b) for a, b in self._pairs) / 1000.0
+            self._pairs.clear()
+            return s
+        s, self._host_s = self._host_s, 0.0
+        return s
 
 
 class MetricsWriter:

@@ -33,7 +33,9 @@ class Segment:
     f0: float            # share of the training window where it starts
     f1: float            # ... and ends
     steps: int = 0
-    speed: float = 0.0   # planned images/s (time budget only)
+    speed: float = 0.0   # planned images/s (time budget only); re-plans rescale it to the measured speed
+    probe_speed: float = 0.0   # images/s the probe measured for this shape (synthetic on-device data);
+                               # never rescaled, 0 when not probed (--epochs, a batch changed after OOM)
 
     @property
     def shape(self) -> tuple[int, float, int]:
@@ -184,7 +186,7 @@ def plan_budget(segments: list[Segment], *, speeds: dict | None = None, budget_s
     for s in segments:
         sp = speeds[s.shape] if mode == "time" else 0.0
         n = _steps_for(s.f1 - s.f0, s, sp, window, budget_images)
-        out.append(replace(s, steps=n, speed=sp))
+        out.append(replace(s, steps=n, speed=sp, probe_speed=sp))
     out = _drop_empty(out)
     return Plan(segments=out, mode=mode, budget_s=budget_s, budget_images=budget_images,
                 setup_s=setup_s, reserve_s=reserve_s)
@@ -243,14 +245,15 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     rest = [replace(cur, f0=f_cur)] + list(plan.segments[k + 1:])
     new_rest = []
     for s in rest:
-        batch, lr_scale = s.batch, s.lr_scale
+        batch, lr_scale, probe = s.batch, s.lr_scale, s.probe_speed
         if new_batch and s.res in new_batch and new_batch[s.res] < batch:
             batch = new_batch[s.res]
             lr_scale = S.lr_scale_for_batch(batch, base_batch, lr_rule)
+            probe = 0.0                                      # that batch was never probed
         speed = s.speed * speed_ratio
         seconds = time_left * max(0.0, s.f1 - s.f0) / rest_share
         steps = int(math.floor(seconds * speed / batch + 0.5)) if speed > 0 else 0
-        new_rest.append(replace(s, batch=batch, lr_scale=lr_scale, speed=speed, steps=steps))
+        new_rest.append(replace(s, batch=batch, lr_scale=lr_scale, speed=speed, steps=steps, probe_speed=probe))
     new_rest = _drop_empty(new_rest)
     new_rest[0] = replace(new_rest[0], f0=f_cur)
     new = Plan(segments=done + new_rest, mode=plan.mode, budget_s=plan.budget_s,
