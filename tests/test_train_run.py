@@ -195,11 +195,7 @@ def test_user_errors_are_one_line(tiny_prepped, tmp_path, capsys):
         assert main(argv + TINY) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
-    nosplit = tmp_path / "nosplit"
-    nosplit.mkdir()
-    man = json.loads((tiny_prepped / "manifest.json").read_text())
-    man["splits"].pop("val")
-    (nosplit / "manifest.json").write_text(json.dumps(man))
+    nosplit = _variant(tiny_prepped, tmp_path / "nosplit", lambda man: man["splits"].pop("val"))
     assert main(["--data", str(nosplit), "--epochs", "1", "--out", str(tmp_path / "f"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'val' split" in err[0]
@@ -253,7 +249,7 @@ def _variant(tiny_prepped, dst: Path, edit) -> Path:
 
 
 def test_loader_failures_are_one_line_exit_2(tiny_prepped, tmp_path, capsys):
-    """DataErrors from the val loader (opened after training) and from a train stage built in the
+    """DataErrors from the set-up check, the val loader (opened after training) and a train stage built in the
     background (surfacing at next(it)) end as one line and exit 2, not a traceback."""
     def no_val_dali(m):
         m["splits"]["val"].pop("dali")                          # the val shard is missing for --backend dali
@@ -368,3 +364,24 @@ def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
     assert m["e2e/images_per_s@32,keep1"] == pytest.approx(64.0)
     assert m["e2e/speed_over_probe@32,keep1"] == pytest.approx(64.0 / 50.0)   # > 1 shown, not clipped
     assert "e2e/gpu_busy@32,keep1" not in e2e.stage_metrics(rows, plan, cuda=False)
+
+
+def test_missing_val_shard_is_found_before_training(tiny_prepped, tmp_path, capsys):
+    """A val split without files for the chosen backend is reported at set-up (one line, exit 2), before
+    the budget is spent, through the dataset's own check (PreppedDataset.require_split)."""
+    from fastvit.data import open_dataset
+
+    def no_val_dali(m):
+        m["splits"]["val"].pop("dali")
+
+    data = _variant(tiny_prepped, tmp_path / "noval", no_val_dali)
+    ds = open_dataset(data)
+    assert ds.require_split("train", 32, "dali") == 32 and ds.require_split("val", 32, "ffcv") == 32
+    assert ds.require_split("val", 48, "any") == 64
+    with pytest.raises(Exception, match="no dali files"):
+        ds.require_split("val", 32, "dali")
+    run = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(run), "--epochs", "1", "--evals", "0", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no dali files" in err[0] and "'val'" in err[0], err
+    assert not (run / "metrics.jsonl").exists()                 # nothing trained

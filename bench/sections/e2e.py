@@ -101,9 +101,14 @@ def run(ctx) -> dict:
 
     shutil.rmtree(run_dir, ignore_errors=True)
     if ctx.cuda:
-        man = json.loads((data / "manifest.json").read_text())
+        from fastvit.data import DataError, open_dataset
+
+        try:
+            ds = open_dataset(data)
+        except DataError as e:
+            raise SectionSkipped(f"--data: {e}") from None
         over = dict(data=str(data), out=str(run_dir), device="cuda", minutes=1.0 if ctx.quick else 4.0,
-                    model="vit_small_local", final_res=min(224, max(man["resolutions"])), evals=0,
+                    model="vit_small_local", final_res=min(224, max(ds.resolutions)), evals=0,
                     progress=False, log_every=10)
         cfg = make_config("gpu", over)
     else:

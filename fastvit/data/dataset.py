@@ -49,6 +49,24 @@ class PreppedDataset:
             raise DataError(f"split {split!r} is not in {self.root / MANIFEST} (has {', '.join(sorted(self.splits))})")
         return self.splits[split]
 
+    def require_split(self, split: str, res: int | None = None, fmt: str | None = None) -> int | None:
+        """Check that `split` has images, and files of `fmt` ("ffcv", "dali", "any" container; None: no
+        file check, e.g. a loader over the source tree) before a loader is built. Returns the stored
+        resolution a loader at `res` reads (None without res or fmt). One-line DataError otherwise."""
+        if split not in self.splits:
+            raise DataError(f"{self.root} has no {split!r} split (the manifest lists: {', '.join(sorted(self.splits))}); "
+                            f"prep it with fastvit-prep --splits train,val")
+        if not self.count(split):
+            raise DataError(f"{self.root}: split {split!r} has no images")
+        if fmt is None:
+            return None
+        if fmt == "any":
+            if not self.formats(split):
+                raise DataError(f"{self.root}: split {split!r} has no ffcv or dali files")
+            fmt = self.formats(split)[0]
+        stored = self.stored_res(res if res is not None else max(self.resolutions), split, fmt)
+        return stored if res is not None else None
+
     def formats(self, split: str) -> tuple[str, ...]:
         return tuple(f for f in ("ffcv", "dali") if self._split(split).get(f))
 

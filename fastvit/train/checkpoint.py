@@ -18,8 +18,6 @@ import torch
 
 from ..fileio import remove_stale_tmp, write_bytes_atomic
 
-atomic_write_bytes = write_bytes_atomic  # the name loop.py imports
-
 MAGIC = b"FVCKPT01"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 

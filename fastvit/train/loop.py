@@ -27,8 +27,9 @@ from fastvit.data.dataset import DataError
 from . import schedules as S
 from .augment import make_mixup, mix_batch, randaugment_groups
 from .budget import BudgetClock
-from .checkpoint import (atomic_write_bytes, checkpoint_paths, load_latest, rng_state, save_checkpoint,
-                         set_rng_state)
+from fastvit.fileio import write_bytes_atomic
+
+from .checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .metrics import MetricsWriter, StepTimer, plot_curves
 from .planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, plan_budget, probe_speeds,
@@ -87,32 +88,36 @@ def choose_backend(cfg: TrainConfig, device: torch.device) -> str:
     return "dali"
 
 
-def read_manifest(data: str) -> dict:
-    """Checks done here so the user gets one line instead of a traceback from deep inside a loader."""
+def open_data(data: str):
+    """The prepped dataset (fastvit.data.open_dataset reads and checks the manifest), or one line."""
+    from fastvit.data import open_dataset
+
     if not data:
         raise TrainError("--data is required: a directory written by fastvit-prep", 2)
-    root = Path(data)
-    if not root.is_dir():
+    if not Path(data).is_dir():
         raise TrainError(f"--data {data} does not exist", 2)
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        raise TrainError(f"--data {data} has no manifest.json: run `fastvit-prep --src SRC --out {data}` first", 2)
     try:
-        man = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"{mpath} is not readable JSON ({e}); re-run fastvit-prep", 2) from None
-    splits = man.get("splits", {})
-    for split in ("train", "val"):
-        if split not in splits or not splits[split].get("count"):
-            raise TrainError(f"{data} has no '{split}' split (manifest lists: {', '.join(splits) or 'none'}); "
-                             f"re-run fastvit-prep with --splits train,val", 2)
-    if not man.get("classes") or not man.get("resolutions"):
-        raise TrainError(f"{mpath} lists no classes or resolutions; re-run fastvit-prep", 2)
-    return man
+        return open_dataset(data)
+    except DataError as e:
+        raise TrainError(f"--data {data}: {e}", 2) from None
 
 
-def pick_final_res(cfg: TrainConfig, man: dict, patch: int) -> int:
-    res = cfg.final_res or max(man["resolutions"])
+def check_data(ds, data: str, backend: str, final_res: int) -> None:
+    """Train and val splits readable by `backend` (val at the evaluation resolution), checked before
+    any compute so a missing shard is not found after the whole budget was spent."""
+    # gpu_resident decodes whichever container the split has; torchvision reads the source tree
+    fmt = {"ffcv": "ffcv", "dali": "dali", "gpu_resident": "any"}.get(backend)
+    try:
+        for split, res in (("train", None), ("val", final_res)):
+            ds.require_split(split, res, fmt)
+            if backend == "torchvision":
+                ds.source_dir(split)
+    except DataError as e:
+        raise TrainError(f"--data {data}: {e}", 2) from None
+
+
+def pick_final_res(cfg: TrainConfig, resolutions, patch: int) -> int:
+    res = cfg.final_res or max(resolutions)
     if res % patch:
         raise TrainError(f"final resolution {res} is not a multiple of the patch size {patch}", 2)
     return res
@@ -263,22 +268,23 @@ class Trainer:
         self.clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **kw)
         self.ckpt = ck
 
-        self.manifest = read_manifest(cfg.data)
+        self.ds = open_data(cfg.data)
         self.device = resolve_device(cfg)
         self.cuda = self.device.type == "cuda"
         self.amp = cfg.amp if cfg.amp is not None else self.cuda
         self.do_compile = cfg.compile if cfg.compile is not None else self.cuda
         self.backend = choose_backend(cfg, self.device)
-        self.num_classes = len(self.manifest["classes"])
-        self.final_res = pick_final_res(cfg, self.manifest, cfg.patch_size)
-        self.train_count = int(self.manifest["splits"]["train"]["count"])
+        self.num_classes = self.ds.num_classes
+        self.final_res = pick_final_res(cfg, self.ds.resolutions, cfg.patch_size)
+        if cfg.recipe == "baseline" and (cfg.baseline_res or self.final_res) != self.final_res:
+            self.final_res = cfg.baseline_res
+        check_data(self.ds, cfg.data, self.backend, self.final_res)
+        self.train_count = self.ds.count("train")
         if self._prior:
             self.log(f"starting over in {self.run_dir} (--overwrite: the previous run's files are replaced)")
             for p in self._prior:
                 p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.recipe == "baseline" and (cfg.baseline_res or self.final_res) != self.final_res:
-            self.final_res = cfg.baseline_res
         if not self.resume:
             torch.manual_seed(cfg.seed)
             import numpy as np
@@ -289,13 +295,6 @@ class Trainer:
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-
-        from fastvit.data import open_dataset
-
-        try:
-            self.ds = open_dataset(cfg.data)
-        except Exception as e:  # noqa: BLE001 - fastvit.data.DataError and friends: one line
-            raise TrainError(f"--data {cfg.data}: {e}", 2) from None
 
         self.model, opt_module = build_model(cfg, self.num_classes, self.final_res)
         self.model.to(self.device).train()
@@ -346,7 +345,7 @@ class Trainer:
             self.compile_shapes(self.plan.segments[k0:])
         else:
             self.plan = self.make_plan()
-            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+            write_bytes_atomic(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
         self.save_plan()
         if self.ema is not None:
             self.ema.decay = self.ema_decay()
@@ -476,7 +475,7 @@ class Trainer:
         self.log(f"compiled {n} shape(s) ahead of time in {self.clock.counted() - t0:.1f} s (counted)")
 
     def save_plan(self) -> None:
-        atomic_write_bytes(self.run_dir / "plan.json", self.plan.dumps().encode())
+        write_bytes_atomic(self.run_dir / "plan.json", self.plan.dumps().encode())
 
     # ------------------------------------------------------------------ loader
     def _loader_stages(self):
@@ -697,7 +696,7 @@ class Trainer:
         self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(counted, 3), **final,
                           "val_s": round(ex["seconds"], 3)})
         results = self.results(counted, final)
-        atomic_write_bytes(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
+        write_bytes_atomic(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
         try:
             plot_curves(self.metrics.rows, self.run_dir / "curves.png",
                         title=f"{cfg.recipe} {cfg.model}: top-1 {final['top1']:.1f}%")
