@@ -39,7 +39,7 @@ def _keep_kwargs(keep, B: int, N: int, device) -> dict:
     raise ValueError(f"keep must be a keep rate (float), a kept count (int) or None, got {keep!r}")
 
 
-def _raise_recompile_limit(n_graphs: int) -> None:
+def raise_recompile_limit(n_graphs: int) -> None:
     """Dynamo stops compiling a function after `recompile_limit` (8) graphs and runs it eagerly;
     a curriculum with several resolutions x keep rates x train/eval can need more."""
     cfg = torch._dynamo.config
@@ -63,7 +63,7 @@ def compile_model(model: nn.Module, shapes: Iterable[Shape] = (), *, train: bool
     """
     shapes = [tuple(s) for s in shapes]
     modes = [m for m, on in (("train", train), ("eval", eval)) if on]
-    _raise_recompile_limit(len(shapes) * max(1, len(modes)))
+    raise_recompile_limit(len(shapes) * max(1, len(modes)))
     cm = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
     params = list(model.parameters())
     device = torch.device(device) if device is not None else params[0].device

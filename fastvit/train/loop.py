@@ -56,18 +56,6 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _raise_graph_limit(n_graphs: int) -> None:
-    """Room for every graph of the run (several drop-path rates per shape, eval): dynamo would fall
-    back to eager after `recompile_limit` (8) graphs of one function."""
-    dyn = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dyn, name):
-            setattr(dyn, name, max(getattr(dyn, name), n_graphs + 8))
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(dyn, name):
-            setattr(dyn, name, max(getattr(dyn, name), 4 * (n_graphs + 8)))
-
-
 def resolve_device(cfg: TrainConfig) -> torch.device:
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -447,6 +435,7 @@ class Trainer:
         if not self.do_compile or self.cfg.recipe != "fastvit" or not segs:
             return
         from fastvit.models import compile_model
+        from fastvit.models.compile import raise_recompile_limit
 
         cfg = self.cfg
         t0 = self.clock.counted()
@@ -461,7 +450,7 @@ class Trainer:
         for dp, shapes in by_dp.items():
             set_drop_path(self.model, self.dp_base, dp, self.dp_max)
             if first:   # one compiled module for the run (dynamo's cache is per module and backend)
-                _raise_graph_limit(2 * n)
+                raise_recompile_limit(2 * n)  # several drop-path rates per shape, eval
                 self.step_model = compile_model(self.model, shapes, amp_dtype=amp, device=self.device)
                 first = False
             else:       # the same module warmed at another drop-path rate
