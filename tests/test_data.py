@@ -194,7 +194,7 @@ def test_train_batches_per_backend(ds, backend, true_labels):
 
 
 @pytest.mark.parametrize("backend", ["dali", "gpu_resident", "torchvision", "ffcv"])
-def test_val_loader_every_image_in_order(ds, backend, true_labels):
+def test_val_loader_every_image_once_in_a_fixed_order(ds, backend, true_labels):
     kw = {"ffcv_jit": False} if backend == "ffcv" else {}
     it = make_val_loader(ds, res=32, batch_size=10, backend=backend, device="cpu",
                          workers=0 if backend == "torchvision" else 1, **kw)
@@ -202,8 +202,12 @@ def test_val_loader_every_image_in_order(ds, backend, true_labels):
     batches = list(it)
     assert [b[0].shape for b in batches] == [(10, 3, 32, 32), (10, 3, 32, 32), (4, 3, 32, 32)]
     labels = torch.cat([b[1] for b in batches])
-    assert labels.tolist() == true_labels["val"].tolist()  # no shuffle, nothing dropped
-    assert len(list(it)) == 3  # a second pass is a whole epoch again
+    perm = epoch_order(24, 0, 0, "fixed")
+    assert sorted(perm.tolist()) == list(range(24))  # every image once, nothing dropped
+    assert perm.tolist() != list(range(24))          # shuffled: a capped prefix is not the first classes
+    assert labels.tolist() == [true_labels["val"].tolist()[i] for i in perm]
+    again = torch.cat([b[1] for b in it])             # a second pass: the whole epoch, same order
+    assert again.tolist() == labels.tolist()
     it.close()
 
 

@@ -47,7 +47,8 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
         raise DataError("workers must be >= 0")
-    shuffle = train and opts.order != "sequential"
+    # Training: a new permutation per epoch. Evaluation: one fixed permutation (see epoch_order).
+    shuffle = False if opts.order == "sequential" else (True if train else "fixed")
     res0 = stages[0].res
     if backend == "torchvision":
         from .backend_torchvision import TorchvisionLoader, open_image_folder
@@ -102,6 +103,7 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
 
 def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "ffcv", device="cuda",
                     split: str = "val", workers: int | None = None, **options) -> BatchLoader:
-    """Every image of `split` once per pass, in stored order, center crop 224/256 resized to res."""
+    """Every image of `split` once per pass, in one fixed shuffled order (the same every pass: a capped
+    evaluation sees a uniform sample), center crop 224/256 resized to res."""
     return make_loader(ds, split=split, res=res, batch_size=batch_size, backend=backend, device=device,
                        train=False, seed=0, workers=workers, drop_last=False, **options)

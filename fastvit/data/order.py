@@ -32,11 +32,16 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return p
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """(n,) int64 sample indices of one epoch (read-only, cached: a backend asks once per batch)."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool | str = True) -> np.ndarray:
+    """(n,) int64 sample indices of one epoch (read-only, cached: a backend asks once per batch).
+
+    shuffle: True, a new permutation per epoch (training); "fixed", one permutation for every epoch
+    (evaluation: every image once per pass, and a capped evaluation's prefix is a uniform sample of
+    the split that stays the same from one evaluation to the next, not the first classes of a
+    class-ordered shard); False, stored order."""
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    return _permutation(n, seed, epoch)
+    return _permutation(n, seed, 0 if shuffle == "fixed" else epoch)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class BatchSpec:
 class BatchPlan:
     """Global batch index -> BatchSpec for a run of stages over a dataset of n samples."""
 
-    def __init__(self, n: int, stages: Sequence[PlanStage], *, drop_last: bool = True, shuffle: bool = True,
+    def __init__(self, n: int, stages: Sequence[PlanStage], *, drop_last: bool = True, shuffle: bool | str = True,
                  res_fn: Callable[[int], int] | None = None):
         if n <= 0:
             raise ValueError("the dataset is empty")
