@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -26,18 +25,9 @@ sys.path.insert(0, str(HERE))  # bench/sections as a plain package, independent 
 
 from sections import SectionSkipped, Context  # noqa: E402
 from fastvit.fileio import write_json_atomic  # noqa: E402
+from fastvit.sysinfo import cpu_model  # noqa: E402
 
 SECTIONS = ["prep", "loader", "kernel", "model", "e2e"]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(mod: str) -> str | None:
@@ -50,7 +40,7 @@ def _version(mod: str) -> str | None:
 
 def machine_info() -> dict:
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "gpu": None,

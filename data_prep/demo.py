@@ -18,13 +18,13 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import commit, remove_stale_tmp, tmp_name, write_json_atomic
+from ..sysinfo import default_workers
 
 SHAPES = ("disc", "square", "triangle", "star", "ring")
 TEXTURES = ("stripes", "dots")
@@ -195,7 +195,7 @@ def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: i
     todo = [(n, job) for n, job in enumerate(jobs)
             if not (out / job[0] / job[3] / _file_name(job)).exists()]
     args = [(str(out), seed, num_classes, min_side, max_side, grayscale_every, n, job) for n, job in todo]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(args) // 64 or 1))
+    workers = max(1, min(default_workers(workers), len(args) // 64 or 1))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -36,7 +36,8 @@ from .layout import LayoutError, find_sources
 from .options import (FORMATS, MANIFEST, MANIFEST_VERSION, PREP_FORMAT, WORK, PrepError, PrepOptions,
                       TooManyBadImages, settings_fingerprint)
 from .wds import ShardWriter, sample_key
-from .workers import default_workers, ordered_map, transcode_chunk
+from ..sysinfo import default_workers
+from .workers import ordered_map, transcode_chunk
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,16 +39,6 @@ def transcode_chunk(task: tuple) -> list[tuple]:
     return out
 
 
-def default_workers(workers: int | None = None) -> int:
-    """`workers`, else the cores this process may use."""
-    if workers:
-        return int(workers)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 LOCK_FD: int | None = None  # OUT's lock, held by the main process (set by prep._lock)
 _PR_SET_PDEATHSIG = 1
 

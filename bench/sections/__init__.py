@@ -30,9 +30,11 @@ class Context:
     def from_args(cls, args) -> "Context":
         import torch
 
+        from fastvit.sysinfo import default_workers
+
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(quick=args.quick, data=args.data, src=args.src, device=device,
-                   workers=args.workers or os.cpu_count() or 1)
+                   workers=default_workers(args.workers))
 
     @property
     def cuda(self) -> bool:

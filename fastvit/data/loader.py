@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..data_prep.workers import default_workers
+from ..sysinfo import default_workers
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
 from .order import BatchPlan, PlanStage

@@ -779,16 +779,9 @@ class Trainer:
     def device_name(self) -> str:
         if self.cuda:
             return torch.cuda.get_device_name(self.device)
-        import platform
+        from fastvit.sysinfo import cpu_model
 
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        cpu = cpu_model()
         return f"cpu: {cpu} ({os.cpu_count()} cores)"
 
     def results(self, counted: float, final: dict) -> dict:
