@@ -218,46 +218,47 @@ def passthrough_jpeg(data: bytes) -> bytes | None:
     and comments are dropped: every reader here ignores them and they can weigh more than a small image.
     The entropy-coded data is copied byte for byte, so the pixels are exactly the source's.
     """
-    parts, i, n = [data[:2]], 2, len(data)
-    sof_ok = False
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
+    parts, sof_ok = [data[:2]], False
+    for marker, start, end in _segments(data):
         if marker == 0xDA:  # start of scan: the rest is image data, copied as is
-            return b"".join(parts) + data[i:] if sof_ok else None
-        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
-        seg = data[i:i + 2 + seg_len]
+            return b"".join(parts) + data[start:] if sof_ok else None
+        if marker == 0xD9:  # end of image before any scan
+            return None
+        seg = data[start:end]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a SOFn
             if marker not in (0xC0, 0xC1) or seg[4] != 8 or seg[9] != 3:
                 return None
             sof_ok = True
         if not ((0xE1 <= marker <= 0xEF and marker != 0xEE) or marker == 0xFE):
             parts.append(seg)
-        i += 2 + seg_len
     return None
 
 
-def _has_rotation(data: bytes) -> bool:
-    """True when the JPEG's EXIF orientation is anything but 1 (cheap scan of the APP1 segment)."""
-    # Walk the marker segments before the first SOS; EXIF lives in APP1 "Exif\0\0" + a TIFF header.
+def _segments(data: bytes):
+    """(marker, start, end) of each JPEG header segment, in order, up to and including the first SOS or
+    EOI (yielded with end == start, then the walk stops). Stops early at anything malformed."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return False
+            return
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more headers
-            return False
-        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-            return _exif_orientation(data[i + 10:i + 2 + seg_len]) not in (0, 1)
-        i += 2 + seg_len
+        if marker in (0xDA, 0xD9):
+            yield marker, i, i
+            return
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        yield marker, i, end
+        i = end
+
+
+def _has_rotation(data: bytes) -> bool:
+    """True when the JPEG's EXIF orientation is anything but 1 (cheap scan of the APP1 segment)."""
+    # EXIF lives in APP1 "Exif\0\0" + a TIFF header, before the first SOS.
+    for marker, start, end in _segments(data):
+        if marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
+            return _exif_orientation(data[start + 10:end]) not in (0, 1)
     return False
 
 
