@@ -61,7 +61,7 @@ def test_time_budget_run_plans_with_probe(tiny_prepped, tmp_path):
     res = json.loads((run / "results.json").read_text())
     plan = json.loads((run / "plan.json").read_text())
     assert plan["mode"] == "time" and plan["setup_s"] > 0
-    assert all(s["speed"] > 0 for s in plan["segments"])        # probed
+    assert all(s["speed"] > 0 for s in plan["stages"])        # probed
     assert res["steps"] == res["planned_steps"] == plan["total_steps"]
     assert res["budget_s"] == 15.0
     assert 0.3 * 15 < res["counted_s"] < 2.0 * 15               # ends near the budget (noisy 2-core box)
@@ -294,9 +294,9 @@ def test_oom_mid_run_halves_batch_and_scales_lr_by_the_configured_rule(tiny_prep
     res = Trainer(cfg, log=msgs.append).run()
     assert hit == [16]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert [s["batch"] for s in plan["segments"]] == [8]
-    assert plan["segments"][0]["lr_scale"] == pytest.approx(math.sqrt(0.5))
-    assert plan["segments"][0]["lr_scale"] == pytest.approx(S.lr_scale_for_batch(8, 16, "sqrt"))
+    assert [s["batch_size"] for s in plan["stages"]] == [8]
+    assert plan["stages"][0]["lr_scale"] == pytest.approx(math.sqrt(0.5))
+    assert plan["stages"][0]["lr_scale"] == pytest.approx(S.lr_scale_for_batch(8, 16, "sqrt"))
     assert any("out of GPU memory" in m and "sqrt" in m and "0.707" in m for m in msgs), msgs
     assert res["steps"] == res["planned_steps"] == 64 // 8
 
@@ -342,7 +342,7 @@ def test_metrics_record_compute_time_and_plan_keeps_probe_speed(tiny_prepped, tm
     rows = _rows(run)
     assert rows and all(0 < r["interval_compute_s"] <= r["interval_s"] + 1e-5 for r in rows[1:])
     plan = json.loads((run / "plan.json").read_text())
-    assert all(s["probe_speed"] > 0 for s in plan["segments"])
+    assert all(s["probe_speed"] > 0 for s in plan["stages"])
     assert "interval_compute_s" in (run / "metrics.csv").read_text().splitlines()[0]
 
 
@@ -358,7 +358,7 @@ def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
 
     rows = [row(0, 9.0, 0.1), row(0, 1.0, 0.5), row(0, 1.0, 0.3)]   # the first interval (compile) is left out
     # re-planned speed (what the old metric divided by) differs from the probe's: only the probe counts
-    plan = {"segments": [{"res": 32, "keep": 1.0, "speed": 64.0, "probe_speed": 50.0}]}
+    plan = {"stages": [{"res": 32, "keep": 1.0, "speed": 64.0, "probe_speed": 50.0}]}
     m = e2e.stage_metrics(rows, plan, cuda=True)
     assert m["e2e/gpu_busy@32,keep1"] == pytest.approx(0.4)
     assert m["e2e/images_per_s@32,keep1"] == pytest.approx(64.0)

@@ -8,7 +8,7 @@ import pytest
 from fastvit.train import schedules as S
 from fastvit.train.budget import BudgetClock
 from fastvit.train.config import ConfigError, TrainConfig, make_config
-from fastvit.train.planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, drifted,
+from fastvit.train.planner import (BudgetTooSmall, DriftMonitor, Plan, build_stages, drifted,
                                    plan_budget, probe_speeds, remaining_planned_s, replan)
 
 
@@ -151,21 +151,21 @@ def test_budget_clock_excludes_validation_and_resumes():
 # ---------------------------------------------------------------- planner
 
 def _segments():
-    return build_segments(curriculum=[(64, 0.5), (128, 1.0)], keep_kind="linear", keep_min=0.5,
+    return build_stages(curriculum=[(64, 0.5), (128, 1.0)], keep_kind="linear", keep_min=0.5,
                           keep_full_from=0.75, keep_cycles=1, keep_step=0.25, splits_per_stage=2,
                           base_batch=64, ref_res=128, const_tokens=True, max_batch=512, lr_rule="linear")
 
 
-def test_build_segments_cover_window_with_full_keep_at_end():
+def test_build_stages_cover_window_with_full_keep_at_end():
     segs = _segments()
     assert segs[0].f0 == 0.0 and segs[-1].f1 == 1.0
     assert all(a.f1 == b.f0 for a, b in zip(segs, segs[1:]))
-    assert segs[-1].keep == 1.0 and segs[-1].res == 128 and segs[-1].batch == 64
+    assert segs[-1].keep == 1.0 and segs[-1].res == 128 and segs[-1].batch_size == 64
     assert [s.res for s in segs][0] == 64
     keeps = [s.keep for s in segs if s.res == 128]
     assert keeps == sorted(keeps)
-    assert segs[0].batch > segs[-1].batch                       # const tokens: bigger batch at low res
-    assert segs[0].lr_scale == segs[0].batch / 64
+    assert segs[0].batch_size > segs[-1].batch_size                       # const tokens: bigger batch at low res
+    assert segs[0].lr_scale == segs[0].batch_size / 64
 
 
 def test_plan_time_budget_ends_on_budget():
@@ -173,15 +173,13 @@ def test_plan_time_budget_ends_on_budget():
     speeds = {s.shape: 1000.0 * 128 / s.res / s.keep for s in segs}   # faster at low res / low keep
     plan = plan_budget(segs, speeds=speeds, budget_s=600.0, setup_s=60.0, reserve_s=6.0)
     assert plan.window_s == pytest.approx(534.0)
-    planned_time = sum(s.steps * s.batch / s.speed for s in plan.segments)
+    planned_time = sum(s.steps * s.batch_size / s.speed for s in plan.stages)
     assert planned_time == pytest.approx(534.0, rel=0.02)
-    for s in plan.segments:                                      # each gets its share of the time
-        assert s.steps * s.batch / s.speed == pytest.approx((s.f1 - s.f0) * 534.0, abs=s.batch / s.speed)
+    for s in plan.stages:                                      # each gets its share of the time
+        assert s.steps * s.batch_size / s.speed == pytest.approx((s.f1 - s.f0) * 534.0, abs=s.batch_size / s.speed)
     assert plan.progress_at(0) == 0.0 and plan.progress_at(plan.total_steps) == 1.0
-    assert plan.loader_stages()[0][0] == 64
-    assert sum(n for _, _, n in plan.loader_stages()) == plan.total_steps
     again = Plan.from_dict(plan.to_dict())                       # saved plan → same plan
-    assert again.total_steps == plan.total_steps and again.segments == plan.segments
+    assert again.total_steps == plan.total_steps and again.stages == plan.stages
 
 
 def test_plan_image_budget_and_too_small():
@@ -223,32 +221,32 @@ def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():
     segs = _segments()
     speeds = {s.shape: 2000.0 for s in segs}
     plan = plan_budget(segs, speeds=speeds, budget_s=1000.0, setup_s=0.0, reserve_s=0.0)
-    step = plan.segments[0].steps // 2
+    step = plan.stages[0].steps // 2
     # the run is really 20% slower: half of segment 0 took 20% longer than planned
     t_done = plan.progress_at(step) * 1000.0 * 1.25
     assert drifted(2000.0, 1600.0) and not drifted(2000.0, 1900.0)
     new = replan(plan, step=step, counted_s=t_done, speed_ratio=0.8)
-    assert new.segments[0].steps == step                          # done steps kept as they were
+    assert new.stages[0].steps == step                          # done steps kept as they were
     assert new.progress_at(step - 1) == plan.progress_at(step - 1)
-    remaining_time = sum(s.steps * s.batch / s.speed for s in new.segments[1:])
+    remaining_time = sum(s.steps * s.batch_size / s.speed for s in new.stages[1:])
     assert t_done + remaining_time == pytest.approx(1000.0, rel=0.02)  # still ends on the budget
     assert new.total_steps < plan.total_steps
     assert new.replans and new.replans[-1]["step"] == step
-    assert new.segments[-1].keep == 1.0 and new.segments[-1].f1 == 1.0
+    assert new.stages[-1].keep == 1.0 and new.stages[-1].f1 == 1.0
     # way behind: later segments collapse but the final one keeps ≥ 1 step
     late = replan(plan, step=step, counted_s=999.0, speed_ratio=0.1)
-    assert late.total_steps >= step + 1 and late.segments[-1].steps >= 1
+    assert late.total_steps >= step + 1 and late.stages[-1].steps >= 1
     # out of memory: halved batch at res 128, LR scaled, steps doubled for the same images
     oom = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
                  new_batch={128: 32}, base_batch=64, lr_rule="linear")
-    s128 = [s for s in oom.segments if s.res == 128]
-    assert all(s.batch == 32 for s in s128)
-    old128 = [s for s in plan.segments if s.res == 128]
+    s128 = [s for s in oom.stages if s.res == 128]
+    assert all(s.batch_size == 32 for s in s128)
+    old128 = [s for s in plan.stages if s.res == 128]
     assert s128[-1].lr_scale == pytest.approx(old128[-1].lr_scale / 2)
     # the run's own rule, as the planned segments and the probe fallback use (sqrt by default)
     sq = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
                 new_batch={128: 32}, base_batch=64, lr_rule="sqrt")
-    assert all(s.lr_scale == pytest.approx(math.sqrt(32 / 64)) for s in sq.segments if s.res == 128)
+    assert all(s.lr_scale == pytest.approx(math.sqrt(32 / 64)) for s in sq.stages if s.res == 128)
     with pytest.raises(ValueError):
         replan(plan, step=step, counted_s=0.0, speed_ratio=1.0, new_batch={128: 32})   # no rule given
 
@@ -257,14 +255,14 @@ def test_replan_when_ahead_stretches_to_the_budget():
     """The under-run case: a run that is ahead of its plan gets more steps, not an early end."""
     segs = _segments()
     plan = plan_budget(segs, speeds={s.shape: 2000.0 for s in segs}, budget_s=1000.0, setup_s=0.0, reserve_s=0.0)
-    step = plan.segments[1].steps // 2 + plan.segments[0].steps
+    step = plan.stages[1].steps // 2 + plan.stages[0].steps
     t_done = plan.progress_at(step) * 1000.0 / 1.25                 # 25% faster so far
     new = replan(plan, step=step, counted_s=t_done, speed_ratio=1.25)
     assert t_done + remaining_planned_s(new, step) == pytest.approx(1000.0, rel=0.01)
     assert new.total_steps > plan.total_steps
     assert new.progress_at(step) == pytest.approx(plan.progress_at(step))   # no schedule jump
-    assert all(a.f1 == b.f0 for a, b in zip(new.segments, new.segments[1:]))
-    assert new.segments[-1].f1 == 1.0 and new.progress_at(new.total_steps - 1) < 1.0
+    assert all(a.f1 == b.f0 for a, b in zip(new.stages, new.stages[1:]))
+    assert new.stages[-1].f1 == 1.0 and new.progress_at(new.total_steps - 1) < 1.0
 
 
 def _simulate(factor, budget=180.0, setup=5.0, startup=3.0, seed=0):
@@ -280,10 +278,10 @@ def _simulate(factor, budget=180.0, setup=5.0, startup=3.0, seed=0):
     mon = DriftMonitor(budget)
     t, step = setup, 0
     while step < plan.total_steps:
-        seg = plan.segments[plan.segment_at(step)[0]]
-        t += seg.batch / (probed[seg.shape] * factor(t, step, rnd)) + (startup if step == 0 else 0.0)
+        seg = plan.stages[plan.stage_at(step)[0]]
+        t += seg.batch_size / (probed[seg.shape] * factor(t, step, rnd)) + (startup if step == 0 else 0.0)
         step += 1
-        mon.step_done(t, seg.batch / seg.speed)
+        mon.step_done(t, seg.batch_size / seg.speed)
         r = mon.check(t, plan, step)
         if r is not None:
             plan = replan(plan, step=step, counted_s=t, speed_ratio=r)
@@ -305,7 +303,7 @@ def test_drift_monitor_ends_on_the_budget_without_thrashing(case):
     assert mon.replans <= {"steady": 2, "faster": 4, "slower": 4, "noisy": 4, "swings": 12}[case], mon.replans
     if case != "steady":
         assert mon.replans >= 1                                         # a >10% drift does re-plan
-    assert plan.segments[-1].keep == 1.0 and plan.segments[-1].f1 == 1.0
+    assert plan.stages[-1].keep == 1.0 and plan.stages[-1].f1 == 1.0
 
 
 # ---------------------------------------------------------------- config

@@ -67,7 +67,7 @@ def per_stage(rows: list[dict]) -> dict[tuple[int, float], dict]:
 def probe_speeds(plan: dict) -> dict[tuple[int, float], float]:
     """(res, keep) -> the probe's images/s (the first probed segment of that shape)."""
     out: dict = {}
-    for s in plan["segments"]:
+    for s in plan["stages"]:
         if s.get("probe_speed", 0) > 0:
             out.setdefault((s["res"], s["keep"]), s["probe_speed"])
     return out

@@ -34,19 +34,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fastvit.stage import Stage
+
 from .base import LoaderOptions
 from .dataset import DataError, PreppedDataset
 from .loader import BACKENDS, build_loader
 from .order import BatchPlan, PlanStage, stage_seed
 
 log = logging.getLogger("fastvit.data")
-
-
-@dataclass(frozen=True)
-class Stage:
-    res: int
-    batch_size: int
-    steps: int
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ from fastvit.fileio import write_bytes_atomic
 from .checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .metrics import MetricsWriter, StepTimer, plot_curves
-from .planner import (BudgetTooSmall, DriftMonitor, Plan, Segment, build_segments, plan_budget, probe_speeds,
-                      replan)
+from fastvit.stage import Stage as Segment
+
+from .planner import BudgetTooSmall, DriftMonitor, Plan, build_stages, plan_budget, probe_speeds, replan
 
 NAN_LIMIT = 10
 # what a run writes into its dir besides checkpoints (a re-run without --overwrite must not touch them)
@@ -329,8 +330,8 @@ class Trainer:
             self.val_s_total = ck.get("val_s", 0.0)
             set_rng_state(ck["rng"])
             self.ckpt = None   # free the memory
-            k0, _ = self.plan.segment_at(min(self.step, self.plan.total_steps - 1))
-            self.compile_shapes(self.plan.segments[k0:])
+            k0, _ = self.plan.stage_at(min(self.step, self.plan.total_steps - 1))
+            self.compile_shapes(self.plan.stages[k0:])
         else:
             self.plan = self.make_plan()
             write_bytes_atomic(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
@@ -347,7 +348,7 @@ class Trainer:
     def segments(self) -> list[Segment]:
         cfg = self.cfg
         if cfg.recipe == "baseline":
-            return [Segment(res=self.final_res, keep=1.0, batch=cfg.batch_size, lr_scale=1.0, f0=0.0, f1=1.0)]
+            return [Segment(res=self.final_res, keep=1.0, batch_size=cfg.batch_size, lr_scale=1.0, f0=0.0, f1=1.0)]
         try:
             cur = S.parse_curriculum(cfg.curriculum) if cfg.curriculum else \
                 S.default_curriculum(self.final_res, cfg.patch_size, cfg.curriculum_stages)
@@ -356,7 +357,7 @@ class Trainer:
         bad = [r for r, _ in cur if r % cfg.patch_size]
         if bad:
             raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {cfg.patch_size}", 2)
-        return build_segments(curriculum=cur, keep_kind=cfg.keep_schedule, keep_min=cfg.keep_min,
+        return build_stages(curriculum=cur, keep_kind=cfg.keep_schedule, keep_min=cfg.keep_min,
                               keep_full_from=cfg.keep_full_from, keep_cycles=cfg.keep_cycles,
                               keep_step=cfg.keep_step, splits_per_stage=cfg.keep_splits,
                               base_batch=cfg.batch_size, ref_res=self.final_res,
@@ -376,7 +377,7 @@ class Trainer:
         rng = rng_state()
 
         def run_step(shape):
-            res, keep, batch = shape
+            res, keep, batch = shape[:3]
             x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=self.device)
             y = torch.randint(0, self.num_classes, (batch,), device=self.device)
             self.train_step(x, y, keep=keep, lr=0.0, mix_prob=max(cfg.mix_prob),
@@ -402,12 +403,12 @@ class Trainer:
             speeds, fixes = probe_speeds(shapes, run_shape, self.clock.now, warmup=1, iters=cfg.probe_iters,
                                          is_oom=_is_oom, on_oom=on_oom)
         else:                    # eager: one warm-up step (lazy init); a small batch gives images/s as well
-            small = {s: (s[0], s[1], min(s[2], 32)) for s in shapes}
+            small = {s: (s[0], s[1], min(s[2], 32), *s[3:]) for s in shapes}
             sp, _ = probe_speeds(list(small.values()), run_step, self.clock.now, warmup=1,
                                  iters=cfg.probe_iters, is_oom=_is_oom, on_oom=on_oom)
             speeds = {s: sp[small[s]] for s in shapes}
             fixes = {s: s for s in shapes}
-        segs = [replace(s, batch=fixes[s.shape][2],
+        segs = [replace(s, batch_size=fixes[s.shape][2],
                         lr_scale=S.lr_scale_for_batch(fixes[s.shape][2], cfg.batch_size, cfg.lr_scaling))
                 if fixes[s.shape] != s.shape else s for s in segs]
         self.model.load_state_dict(snap_model)
@@ -442,7 +443,7 @@ class Trainer:
         amp = torch.bfloat16 if self.amp else None
         by_dp: dict = {}
         for sg in segs:
-            shape = (sg.res, float(sg.keep), sg.batch)
+            shape = (sg.res, float(sg.keep), sg.batch_size)
             if shape not in by_dp.setdefault(self._drop_path(sg), []):
                 by_dp[self._drop_path(sg)].append(shape)
         n = sum(len(v) for v in by_dp.values())
@@ -470,7 +471,13 @@ class Trainer:
     def _loader_stages(self):
         from fastvit.data import Stage
 
-        return [Stage(res=r, batch_size=b, steps=n) for r, b, n in self.plan.loader_stages()]
+        out = []
+        for s in self.plan.stages:
+            if out and out[-1].loader_key == s.loader_key:
+                out[-1] = Stage(s.res, s.batch_size, out[-1].steps + s.steps)
+            elif s.steps:
+                out.append(Stage(s.res, s.batch_size, s.steps))
+        return out
 
     def open_loader(self):
         from fastvit.data import CurriculumLoader, Stage
@@ -545,8 +552,8 @@ class Trainer:
         plan = self.plan
         self.log(f"device {self.device} ({self.device_name()}), backend {self.backend}, "
                  f"recipe {cfg.recipe}, model {cfg.model}, final res {self.final_res}")
-        self.log("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch} × {s.steps}"
-                                      for s in plan.segments) + f" = {plan.total_steps} steps")
+        self.log("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch_size} × {s.steps}"
+                                      for s in plan.stages) + f" = {plan.total_steps} steps")
         from tqdm import tqdm
 
         bar = tqdm(total=plan.total_steps, initial=self.step, disable=not cfg.progress, unit="step",
@@ -566,8 +573,8 @@ class Trainer:
         try:
             while self.step < self.plan.total_steps:
                 plan = self.plan
-                k, j = plan.segment_at(self.step)
-                seg = plan.segments[k]
+                k, j = plan.stage_at(self.step)
+                seg = plan.stages[k]
                 if k != cur_seg:
                     cur_seg, seg_first_step = k, self.step
                     window.clear()
@@ -589,9 +596,9 @@ class Trainer:
                 iv["wait"] += wait
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                if images.shape[-1] != seg.res or images.shape[0] != seg.batch:
+                if images.shape[-1] != seg.res or images.shape[0] != seg.batch_size:
                     raise TrainError(f"loader gave {tuple(images.shape)} at step {self.step}, plan wants "
-                                     f"res {seg.res} batch {seg.batch}", 1)
+                                     f"res {seg.res} batch {seg.batch_size}", 1)
                 timer.start()
                 try:
                     loss = self.train_step(images, labels, keep=seg.keep, lr=lr, mix_prob=aug.mix_prob,
@@ -609,10 +616,10 @@ class Trainer:
                                      f"stopped, last good weights kept in {path}", 1)
                 self.step += 1
                 now = self.clock.counted()
-                window.append((now, seg.batch))
-                iv["images"] += seg.batch
+                window.append((now, seg.batch_size))
+                iv["images"] += seg.batch_size
                 if seg.speed > 0:
-                    drift.step_done(now, seg.batch / seg.speed)
+                    drift.step_done(now, seg.batch_size / seg.speed)
                 if loss is not None:
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 bar.update(1)
@@ -621,7 +628,7 @@ class Trainer:
                     rec = {"kind": "train", "step": self.step, "counted_s": round(now, 3),
                            "p": round(self.clock.progress(), 5) if cfg.budget_s else
                            round(self.plan.progress_at(self.step), 5),
-                           "segment": k, "res": seg.res, "keep": seg.keep, "batch": seg.batch, "lr": lr,
+                           "segment": k, "res": seg.res, "keep": seg.keep, "batch": seg.batch_size, "lr": lr,
                            "loss": loss, "images_per_s": ips, "data_wait": sum(waits) / max(1, len(waits)),
                            "mix_prob": aug.mix_prob, "drop_path": aug.drop_path, "nan_skipped": self.nan_total,
                            "interval_s": round(now - iv["t"], 6), "interval_wait_s": round(iv["wait"], 6),
@@ -630,7 +637,7 @@ class Trainer:
                     iv = {"t": now, "wait": 0.0, "images": 0}
                     left = (cfg.budget_s - now) if cfg.budget_s else None
                     bar.set_postfix_str(
-                        f"seg {k + 1}/{len(self.plan.segments)} res {seg.res} keep {seg.keep:g} "
+                        f"seg {k + 1}/{len(self.plan.stages)} res {seg.res} keep {seg.keep:g} "
                         f"{ips or 0:.0f} img/s loss {loss_ema if loss_ema is not None else float('nan'):.3f} "
                         + (f"budget {now:.0f}/{cfg.budget_s:.0f}s left {left:.0f}s" if left is not None
                            else f"images {self.plan.images_until(self.step)}/{self.plan.budget_images}"))
@@ -721,30 +728,30 @@ class Trainer:
     def handle_oom(self, loader, seg: Segment):
         """Out of GPU memory in the loop: halve the batch of this and later segments at this res,
         scale the LR, log it, re-open the loader at the same step."""
-        new_b = seg.batch // 2
+        new_b = seg.batch_size // 2
         if new_b < 2:
-            raise TrainError(f"out of GPU memory even at batch {seg.batch} (res {seg.res}); "
+            raise TrainError(f"out of GPU memory even at batch {seg.batch_size} (res {seg.res}); "
                              "use a smaller --model", 1)
         self.opt.zero_grad(set_to_none=True)
         if self.cuda:
             torch.cuda.empty_cache()
         cfg = self.cfg
         new_scale = S.lr_scale_for_batch(new_b, cfg.batch_size, cfg.lr_scaling)   # as the planner's segments
-        self.log(f"out of GPU memory at res {seg.res}, batch {seg.batch}: continuing with batch {new_b}, "
+        self.log(f"out of GPU memory at res {seg.res}, batch {seg.batch_size}: continuing with batch {new_b}, "
                  f"LR scale {seg.lr_scale:g} -> {new_scale:g} ({cfg.lr_scaling} rule, reference batch {cfg.batch_size})")
         if self.plan.mode == "time":
             self.plan = replan(self.plan, step=self.step, counted_s=self.clock.counted(), speed_ratio=1.0,
                                new_batch={seg.res: new_b}, base_batch=cfg.batch_size, lr_rule=cfg.lr_scaling)
         else:
             segs = []
-            k, j = self.plan.segment_at(self.step)
-            for i, s in enumerate(self.plan.segments):
-                if i >= k and s.res == seg.res and s.batch > new_b:
+            k, j = self.plan.stage_at(self.step)
+            for i, s in enumerate(self.plan.stages):
+                if i >= k and s.res == seg.res and s.batch_size > new_b:
                     todo = s.steps - (j if i == k else 0)
-                    extra = todo * s.batch // new_b - todo
-                    s = replace(s, batch=new_b, lr_scale=new_scale, steps=s.steps + extra)
+                    extra = todo * s.batch_size // new_b - todo
+                    s = replace(s, batch_size=new_b, lr_scale=new_scale, steps=s.steps + extra)
                 segs.append(s)
-            self.plan = replace(self.plan, segments=segs)
+            self.plan = replace(self.plan, stages=segs)
         self.save_plan()
         return self._reopen(loader)
 
@@ -786,9 +793,9 @@ class Trainer:
 
     def results(self, counted: float, final: dict) -> dict:
         cfg, plan = self.cfg, self.plan
-        stages = [{"res": s.res, "keep": s.keep, "batch_size": s.batch, "steps": s.steps,
+        stages = [{"res": s.res, "keep": s.keep, "batch_size": s.batch_size, "steps": s.steps,
                    "lr_scale": round(s.lr_scale, 4), "planned_images_per_s": round(s.speed, 2)}
-                  for s in plan.segments]
+                  for s in plan.stages]
         return {
             "top1": final["top1"], "top5": final["top5"],
             "ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5"),

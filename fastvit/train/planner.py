@@ -1,11 +1,11 @@
-"""The planner: turn a budget into segments with step counts.
+"""The planner: turn a budget into stages with step counts.
 
 A *segment* is a run of steps with one (resolution, keep rate, batch size); each covers a share
 [f0, f1) of the training window (the budget minus set-up and a reserve for the final checkpoint).
 Steps follow from a measured speed: steps = share × window seconds × images/s / batch. With an image
 budget (--epochs) steps follow from images alone and the speed does not matter.
 
-Flow: `build_segments` (schedules → shapes) → `probe_speeds` (compile + time each shape, counted) →
+Flow: `build_stages` (schedules → shapes) → `probe_speeds` (compile + time each shape, counted) →
 `plan_budget` (→ Plan) → during the run `DriftMonitor` → `replan` when the real speed is more than 10% off
 (or the run would end more than ~1% of the budget off it).
 The Plan is saved in the run dir and in every checkpoint: given the plan, a run is reproducible.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
+
+from fastvit.stage import Stage
 
 from . import schedules as S
 
@@ -24,28 +26,10 @@ class BudgetTooSmall(ValueError):
     """The budget leaves no time (or images) for training after set-up."""
 
 
-@dataclass(frozen=True)
-class Segment:
-    res: int
-    keep: float          # quantized keep rate (1.0 = all patches)
-    batch: int
-    lr_scale: float      # LR multiplier for this batch (1.0 at the reference batch)
-    f0: float            # share of the training window where it starts
-    f1: float            # ... and ends
-    steps: int = 0
-    speed: float = 0.0   # planned images/s (time budget only); re-plans rescale it to the measured speed
-    probe_speed: float = 0.0   # images/s the probe measured for this shape (synthetic on-device data);
-                               # never rescaled, 0 when not probed (--epochs, a batch changed after OOM)
-
-    @property
-    def shape(self) -> tuple[int, float, int]:
-        return (self.res, self.keep, self.batch)
-
-
-def build_segments(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_min: float,
+def build_stages(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_min: float,
                    keep_full_from: float, keep_cycles: int, keep_step: float, splits_per_stage: int,
                    base_batch: int, ref_res: int, const_tokens: bool, max_batch: int,
-                   lr_rule: str, patch: int = 16) -> list[Segment]:
+                   lr_rule: str, patch: int = 16) -> list[Stage]:
     """Cut [0, 1] at the curriculum's stage ends, split each stage into `splits_per_stage` equal parts
     (and at keep_full_from), evaluate the keep schedule at each part's middle, quantize, and merge
     neighbours that end up with the same shape. No steps yet."""
@@ -57,7 +41,7 @@ def build_segments(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_
         cuts.add(end)
         start = end
     bounds = sorted(c for c in cuts if 0.0 <= c <= 1.0)
-    segs: list[Segment] = []
+    segs: list[Stage] = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b - a < 1e-9:
             continue
@@ -67,7 +51,7 @@ def build_segments(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_
                                          full_from=keep_full_from, cycles=keep_cycles), keep_step)
         batch = S.batch_for(res, keep, base_batch=base_batch, ref_res=ref_res,
                             const_tokens=const_tokens, max_batch=max_batch, patch=patch)
-        seg = Segment(res=res, keep=keep, batch=batch,
+        seg = Stage(res=res, keep=keep, batch_size=batch,
                       lr_scale=S.lr_scale_for_batch(batch, base_batch, lr_rule), f0=a, f1=b)
         if segs and segs[-1].shape == seg.shape:
             segs[-1] = replace(segs[-1], f1=b)
@@ -78,7 +62,7 @@ def build_segments(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_
 
 @dataclass
 class Plan:
-    segments: list[Segment]
+    stages: list[Stage]
     mode: str                         # "time" | "images"
     budget_s: float | None = None
     budget_images: int | None = None
@@ -89,82 +73,69 @@ class Plan:
     # -- queries ---------------------------------------------------------------------------------
     @property
     def total_steps(self) -> int:
-        return sum(s.steps for s in self.segments)
+        return sum(s.steps for s in self.stages)
 
     @property
     def window_s(self) -> float:
         return (self.budget_s or 0.0) - self.setup_s - self.reserve_s
 
-    def segment_at(self, step: int) -> tuple[int, int]:
+    def stage_at(self, step: int) -> tuple[int, int]:
         """(segment index, step within it) of global step `step` (0-based, < total_steps)."""
         acc = 0
-        for k, s in enumerate(self.segments):
+        for k, s in enumerate(self.stages):
             if step < acc + s.steps:
                 return k, step - acc
             acc += s.steps
-        return len(self.segments) - 1, self.segments[-1].steps
+        return len(self.stages) - 1, self.stages[-1].steps
 
     def progress_at(self, step: int) -> float:
         """Training-window progress f ∈ [0, 1] at the start of global step `step` (1 after the last)."""
         if step >= self.total_steps:
             return 1.0
-        k, j = self.segment_at(step)
-        s = self.segments[k]
+        k, j = self.stage_at(step)
+        s = self.stages[k]
         return s.f0 + (s.f1 - s.f0) * j / s.steps
 
     def images_until(self, step: int) -> int:
         acc, n = 0, 0
-        for s in self.segments:
+        for s in self.stages:
             take = min(s.steps, max(0, step - acc))
-            n += take * s.batch
+            n += take * s.batch_size
             acc += s.steps
         return n
 
-    def loader_stages(self) -> list[tuple[int, int, int]]:
-        """(res, batch, steps) per loader stage: neighbouring segments that differ only in keep rate
-        share one loader (the keep rate is applied by the model)."""
-        out: list[list[int]] = []
-        for s in self.segments:
-            if s.steps <= 0:
-                continue
-            if out and out[-1][0] == s.res and out[-1][1] == s.batch:
-                out[-1][2] += s.steps
-            else:
-                out.append([s.res, s.batch, s.steps])
-        return [tuple(x) for x in out]
-
     # -- (de)serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["total_steps"] = self.total_steps
-        return d
+        return {"stages": [s.to_dict() for s in self.stages], "mode": self.mode, "budget_s": self.budget_s,
+                "budget_images": self.budget_images, "setup_s": self.setup_s, "reserve_s": self.reserve_s,
+                "replans": list(self.replans), "total_steps": self.total_steps}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         d = dict(d)
         d.pop("total_steps", None)
-        d["segments"] = [Segment(**s) for s in d["segments"]]
+        d["stages"] = [Stage.from_dict(s) for s in d.pop("stages", None) or d.pop("segments")]
         return cls(**d)
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _steps_for(share: float, seg: Segment, speed: float | None, window_s: float | None,
+def _steps_for(share: float, seg: Stage, speed: float | None, window_s: float | None,
                budget_images: int | None) -> int:
     if budget_images is not None:
-        return int(round(share * budget_images / seg.batch))
-    return int(math.floor(share * window_s * speed / seg.batch + 0.5))
+        return int(round(share * budget_images / seg.batch_size))
+    return int(math.floor(share * window_s * speed / seg.batch_size + 0.5))
 
 
-def plan_budget(segments: list[Segment], *, speeds: dict | None = None, budget_s: float | None = None,
+def plan_budget(stages: list[Stage], *, speeds: dict | None = None, budget_s: float | None = None,
                 budget_images: int | None = None, setup_s: float = 0.0,
                 reserve_s: float = 0.0) -> Plan:
     """Steps per segment so the run ends on the budget.
 
     Time budget: speeds[(res, keep, batch)] = measured training images/s of that shape; the window is
     budget_s − setup_s (already spent) − reserve_s (final checkpoint). Image budget: steps from images.
-    Segments that get no step are dropped, except that the last one keeps at least one step (the
+    Stages that get no step are dropped, except that the last one keeps at least one step (the
     all-patches, final-resolution finish).
     """
     if (budget_s is None) == (budget_images is None):
@@ -177,28 +148,28 @@ def plan_budget(segments: list[Segment], *, speeds: dict | None = None, budget_s
             raise BudgetTooSmall(f"set-up took {setup_s:.0f} s of the {budget_s:.0f} s budget; "
                                  "no time is left to train (raise --minutes/--hours)")
         speeds = speeds or {}
-        missing = [s.shape for s in segments if s.shape not in speeds]
+        missing = [s.shape for s in stages if s.shape not in speeds]
         if missing:
             raise ValueError(f"no measured speed for shapes {missing}")
     elif budget_images <= 0:
         raise BudgetTooSmall("the image budget is empty")
     out = []
-    for s in segments:
+    for s in stages:
         sp = speeds[s.shape] if mode == "time" else 0.0
         n = _steps_for(s.f1 - s.f0, s, sp, window, budget_images)
         out.append(replace(s, steps=n, speed=sp, probe_speed=sp))
     out = _drop_empty(out)
-    return Plan(segments=out, mode=mode, budget_s=budget_s, budget_images=budget_images,
+    return Plan(stages=out, mode=mode, budget_s=budget_s, budget_images=budget_images,
                 setup_s=setup_s, reserve_s=reserve_s)
 
 
-def _drop_empty(segs: list[Segment]) -> list[Segment]:
+def _drop_empty(segs: list[Stage]) -> list[Stage]:
     if not segs:
         return segs
     last = segs[-1]
     kept = [s for s in segs[:-1] if s.steps > 0]
     kept.append(last if last.steps > 0 else replace(last, steps=1))
-    # fold f-ranges of dropped segments into their successors so the window stays covered
+    # fold f-ranges of dropped stages into their successors so the window stays covered
     for i in range(1, len(kept)):
         if kept[i].f0 != kept[i - 1].f1:
             kept[i] = replace(kept[i], f0=kept[i - 1].f1)
@@ -216,15 +187,15 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
            new_batch: dict | None = None, base_batch: int | None = None, lr_rule: str | None = None) -> Plan:
     """Re-plan what is left after `step` steps at `counted_s` counted seconds.
 
-    Steps already taken keep their segments (and progress values). The current segment is cut at
+    Steps already taken keep their stages (and progress values). The current segment is cut at
     `step`; the seconds really left (budget − reserve − counted_s) are shared by its remainder and the
-    later segments in proportion to their remaining progress ranges, at their planned speed ×
+    later stages in proportion to their remaining progress ranges, at their planned speed ×
     `speed_ratio` (measured / planned: the best evidence of how the rest will go). Progress continues
     from where the plan stood (no jump of the schedules either way): a run that is ahead gets more
     steps, one that is behind fewer, and both end on the budget. A segment left with no step is
     dropped and its progress range folded into its successor; the last segment keeps >= 1 step.
-    `new_batch` {res: batch} overrides batch sizes of remaining segments (out-of-memory fallback); their
-    LR scale becomes lr_scale_for_batch(batch, base_batch, lr_rule), the rule the planned segments and
+    `new_batch` {res: batch} overrides batch sizes of remaining stages (out-of-memory fallback); their
+    LR scale becomes lr_scale_for_batch(batch, base_batch, lr_rule), the rule the planned stages and
     the probe's fallback use. Only for time budgets (an image budget does not drift).
     """
     if plan.mode != "time":
@@ -234,18 +205,18 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     total = plan.total_steps
     if step >= total:
         return plan
-    k, j = plan.segment_at(step)
+    k, j = plan.stage_at(step)
     f_cur = plan.progress_at(step)
     time_left = max(0.0, (plan.budget_s or 0.0) - plan.reserve_s - counted_s)
     rest_share = max(1e-12, 1.0 - f_cur)
-    done = list(plan.segments[:k])
-    cur = plan.segments[k]
+    done = list(plan.stages[:k])
+    cur = plan.stages[k]
     if j > 0:
         done.append(replace(cur, f1=f_cur, steps=j))
-    rest = [replace(cur, f0=f_cur)] + list(plan.segments[k + 1:])
+    rest = [replace(cur, f0=f_cur)] + list(plan.stages[k + 1:])
     new_rest = []
     for s in rest:
-        batch, lr_scale, probe = s.batch, s.lr_scale, s.probe_speed
+        batch, lr_scale, probe = s.batch_size, s.lr_scale, s.probe_speed
         if new_batch and s.res in new_batch and new_batch[s.res] < batch:
             batch = new_batch[s.res]
             lr_scale = S.lr_scale_for_batch(batch, base_batch, lr_rule)
@@ -253,10 +224,10 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
         speed = s.speed * speed_ratio
         seconds = time_left * max(0.0, s.f1 - s.f0) / rest_share
         steps = int(math.floor(seconds * speed / batch + 0.5)) if speed > 0 else 0
-        new_rest.append(replace(s, batch=batch, lr_scale=lr_scale, speed=speed, steps=steps, probe_speed=probe))
+        new_rest.append(replace(s, batch_size=batch, lr_scale=lr_scale, speed=speed, steps=steps, probe_speed=probe))
     new_rest = _drop_empty(new_rest)
     new_rest[0] = replace(new_rest[0], f0=f_cur)
-    new = Plan(segments=done + new_rest, mode=plan.mode, budget_s=plan.budget_s,
+    new = Plan(stages=done + new_rest, mode=plan.mode, budget_s=plan.budget_s,
                budget_images=plan.budget_images, setup_s=plan.setup_s, reserve_s=plan.reserve_s,
                replans=list(plan.replans))
     new.replans.append({"step": step, "counted_s": round(counted_s, 3), "speed_ratio": round(speed_ratio, 4),
@@ -267,10 +238,10 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
 def remaining_planned_s(plan: Plan, step: int) -> float:
     """Planned seconds of steps [step, total) at the plan's speeds (time plans)."""
     acc, t = 0, 0.0
-    for s in plan.segments:
+    for s in plan.stages:
         todo = min(s.steps, max(0, acc + s.steps - step))
         if todo and s.speed > 0:
-            t += todo * s.batch / s.speed
+            t += todo * s.batch_size / s.speed
         acc += s.steps
     return t
 
@@ -360,9 +331,9 @@ def probe_speeds(shapes: Iterable[tuple[int, float, int]], run_step: Callable[[t
     speeds: dict = {}
     fixed: dict = {}
     for shape in dict.fromkeys(shapes):
-        res, keep, batch = shape
+        res, keep, batch, *rest = shape
         while True:
-            cur = (res, keep, batch)
+            cur = (res, keep, batch, *rest)
             try:
                 for _ in range(warmup):
                     run_step(cur)                    # compiles this shape (dynamo cache)
