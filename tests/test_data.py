@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from fastvit.data import (BatchPlan, DataError, PlanStage, epoch_order, make_loader, make_val_loader, open_dataset,
+from fastvit.data import (BatchPlan, DataError, Stage, epoch_order, make_loader, make_val_loader, open_dataset,
                           pick_stored_res, stage_seed)
 
 N_TRAIN, N_VAL, CLASSES = 64, 24, 4  # tiny_src: 4 classes x (16 train, 6 val)
@@ -111,30 +111,30 @@ def test_torchvision_needs_a_source_tree(ds, tmp_path):
 
 
 def test_batch_plan_epochs_are_permutations_and_seeded():
-    plan = BatchPlan(50, [PlanStage(res=32, batch_size=8, steps=None, seed=7)])
+    plan = BatchPlan(50, [Stage(res=32, batch_size=8)], [7], endless=True)
     assert plan.batches_per_epoch() == 6
     for epoch in range(3):
         idx = np.concatenate([plan.batch(epoch * 6 + b).indices for b in range(6)])
         assert len(idx) == 48 and len(set(idx.tolist())) == 48  # 2 dropped (drop_last)
         assert set(idx.tolist()) | set(epoch_order(50, 7, epoch)[48:].tolist()) == set(range(50))
     assert plan.epoch_end(0) == 6 and plan.epoch_end(7) == 12
-    same = BatchPlan(50, [PlanStage(32, 8, None, 7)])
-    other = BatchPlan(50, [PlanStage(32, 8, None, 8)])
+    same = BatchPlan(50, [Stage(32, 8)], [7], endless=True)
+    other = BatchPlan(50, [Stage(32, 8)], [8], endless=True)
     assert all((plan.batch(g).indices == same.batch(g).indices).all() for g in range(12))
     assert any((plan.batch(g).indices != other.batch(g).indices).any() for g in range(6))
     assert not (plan.batch(0).indices == plan.batch(6).indices).all()  # epochs reshuffle
-    keep = BatchPlan(50, [PlanStage(32, 8, None, 7)], drop_last=False, shuffle=False)
+    keep = BatchPlan(50, [Stage(32, 8)], [7], endless=True, drop_last=False, shuffle=False)
     assert keep.batches_per_epoch() == 7 and keep.batch(6).indices.tolist() == [48, 49]
 
 
 def test_batch_plan_stages_start_fresh_epochs():
-    stages = [PlanStage(32, 8, 10, stage_seed(0, 0)), PlanStage(64, 4, 5, stage_seed(0, 1))]
-    plan = BatchPlan(40, stages)
+    stages, seeds = [Stage(32, 8, 10), Stage(64, 4, 5)], [stage_seed(0, 0), stage_seed(0, 1)]
+    plan = BatchPlan(40, stages, seeds)
     assert plan.total_steps == 15 and plan.locate(9) == (0, 9) and plan.locate(10) == (1, 0)
     assert plan.batch(5).epoch == 1 and plan.batch(5).index_in_epoch == 0  # 5 batches per epoch at bs 8
     s = plan.batch(10)
     assert (s.stage, s.res, s.epoch, s.index_in_epoch) == (1, 64, 0, 0)
-    alone = BatchPlan(40, [stages[1]])
+    alone = BatchPlan(40, [stages[1]], [seeds[1]])
     assert (s.indices == alone.batch(0).indices).all()  # a stage's order does not depend on what preceded it
     with pytest.raises(IndexError):
         plan.batch(15)

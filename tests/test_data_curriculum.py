@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 
-from fastvit.data import CurriculumLoader, DataError, Stage, open_dataset, plan_segments
-from fastvit.data.order import BatchPlan, PlanStage, stage_seed
+from fastvit.data import CurriculumLoader, DataError, Stage, open_dataset, plan_spans
+from fastvit.data.order import BatchPlan, stage_seed
 
 N_TRAIN = 64
 # 32 px reads the 32 shard; 48 and 64 both read the 64 shard (one DALI / GPU-resident segment).
@@ -39,7 +39,7 @@ def expected_indices(step: int) -> np.ndarray:
     """What stage k's own plan says for `step` (independent of how stages are grouped into loaders)."""
     k = max(i for i in range(len(STAGES)) if BOUNDS[i] <= step)
     st = STAGES[k]
-    plan = BatchPlan(N_TRAIN, [PlanStage(st.res, st.batch_size, st.steps, stage_seed(0, k))])
+    plan = BatchPlan(N_TRAIN, [st], [stage_seed(0, k)])
     return plan.batch(step - BOUNDS[k]).indices
 
 
@@ -54,13 +54,13 @@ def _leak_check():
     return check
 
 
-def test_plan_segments_groups_stages_on_one_shard():
+def test_plan_spans_groups_stages_on_one_shard():
     stored = {32: 32, 48: 64, 64: 64}.get
-    dali = plan_segments(STAGES, "dali", stored)
+    dali = plan_spans(STAGES, "dali", stored)
     assert [(s.first, s.last, s.start_step, s.steps) for s in dali] == [(0, 0, 0, 5), (1, 2, 5, 16)]
-    ffcv = plan_segments(STAGES, "ffcv", stored)
+    ffcv = plan_spans(STAGES, "ffcv", stored)
     assert [(s.first, s.last) for s in ffcv] == [(0, 0), (1, 1), (2, 2)]
-    assert len(plan_segments(STAGES, "dali", stored, merge=False)) == 3
+    assert len(plan_spans(STAGES, "dali", stored, merge=False)) == 3
 
 
 @pytest.mark.parametrize("backend", ["dali", "gpu_resident", "ffcv"])
@@ -84,9 +84,9 @@ def test_switches_at_exact_steps_with_next_stage_prefilled(ds, backend, train_la
                 time.sleep(0.02)
             assert cl.next_ready()
     assert steps == list(range(21))
-    seg_starts = [s.start_step for s in cl.segments]
+    seg_starts = [s.start_step for s in cl.spans]
     assert cl.switch_steps == seg_starts
-    for i, s in enumerate(cl.segments[1:], start=1):
+    for i, s in enumerate(cl.spans[1:], start=1):
         assert cl.ready_step[i] <= s.start_step and cl.prefilled_in_time[i]  # ready before its first step
     assert len(cl.data_wait_s) == 21 and all(w >= 0 for w in cl.data_wait_s)
     cl.close()
@@ -159,7 +159,7 @@ def _labels_of(stages, step):
     starts = np.cumsum([0] + [s.steps for s in stages])
     k = max(i for i in range(len(stages)) if starts[i] <= step)
     st = stages[k]
-    plan = BatchPlan(N_TRAIN, [PlanStage(st.res, st.batch_size, None, stage_seed(0, k))])
+    plan = BatchPlan(N_TRAIN, [st], [stage_seed(0, k)], endless=True)
     return plan.batch(step - starts[k]).indices
 
 
@@ -185,7 +185,7 @@ def test_replan_in_place_keeps_the_loader_and_switches_at_the_new_steps(ds, back
     with pytest.raises(StopIteration):
         next(cl)
     starts = [0, 7, 17] if backend != "ffcv" else [0, 7, 11, 17]   # FFCV: one loader per stage
-    assert cl.switch_steps == starts == [s.start_step for s in cl.segments]
+    assert cl.switch_steps == starts == [s.start_step for s in cl.spans]
     # one build per later segment (the first was built before the wrapper), none for the re-plans
     assert sorted(built) == sorted([(32, 0), (48, 0)] + ([(64, 0)] if backend == "ffcv" else []))
     assert cl.rebuilt_on_replan == 0 and cl.replans == 2
@@ -217,3 +217,21 @@ def test_replan_inside_the_prefetch_window_rebuilds_and_stays_exact(ds, train_la
             cl2.close()
     cl.close()
     check()
+
+
+def test_yields_the_plans_own_stages_and_keeps_one_order_across_keep_changes(ds, monkeypatch, train_labels):
+    """The loader is the single source of "what this step is": it yields the plan's Stage objects
+    (keep rate included); stages that differ only in what the model does share one batch order."""
+    import fastvit.data.curriculum as C
+
+    monkeypatch.setattr(C, "WAITS_KEPT", 4)
+    plan = [Stage(32, 8, 3, keep=0.5), Stage(32, 8, 4, keep=0.75), Stage(64, 6, 2)]
+    with CurriculumLoader(ds, plan, backend="dali", device="cpu", seed=0, workers=1) as cl:
+        got = [(y.tolist(), st) for _, y, st in cl]
+        waits = list(cl.data_wait_s)
+        assert cl.data_wait_total_s >= sum(waits) > 0 and cl.last_wait_s == waits[-1]
+    assert [st for _, st in got] == [plan[0]] * 3 + [plan[1]] * 4 + [plan[2]] * 2
+    assert all(a is b for (_, a), b in zip(got, [plan[0]] * 3 + [plan[1]] * 4 + [plan[2]] * 2))
+    one = BatchPlan(N_TRAIN, [Stage(32, 8, 7)], [stage_seed(0, 0)])          # the merged stretch
+    assert [y for y, _ in got[:7]] == [train_labels[one.batch(g).indices].tolist() for g in range(7)]
+    assert len(waits) == 4                                  # bounded: a 24 h run keeps no per-step list

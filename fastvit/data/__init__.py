@@ -11,11 +11,13 @@ Backends: "ffcv" (.beton), "dali" (webdataset tars + .idx), "torchvision" (sourc
 baseline), "gpu_resident" (a shard decoded once into device memory, augmented there).
 """
 from .base import LoaderOptions
-from .curriculum import CurriculumLoader, Stage, plan_segments
+from fastvit.stage import Stage
+
+from .curriculum import CurriculumLoader, plan_spans
 from .dataset import DataError, PreppedDataset, open_dataset, pick_stored_res
 from .loader import BACKENDS, make_loader, make_val_loader
-from .order import BatchPlan, PlanStage, epoch_order, stage_seed
+from .order import BatchPlan, epoch_order, stage_seed
 
-__all__ = ["BACKENDS", "BatchPlan", "CurriculumLoader", "DataError", "LoaderOptions", "PlanStage", "PreppedDataset",
+__all__ = ["BACKENDS", "BatchPlan", "CurriculumLoader", "DataError", "LoaderOptions", "PreppedDataset",
            "Stage", "epoch_order", "make_loader", "make_val_loader", "open_dataset", "pick_stored_res",
-           "plan_segments", "stage_seed"]
+           "plan_spans", "stage_seed"]

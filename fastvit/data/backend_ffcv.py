@@ -65,8 +65,7 @@ def _make_order(plan: BatchPlan, quasi: bool):
         """Epoch e of the plan's (single) stage, exactly as BatchPlan computes it."""
 
         def sample_order(self, epoch: int):
-            st = plan.stages[0]
-            return self._take_skip(epoch_order(plan.n, st.seed, epoch, plan.shuffle))
+            return self._take_skip(epoch_order(plan.n, plan.seeds[0], epoch, plan.shuffle))
 
     class QuasiOrder(_Skip, QuasiRandom):
         """FFCV's page-local shuffle (for datasets much larger than RAM); its own seed scheme."""
@@ -117,7 +116,7 @@ class FFCVLoader(BatchLoader):
             Compiler.set_enabled(opts.ffcv_jit)
             try:
                 self._loader = Loader(str(path), batch_size=st.batch_size, num_workers=workers,
-                                      os_cache=os_cache, order=self._order, seed=st.seed % (1 << 20),
+                                      os_cache=os_cache, order=self._order, seed=plan.seeds[0] % (1 << 20),
                                       drop_last=plan.drop_last, batches_ahead=opts.batches_ahead,
                                       pipelines={img_field: image_pipe, lab_field: label_pipe})
             finally:

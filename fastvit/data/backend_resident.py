@@ -244,7 +244,7 @@ class ResidentLoader(BatchLoader):
         idx_np = spec.indices
         h, w = self.shard.np_heights[idx_np], self.shard.np_widths[idx_np]
         if self.train:
-            rng = np.random.default_rng([self.plan.stages[spec.stage].seed, spec.epoch, spec.index_in_epoch])
+            rng = np.random.default_rng([self.plan.seeds[spec.stage], spec.epoch, spec.index_in_epoch])
             boxes = random_resized_boxes(h, w, rng)
             flip = rng.uniform(size=len(idx_np)) < 0.5
         else:

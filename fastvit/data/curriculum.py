@@ -1,96 +1,121 @@
-"""CurriculumLoader: the image-size curriculum as one stream of batches, with no stall at a switch.
+"""CurriculumLoader: the plan's stages as one stream of batches, with no stall at a switch.
 
     cl = CurriculumLoader(ds, [Stage(64, 512, 1000), Stage(128, 256, 500)], backend="dali", device="cuda", seed=0)
     with cl:
         for images, labels, stage in cl: ...     # every stage's steps once, then it stops
-    cl.data_wait_s                               # per step: seconds the consumer waited for data
+    cl.last_wait_s, cl.data_wait_total_s         # seconds the consumer waited for data (last step, all)
+
+The loader is the single source of "what this step trains on": it takes the planner's stages
+(fastvit.stage.Stage: res, batch size, steps, keep, ...) and yields each step's Stage object with its
+batch. Neighbouring stages with the same (res, batch size) (`Stage.loader_key`; they differ only in
+what the model does: keep rate, depth, patch size) are one *stretch* of the batch order: one seed,
+epochs continuing across them.
 
 How the switch stays stall-free:
-- Consecutive stages that read the same stored shard form one *segment* served by one loader; on
+- Consecutive stretches that read the same stored shard form one *span* served by one loader; on
   DALI and the GPU-resident path the output size (and batch size) changes inside that loader at the
   planned batch, no rebuild at all (see backend_dali).
-- For the next segment a background thread first closes the previous segment's loader, then builds
+- For the next span a background thread first closes the previous span's loader, then builds
   the next one (FFCV numba compile, DALI pipeline build, shard decode) and pulls its first batch
   (pre-fill). At the boundary the consumer takes that batch: the wait is a hand-over, not a build.
-  At most two segments are alive: the current one and the one being built.
-- Boundaries may fall mid-epoch: a stage is a number of steps, its epochs wrap inside it.
+  At most two spans are alive: the current one and the one being built.
+- Boundaries may fall mid-epoch: a stretch is a number of steps, its epochs wrap inside it.
 
-Re-plans (`cl.replan(stages)`, the trainer's drift correction) change step counts in place: a
-segment's last stage is endless in its loader's own plan (this class decides where a segment ends), so
-the running loader carries on; only a segment whose stages changed is rebuilt, in the background.
+Re-plans (`cl.replan(stages)`, the trainer's drift correction, the one way to hand the loader a new
+plan) change step counts in place: a span's last stretch is endless in its loader's own BatchPlan (this
+class decides where a span ends), so the running loader carries on; only a span whose stretches
+changed is rebuilt, in the background.
 
-Order: stage k draws its batches from BatchPlan with seed stage_seed(seed, k), epochs counted from the
-stage start, whatever the segmentation; so `start_step=g` (resume) yields exactly the batches an
+Order: stretch j draws its batches from BatchPlan with seed stage_seed(seed, j), epochs counted from
+the stretch start, whatever the spans; so `start_step=g` (resume) yields exactly the batches an
 uninterrupted run yields from step g on, and skipping costs nothing (no batch before g is decoded).
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from fastvit.stage import Stage
+from fastvit.stage import Stage, step_ranges
 
 from .base import LoaderOptions
 from .dataset import DataError, PreppedDataset
 from .loader import BACKENDS, build_loader
-from .order import BatchPlan, PlanStage, stage_seed
+from .order import BatchPlan, stage_seed
 
 log = logging.getLogger("fastvit.data")
 
-
-@dataclass(frozen=True)
-class Segment:
-    """Consecutive stages [first, last] served by one loader."""
-    first: int
-    last: int
-    backend: str
-    start_step: int  # global step of the segment's first batch
-    steps: int
+WAITS_KEPT = 4096   # recent per-step waits kept (data_wait_s); totals cover the whole run
 
 
-def _starts(stages: Sequence[Stage]) -> list[int]:
-    out, acc = [], 0
+def stretches(stages: Sequence[Stage]) -> list[Stage]:
+    """The batch-order stretches of a plan: neighbours with the same loader_key merged (steps summed).
+    Only res, batch_size and steps of the result matter."""
+    out: list[Stage] = []
     for s in stages:
-        out.append(acc)
-        acc += s.steps
+        if out and out[-1].loader_key == s.loader_key:
+            out[-1] = Stage(s.res, s.batch_size, out[-1].steps + s.steps)
+        else:
+            out.append(Stage(s.res, s.batch_size, s.steps))
     return out
 
 
-def plan_segments(stages: Sequence[Stage], backend: str, stored_of, *, merge: bool = True,
-                  backend_of=None) -> list[Segment]:
-    """Group consecutive stages that one loader can serve (pure: stored_of(res) -> stored res).
+@dataclass(frozen=True)
+class Span:
+    """Consecutive stretches [first, last] served by one loader."""
+    first: int
+    last: int
+    backend: str
+    start_step: int  # global step of the span's first batch
+    steps: int
 
-    Only loaders whose output size is set per batch (dali, gpu_resident) serve several stages;
+
+def plan_spans(stretches_: Sequence[Stage], backend: str, stored_of, *, merge: bool = True,
+               backend_of=None) -> list[Span]:
+    """Group consecutive stretches that one loader can serve (pure: stored_of(res) -> stored res).
+
+    Only loaders whose output size is set per batch (dali, gpu_resident) serve several stretches;
     FFCV compiles one size per loader and torchvision builds one transform.
     """
-    segs: list[Segment] = []
+    spans: list[Span] = []
     step = 0
-    for k, st in enumerate(stages):
+    for k, st in enumerate(stretches_):
         b = backend_of(k) if backend_of else backend
-        if (merge and segs and segs[-1].backend == b and b in ("dali", "gpu_resident")
-                and stored_of(stages[segs[-1].first].res) == stored_of(st.res)):
-            s = segs[-1]
-            segs[-1] = Segment(s.first, k, b, s.start_step, s.steps + st.steps)
+        if (merge and spans and spans[-1].backend == b and b in ("dali", "gpu_resident")
+                and stored_of(stretches_[spans[-1].first].res) == stored_of(st.res)):
+            s = spans[-1]
+            spans[-1] = Span(s.first, k, b, s.start_step, s.steps + st.steps)
         else:
-            segs.append(Segment(k, k, b, step, st.steps))
+            spans.append(Span(k, k, b, step, st.steps))
         step += st.steps
-    return segs
+    return spans
+
+
+def _check(stages: Sequence[Stage]) -> list[Stage]:
+    if not stages:
+        raise DataError("a curriculum needs at least one stage")
+    out = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
+    for s in out:
+        if s.steps <= 0:
+            raise DataError(f"bad stage {s}: steps must be positive")
+    return out
 
 
 class _Build(threading.Thread):
     """Background: close the previous loader (or wait for a stale build and close what it built), then
-    build + pre-fill the loader of `spec` (a segment's backend and PlanStages, fixed at creation so a
+    build + pre-fill the loader of `spec` (a span's backend, stretches and seeds, fixed at creation so a
     re-plan on the consumer's thread never changes what this thread builds)."""
 
-    def __init__(self, owner: "CurriculumLoader", seg_idx: int, spec: tuple, start_batch: int, previous):
-        super().__init__(name=f"fastvit-curriculum-build-{seg_idx}", daemon=True)
-        self.owner, self.seg_idx, self.spec, self.start_batch, self.previous = owner, seg_idx, spec, start_batch, previous
+    def __init__(self, owner: "CurriculumLoader", span_idx: int, spec: tuple, start_batch: int, previous):
+        super().__init__(name=f"fastvit-curriculum-build-{span_idx}", daemon=True)
+        self.owner, self.span_idx, self.spec, self.start_batch, self.previous = owner, span_idx, spec, start_batch, previous
         self.loader = self.first = self.error = None
         self.build_s = 0.0
         self.stale = False
@@ -111,7 +136,7 @@ class _Build(threading.Thread):
             self.error = e
         finally:
             if not self.stale:
-                self.owner._on_ready(self.seg_idx)
+                self.owner._on_ready(self.span_idx)
             self.done.set()
 
 
@@ -131,12 +156,7 @@ class CurriculumLoader:
     def __init__(self, ds: PreppedDataset, stages: Sequence[Stage], backend: str = "dali", device="cuda",
                  seed: int = 0, *, split: str = "train", workers: int | None = None, start_step: int = 0,
                  merge: bool = True, resident_fallback: str = "dali", **options):
-        self.stages = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
-        if not self.stages:
-            raise DataError("a curriculum needs at least one stage")
-        for s in self.stages:
-            if s.res <= 0 or s.batch_size <= 0 or s.steps <= 0:
-                raise DataError(f"bad stage {s}: res, batch_size and steps must be positive")
+        stages = _check(stages)
         if backend not in BACKENDS:
             raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.ds, self.split, self.backend, self.seed, self.workers = ds, split, backend, int(seed), workers
@@ -144,10 +164,6 @@ class CurriculumLoader:
         self.opts = LoaderOptions.from_kwargs(options)
         if self.opts.res_schedule is not None:
             raise DataError("CurriculumLoader plans sizes from its stages; res_schedule is not an option here")
-        self.total_steps = sum(s.steps for s in self.stages)
-        if not 0 <= start_step < self.total_steps:
-            raise DataError(f"start_step {start_step} is outside 0..{self.total_steps - 1}")
-        self.stage_start = _starts(self.stages)
 
         fmt = {"ffcv": "ffcv", "dali": "dali"}.get(backend)
         if backend == "gpu_resident":
@@ -156,28 +172,43 @@ class CurriculumLoader:
             ds.source_dir(split, self.opts.src)  # fail here, with one line, rather than at the first batch
         stored_of = (lambda r: r) if backend == "torchvision" else (lambda r: ds.stored_res(r, split, fmt))
         backend_of = None
-        if backend == "gpu_resident":  # stages whose shard does not fit run on the fallback backend
+        if backend == "gpu_resident":  # stretches whose shard does not fit run on the fallback backend
             backend_of = self._resident_or(resident_fallback, stored_of)
-        self._segment = lambda stages: plan_segments(stages, backend, stored_of, merge=merge, backend_of=backend_of)
-        self.segments = self._segment(self.stages)
+        self._span = lambda st: plan_spans(st, backend, stored_of, merge=merge, backend_of=backend_of)
+        self._set_plan(stages)
+        if not 0 <= start_step < self.total_steps:
+            raise DataError(f"start_step {start_step} is outside 0..{self.total_steps - 1}")
 
         # Records (per consumed step, from start_step on).
         self.start_step = int(start_step)
-        self.data_wait_s: list[float] = []
-        self.switch_steps: list[int] = []           # global steps at which a new segment's first batch was served
-        self.ready_step: dict[int, int] = {}        # segment -> steps consumed when its pre-fill completed
-        self.build_s: dict[int, float] = {}         # segment -> seconds to build + pre-fill
-        self.prefilled_in_time: dict[int, bool] = {}  # segment -> its first batch was waiting at its first step
+        self.data_wait_s: deque[float] = deque(maxlen=WAITS_KEPT)   # the last WAITS_KEPT steps' waits
+        self.data_wait_total_s = 0.0
+        self.last_wait_s = 0.0
+        self.switch_steps: list[int] = []           # global steps at which a new span's first batch was served
+        self.ready_step: dict[int, int] = {}        # span -> steps consumed when its pre-fill completed
+        self.build_s: dict[int, float] = {}         # span -> seconds to build + pre-fill
+        self.prefilled_in_time: dict[int, bool] = {}  # span -> its first batch was waiting at its first step
         self._step = self.start_step
         self._lock = threading.Lock()
         self._closed = False
 
-        self._seg = next(i for i, s in enumerate(self.segments) if s.start_step <= start_step < s.start_step + s.steps)
+        self._cur_span = self._span_at(start_step)
         self._current = self._retiring = None
         self._closers: list[threading.Thread] = []
-        self._pending = self._start_build(self._seg, start_step - self.segments[self._seg].start_step, None)
+        self._pending = self._start_build(self._cur_span, start_step - self.spans[self._cur_span].start_step, None)
         self.replans = 0
         self.rebuilt_on_replan = 0                  # re-plans that could not keep the running loader
+
+    def _set_plan(self, stages: list[Stage]) -> None:
+        self.stages = stages
+        self._stage_starts = [a for a, _ in step_ranges(stages)]
+        self.total_steps = sum(s.steps for s in stages)
+        self.stretches = stretches(stages)
+        self._stretch_starts = [a for a, _ in step_ranges(self.stretches)]
+        self.spans = self._span(self.stretches)
+
+    def _span_at(self, step: int) -> int:
+        return next(i for i, s in enumerate(self.spans) if s.start_step <= step < s.start_step + s.steps)
 
     # -------------------------------------------------------------------------------------------- build
     def _resident_or(self, fallback: str, stored_of):
@@ -187,7 +218,7 @@ class CurriculumLoader:
         fits = {}
 
         def backend_of(k: int) -> str:
-            r = stored_of(self.stages[k].res)  # self.stages: the current plan (replan swaps it)
+            r = stored_of(self.stretches[k].res)  # self.stretches: the current plan (replan swaps it)
             if r not in fits:
                 fits[r] = estimate_bytes(self.ds, self.split, r) <= budget
                 if not fits[r]:
@@ -197,40 +228,37 @@ class CurriculumLoader:
 
         return backend_of
 
-    def _spec(self, seg: Segment, stages=None) -> tuple:
-        """(backend, PlanStages) of a segment's loader. The segment's last stage is endless in the
-        loader's own plan: the CurriculumLoader decides where a segment ends, so a re-plan that only
-        changes that stage's step count leaves the loader as it is."""
-        stages = self.stages if stages is None else stages
-        ps = tuple(PlanStage(res=stages[k].res, batch_size=stages[k].batch_size,
-                             steps=stages[k].steps if k < seg.last else None, seed=stage_seed(self.seed, k))
-                   for k in range(seg.first, seg.last + 1))
-        return (seg.backend, ps)
+    def _spec(self, span: Span) -> tuple:
+        """(backend, stretches, seeds) of a span's loader. Its last stretch is endless in the loader's
+        own plan: the CurriculumLoader decides where a span ends, so a re-plan that only changes that
+        stretch's step count leaves the loader as it is."""
+        ks = range(span.first, span.last + 1)
+        st = [self.stretches[k] for k in ks]
+        st[-1] = Stage(st[-1].res, st[-1].batch_size)   # endless: its step count is not the loader's business
+        return (span.backend, tuple(st), tuple(stage_seed(self.seed, k) for k in ks))
 
-    def _start_build(self, seg_idx: int, start_batch: int, previous) -> _Build:
-        b = _Build(self, seg_idx, self._spec(self.segments[seg_idx]), start_batch, previous)
+    def _start_build(self, span_idx: int, start_batch: int, previous) -> _Build:
+        b = _Build(self, span_idx, self._spec(self.spans[span_idx]), start_batch, previous)
         b.start()
         return b
 
     def _build(self, spec: tuple, start_batch: int):
-        backend, plan_stages = spec
-        return build_loader(self.ds, self.split, list(plan_stages), backend=backend, device=self.device, train=True,
-                            seed=plan_stages[0].seed, workers=self.workers, drop_last=True,
+        backend, stretches_, seeds = spec
+        return build_loader(self.ds, self.split, list(stretches_), list(seeds), backend=backend, device=self.device,
+                            train=True, seed=seeds[0], workers=self.workers, drop_last=True,
                             start_batch=start_batch, opts=self.opts)
 
-    def _on_ready(self, seg_idx: int) -> None:
+    def _on_ready(self, span_idx: int) -> None:
         with self._lock:
-            self.ready_step[seg_idx] = self._step
+            self.ready_step[span_idx] = self._step
 
     # -------------------------------------------------------------------------------------------- iterate
     def __len__(self) -> int:
         return self.total_steps - self.start_step
 
-    def stage_at(self, step: int) -> int:
-        for k in range(len(self.stages) - 1, -1, -1):
-            if step >= self.stage_start[k]:
-                return k
-        return 0
+    def stage_at(self, step: int) -> Stage:
+        """The plan's stage of global step `step`."""
+        return self.stages[max(0, bisect.bisect_right(self._stage_starts, step) - 1)]
 
     def __iter__(self):
         return self
@@ -247,14 +275,14 @@ class CurriculumLoader:
 
     def _take_pending(self):
         b = self._pending
-        self.prefilled_in_time[b.seg_idx] = b.done.is_set()
+        self.prefilled_in_time[b.span_idx] = b.done.is_set()
         b.done.wait()
         b.join()
         self._pending = None
         if b.error is not None:
-            raise DataError(f"building the loader for stages {self.segments[b.seg_idx].first}.."
-                            f"{self.segments[b.seg_idx].last} failed: {b.error}") from b.error
-        self.build_s[b.seg_idx] = b.build_s
+            sp = self.spans[b.span_idx]
+            raise DataError(f"building the loader for stretches {sp.first}..{sp.last} failed: {b.error}") from b.error
+        self.build_s[b.span_idx] = b.build_s
         return b.loader, b.first
 
     def __next__(self):
@@ -262,15 +290,15 @@ class CurriculumLoader:
             self.close()
             raise StopIteration
         t0 = time.perf_counter()
-        seg = self.segments[self._seg]
-        if self._current is None:  # first step of a segment: take the pre-filled loader
+        span = self.spans[self._cur_span]
+        if self._current is None:  # first step of a span: take the pre-filled loader
             self._current, batch = self._take_pending()
             self.switch_steps.append(self._step)
             old, self._retiring = self._retiring, None
-            if self._seg + 1 < len(self.segments):
-                # The next build starts now, on a thread that first closes the finished segment's
-                # loader: at most two segments are ever alive, and the consumer waits for neither.
-                self._pending = self._start_build(self._seg + 1, 0, old)
+            if self._cur_span + 1 < len(self.spans):
+                # The next build starts now, on a thread that first closes the finished span's
+                # loader: at most two spans are ever alive, and the consumer waits for neither.
+                self._pending = self._start_build(self._cur_span + 1, 0, old)
             elif old is not None:
                 t = threading.Thread(target=old.close, name="fastvit-curriculum-close", daemon=True)
                 t.start()
@@ -282,70 +310,68 @@ class CurriculumLoader:
         stage = self.stage_at(self._step)
         with self._lock:
             self.data_wait_s.append(wait)
+            self.data_wait_total_s += wait
+            self.last_wait_s = wait
             self._step += 1
-        if self._step == seg.start_step + seg.steps and self._seg + 1 < len(self.segments):
-            # Segment done. Its loader stays open until the next step starts (the caller may still
+        if self._step == span.start_step + span.steps and self._cur_span + 1 < len(self.spans):
+            # Span done. Its loader stays open until the next step starts (the caller may still
             # be using this batch), then the next builder closes it.
             self._retiring, self._current = self._current, None
-            self._seg += 1
-        return images, labels, self.stages[stage]
+            self._cur_span += 1
+        return images, labels, stage
 
     # -------------------------------------------------------------------------------------------- re-plan
     def replan(self, stages: Sequence[Stage]) -> bool:
         """Replace the plan from the next step on, in place (call it between batches, from the consumer).
 
-        `stages` is the whole new list: the stages already done must be unchanged and the one in
-        progress keeps its res and batch size (its step count may change, down to the steps it has
-        already served); later stages may change in any way. Afterwards this loader yields exactly
-        what `CurriculumLoader(ds, stages, start_step=self.step)` would (same order, same switch
-        steps), so a run resumed from a checkpoint with the same plan history sees the same batches.
+        `stages` is the whole new plan: the batch order already served must be unchanged (the
+        stretches done are the same, the one in progress keeps its res and batch size; its step count
+        may change, down to the steps it has already served); later stages may change in any way.
+        Afterwards this loader yields exactly what `CurriculumLoader(ds, stages, start_step=self.step)`
+        would (same order, same switch steps, the new Stage objects), so a run resumed from a
+        checkpoint with the same plan history sees the same batches.
 
-        The running loader is kept whenever it can serve the new plan (always when the current
-        segment is one stage: its loader plan is endless); a changed next segment is rebuilt in the
-        background (the stale build is discarded). Returns True when the running loader was kept.
+        The running loader is kept whenever it can serve the new plan (always when the current span is
+        one stretch: its loader plan is endless); a changed next span is rebuilt in the background
+        (the stale build is discarded). Returns True when the running loader was kept.
         """
         if self._closed:
             raise DataError("the curriculum loader is closed")
-        new = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
-        for s in new:
-            if s.res <= 0 or s.batch_size <= 0 or s.steps <= 0:
-                raise DataError(f"bad stage {s}: res, batch_size and steps must be positive")
+        new = _check(stages)
         g = self._step
         new_total = sum(s.steps for s in new)
         if g >= new_total:
             raise DataError(f"the new plan has {new_total} steps, but {g} were already served")
-        if g > 0:  # the history must stay as it was served
-            kd = self.stage_at(g - 1)
-            old = self.stages[kd]
-            if (len(new) <= kd or list(new[:kd]) != list(self.stages[:kd])
-                    or (new[kd].res, new[kd].batch_size) != (old.res, old.batch_size)
-                    or new[kd].steps < g - self.stage_start[kd]):
+        old_st, new_st = self.stretches, stretches(new)
+        if g > 0:  # the order history must stay as it was served
+            kd = max(0, bisect.bisect_right(self._stretch_starts, g - 1) - 1)
+            old = old_st[kd]
+            if (len(new_st) <= kd or new_st[:kd] != old_st[:kd] or new_st[kd].loader_key != old.loader_key
+                    or new_st[kd].steps < g - self._stretch_starts[kd]):
                 raise DataError(f"a re-plan at step {g} may change only steps not yet served "
-                                f"(stage {kd}: {old} was in progress)")
-        self.stages = new  # before _segment: the resident backend's choice reads self.stages
-        self.stage_start = _starts(new)
-        self.total_steps = new_total
-        segs = self._segment(new)
-        ns = next(i for i, s in enumerate(segs) if s.start_step <= g < s.start_step + s.steps)
-        nseg, rel = segs[ns], g - segs[ns].start_step
+                                f"(stretch {kd}: res {old.res}, batch {old.batch_size} was in progress)")
+        old_span = self.spans[self._cur_span] if self._current is not None else None
+        self._set_plan(new)   # before the spans are read: the resident backend's choice reads self.stretches
+        ns = self._span_at(g)
+        nspan, rel = self.spans[ns], g - self.spans[ns].start_step
         kept = False
         cur = self._current
         if cur is not None:
-            oseg = self.segments[self._seg]
-            kept = (nseg.first, nseg.start_step, nseg.backend) == (oseg.first, oseg.start_step, oseg.backend) \
-                and self._retarget(cur, self._spec(nseg), rel)
+            kept = (nspan.first, nspan.start_step, nspan.backend) == (old_span.first, old_span.start_step,
+                                                                      old_span.backend) \
+                and self._retarget(cur, self._spec(nspan), rel)
             if not kept:  # the consumer may still hold its last batch: closed at the next switch
                 self._retiring, self._current = cur, None
                 self.rebuilt_on_replan += 1
-        self.segments, self._seg = segs, ns
+        self._cur_span = ns
         want = (ns + 1, 0) if kept else (ns, rel)
         b = self._pending
-        if want[0] >= len(segs):
+        if want[0] >= len(self.spans):
             self._pending = None
             if b is not None:
                 self._discard(b)
-        elif b is not None and b.spec == self._spec(segs[want[0]]) and b.start_batch == want[1]:
-            b.seg_idx = want[0]  # same loader under the new numbering
+        elif b is not None and b.spec == self._spec(self.spans[want[0]]) and b.start_batch == want[1]:
+            b.span_idx = want[0]  # same loader under the new numbering
         else:
             if b is not None:
                 b.stale = True
@@ -354,22 +380,25 @@ class CurriculumLoader:
         return kept
 
     def _retarget(self, loader, spec: tuple, rel: int) -> bool:
-        """Give a running loader the new plan of its segment when every batch it may already have
-        scheduled (DALI's prefetch queue) is the same under both plans. The plan object is updated in
-        place: the backend's closures (DALI's source, FFCV's order) hold that object."""
+        """Give a running loader the new stretches of its span when every batch it may already have
+        scheduled (DALI's prefetch queue) is the same under both plans. The loader's BatchPlan is
+        updated in place (BatchPlan.replace_stages): the backend's closures (DALI's source, FFCV's
+        order) hold that object."""
         old = loader.plan
         if loader.next_index != rel:
             return False
-        newp = BatchPlan(old.n, list(spec[1]), drop_last=old.drop_last, shuffle=old.shuffle, res_fn=old.res_fn)
+        _, new_stretches, seeds = spec
+        newp = BatchPlan(old.n, list(new_stretches), list(seeds), endless=old.endless, drop_last=old.drop_last,
+                         shuffle=old.shuffle, res_fn=old.res_fn)
         if newp.max_batch_size > old.max_batch_size:  # DALI's pipeline was sized for the old batches
             return False
         for r in range(rel, rel + max(1, self.opts.batches_ahead) + 2):
             a, b = old.batch(r), newp.batch(r)
-            if ((a.res, a.epoch, a.index_in_epoch, old.stages[a.stage].seed)
-                    != (b.res, b.epoch, b.index_in_epoch, newp.stages[b.stage].seed)
+            if ((a.res, a.epoch, a.index_in_epoch, old.seeds[a.stage])
+                    != (b.res, b.epoch, b.index_in_epoch, newp.seeds[b.stage])
                     or not np.array_equal(a.indices, b.indices)):
                 return False
-        old.__dict__.update(newp.__dict__)
+        old.replace_stages(newp.stages, newp.seeds)
         return True
 
     def _discard(self, b: _Build) -> None:

@@ -19,7 +19,9 @@ import torch
 from ..sysinfo import default_workers
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
-from .order import BatchPlan, PlanStage
+from fastvit.stage import Stage
+
+from .order import BatchPlan
 
 BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
 
@@ -37,10 +39,11 @@ def _shard_format(backend: str) -> str | None:
     return {"ffcv": "ffcv", "dali": "dali"}.get(backend)
 
 
-def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *, backend: str, device,
-                 train: bool, seed: int, workers: int | None, drop_last: bool, start_batch: int = 0,
+def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds: Sequence[int], *, backend: str,
+                 device, train: bool, seed: int, workers: int | None, drop_last: bool, start_batch: int = 0,
                  opts: LoaderOptions) -> BatchLoader:
-    """A loader over a plan of one or more stages that share one stored shard (CurriculumLoader's unit)."""
+    """A loader over a plan of one or more stages that share one stored shard (CurriculumLoader's unit);
+    stage k's batch order is seeded `seeds[k]`, the last stage is endless (the caller decides the end)."""
     if backend not in BACKENDS:
         raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     dev = _device(device)
@@ -54,7 +57,8 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
         from .backend_torchvision import TorchvisionLoader, open_image_folder
 
         folder = open_image_folder(ds.source_dir(split, opts.src), res0, train)
-        plan = BatchPlan(len(folder), stages, drop_last=drop_last, shuffle=shuffle, res_fn=opts.res_schedule)
+        plan = BatchPlan(len(folder), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
+                         res_fn=opts.res_schedule)
         log_choice_once(backend, split, res0, res0)
         return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
                                  classes=ds.classes, start_batch=start_batch)
@@ -65,7 +69,8 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
     stored = ds.stored_res(max(s.res for s in stages), split, fmt)
     for s in stages:
         log_choice_once(backend, split, s.res, stored)
-    plan = BatchPlan(ds.count(split), stages, drop_last=drop_last, shuffle=shuffle, res_fn=opts.res_schedule)
+    plan = BatchPlan(ds.count(split), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
+                     res_fn=opts.res_schedule)
     if backend == "ffcv":
         from .backend_ffcv import FFCVLoader
 
@@ -96,8 +101,8 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
     opts = LoaderOptions.from_kwargs(options)
     if res <= 0 or batch_size <= 0:
         raise DataError("res and batch_size must be positive")
-    stage = PlanStage(res=int(res), batch_size=int(batch_size), steps=None, seed=int(seed))
-    return build_loader(ds, split, [stage], backend=backend, device=device, train=train, seed=seed,
+    stage = Stage(res=int(res), batch_size=int(batch_size))
+    return build_loader(ds, split, [stage], [int(seed)], backend=backend, device=device, train=train, seed=seed,
                         workers=workers, drop_last=drop_last, start_batch=start_batch, opts=opts)
 
 

@@ -4,8 +4,12 @@ Every backend draws its order from here, so the same seed gives the same order o
 torchvision and the GPU-resident path, and a run resumed at global step g sees exactly the batches an
 uninterrupted run would have (the order of batch g is computed, never replayed).
 
-    plan = BatchPlan(n=9469, stages=[PlanStage(res=64, batch_size=512, steps=1000, seed=s0), ...])
+    plan = BatchPlan(n=9469, stages=[Stage(res=64, batch_size=512, steps=1000), ...], seeds=[s0, ...])
     spec = plan.batch(g)     # BatchSpec(stage, res, epoch, index_in_epoch, indices (bs,) int64)
+
+Stages are fastvit.stage.Stage (only res, batch_size and steps matter here); `endless=True` makes the
+last stage run forever (make_loader's epoch-per-pass loaders, and the curriculum loader's segment
+loaders, whose end the CurriculumLoader decides).
 
 A stage starts a fresh epoch (its own seed, epoch 0); epochs wrap inside a stage. With drop_last the
 samples past the last full batch of an epoch are skipped; without it the last batch is smaller.
@@ -18,6 +22,8 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
+
+from fastvit.stage import Stage
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -45,14 +51,6 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool | str = True) -> np
 
 
 @dataclass(frozen=True)
-class PlanStage:
-    res: int
-    batch_size: int
-    steps: int | None  # None: endless (make_loader's epoch-per-pass loaders)
-    seed: int
-
-
-@dataclass(frozen=True)
 class BatchSpec:
     stage: int           # index into plan.stages
     res: int             # output side length of this batch
@@ -64,24 +62,36 @@ class BatchSpec:
 class BatchPlan:
     """Global batch index -> BatchSpec for a run of stages over a dataset of n samples."""
 
-    def __init__(self, n: int, stages: Sequence[PlanStage], *, drop_last: bool = True, shuffle: bool | str = True,
-                 res_fn: Callable[[int], int] | None = None):
+    def __init__(self, n: int, stages: Sequence[Stage], seeds: Sequence[int], *, endless: bool = False,
+                 drop_last: bool = True, shuffle: bool | str = True, res_fn: Callable[[int], int] | None = None):
         if n <= 0:
             raise ValueError("the dataset is empty")
         if not stages:
             raise ValueError("a plan needs at least one stage")
-        for s in stages[:-1]:
-            if s.steps is None:
-                raise ValueError("only the last stage of a plan may be endless")
-        self.n, self.stages, self.drop_last, self.shuffle, self.res_fn = n, tuple(stages), drop_last, shuffle, res_fn
-        for s in self.stages:
+        if len(seeds) != len(stages):
+            raise ValueError(f"{len(stages)} stages but {len(seeds)} seeds")
+        self.n, self.drop_last, self.shuffle, self.res_fn = n, drop_last, shuffle, res_fn
+        self._set(stages, seeds, endless)
+
+    def _set(self, stages: Sequence[Stage], seeds: Sequence[int], endless: bool) -> None:
+        for s in stages[:-1] if endless else stages:
+            if s.steps <= 0:
+                raise ValueError(f"stage {s} has no steps (only the last stage of an endless plan may)")
+        for s in stages:
             if self.batches_per_epoch_of(s) == 0:
-                raise ValueError(f"batch size {s.batch_size} is larger than the dataset ({n} samples) with drop_last")
+                raise ValueError(f"batch size {s.batch_size} is larger than the dataset ({self.n} samples) with drop_last")
+        self.stages, self.seeds, self.endless = tuple(stages), tuple(int(x) for x in seeds), endless
         self.starts = [0]  # global index of each stage's first batch
         for s in self.stages[:-1]:
             self.starts.append(self.starts[-1] + s.steps)
 
-    def batches_per_epoch_of(self, s: PlanStage) -> int:
+    def replace_stages(self, stages: Sequence[Stage], seeds: Sequence[int]) -> None:
+        """Swap in a re-planned list of stages, in place: a running backend's order source holds this
+        object, so the batches it schedules from now on follow the new plan. The caller (the
+        CurriculumLoader) checks first that no batch already scheduled changes."""
+        self._set(stages, seeds, self.endless)
+
+    def batches_per_epoch_of(self, s: Stage) -> int:
         return self.n // s.batch_size if self.drop_last else -(-self.n // s.batch_size)
 
     def batches_per_epoch(self, stage: int = 0) -> int:
@@ -89,8 +99,7 @@ class BatchPlan:
 
     @property
     def total_steps(self) -> int | None:
-        last = self.stages[-1]
-        return None if last.steps is None else self.starts[-1] + last.steps
+        return None if self.endless else self.starts[-1] + self.stages[-1].steps
 
     @property
     def max_batch_size(self) -> int:
@@ -109,15 +118,16 @@ class BatchPlan:
         k, s = self.locate(g)
         nb = self.batches_per_epoch(k)
         end = self.starts[k] + (s // nb + 1) * nb
-        st = self.stages[k]
-        return end if st.steps is None else min(end, self.starts[k] + st.steps)
+        if self.endless and k == len(self.stages) - 1:
+            return end
+        return min(end, self.starts[k] + self.stages[k].steps)
 
     def batch(self, g: int) -> BatchSpec:
         k, s = self.locate(g)
         st = self.stages[k]
         nb = self.batches_per_epoch_of(st)
         epoch, b = divmod(s, nb)
-        order = epoch_order(self.n, st.seed, epoch, self.shuffle)
+        order = epoch_order(self.n, self.seeds[k], epoch, self.shuffle)
         idx = order[b * st.batch_size: min((b + 1) * st.batch_size, self.n)]
         res = st.res if self.res_fn is None else int(self.res_fn(g))
         return BatchSpec(stage=k, res=res, epoch=epoch, index_in_epoch=b, indices=idx)

@@ -468,21 +468,10 @@ class Trainer:
         write_bytes_atomic(self.run_dir / "plan.json", self.plan.dumps().encode())
 
     # ------------------------------------------------------------------ loader
-    def _loader_stages(self):
-        from fastvit.data import Stage
-
-        out = []
-        for s in self.plan.stages:
-            if out and out[-1].loader_key == s.loader_key:
-                out[-1] = Stage(s.res, s.batch_size, out[-1].steps + s.steps)
-            elif s.steps:
-                out.append(Stage(s.res, s.batch_size, s.steps))
-        return out
-
     def open_loader(self):
-        from fastvit.data import CurriculumLoader, Stage
+        from fastvit.data import CurriculumLoader
 
-        stages = self._loader_stages()
+        stages = self.plan.stages
         kw = dict(backend=self.backend, device=str(self.device), seed=self.cfg.seed)
         if self.cfg.workers:
             kw["workers"] = self.cfg.workers
@@ -713,7 +702,7 @@ class Trainer:
         if loader is None:
             return loader, it
         try:
-            loader.replan(self._loader_stages())
+            loader.replan(self.plan.stages)
         except DataError as e:   # a plan whose served history changed
             self.log(f"re-plan: the loader could not take the new plan in place ({e}); reopening it")
             return self._reopen(loader)
