@@ -62,6 +62,8 @@ def num_kept(num_patches: int, keep: float | None) -> int:
     call this one function."""
     if keep is None or keep >= 1.0:
         return num_patches
+    if keep <= 0.0:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep}")
     return max(1, min(num_patches, int(keep * num_patches + 0.5)))
 
 

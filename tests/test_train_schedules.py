@@ -103,6 +103,17 @@ def test_keep_quantize_and_count():
     assert S.keep_count(64, 1.0) == 16
 
 
+def test_kept_tokens_rounded_one_way_in_planner_and_model():
+    """49 patches at keep 0.5: the planner's token count (batch sizes, FLOPs) and the model's K agree
+    (round half up, 25); Python's round() would give 24."""
+    from fastvit.models import num_kept_patches
+
+    assert S.keep_count(112, 0.5) == num_kept_patches(49, 0.5) == 25
+    assert S.keep_count(16 * 5, 0.5) == num_kept_patches(25, 0.5) == 13
+    assert S.batch_for(112, 0.5, base_batch=49, ref_res=112, const_tokens=True, max_batch=10_000,
+                       multiple=1) == 49 * 49 // 25
+
+
 def test_batch_const_tokens():
     kw = dict(base_batch=256, ref_res=224, max_batch=4096, const_tokens=True)
     assert S.batch_for(224, 1.0, **kw) == 256

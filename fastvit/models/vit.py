@@ -25,18 +25,10 @@ from timm.layers.pos_embed import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from fastvit.kernels import embed_kept_patches, sample_keep_indices
+from fastvit.stage import num_kept as num_kept_patches   # the one rounding rule (half up), shared with the planner
 
 from .configs import ViTConfig
 from .layers import Attention, LocalityMlp
-
-
-def num_kept_patches(num_patches: int, keep_rate: float | None) -> int:
-    """K for a keep rate: round(keep_rate * N), at least 1; None or >= 1 keeps all N."""
-    if keep_rate is None or keep_rate >= 1.0:
-        return num_patches
-    if keep_rate <= 0.0:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    return max(1, min(num_patches, int(keep_rate * num_patches + 0.5)))
 
 
 class Block(nn.Module):

@@ -9,7 +9,9 @@ functions, and a run is reproducible from its plan.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from fastvit.stage import num_kept
 
 KEEP_KINDS = ("fixed", "linear", "cyclic", "cosine")
 LR_DECAYS = ("cosine", "linear")
@@ -147,9 +149,8 @@ def quantize_keep(keep: float, step: float = 0.125) -> float:
 
 
 def keep_count(res: int, keep: float, patch: int = 16) -> int:
-    """Number of patches kept of the (res/patch)² grid (at least one)."""
-    n = (res // patch) ** 2
-    return max(1, min(n, int(round(n * keep))))
+    """Number of patches kept of the (res/patch)² grid: fastvit.stage.num_kept, the model's own rule."""
+    return num_kept((res // patch) ** 2, keep)
 
 
 # --- batch per stage ---------------------------------------------------------------------------
@@ -175,9 +176,6 @@ class AugStrength:
     mix_prob: float       # probability that a batch gets mixup/cutmix (timm Mixup `prob`)
     randaug_mag: float    # RandAugment magnitude (0 = off), torchvision scale 0..30 (10 = "m10")
     drop_path: float      # stochastic depth rate of the last block
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def ramp(p: float, start: float, end: float) -> float:
