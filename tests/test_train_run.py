@@ -353,7 +353,7 @@ def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
     e2e = importlib.import_module("sections.e2e")
 
     def row(seg, s, compute, images=64, wait=0.1):
-        return {"kind": "train", "segment": seg, "res": 32, "keep": 1.0, "interval_s": s, "interval_wait_s": wait,
+        return {"kind": "train", "stage": seg, "res": 32, "keep": 1.0, "interval_s": s, "interval_wait_s": wait,
                 "interval_images": images, "interval_compute_s": compute}
 
     rows = [row(0, 9.0, 0.1), row(0, 1.0, 0.5), row(0, 1.0, 0.3)]   # the first interval (compile) is left out

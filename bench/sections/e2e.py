@@ -53,8 +53,8 @@ def per_stage(rows: list[dict]) -> dict[tuple[int, float], dict]:
         if r.get("kind") != "train" or not r.get("interval_s"):
             continue
         key = (r["res"], r["keep"])
-        if (key, r["segment"]) not in seen:       # first interval of a segment: compile / loader switch
-            seen.add((key, r["segment"]))
+        if (key, r["stage"]) not in seen:         # first interval of a stage: compile / loader switch
+            seen.add((key, r["stage"]))
             continue
         a = acc[key]
         a["s"] += r["interval_s"]
@@ -65,7 +65,7 @@ def per_stage(rows: list[dict]) -> dict[tuple[int, float], dict]:
 
 
 def probe_speeds(plan: dict) -> dict[tuple[int, float], float]:
-    """(res, keep) -> the probe's images/s (the first probed segment of that shape)."""
+    """(res, keep) -> the probe's images/s (the first probed stage of that shape)."""
     out: dict = {}
     for s in plan["stages"]:
         if s.get("probe_speed", 0) > 0:

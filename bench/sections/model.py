@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from . import SectionSkipped, timeit
 
-PEAK_TFLOPS = 790.0   # H100 dense bf16 peak the issue measures MFU against (SXM spec sheet: 989)
+from fastvit.sysinfo import PEAK_BF16_TFLOPS
+
+PEAK_TFLOPS = PEAK_BF16_TFLOPS["H100"]   # MFU against the H100/H200 dense bf16 figure (fastvit.sysinfo)
 CPU_TINY = dict(embed_dim=64, num_heads=2, depth=2)
 
 

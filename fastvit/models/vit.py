@@ -195,3 +195,18 @@ def vit_forward_flops(cfg: ViTConfig, res: int | tuple[int, int], keep: int | No
         block += 2 * 9 * C * N
     return float(2 * K * 3 * cfg.patch_size ** 2 * D + cfg.depth * block + 2 * D * cfg.num_classes)
 
+
+
+def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None) -> float:
+    """Forward + backward FLOPs per image (3 x vit_forward_flops) of a LocalityViT, or of the timm ViT
+    inside a TimmBaseline (class token, plain MLP, all patches), at `res` and keep rate `keep`."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:                                   # TimmBaseline: read the timm model's shape
+        m = model.model
+        cfg = ViTConfig(embed_dim=m.embed_dim, depth=len(m.blocks), num_heads=m.blocks[0].attn.num_heads,
+                        mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.embed_dim,
+                        patch_size=m.patch_embed.patch_size[0], img_size=res - res % m.patch_embed.patch_size[0],
+                        num_classes=m.num_classes, local=False, class_token=True, head="token")
+        keep = None
+    N = (res // cfg.patch_size) ** 2
+    return 3.0 * vit_forward_flops(cfg, res, num_kept_patches(N, keep))

@@ -1,4 +1,8 @@
-"""The budget accountant: the only place in fastvit that reads the clock.
+"""The budget accountant: the one clock the budget is counted on.
+
+Every decision about the budget (planning, re-planning, checkpoints, the end of the run) reads counted
+seconds from here, and the trainer's own timings (the probe, per-step compute on CPU) use its `now()`.
+Other clocks in fastvit only measure and report: the loaders' data-wait timers, prep's progress.
 
 Counted seconds are everything from the start of the process to the final checkpoint (loading,
 compiling, probing, training, checkpointing) except periodic validation, which runs inside
@@ -41,9 +45,6 @@ class BudgetClock:
         if not self.budget_s:
             return 0.0
         return self.counted() / self.budget_s
-
-    def left(self) -> float:
-        return (self.budget_s or 0.0) - self.counted()
 
     @property
     def excluded_s(self) -> float:

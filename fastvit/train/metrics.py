@@ -9,12 +9,13 @@ import csv
 import io
 import json
 import os
+from collections import deque
 from pathlib import Path
 
 from ..fileio import write_bytes_atomic
 
-CSV_COLUMNS = ["kind", "step", "counted_s", "p", "segment", "res", "keep", "batch", "lr", "loss",
-               "images_per_s", "data_wait", "mix_prob", "drop_path", "nan_skipped",
+CSV_COLUMNS = ["kind", "step", "counted_s", "p", "stage", "res", "keep", "batch", "lr", "loss",
+               "images_per_s", "mfu", "data_wait", "mix_prob", "drop_path", "nan_skipped",
                "top1", "top5", "ema_top1", "ema_top5", "val_s", "interval_s", "interval_wait_s",
                "interval_images", "interval_compute_s"]
 
@@ -71,6 +72,49 @@ class StepTimer:
             return s
         s, self._host_s = self._host_s, 0.0
         return s
+
+
+class StepMeter:
+    """What the log records say about the steps since the last record: speed over a sliding window of
+    steps (reset at a stage change), the loader's wait, compute time (StepTimer), a smoothed loss, MFU."""
+
+    def __init__(self, timer: StepTimer, *, window: int, flops_per_image, peak_flops: float | None, now: float):
+        self.timer, self.flops_per_image, self.peak = timer, flops_per_image, peak_flops
+        self._window: deque = deque(maxlen=window)      # (counted_s, images) per step
+        self._waits: deque = deque(maxlen=100)
+        self._iv = {"t": now, "wait": 0.0, "images": 0}  # since the last record
+        self.loss_ema: float | None = None
+
+    def new_stage(self) -> None:
+        self._window.clear()
+
+    def step_done(self, now: float, images: int, loss: float | None, wait_s: float) -> None:
+        self._window.append((now, images))
+        self._waits.append(wait_s)
+        self._iv["wait"] += wait_s
+        self._iv["images"] += images
+        if loss is not None:
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+
+    def speed(self) -> float | None:
+        """Images/s over the window (None before two steps of a stage)."""
+        if len(self._window) < 2:
+            return None
+        dt = self._window[-1][0] - self._window[0][0]
+        imgs = sum(b for _, b in list(self._window)[1:])
+        return imgs / dt if dt > 0 else None
+
+    def record(self, now: float, stage) -> dict:
+        """The interval fields of a train record; starts the next interval."""
+        ips = self.speed()
+        mfu = None
+        if ips and self.peak:
+            mfu = round(self.flops_per_image(stage) * ips / self.peak, 4)
+        rec = {"images_per_s": ips, "mfu": mfu, "data_wait": sum(self._waits) / max(1, len(self._waits)),
+               "interval_s": round(now - self._iv["t"], 6), "interval_wait_s": round(self._iv["wait"], 6),
+               "interval_images": self._iv["images"], "interval_compute_s": round(self.timer.take(), 6)}
+        self._iv = {"t": now, "wait": 0.0, "images": 0}
+        return rec
 
 
 class MetricsWriter:

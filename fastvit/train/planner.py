@@ -1,12 +1,12 @@
 """The planner: turn a budget into stages with step counts.
 
-A *segment* is a run of steps with one (resolution, keep rate, batch size); each covers a share
-[f0, f1) of the training window (the budget minus set-up and a reserve for the final checkpoint).
+A *stage* (fastvit.stage.Stage) is a run of steps with one (resolution, keep rate, batch size); each
+covers a share [f0, f1) of the training window (the budget minus set-up and a reserve for the final checkpoint).
 Steps follow from a measured speed: steps = share × window seconds × images/s / batch. With an image
 budget (--epochs) steps follow from images alone and the speed does not matter.
 
-Flow: `build_stages` (schedules → shapes) → `probe_speeds` (compile + time each shape, counted) →
-`plan_budget` (→ Plan) → during the run `DriftMonitor` → `replan` when the real speed is more than 10% off
+Flow: `build_stages` (schedules → shapes) → `fit_and_probe` (compile + time each shape, counted; the
+one out-of-memory policy, `BatchFallback`, halves a batch that does not fit) → `plan_budget` (→ Plan) → during the run `DriftMonitor` → `replan` when the real speed is more than 10% off
 (or the run would end more than ~1% of the budget off it).
 The Plan is saved in the run dir and in every checkpoint: given the plan, a run is reproducible.
 """
@@ -27,9 +27,9 @@ class BudgetTooSmall(ValueError):
 
 
 def build_stages(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_min: float,
-                   keep_full_from: float, keep_cycles: int, keep_step: float, splits_per_stage: int,
-                   base_batch: int, ref_res: int, const_tokens: bool, max_batch: int,
-                   lr_rule: str, patch: int = 16) -> list[Stage]:
+                 keep_full_from: float, keep_cycles: int, keep_step: float, splits_per_stage: int,
+                 base_batch: int, ref_res: int, const_tokens: bool, max_batch: int,
+                 lr_rule: str, patch: int = 16) -> list[Stage]:
     """Cut [0, 1] at the curriculum's stage ends, split each stage into `splits_per_stage` equal parts
     (and at keep_full_from), evaluate the keep schedule at each part's middle, quantize, and merge
     neighbours that end up with the same shape. No steps yet."""
@@ -52,7 +52,7 @@ def build_stages(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_mi
         batch = S.batch_for(res, keep, base_batch=base_batch, ref_res=ref_res,
                             const_tokens=const_tokens, max_batch=max_batch, patch=patch)
         seg = Stage(res=res, keep=keep, batch_size=batch,
-                      lr_scale=S.lr_scale_for_batch(batch, base_batch, lr_rule), f0=a, f1=b)
+                    lr_scale=S.lr_scale_for_batch(batch, base_batch, lr_rule), f0=a, f1=b)
         if segs and segs[-1].shape == seg.shape:
             segs[-1] = replace(segs[-1], f1=b)
         else:
@@ -320,34 +320,95 @@ class DriftMonitor:
         return None
 
 
-def probe_speeds(shapes: Iterable[tuple[int, float, int]], run_step: Callable[[tuple], None],
-                 now: Callable[[], float], *, warmup: int = 1, iters: int = 3,
-                 is_oom: Callable[[BaseException], bool] = lambda e: False,
-                 on_oom: Callable[[tuple, int], None] | None = None,
-                 min_batch: int = 2) -> tuple[dict, dict]:
-    """Compile and time each shape with `run_step(shape)` (one synchronous training step on synthetic
-    data). Returns (speeds {shape: images/s}, batch_fix {shape: fitted shape}); a shape that runs out
-    of memory is retried at half the batch (on_oom(shape, new_batch) logs it)."""
+class OutOfMemory(Exception):
+    """Even the smallest batch did not fit (BatchFallback.halve gave up)."""
+
+
+@dataclass(frozen=True)
+class BatchFallback:
+    """The run's one out-of-memory policy (probe, compile, resume warm-up and mid-run alike): halve the
+    batch of the shape that ran out of memory, scale its LR by the run's rule (lr_scale_for_batch
+    against the reference batch), and give up below `min_batch` (mixup needs pairs)."""
+    base_batch: int
+    lr_rule: str
+    min_batch: int = 2
+
+    def halve(self, stage: Stage) -> Stage:
+        b = stage.batch_size // 2
+        if b < self.min_batch:
+            raise OutOfMemory(f"out of GPU memory even at batch {stage.batch_size} (res {stage.res}, keep "
+                              f"{stage.keep:g}); use a smaller --model or --batch-size")
+        return replace(stage, batch_size=b, lr_scale=S.lr_scale_for_batch(b, self.base_batch, self.lr_rule),
+                       probe_speed=0.0)
+
+    def describe(self, old: Stage, new: Stage) -> str:
+        return (f"out of GPU memory at res {old.res}, keep {old.keep:g}, batch {old.batch_size}: continuing "
+                f"with batch {new.batch_size}, LR scale {old.lr_scale:g} -> {new.lr_scale:g} ({self.lr_rule} rule, "
+                f"reference batch {self.base_batch})")
+
+
+def fit_and_probe(stages: Iterable[Stage], run_step: Callable[[Stage], None], now: Callable[[], float], *,
+                  fallback: BatchFallback, is_oom: Callable[[BaseException], bool],
+                  on_halve: Callable[[Stage, Stage], None] = lambda old, new: None, warmup: int = 1,
+                  iters: int = 3) -> tuple[list[Stage], dict]:
+    """Run each distinct stage shape `warmup` times (the first call compiles its graph) and time `iters`
+    more synchronous steps (`run_step(stage)`: one training step on synthetic data, at the stage's real
+    batch). A shape that runs out of memory anywhere in that (compile included) is retried at half the
+    batch (`fallback.halve`). Returns (the stages with their fitted batch and LR scale, speeds
+    {shape: images/s} keyed by the fitted shapes; empty when iters == 0)."""
+    fitted: dict = {}
     speeds: dict = {}
-    fixed: dict = {}
-    for shape in dict.fromkeys(shapes):
-        res, keep, batch, *rest = shape
+    for st in stages:
+        if st.shape in fitted:
+            continue
+        cur = st
         while True:
-            cur = (res, keep, batch, *rest)
             try:
                 for _ in range(warmup):
-                    run_step(cur)                    # compiles this shape (dynamo cache)
+                    run_step(cur)
                 t0 = now()
                 for _ in range(iters):
                     run_step(cur)
                 dt = max(now() - t0, 1e-9)
                 break
             except BaseException as e:               # noqa: BLE001 - only OOM is handled
-                if not is_oom(e) or batch // 2 < min_batch:
+                if not is_oom(e):
                     raise
-                batch //= 2
-                if on_oom:
-                    on_oom(shape, batch)
-        speeds[cur] = iters * batch / dt
-        fixed[shape] = cur
-    return speeds, fixed
+                new = fallback.halve(cur)
+                on_halve(cur, new)
+                cur = new
+        fitted[st.shape] = cur
+        if iters:
+            speeds[cur.shape] = iters * cur.batch_size / dt
+    out = [replace(s, batch_size=fitted[s.shape].batch_size, lr_scale=fitted[s.shape].lr_scale)
+           if fitted[s.shape].batch_size != s.batch_size else s for s in stages]
+    return out, speeds
+
+
+def halve_in_plan(plan: Plan, *, step: int, counted_s: float, fallback: BatchFallback) -> tuple[Plan, Stage, Stage]:
+    """Out of memory at `step` mid-run: the stage in progress and every later one at its resolution
+    continue at half its batch (the LR rescaled by the run's rule). Returns (new plan, old, new stage)."""
+    old = plan.stages[plan.stage_at(step)[0]]
+    new = fallback.halve(old)
+    return shrink_batches(plan, step=step, counted_s=counted_s, new_batch={old.res: new.batch_size},
+                          fallback=fallback), old, new
+
+
+def shrink_batches(plan: Plan, *, step: int, counted_s: float, new_batch: dict, fallback: BatchFallback) -> Plan:
+    """Stages from `step` on at a resolution in `new_batch` {res: batch} and with a larger batch get that
+    batch and its LR scale. A time plan is re-planned from the seconds left (steps follow from the speed);
+    an image plan keeps its images (more steps)."""
+    if plan.mode == "time":
+        return replan(plan, step=step, counted_s=counted_s, speed_ratio=1.0, new_batch=new_batch,
+                      base_batch=fallback.base_batch, lr_rule=fallback.lr_rule)
+    k, j = plan.stage_at(step)
+    stages = []
+    for i, s in enumerate(plan.stages):
+        b = new_batch.get(s.res)
+        if i >= k and b is not None and s.batch_size > b:
+            todo = s.steps - (j if i == k else 0)
+            extra = todo * s.batch_size // b - todo
+            s = replace(s, batch_size=b, lr_scale=S.lr_scale_for_batch(b, fallback.base_batch, fallback.lr_rule),
+                        steps=s.steps + extra, probe_speed=0.0)
+        stages.append(s)
+    return replace(plan, stages=stages)

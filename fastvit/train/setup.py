@@ -1,0 +1,166 @@
+"""Everything a run is built from, derived from the config: the data and where it runs (`RunEnv`), and
+the trainable parts (model, optimizer, EMA, mixup, drop-path control) (`Parts`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastvit.data.dataset import DataError
+
+from .config import TrainConfig
+from .errors import TrainError
+
+
+@dataclass
+class RunEnv:
+    ds: object                 # fastvit.data.PreppedDataset
+    device: torch.device
+    backend: str               # the loader backend (fastvit.data backends)
+    final_res: int             # last training and the evaluation resolution
+    amp: bool                  # bf16 autocast
+    compile: bool              # torch.compile (one static graph per stage shape)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def open_env(cfg: TrainConfig) -> RunEnv:
+    """Data, device, backend and final resolution, all checked before any compute (one line each)."""
+    from fastvit.data import open_dataset
+
+    root = cfg.data.root
+    if not root:
+        raise TrainError("--data is required: a directory written by fastvit-prep", 2)
+    if not Path(root).is_dir():
+        raise TrainError(f"--data {root} does not exist", 2)
+    try:
+        ds = open_dataset(root)
+        device = resolve_device(cfg.run.device)
+    except DataError as e:
+        raise TrainError(f"--data {root}: {e}" if "device" not in str(e) else str(e), 2) from None
+    backend = choose_backend(cfg)
+    final_res = final_resolution(cfg, ds.resolutions)
+    check_data(ds, root, backend, final_res)
+    amp = cfg.run.amp if cfg.run.amp is not None else device.type == "cuda"
+    do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
+    return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)", 2)
+    return torch.device(dev)
+
+
+def choose_backend(cfg: TrainConfig) -> str:
+    """Default loader: DALI on GPU and CPU alike (GPU: JPEG decode on the hardware decoder, sizes change
+    without rebuilding the pipeline; CPU: FFCV spends ~40 s compiling each new pipeline with numba on
+    a small CPU, one per curriculum stage plus validation, which a few-minute budget cannot afford;
+    DALI builds in about a second). The baseline reads the source JPEGs with torchvision (what users
+    would otherwise run)."""
+    if cfg.run.recipe == "baseline":
+        return "torchvision"
+    return cfg.data.backend or "dali"
+
+
+def final_resolution(cfg: TrainConfig, resolutions) -> int:
+    """The last curriculum (and the evaluation) resolution: --final-res, else the data's largest; the
+    baseline trains and evaluates at --baseline-res when given. A multiple of the patch size."""
+    res = cfg.data.final_res or max(resolutions)
+    flag = "--final-res" if cfg.data.final_res else "the data's largest resolution"
+    if cfg.run.recipe == "baseline" and cfg.data.baseline_res:
+        res, flag = cfg.data.baseline_res, "--baseline-res"
+    if res % cfg.model.patch_size:
+        raise TrainError(f"final resolution {res} ({flag}) is not a multiple of the patch size "
+                         f"{cfg.model.patch_size}", 2)
+    return res
+
+
+def check_data(ds, root: str, backend: str, final_res: int) -> None:
+    """Train and val splits readable by `backend` (val at the evaluation resolution), checked before
+    any compute so a missing shard is not found after the whole budget was spent."""
+    # gpu_resident decodes whichever container the split has; torchvision reads the source tree
+    fmt = {"ffcv": "ffcv", "dali": "dali", "gpu_resident": "any"}.get(backend)
+    try:
+        for split, res in (("train", None), ("val", final_res)):
+            ds.require_split(split, res, fmt)
+            if backend == "torchvision":
+                ds.source_dir(split)
+    except DataError as e:
+        raise TrainError(f"--data {root}: {e}", 2) from None
+
+
+@dataclass
+class Parts:
+    model: nn.Module           # the module trained and saved
+    step_model: nn.Module      # what a step calls: `model`, or its compiled wrapper
+    opt: torch.optim.Optimizer
+    ema: object | None         # timm ModelEmaV3
+    mixup: object              # timm Mixup (parameters drawn per batch; pixels mixed on uint8)
+    drop_path: object          # fastvit.models.DropPathRate
+
+
+def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
+    from timm.optim import create_optimizer_v2
+
+    from fastvit.models import DropPathRate, create_baseline, create_model
+    from fastvit.models.compile import raise_recompile_limit
+
+    from .augment import make_mixup
+
+    sc = cfg.schedule
+    dpr = max(sc.drop_path)
+    try:
+        if cfg.run.recipe == "baseline":
+            model = create_baseline(cfg.model.name, num_classes=num_classes, img_size=env.final_res,
+                                    patch_size=cfg.model.patch_size, drop_path_rate=dpr, **cfg.model.overrides())
+        else:
+            model = create_model(cfg.model.name, num_classes=num_classes, patch_size=cfg.model.patch_size,
+                                 drop_path_rate=dpr, **cfg.model.overrides())
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"--model {cfg.model.name}: {e}", 2) from None
+    model.to(env.device).train()
+    # weight decay on weights only: timm's factory skips 1-D params (biases, norms) and the model's
+    # no_weight_decay() names (pos_embed, cls_token)
+    target = model.model if cfg.run.recipe == "baseline" else model
+    opt = create_optimizer_v2(target, opt=sc.opt, lr=sc.lr, weight_decay=sc.weight_decay)
+    ema = None
+    if sc.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=0.999, use_warmup=True)   # decay set per step (EmaRate)
+    mixup = make_mixup(mixup=sc.mixup, cutmix=sc.cutmix, label_smoothing=sc.label_smoothing,
+                       num_classes=num_classes)
+    step_model = model
+    if env.compile:
+        # one compiled module for the run, static shapes: every stage shape (and drop-path rate, a
+        # guarded constant) is one graph, compiled at its first call in the planner's probe (counted)
+        raise_recompile_limit(64)
+        step_model = torch.compile(model, fullgraph=cfg.run.recipe != "baseline", dynamic=False)
+    return Parts(model=model, step_model=step_model, opt=opt, ema=ema, mixup=mixup,
+                 drop_path=DropPathRate(model))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def device_name(env: RunEnv) -> str:
+    if env.cuda:
+        return torch.cuda.get_device_name(env.device)
+    import os
+
+    from fastvit.sysinfo import cpu_model
+
+    return f"cpu: {cpu_model()} ({os.cpu_count()} cores)"

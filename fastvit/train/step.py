@@ -1,0 +1,95 @@
+"""One training step: augment → forward (bf16 on GPU) → soft-target loss → backward → clip → AdamW → EMA.
+
+    step = TrainStep(parts, cfg.schedule, env)
+    loss = step(images, labels, stage, lr=..., aug=S.aug_at(p, ...))    # None: skipped (NaN/inf)
+
+The EMA's time constant is a number of *images* (`EmaRate`), fixed for the run: its per-step decay
+follows the batch size of the step, so re-plans and out-of-memory halvings do not change how far back
+the average reaches.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastvit.stage import Stage
+
+from .augment import mix_batch, randaugment_groups
+from .checkpoint import rng_state, set_rng_state
+from .schedules import AugStrength
+from .setup import Parts, RunEnv
+
+
+class EmaRate:
+    """EMA decay per step for a half-life in images: decay = 0.5 ** (batch / halflife_images)."""
+
+    def __init__(self, halflife_images: float):
+        self.halflife_images = max(1.0, float(halflife_images))
+
+    def decay(self, batch: int) -> float:
+        return 0.5 ** (batch / self.halflife_images)
+
+
+class TrainStep:
+    def __init__(self, parts: Parts, schedule, env: RunEnv):
+        self.p, self.sc, self.env = parts, schedule, env
+        self.ema_rate: EmaRate | None = None      # set once the plan exists (its images give the half-life)
+        self.nan_run = 0                          # NaN/inf steps in a row
+        self.nan_total = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
+                 aug: AugStrength, step: int, probe: bool = False) -> float | None:
+        """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped."""
+        p = self.p
+        for g in p.opt.param_groups:
+            g["lr"] = lr
+        if aug.randaug_mag > 0:
+            images = randaugment_groups(images, aug.randaug_mag, self.sc.randaug_ops)
+        images, targets = mix_batch(p.mixup, images, labels, aug.mix_prob)               # (B,3,r,r), (B,C)
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.env.amp):
+            # the call form of the compiled graph: no keep argument for all patches
+            logits = p.step_model(images, keep_rate=stage.keep) if stage.keep < 1.0 else p.step_model(images)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()   # (B,C) -> ()
+        loss.backward()
+        clip = self.sc.clip_grad if self.sc.clip_grad > 0 else 1e12
+        gnorm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip)
+        loss_v = loss.item()                                                             # SYNC
+        if not (math.isfinite(loss_v) and torch.isfinite(gnorm).item()):
+            p.opt.zero_grad(set_to_none=True)
+            if not probe:
+                self.nan_run += 1
+                self.nan_total += 1
+            return None
+        p.opt.step()
+        p.opt.zero_grad(set_to_none=True)
+        if not probe:
+            self.nan_run = 0
+            if p.ema is not None:
+                p.ema.decay = self.ema_rate.decay(stage.batch_size)
+                p.ema.update(p.model, step=step)
+        return loss_v
+
+    def synthetic(self, stage: Stage, aug: AugStrength) -> None:
+        """One step on random data of the stage's shape, LR 0 (the planner's compile + probe), synced."""
+        dev = self.env.device
+        x = torch.randint(0, 256, (stage.batch_size, 3, stage.res, stage.res), dtype=torch.uint8, device=dev)
+        y = torch.randint(0, self.p.mixup.num_classes, (stage.batch_size,), device=dev)
+        self(x, y, stage, lr=0.0, aug=aug, step=0, probe=True)
+        if self.env.cuda:
+            torch.cuda.synchronize()                                                     # SYNC
+
+    def snapshot(self) -> dict:
+        """Weights, optimizer state and RNG, to undo the probe's steps."""
+        return {"model": copy.deepcopy(self.p.model.state_dict()), "opt": copy.deepcopy(self.p.opt.state_dict()),
+                "rng": rng_state()}
+
+    def restore(self, snap: dict) -> None:
+        self.p.model.load_state_dict(snap["model"])
+        self.p.opt.load_state_dict(snap["opt"])
+        set_rng_state(snap["rng"])
+        self.p.opt.zero_grad(set_to_none=True)
+        if self.env.cuda:
+            torch.cuda.empty_cache()
