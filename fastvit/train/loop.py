@@ -58,7 +58,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)", 2)
     return torch.device(dev)
@@ -70,10 +70,10 @@ def choose_backend(cfg: TrainConfig, device: torch.device) -> str:
     pipeline with numba on a small CPU (one per curriculum stage plus validation), which a few-minute
     CPU budget cannot afford; DALI builds in about a second. The baseline always reads the source
     JPEGs with torchvision (what users would otherwise run)."""
-    if cfg.recipe == "baseline":
+    if cfg.run.recipe == "baseline":
         return "torchvision"
-    if cfg.backend:
-        return cfg.backend
+    if cfg.data.backend:
+        return cfg.data.backend
     return "dali"
 
 
@@ -106,7 +106,7 @@ def check_data(ds, data: str, backend: str, final_res: int) -> None:
 
 
 def pick_final_res(cfg: TrainConfig, resolutions, patch: int) -> int:
-    res = cfg.final_res or max(resolutions)
+    res = cfg.data.final_res or max(resolutions)
     if res % patch:
         raise TrainError(f"final resolution {res} is not a multiple of the patch size {patch}", 2)
     return res
@@ -132,22 +132,22 @@ class TimmBaseline(nn.Module):
 
 def build_model(cfg: TrainConfig, num_classes: int, base_res: int) -> tuple[nn.Module, nn.Module]:
     """(model to train, module whose parameters the optimizer gets)."""
-    overrides = {k: getattr(cfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(cfg, k) is not None}
-    dpr = max(cfg.drop_path)
-    if cfg.recipe == "baseline":
+    overrides = {k: getattr(cfg.model, k) for k in ("depth", "embed_dim", "num_heads") if getattr(cfg.model, k) is not None}
+    dpr = max(cfg.schedule.drop_path)
+    if cfg.run.recipe == "baseline":
         import timm
 
-        size = cfg.model.split("_")[1] if cfg.model.startswith("vit_") else "small"
+        size = cfg.model.name.split("_")[1] if cfg.model.name.startswith("vit_") else "small"
         name = f"vit_{size}_patch16_224"
         m = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=base_res,
-                              patch_size=cfg.patch_size, drop_path_rate=dpr, **overrides)
+                              patch_size=cfg.model.patch_size, drop_path_rate=dpr, **overrides)
         from fastvit.models.configs import IMAGENET_MEAN_255, IMAGENET_STD_255
 
         return TimmBaseline(m, IMAGENET_MEAN_255, IMAGENET_STD_255), m
     from fastvit.models import create_model
 
     try:
-        m = create_model(cfg.model, num_classes=num_classes, patch_size=cfg.patch_size,
+        m = create_model(cfg.model.name, num_classes=num_classes, patch_size=cfg.model.patch_size,
                          drop_path_rate=dpr, **overrides)
     except ValueError as e:
         raise TrainError(f"--model: {e}", 2) from None
@@ -227,7 +227,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg = self.cfg
-        self.run_dir = Path(cfg.out)
+        self.run_dir = Path(cfg.run.out)
         ck = None
         if self.resume:
             got = load_latest(self.run_dir, self.log)
@@ -235,7 +235,7 @@ class Trainer:
                 raise TrainError(f"nothing to resume in {self.run_dir}: no readable checkpoint", 2)
             ck, path = got
             saved = TrainConfig.from_dict(ck["config"])
-            saved.progress = cfg.progress
+            saved.run.progress = cfg.run.progress
             cfg = self.cfg = saved
             self.log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
             if self.ignored_flags:
@@ -257,17 +257,17 @@ class Trainer:
         self.clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **kw)
         self.ckpt = ck
 
-        self.ds = open_data(cfg.data)
+        self.ds = open_data(cfg.data.root)
         self.device = resolve_device(cfg)
         self.cuda = self.device.type == "cuda"
-        self.amp = cfg.amp if cfg.amp is not None else self.cuda
-        self.do_compile = cfg.compile if cfg.compile is not None else self.cuda
+        self.amp = cfg.run.amp if cfg.run.amp is not None else self.cuda
+        self.do_compile = cfg.run.compile if cfg.run.compile is not None else self.cuda
         self.backend = choose_backend(cfg, self.device)
         self.num_classes = self.ds.num_classes
-        self.final_res = pick_final_res(cfg, self.ds.resolutions, cfg.patch_size)
-        if cfg.recipe == "baseline" and (cfg.baseline_res or self.final_res) != self.final_res:
-            self.final_res = cfg.baseline_res
-        check_data(self.ds, cfg.data, self.backend, self.final_res)
+        self.final_res = pick_final_res(cfg, self.ds.resolutions, cfg.model.patch_size)
+        if cfg.run.recipe == "baseline" and (cfg.data.baseline_res or self.final_res) != self.final_res:
+            self.final_res = cfg.data.baseline_res
+        check_data(self.ds, cfg.data.root, self.backend, self.final_res)
         self.train_count = self.ds.count("train")
         if self._prior:
             self.log(f"starting over in {self.run_dir} (--overwrite: the previous run's files are replaced)")
@@ -275,12 +275,12 @@ class Trainer:
                 p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.run.seed)
             import numpy as np
             import random
 
-            np.random.seed(cfg.seed)
-            random.seed(cfg.seed)
+            np.random.seed(cfg.run.seed)
+            random.seed(cfg.run.seed)
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -288,26 +288,26 @@ class Trainer:
         self.model, opt_module = build_model(cfg, self.num_classes, self.final_res)
         self.model.to(self.device).train()
         self.dp_base = drop_path_modules(self.model)
-        self.dp_max = max(cfg.drop_path)
+        self.dp_max = max(cfg.schedule.drop_path)
         # drop-path rate per shape, from the config's own segments (not the re-planned ones, whose
         # cut ranges would move it): a compiled graph guards on the rate, so one rate per shape
         self.dp_of = {}
         for sg in self.segments():
-            self.dp_of.setdefault(sg.shape, S.aug_at(0.5 * (sg.f0 + sg.f1), drop_path=cfg.drop_path).drop_path)
+            self.dp_of.setdefault(sg.shape, S.aug_at(0.5 * (sg.f0 + sg.f1), drop_path=cfg.schedule.drop_path).drop_path)
         from timm.optim import create_optimizer_v2
 
         # weight decay on weights only: timm's factory skips 1-D params (biases, norms) and the
         # model's no_weight_decay() names (pos_embed, cls_token)
-        self.opt = create_optimizer_v2(opt_module, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = create_optimizer_v2(opt_module, opt=cfg.schedule.opt, lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay)
         self.ema = None
-        if cfg.ema:
+        if cfg.schedule.ema:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=0.999, use_warmup=True)
-        self.mixup = make_mixup(mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+        self.mixup = make_mixup(mixup=cfg.schedule.mixup, cutmix=cfg.schedule.cutmix, label_smoothing=cfg.schedule.label_smoothing,
                                 num_classes=self.num_classes)
         self.step_model = self.model
-        if self.do_compile and cfg.recipe == "baseline":
+        if self.do_compile and cfg.run.recipe == "baseline":
             # timm's model, not ours: plain torch.compile, static shapes (one resolution)
             self.step_model = torch.compile(self.model, dynamic=False)
         self.compile_s = 0.0
@@ -342,27 +342,27 @@ class Trainer:
 
     def ema_decay(self) -> float:
         """Half-life = ema_halflife × planned steps: the EMA averages the same share of any budget."""
-        hl = max(1.0, self.cfg.ema_halflife * self.plan.total_steps)
+        hl = max(1.0, self.cfg.schedule.ema_halflife * self.plan.total_steps)
         return 0.5 ** (1.0 / hl)
 
     def segments(self) -> list[Segment]:
         cfg = self.cfg
-        if cfg.recipe == "baseline":
-            return [Segment(res=self.final_res, keep=1.0, batch_size=cfg.batch_size, lr_scale=1.0, f0=0.0, f1=1.0)]
+        if cfg.run.recipe == "baseline":
+            return [Segment(res=self.final_res, keep=1.0, batch_size=cfg.schedule.batch_size, lr_scale=1.0, f0=0.0, f1=1.0)]
         try:
-            cur = S.parse_curriculum(cfg.curriculum) if cfg.curriculum else \
-                S.default_curriculum(self.final_res, cfg.patch_size, cfg.curriculum_stages)
+            cur = S.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else \
+                S.default_curriculum(self.final_res, cfg.model.patch_size, cfg.data.curriculum_stages)
         except ValueError as e:
-            raise TrainError(f"--curriculum {cfg.curriculum!r}: {e}", 2) from None
-        bad = [r for r, _ in cur if r % cfg.patch_size]
+            raise TrainError(f"--curriculum {cfg.data.curriculum!r}: {e}", 2) from None
+        bad = [r for r, _ in cur if r % cfg.model.patch_size]
         if bad:
-            raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {cfg.patch_size}", 2)
-        return build_stages(curriculum=cur, keep_kind=cfg.keep_schedule, keep_min=cfg.keep_min,
-                              keep_full_from=cfg.keep_full_from, keep_cycles=cfg.keep_cycles,
-                              keep_step=cfg.keep_step, splits_per_stage=cfg.keep_splits,
-                              base_batch=cfg.batch_size, ref_res=self.final_res,
-                              const_tokens=cfg.const_tokens, max_batch=cfg.max_batch,
-                              lr_rule=cfg.lr_scaling, patch=cfg.patch_size)
+            raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {cfg.model.patch_size}", 2)
+        return build_stages(curriculum=cur, keep_kind=cfg.schedule.keep_schedule, keep_min=cfg.schedule.keep_min,
+                              keep_full_from=cfg.schedule.keep_full_from, keep_cycles=cfg.schedule.keep_cycles,
+                              keep_step=cfg.schedule.keep_step, splits_per_stage=cfg.schedule.keep_splits,
+                              base_batch=cfg.schedule.batch_size, ref_res=self.final_res,
+                              const_tokens=cfg.schedule.const_tokens, max_batch=cfg.schedule.max_batch,
+                              lr_rule=cfg.schedule.lr_scaling, patch=cfg.model.patch_size)
 
     # ------------------------------------------------------------------ planning
     def make_plan(self) -> Plan:
@@ -370,7 +370,7 @@ class Trainer:
         segs = self.segments()
         if cfg.budget_s is None:                      # --epochs: an image budget; no probe needed
             self.compile_shapes(segs)
-            return plan_budget(segs, budget_images=int(round(cfg.epochs * self.train_count)))
+            return plan_budget(segs, budget_images=int(round(cfg.budget.epochs * self.train_count)))
         # probe: compile + time every shape on synthetic data; weights and optimizer restored after
         snap_model = copy.deepcopy(self.model.state_dict())
         snap_opt = copy.deepcopy(self.opt.state_dict())
@@ -380,14 +380,14 @@ class Trainer:
             res, keep, batch = shape[:3]
             x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=self.device)
             y = torch.randint(0, self.num_classes, (batch,), device=self.device)
-            self.train_step(x, y, keep=keep, lr=0.0, mix_prob=max(cfg.mix_prob),
-                            randaug=max(cfg.randaug), probe=True)
+            self.train_step(x, y, keep=keep, lr=0.0, mix_prob=max(cfg.schedule.mix_prob),
+                            randaug=max(cfg.schedule.randaug), probe=True)
             if self.cuda:
                 torch.cuda.synchronize()                                                 # SYNC
 
         def on_oom(shape, new_batch):
             self.log(f"out of GPU memory at res {shape[0]}, keep {shape[1]}, batch {shape[2]}: "
-                     f"halving to batch {new_batch} (LR scaled by {cfg.lr_scaling} rule)")
+                     f"halving to batch {new_batch} (LR scaled by {cfg.schedule.lr_scaling} rule)")
             if self.cuda:
                 torch.cuda.empty_cache()
 
@@ -400,16 +400,16 @@ class Trainer:
 
         self.log(f"probing {len(set(shapes))} shape(s) (compile={'on' if self.do_compile else 'off'})")
         if self.do_compile:      # compiled above; one warm-up step (optimizer state, caches), then timed
-            speeds, fixes = probe_speeds(shapes, run_shape, self.clock.now, warmup=1, iters=cfg.probe_iters,
+            speeds, fixes = probe_speeds(shapes, run_shape, self.clock.now, warmup=1, iters=cfg.budget.probe_iters,
                                          is_oom=_is_oom, on_oom=on_oom)
         else:                    # eager: one warm-up step (lazy init); a small batch gives images/s as well
             small = {s: (s[0], s[1], min(s[2], 32), *s[3:]) for s in shapes}
             sp, _ = probe_speeds(list(small.values()), run_step, self.clock.now, warmup=1,
-                                 iters=cfg.probe_iters, is_oom=_is_oom, on_oom=on_oom)
+                                 iters=cfg.budget.probe_iters, is_oom=_is_oom, on_oom=on_oom)
             speeds = {s: sp[small[s]] for s in shapes}
             fixes = {s: s for s in shapes}
         segs = [replace(s, batch_size=fixes[s.shape][2],
-                        lr_scale=S.lr_scale_for_batch(fixes[s.shape][2], cfg.batch_size, cfg.lr_scaling))
+                        lr_scale=S.lr_scale_for_batch(fixes[s.shape][2], cfg.schedule.batch_size, cfg.schedule.lr_scaling))
                 if fixes[s.shape] != s.shape else s for s in segs]
         self.model.load_state_dict(snap_model)
         self.opt.load_state_dict(snap_opt)
@@ -426,14 +426,14 @@ class Trainer:
         return plan
 
     def _drop_path(self, seg: Segment) -> float:
-        return self.dp_of.get(seg.shape, S.aug_at(0.5 * (seg.f0 + seg.f1), drop_path=self.cfg.drop_path).drop_path)
+        return self.dp_of.get(seg.shape, S.aug_at(0.5 * (seg.f0 + seg.f1), drop_path=self.cfg.schedule.drop_path).drop_path)
 
     def compile_shapes(self, segs) -> None:
         """Compile every (res, keep, batch) of `segs` ahead of time through fastvit.models.compile_model
         (fullgraph, static shapes: one graph per shape; dynamo's default would go dynamic after the
         second resolution and stop compiling after 8 graphs), counted in the budget. Each segment's
         drop-path rate is a constant of its graph, so segments are warmed with their own rate."""
-        if not self.do_compile or self.cfg.recipe != "fastvit" or not segs:
+        if not self.do_compile or self.cfg.run.recipe != "fastvit" or not segs:
             return
         from fastvit.models import compile_model
         from fastvit.models.compile import raise_recompile_limit
@@ -483,9 +483,9 @@ class Trainer:
         from fastvit.data import CurriculumLoader, Stage
 
         stages = self._loader_stages()
-        kw = dict(backend=self.backend, device=str(self.device), seed=self.cfg.seed)
-        if self.cfg.workers:
-            kw["workers"] = self.cfg.workers
+        kw = dict(backend=self.backend, device=str(self.device), seed=self.cfg.run.seed)
+        if self.cfg.data.workers:
+            kw["workers"] = self.cfg.data.workers
         try:
             return CurriculumLoader(self.ds, stages, start_step=self.step, **kw)
         except DataError as e:   # missing shard/source tree: one line
@@ -494,10 +494,10 @@ class Trainer:
     def open_val(self, res: int):
         from fastvit.data import make_val_loader
 
-        kw = dict(res=res, batch_size=max(16, min(256, self.cfg.batch_size)), backend=self.backend,
+        kw = dict(res=res, batch_size=max(16, min(256, self.cfg.schedule.batch_size)), backend=self.backend,
                   device=str(self.device))
-        if self.cfg.workers:
-            kw["workers"] = self.cfg.workers
+        if self.cfg.data.workers:
+            kw["workers"] = self.cfg.data.workers
         try:
             return make_val_loader(self.ds, **kw)
         except DataError as e:   # val shard missing at this res, flat val/ for torchvision, ...: one line
@@ -511,14 +511,14 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         if randaug > 0:
-            images = randaugment_groups(images, randaug, cfg.randaug_ops)
+            images = randaugment_groups(images, randaug, cfg.schedule.randaug_ops)
         images, targets = mix_batch(self.mixup, images, labels, mix_prob)                # (B,3,r,r), (B,C)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             # the call form compile_model warmed up: no keep argument for all patches
             logits = self.step_model(images, keep_rate=keep) if keep < 1.0 else self.step_model(images)  # (B,C)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e12)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.schedule.clip_grad if cfg.schedule.clip_grad > 0 else 1e12)
         loss_v = loss.item()                                                             # SYNC
         if not (math.isfinite(loss_v) and torch.isfinite(gnorm).item()):
             self.opt.zero_grad(set_to_none=True)
@@ -540,7 +540,7 @@ class Trainer:
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "plan": self.plan.to_dict(), "step": self.step, "counted_s": self.clock.counted(),
-            "rng": rng_state(), "loader_position": {"global_step": self.step, "seed": self.cfg.seed},
+            "rng": rng_state(), "loader_position": {"global_step": self.step, "seed": self.cfg.run.seed},
             "evals_done": self.evals_done, "nan_total": self.nan_total, "val_s": self.val_s_total,
         }
         return save_checkpoint(self.run_dir, self.step, st)
@@ -551,24 +551,24 @@ class Trainer:
         cfg = self.cfg
         plan = self.plan
         self.log(f"device {self.device} ({self.device_name()}), backend {self.backend}, "
-                 f"recipe {cfg.recipe}, model {cfg.model}, final res {self.final_res}")
+                 f"recipe {cfg.run.recipe}, model {cfg.model.name}, final res {self.final_res}")
         self.log("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch_size} × {s.steps}"
                                       for s in plan.stages) + f" = {plan.total_steps} steps")
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not cfg.progress, unit="step",
+        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not cfg.run.progress, unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         loader = self.open_loader() if self.step < plan.total_steps else None
         it = iter(loader) if loader is not None else None
         self._val = None
         last_ckpt_t = self.clock.counted()
-        window: deque = deque(maxlen=max(20, 2 * cfg.log_every))   # (counted_s, images) per step
+        window: deque = deque(maxlen=max(20, 2 * cfg.run.log_every))   # (counted_s, images) per step
         cur_seg = -1
         seg_first_step = self.step
         loss_ema = None
         waits: deque = deque(maxlen=100)
         iv = {"t": self.clock.counted(), "wait": 0.0, "images": 0}   # since the last log record
-        drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.replan_tol)
+        drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.budget.replan_tol)
         timer = StepTimer(self.cuda, self.clock.now)     # per-step compute time (GPU-busy share)
         try:
             while self.step < self.plan.total_steps:
@@ -580,8 +580,8 @@ class Trainer:
                     window.clear()
                     set_drop_path(self.model, self.dp_base, self._drop_path(seg), self.dp_max)
                 f = plan.progress_at(self.step)                   # training-window progress
-                lr = S.lr_at(f, base_lr=cfg.lr, warmup=cfg.warmup, decay=cfg.lr_decay) * seg.lr_scale
-                aug = S.aug_at(f, mix_prob=cfg.mix_prob, randaug=cfg.randaug, drop_path=cfg.drop_path)
+                lr = S.lr_at(f, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay) * seg.lr_scale
+                aug = S.aug_at(f, mix_prob=cfg.schedule.mix_prob, randaug=cfg.schedule.randaug, drop_path=cfg.schedule.drop_path)
                 t_wait = self.clock.now()
                 try:
                     images, labels, _stage = next(it)
@@ -623,7 +623,7 @@ class Trainer:
                 if loss is not None:
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.plan.total_steps:
+                if self.step % cfg.run.log_every == 0 or self.step == self.plan.total_steps:
                     ips = self._speed(window)
                     rec = {"kind": "train", "step": self.step, "counted_s": round(now, 3),
                            "p": round(self.clock.progress(), 5) if cfg.budget_s else
@@ -658,16 +658,16 @@ class Trainer:
                     cur_seg = -1
                     window.clear()
                 # checkpoint (counted)
-                if (now - last_ckpt_t >= cfg.ckpt_minutes * 60 or
-                        (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)) \
+                if (now - last_ckpt_t >= cfg.run.ckpt_minutes * 60 or
+                        (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0)) \
                         and self.step < self.plan.total_steps:
                     self.save()
                     last_ckpt_t = self.clock.counted()
                 # periodic validation (not counted)
-                if cfg.evals and self.evals_done < cfg.evals and self.step < self.plan.total_steps and \
-                        self.plan.progress_at(self.step) >= (self.evals_done + 1) / (cfg.evals + 1):
+                if cfg.run.evals and self.evals_done < cfg.run.evals and self.step < self.plan.total_steps and \
+                        self.plan.progress_at(self.step) >= (self.evals_done + 1) / (cfg.run.evals + 1):
                     with self.clock.excluded() as ex:
-                        r = self.validate(cfg.eval_images)
+                        r = self.validate(cfg.run.eval_images)
                     self.val_s_total += ex["seconds"]
                     self.evals_done += 1
                     self.metrics.log({"kind": "val", "step": self.step, "counted_s": round(self.clock.counted(), 3),
@@ -695,7 +695,7 @@ class Trainer:
         write_bytes_atomic(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
         try:
             plot_curves(self.metrics.rows, self.run_dir / "curves.png",
-                        title=f"{cfg.recipe} {cfg.model}: top-1 {final['top1']:.1f}%")
+                        title=f"{cfg.run.recipe} {cfg.model.name}: top-1 {final['top1']:.1f}%")
         finally:
             self.metrics.close()
         return results
@@ -736,12 +736,12 @@ class Trainer:
         if self.cuda:
             torch.cuda.empty_cache()
         cfg = self.cfg
-        new_scale = S.lr_scale_for_batch(new_b, cfg.batch_size, cfg.lr_scaling)   # as the planner's segments
+        new_scale = S.lr_scale_for_batch(new_b, cfg.schedule.batch_size, cfg.schedule.lr_scaling)   # as the planner's segments
         self.log(f"out of GPU memory at res {seg.res}, batch {seg.batch_size}: continuing with batch {new_b}, "
-                 f"LR scale {seg.lr_scale:g} -> {new_scale:g} ({cfg.lr_scaling} rule, reference batch {cfg.batch_size})")
+                 f"LR scale {seg.lr_scale:g} -> {new_scale:g} ({cfg.schedule.lr_scaling} rule, reference batch {cfg.schedule.batch_size})")
         if self.plan.mode == "time":
             self.plan = replan(self.plan, step=self.step, counted_s=self.clock.counted(), speed_ratio=1.0,
-                               new_batch={seg.res: new_b}, base_batch=cfg.batch_size, lr_rule=cfg.lr_scaling)
+                               new_batch={seg.res: new_b}, base_batch=cfg.schedule.batch_size, lr_rule=cfg.schedule.lr_scaling)
         else:
             segs = []
             k, j = self.plan.stage_at(self.step)
@@ -804,8 +804,8 @@ class Trainer:
             "counted_s": round(counted, 3), "validation_s": round(self.val_s_total, 3),
             "steps": self.step, "planned_steps": plan.total_steps, "images_seen": plan.images_until(self.step),
             "replans": len(plan.replans), "nan_skipped": self.nan_total, "compile_s": round(self.compile_s, 3),
-            "device_name": self.device_name(), "backend": self.backend, "recipe": cfg.recipe,
-            "model": cfg.model, "stages": stages,
+            "device_name": self.device_name(), "backend": self.backend, "recipe": cfg.run.recipe,
+            "model": cfg.model.name, "stages": stages,
         }
 
 
