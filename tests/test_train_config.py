@@ -197,6 +197,10 @@ def test_unknown_keys_raise_one_error_type_naming_the_key_and_a_close_match():
         LoaderOptions.from_kwargs({"batches_ahaed": 2})
     with pytest.raises(DataError, match="order must be random, quasi_random or sequential"):
         LoaderOptions.from_kwargs({"order": "x"})
+    from fastvit.data_prep.options import PrepError, PrepOptions     # and so does prep, with its PrepError
+
+    with pytest.raises(PrepError, match=r"unknown option\(s\) qualty \(did you mean quality\?\)"):
+        PrepOptions.make(qualty=80)
     assert issubclass(ConfigError, ValueError)
 
 
