@@ -89,7 +89,7 @@ def _all_names(cls) -> set[str]:
 
 def from_dict(cls, d, *, what: str = "config key", _prefix: str = ""):
     """`cls` built from a (nested) mapping; an unknown key raises ConfigError naming it and its closest
-    known name. The one unknown-key check of the project: training, model and loader settings use it."""
+    known name. The one unknown-key check of the project: training, model, loader and prep settings use it."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{_prefix.rstrip('.') or cls.__name__} must be a mapping of settings, got {type(d).__name__}")
     fs = {f.name: f for f in dataclasses.fields(cls) if f.init}
