@@ -5,8 +5,10 @@ it matches, and refuses (unless --overwrite) when it does not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from fastvit.settings import ConfigError, from_dict
 
 from . import codec
 
@@ -54,11 +56,10 @@ class PrepOptions:
 
     @classmethod
     def make(cls, **kw) -> "PrepOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise PrepError(f"unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        o = cls(**kw)
+        try:
+            o = from_dict(cls, kw, what="option")     # the project's one unknown-key check
+        except ConfigError as e:                     # a prep usage error (exit 2), same message
+            raise PrepError(str(e)) from None
         o.check()
         return o
 

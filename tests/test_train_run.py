@@ -133,7 +133,7 @@ def test_kill9_then_resume_reaches_planned_steps_and_skips_corrupt_checkpoint(ti
 def C_load_cfg(run):
     from fastvit.train.config import TrainConfig
 
-    return TrainConfig(out=str(run), progress=False)
+    return TrainConfig.from_dict({"out": str(run), "progress": False})
 
 
 def test_corrupt_checkpoint_detected_and_previous_used(tmp_path):

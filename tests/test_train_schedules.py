@@ -323,12 +323,12 @@ def test_config_checks_keys_and_values():
     with pytest.raises(ConfigError, match="unknown config key"):
         TrainConfig.from_dict({"lrr": 1.0})
     with pytest.raises(ConfigError, match="one budget"):
-        TrainConfig(hours=1, minutes=3)
+        TrainConfig.from_dict({"hours": 1, "minutes": 3})
     with pytest.raises(ConfigError, match="keep-schedule"):
-        TrainConfig(keep_schedule="zigzag")
+        TrainConfig.from_dict({"keep_schedule": "zigzag"})
     cfg = make_config("cpu", {"lr": 5e-3, "depth": None})
-    assert cfg.lr == 5e-3 and cfg.depth == 4 and cfg.model == "vit_tiny_local"
-    assert TrainConfig(minutes=2).budget_s == 120.0
+    assert cfg.schedule.lr == 5e-3 and cfg.model.depth == 4 and cfg.model.name == "vit_tiny_local"
+    assert TrainConfig.from_dict({"minutes": 2}).budget_s == 120.0
     with pytest.raises(ConfigError, match="preset"):
         make_config("nope", {})
 

@@ -6,11 +6,12 @@ the CurriculumLoader, and counts the global batch index so a stream can be reope
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from fastvit.settings import ConfigError, check_choices, from_dict, setting
 
 from .dataset import DataError
 from .order import BatchPlan
@@ -20,30 +21,35 @@ from .order import BatchPlan
 class LoaderOptions:
     """Backend knobs beyond make_loader's named arguments (checked against these keys)."""
 
-    src: str | None = None             # source JPEG tree for torchvision, when the manifest lacks it
-    order: str = "random"              # "random" | "quasi_random" (FFCV only: page-local, for data >> RAM)
-    batches_ahead: int = 3             # FFCV batches_ahead, DALI prefetch_queue_depth, torchvision prefetch_factor
-    ffcv_jit: bool = True              # False: FFCV runs its pipeline as plain Python (debugging, tiny CPU tests)
-    os_cache: bool = True              # FFCV: page cache (True) or its own process cache (quasi_random)
-    hw_decoder_load: float = 0.65      # DALI mixed decoder: share of images sent to the hardware JPEG decoder
-    dali_reader: str = "index"         # "index": exact per-epoch permutations | "webdataset": stock reader, buffer shuffle
-    initial_fill: int = 4096           # DALI stock reader's shuffle buffer
-    gpu_mem_share: float = 0.5         # gpu_resident: use at most this share of free (GPU or host) memory
-    res_schedule: Callable[[int], int] | None = None  # DALI/gpu_resident: global batch index -> output side
+    src: str | None = setting(None, "source JPEG tree for torchvision, when the manifest lacks it")
+    order: str = setting("random", "sample order; quasi_random: FFCV page-local, for data >> RAM",
+                         choices=("random", "quasi_random", "sequential"))
+    batches_ahead: int = setting(3, "FFCV batches_ahead, DALI prefetch_queue_depth, torchvision prefetch_factor")
+    ffcv_jit: bool = setting(True, "FFCV compiles its pipeline (off: plain Python, for debugging and tiny CPU tests)")
+    os_cache: bool = setting(True, "FFCV: page cache (on) or its own process cache (quasi_random)")
+    hw_decoder_load: float = setting(0.65, "DALI mixed decoder: share of images sent to the hardware JPEG decoder")
+    dali_reader: str = setting("index", "DALI reader: index (exact per-epoch permutations) or webdataset "
+                               "(stock reader, buffer shuffle)", choices=("index", "webdataset"))
+    initial_fill: int = setting(4096, "DALI webdataset reader's shuffle buffer")
+    gpu_mem_share: float = setting(0.5, "gpu_resident: use at most this share of free (GPU or host) memory")
+    # DALI/gpu_resident: global batch index -> output side (a callable: no flag, not saved in a config)
+    res_schedule: Callable[[int], int] | None = setting(None, cli=False)
+
+    def check(self, *, flags: bool = False) -> None:
+        """ConfigError on a bad value, naming the key (flags=True: the fastvit-train flag)."""
+        check_choices(self, flags=flags)
+        if not 0.0 < self.gpu_mem_share <= 1.0:
+            raise ConfigError(f"{'--gpu-mem-share' if flags else 'gpu_mem_share'} must be in (0, 1]")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "LoaderOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(kwargs) - known)
-        if bad:
-            raise DataError(f"unknown loader option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        opts = cls(**kwargs)
-        if opts.order not in ("random", "quasi_random", "sequential"):
-            raise DataError(f"order must be random, quasi_random or sequential, not {opts.order!r}")
-        if opts.dali_reader not in ("index", "webdataset"):
-            raise DataError(f"dali_reader must be index or webdataset, not {opts.dali_reader!r}")
-        if not 0.0 < opts.gpu_mem_share <= 1.0:
-            raise DataError("gpu_mem_share must be in (0, 1]")
+        """Checked options; everything the data package refuses is a DataError, so the one generic
+        check's ConfigError is passed on as one (same message)."""
+        try:
+            opts = from_dict(cls, kwargs, what="loader option")
+            opts.check()
+        except ConfigError as e:
+            raise DataError(str(e)) from None
         return opts
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fastvit.settings import ConfigError, check_choices, from_dict, setting
+
 # ImageNet statistics in 0-255 units: the model normalizes uint8 pixels inside the patch embedding.
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -15,21 +17,24 @@ IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 @dataclass
 class ViTConfig:
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    patch_size: int = 16
-    img_size: int = 224            # base resolution: the learned pos-embed lives on its (img/p)^2 grid
-    num_classes: int = 1000
-    local: bool = True             # locality MLP (dw-conv between the MLP's linears) vs timm's plain Mlp
-    dwconv_impl: str = "conv"      # locality conv as "conv" (cuDNN depthwise) | "taps" (9 fusable mul-adds)
-    class_token: bool = False
-    head: str = "gap"              # "gap": mean over kept tokens + fc_norm; "token": norm + class token
-    pos_embed: str = "learned"     # "learned" (resampled to the input grid) | "sincos" (fixed 2-D)
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.0
-    norm_eps: float = 1e-6         # timm's ViT LayerNorm eps, so exported weights give the same logits
+    embed_dim: int = setting(384, "token width")
+    depth: int = setting(12, "transformer blocks")
+    num_heads: int = setting(6, "attention heads (divide embed_dim)")
+    mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim")
+    patch_size: int = setting(16, "patch side in pixels")
+    img_size: int = setting(224, "base resolution: the learned pos-embed lives on its (img/p)^2 grid")
+    num_classes: int = setting(1000, "classifier outputs")
+    local: bool = setting(True, "locality MLP (dw-conv between the MLP's linears) vs timm's plain Mlp")
+    dwconv_impl: str = setting("conv", "locality conv as conv (cuDNN depthwise) or taps (9 fusable mul-adds)",
+                               choices=("conv", "taps"))
+    class_token: bool = setting(False, "prepend a class token")
+    head: str = setting("gap", "gap: mean over kept tokens + fc_norm; token: norm + class token",
+                        choices=("gap", "token"))
+    pos_embed: str = setting("learned", "learned (resampled to the input grid) or sincos (fixed 2-D)",
+                             choices=("learned", "sincos"))
+    qkv_bias: bool = setting(True, "bias in the attention's qkv projection")
+    drop_path_rate: float = setting(0.0, "stochastic depth rate of the last block")
+    norm_eps: float = setting(1e-6, "LayerNorm eps (timm's ViT value, so exported weights give the same logits)")
     # Normalization fused into the embedding, in 0-255 units. uint8 images use these as given; float
     # images are taken to be in [0, 1] and use mean/255, std/255 (same logits as the uint8 image).
     mean: tuple = field(default=IMAGENET_MEAN_255)
@@ -38,10 +43,8 @@ class ViTConfig:
     def __post_init__(self):
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        check_choices(self, flags=False)
         checks = [
-            (self.head in ("gap", "token"), f"head must be 'gap' or 'token', got {self.head!r}"),
-            (self.dwconv_impl in ("conv", "taps"), f"dwconv_impl must be 'conv' or 'taps', got {self.dwconv_impl!r}"),
-            (self.pos_embed in ("learned", "sincos"), f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"),
             (self.head != "token" or self.class_token, "head='token' needs class_token=True"),
             (self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"),
             (self.pos_embed != "sincos" or self.embed_dim % 4 == 0, "sincos pos_embed needs embed_dim divisible by 4"),
@@ -52,7 +55,7 @@ class ViTConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
     @property
     def base_grid(self) -> tuple[int, int]:
@@ -72,11 +75,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        """Unknown keys raise ConfigError (a ValueError) naming them."""
+        return from_dict(cls, d, what="model config key")
 
 
 # DeiT sizes; depth 12, patch 16, MLP ratio 4 for all.

@@ -1,109 +1,183 @@
-"""One dataclass carries a run's settings from the CLI / a YAML file to every part of training.
+"""A run's settings, in five sections, from the CLI / a YAML file to every part of training.
 
-Unknown keys raise one clear error (no silent typos); presets are named partial configs applied
-before the user's own settings. The resolved config is saved in the run dir and in every checkpoint.
+    cfg.data      DataConfig      where the data is and how it is read (cfg.data.loader: LoaderOptions)
+    cfg.model     ModelConfig     the variant and its overrides (cfg.model.overrides())
+    cfg.schedule  ScheduleConfig  curriculum keep rates, batch, optimizer, augmentation, EMA
+    cfg.budget    BudgetConfig    exactly one of hours / minutes / epochs, and the re-planning knobs
+    cfg.run       RunConfig       run dir, recipe, device, checkpoints, evaluations, logging
+
+Leaf names are unique across sections, so a flat key (`lr`, an old config.json, a preset) and a flag
+(`--lr`) name one setting; `data` / `model` as strings mean data.root / model.name. Unknown keys raise
+one ConfigError (fastvit.settings); presets are partial configs applied before the user's own
+settings. The resolved config (to_dict) is saved in the run dir and in every checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fastvit.data.base import LoaderOptions
+from fastvit.models.configs import ViTConfig
+from fastvit.settings import ConfigError, check_choices, from_dict, leaf_paths, setting, to_dict
 
-class ConfigError(ValueError):
-    """A setting the user gave is wrong; the message says which and why (printed as one line)."""
+__all__ = ["BudgetConfig", "ConfigError", "DataConfig", "ModelConfig", "PRESETS", "RunConfig", "ScheduleConfig",
+           "TrainConfig", "make_config"]
+
+@dataclass
+class DataConfig:
+    """the prepped data and its loaders"""
+
+    root: str = setting("", "fastvit-prep output dir (holds manifest.json)", flag="--data")
+    backend: str | None = setting(None, "loader backend (default: chosen per device)",
+                                  choices=("ffcv", "dali", "torchvision", "gpu_resident"))
+    workers: int | None = setting(None, "loader worker processes (default: the CPUs this process may use)")
+    final_res: int | None = setting(None, "last curriculum resolution and the evaluation resolution "
+                                          "(default: the data's largest on GPU, 64-ish on CPU)")
+    curriculum: str | None = setting(None, "res:share,... e.g. 64:0.4,128:0.35,224:0.25 (default: a ladder "
+                                           "of --curriculum-stages resolutions)")
+    curriculum_stages: int = setting(3, "resolutions of the default curriculum ladder")
+    baseline_res: int | None = setting(None, "--recipe baseline: fixed resolution (default: the final res)")
+    loader: LoaderOptions = setting(default_factory=LoaderOptions, help="backend knobs")
+
+    def loader_kwargs(self) -> dict:
+        """The loader knobs as keyword arguments of CurriculumLoader / make_loader / make_val_loader."""
+        return to_dict(self.loader)
+
+
+_TRAINER_SET = ("img_size", "num_classes", "drop_path_rate", "mean", "std")   # the trainer's, not the user's
+
+
+@dataclass
+class _ModelBase:
+    """the model variant and its overrides (None: the variant's value)"""
+
+    name: str = setting("vit_small_local", "vit_{tiny,small,base}_{local,plain}", flag="--model")
+    patch_size: int = setting(16, "patch side in pixels")
+
+    def overrides(self) -> dict:
+        """The ViTConfig fields given (patch_size always): create_model(name, **overrides())."""
+        return {f.name: v for f in dataclasses.fields(self) if f.name != "name"
+                for v in [getattr(self, f.name)] if v is not None}
+
+
+# every ViTConfig field a user may override, typed `T | None`, with ViTConfig's own doc and choices
+_VIT_TYPES = typing.get_type_hints(ViTConfig)
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [(f.name, _VIT_TYPES[f.name] | None, setting(None, f"{f.metadata.get('help', f.name)} (default: the variant's)",
+                                               choices=f.metadata.get("choices")))
+     for f in dataclasses.fields(ViTConfig) if f.name not in _TRAINER_SET + ("patch_size",)],
+    bases=(_ModelBase,), namespace={"__module__": __name__, "__doc__": _ModelBase.__doc__})
+
+
+@dataclass
+class ScheduleConfig:
+    """keep rates, batch, optimizer, augmentation and EMA over the run"""
+
+    keep_schedule: str = setting("linear", "kept-patch rate over training", choices=("fixed", "linear", "cyclic", "cosine"))
+    keep_min: float = setting(0.5, "lowest kept-patch rate")
+    keep_full_from: float = setting(0.8, "progress from which all patches are used")
+    keep_cycles: int = setting(4, "cycles of the cyclic keep schedule")
+    keep_step: float = setting(0.125, "keep rates are quantized to this step (one compiled shape per level)")
+    keep_splits: int = setting(2, "segments per resolution stage for a changing keep rate")
+    batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
+    const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
+    max_batch: int = setting(1024, "largest batch of any stage")
+    lr_scaling: str = setting("sqrt", "how the LR follows the batch", choices=("linear", "sqrt", "none"))
+    opt: str = setting("adamw", "optimizer (timm create_optimizer_v2 name)")
+    lr: float = setting(1e-3, "peak learning rate at --batch-size")
+    warmup: float = setting(0.05, "LR warm-up, as a share of training")
+    lr_decay: str = setting("linear", "LR decay to 0 at the end of the budget", choices=("linear", "cosine"))
+    weight_decay: float = setting(0.05, "AdamW weight decay (weights only)")
+    clip_grad: float = setting(1.0, "gradient norm clip (0: off)")
+    label_smoothing: float = setting(0.1, "label smoothing")
+    mixup: float = setting(0.8, "mixup alpha")
+    cutmix: float = setting(1.0, "cutmix alpha")
+    mix_prob: tuple = setting((0.0, 0.8), "mixup/cutmix probability, 'start,end' (linear in progress)")
+    randaug: tuple = setting((0.0, 0.0), "RandAugment magnitude 0-30, 'start,end' (0 = off)")
+    randaug_ops: int = setting(2, "RandAugment ops per image")
+    drop_path: tuple = setting((0.0, 0.1), "drop path rate, 'start,end'")
+    ema: bool = setting(True, "keep an EMA of the weights (evaluated beside them)")
+    ema_halflife: float = setting(0.02, "EMA half-life as a share of the planned steps")
+
+    def __post_init__(self):
+        for name in ("mix_prob", "randaug", "drop_path"):      # a scalar is (v, v); lists (JSON) are tuples
+            v = getattr(self, name)
+            v = (v, v) if isinstance(v, (int, float)) else v
+            setattr(self, name, tuple(float(x) for x in v))
+
+
+@dataclass
+class BudgetConfig:
+    """the budget: give exactly one of --hours, --minutes, --epochs"""
+
+    hours: float | None = setting(None, "budget in hours of counted wall-clock time")
+    minutes: float | None = setting(None, "budget in minutes of counted wall-clock time")
+    epochs: float | None = setting(None, "budget in images: N x train images (comparisons by epochs)")
+    replan_tol: float = setting(0.10, "re-plan when the measured speed drifts by more than this share")
+    probe_iters: int = setting(3, "timed steps per shape when probing speeds")
+
+    @property
+    def given(self) -> bool:
+        return any(b is not None for b in (self.hours, self.minutes, self.epochs))
+
+    @property
+    def seconds(self) -> float | None:
+        """The wall-clock budget; None for an --epochs (image) budget or none."""
+        if self.hours is not None:
+            return self.hours * 3600.0
+        if self.minutes is not None:
+            return self.minutes * 60.0
+        return None
+
+
+@dataclass
+class RunConfig:
+    """where the run goes and how it is run"""
+
+    out: str = setting("runs/fastvit", "run dir: plan, checkpoints, metrics, results.json, curves.png")
+    recipe: str = setting("fastvit", "fastvit, or baseline (timm ViT, fixed res, all patches, torchvision)",
+                          choices=("fastvit", "baseline"))
+    device: str | None = setting(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    seed: int = setting(0, "random seed")
+    compile: bool | None = setting(None, "torch.compile (default: on for cuda)")
+    amp: bool | None = setting(None, "bf16 autocast (default: on for cuda)")
+    ckpt_minutes: float = setting(10.0, "checkpoint every N minutes")
+    ckpt_every_steps: int = setting(0, "also checkpoint every N steps (0: off)")
+    evals: int = setting(3, "periodic validations during training (not counted)")
+    eval_images: int = setting(10000, "images per periodic validation (the final one is full)")
+    log_every: int = setting(10, "log every N steps")
+    progress: bool = setting(True, "progress bar")
 
 
 @dataclass
 class TrainConfig:
-    # what and where
-    data: str = ""                       # fastvit-prep OUT dir (manifest.json)
-    out: str = "runs/fastvit"            # run dir: plan, checkpoints, metrics, results
-    recipe: str = "fastvit"              # fastvit | baseline (timm ViT, fixed res, all patches, torchvision)
-    model: str = "vit_small_local"
-    depth: int | None = None             # model overrides (small runs on CPU)
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    patch_size: int = 16
-    device: str | None = None            # None: cuda when available, else cpu
-    backend: str | None = None           # None: chosen per device (see loop.choose_backend)
-    workers: int | None = None
-    seed: int = 0
-    # budget: exactly one of these
-    hours: float | None = None
-    minutes: float | None = None
-    epochs: float | None = None          # an image budget: epochs × train images
-    # curriculum (resolution) and patch sampling
-    final_res: int | None = None         # None: the data's largest resolution (GPU), 64-ish on CPU
-    curriculum: str | None = None        # "64:0.4,128:0.35,224:0.25" (res:share); None: default ladder
-    curriculum_stages: int = 3
-    keep_schedule: str = "linear"        # fixed | linear | cyclic | cosine
-    keep_min: float = 0.5
-    keep_full_from: float = 0.8          # all patches from this progress on
-    keep_cycles: int = 4
-    keep_step: float = 0.125             # keep rates are quantized (one compiled shape per level)
-    keep_splits: int = 2                 # segments per resolution stage for a changing keep rate
-    # batch and optimizer
-    batch_size: int = 256                # at the final resolution with all patches
-    const_tokens: bool = True            # bigger batches at low res / low keep (tokens per batch constant)
-    max_batch: int = 1024
-    lr_scaling: str = "sqrt"             # how LR follows the batch: linear | sqrt | none
-    opt: str = "adamw"
-    lr: float = 1e-3                     # at batch_size
-    warmup: float = 0.05                 # share of training progress
-    lr_decay: str = "linear"             # linear | cosine, to 0 at the end of the budget
-    weight_decay: float = 0.05
-    clip_grad: float = 1.0
-    label_smoothing: float = 0.1
-    # augmentation strength (start → end of training, linear in progress)
-    mixup: float = 0.8                   # mixup alpha
-    cutmix: float = 1.0                  # cutmix alpha
-    mix_prob: tuple = (0.0, 0.8)
-    randaug: tuple = (0.0, 0.0)          # RandAugment magnitude (torchvision scale 0-30; 0 = off)
-    randaug_ops: int = 2
-    drop_path: tuple = (0.0, 0.1)
-    # EMA of the weights
-    ema: bool = True
-    ema_halflife: float = 0.02           # half-life as a share of the planned steps
-    # run control
-    compile: bool | None = None          # None: on for cuda, off for cpu
-    amp: bool | None = None              # bf16 autocast; None: on for cuda
-    ckpt_minutes: float = 10.0
-    ckpt_every_steps: int = 0            # also every N steps (0: off); tests use it
-    evals: int = 3                       # periodic validations during training (not counted)
-    eval_images: int = 10000             # cap on the periodic validations (the final one is full)
-    log_every: int = 10
-    replan_tol: float = 0.10
-    probe_iters: int = 3
-    progress: bool = True
-    baseline_res: int | None = None      # --recipe baseline: fixed res (None: final_res)
+    data: DataConfig = setting(default_factory=DataConfig)
+    model: ModelConfig = setting(default_factory=ModelConfig)
+    schedule: ScheduleConfig = setting(default_factory=ScheduleConfig)
+    budget: BudgetConfig = setting(default_factory=BudgetConfig)
+    run: RunConfig = setting(default_factory=RunConfig)
 
     def __post_init__(self):
-        for name in ("mix_prob", "randaug", "drop_path"):
-            v = getattr(self, name)
-            if isinstance(v, (int, float)):
-                v = (float(v), float(v))
-            setattr(self, name, tuple(float(x) for x in v))
         self.validate()
 
     def validate(self) -> None:
-        budgets = [b for b in (self.hours, self.minutes, self.epochs) if b is not None]
+        check_choices(self)
+        self.data.loader.check(flags=True)
+        s, b, r = self.schedule, self.budget, self.run
+        budgets = [x for x in (b.hours, b.minutes, b.epochs) if x is not None]
         checks = [
-            (self.recipe in ("fastvit", "baseline"), f"--recipe must be fastvit or baseline, got {self.recipe!r}"),
             (len(budgets) <= 1, "give one budget: --hours, --minutes or --epochs"),
-            (all(b > 0 for b in budgets), "the budget must be positive"),
-            (self.keep_schedule in ("fixed", "linear", "cyclic", "cosine"),
-             f"--keep-schedule must be fixed, linear, cyclic or cosine, got {self.keep_schedule!r}"),
-            (0 < self.keep_min <= 1, "--keep-min must be in (0, 1]"),
-            (0 <= self.keep_full_from <= 1, "--keep-full-from must be in [0, 1]"),
-            (self.lr_decay in ("linear", "cosine"), f"--lr-decay must be linear or cosine, got {self.lr_decay!r}"),
-            (self.lr_scaling in ("linear", "sqrt", "none"), "--lr-scaling must be linear, sqrt or none"),
-            (self.batch_size >= 2 and self.batch_size % 2 == 0, "--batch-size must be even and >= 2 (mixup pairs)"),
-            (self.lr > 0 and 0 <= self.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)"),
-            (self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"),
-             f"--device must be cpu or cuda, got {self.device!r}"),
-            (self.backend in (None, "ffcv", "dali", "torchvision", "gpu_resident"),
-             f"--backend must be ffcv, dali, torchvision or gpu_resident, got {self.backend!r}"),
-            (self.ckpt_minutes > 0, "--ckpt-minutes must be > 0"),
+            (all(x > 0 for x in budgets), "the budget must be positive"),
+            (0 < s.keep_min <= 1, "--keep-min must be in (0, 1]"),
+            (0 <= s.keep_full_from <= 1, "--keep-full-from must be in [0, 1]"),
+            (s.batch_size >= 2 and s.batch_size % 2 == 0, "--batch-size must be even and >= 2 (mixup pairs)"),
+            (s.lr > 0 and 0 <= s.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)"),
+            (r.device in (None, "cpu", "cuda") or str(r.device).startswith("cuda:"),
+             f"--device must be cpu or cuda, got {r.device!r}"),
+            (r.ckpt_minutes > 0, "--ckpt-minutes must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -111,33 +185,60 @@ class TrainConfig:
 
     @property
     def has_budget(self) -> bool:
-        return any(b is not None for b in (self.hours, self.minutes, self.epochs))
+        return self.budget.given
 
     @property
     def budget_s(self) -> float | None:
-        if self.hours is not None:
-            return self.hours * 3600.0
-        if self.minutes is not None:
-            return self.minutes * 60.0
-        return None
+        return self.budget.seconds
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested, JSON-ready; TrainConfig.from_dict(cfg.to_dict()) == cfg."""
+        return to_dict(self)
 
     @classmethod
-    def known_keys(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+    def leaf_keys(cls) -> dict[str, tuple]:
+        """flat key -> (section, ..., field) of every setting, e.g. lr -> (schedule, lr), data -> (data, root)."""
+        return leaf_paths(cls)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = sorted(set(d) - cls.known_keys())
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
-        return cls(**d)
+    def nest(cls, d: Mapping) -> dict:
+        """Flat keys (old config.json files, presets, CLI overrides) moved into their sections; nested
+        sections kept; anything else left at the top for from_dict to refuse."""
+        paths, out = cls.leaf_keys(), {}
+        for k, v in d.items():
+            path = (k,) if k in cls.__dataclass_fields__ and isinstance(v, Mapping) else paths.get(k)
+            if path is None:
+                out[k] = v
+                continue
+            _merge_into(out, _wrap(path, v))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        """Nested sections and/or flat leaf keys; unknown keys raise ConfigError."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a config must be a mapping of settings, got {type(d).__name__}")
+        return from_dict(cls, cls.nest(d))
 
 
-# Named partial configs. "gpu" is the ImageNet default; "cpu" is sized for a 2-core laptop-class CPU
-# (the demo); "test" is the smallest model that still learns (unit tests).
+def _wrap(path: tuple, v):
+    for k in reversed(path):
+        v = {k: v}
+    return v
+
+
+def _merge_into(dst: dict, src: Mapping) -> dict:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), Mapping):
+            _merge_into(dst[k], v)
+        else:
+            dst[k] = _merge_into({}, v) if isinstance(v, Mapping) else v    # a copy: callers' dicts untouched
+    return dst
+
+
+# Named partial configs (flat keys). "gpu" is the ImageNet default; "cpu" is sized for a 2-core
+# laptop-class CPU (the demo); "test" is the smallest model that still learns (unit tests).
 PRESETS: dict[str, dict] = {
     "gpu": {},
     # cpu: measured best of six 3-minute runs on the demo data (fastvit/train/DEFAULTS.md): patch 16,
@@ -155,10 +256,10 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str | None, overrides: dict, yaml_path: str | None = None) -> TrainConfig:
-    """preset → YAML file → explicit overrides (None values are 'not given')."""
+    """preset → YAML file (nested or flat) → explicit overrides (None values are 'not given')."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    d: dict = dict(PRESETS.get(preset or "gpu", {}))
+    d = TrainConfig.nest(PRESETS.get(preset or "gpu", {}))
     if yaml_path:
         import yaml
 
@@ -167,9 +268,10 @@ def make_config(preset: str | None, overrides: dict, yaml_path: str | None = Non
                 y = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f"cannot read --config {yaml_path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(y, dict):
             raise ConfigError(f"--config {yaml_path} must hold a mapping of settings")
-        d.update(y)
-    d.update({k: v for k, v in overrides.items() if v is not None})
+        _merge_into(d, TrainConfig.nest(y))
+    _merge_into(d, TrainConfig.nest({k: v for k, v in overrides.items() if v is not None}))
     return TrainConfig.from_dict(d)
-
