@@ -48,8 +48,8 @@ def test_oom_while_compiling_a_shape_halves_the_batch(tiny_prepped, tmp_path, mo
     assert rc == 0, err[-2000:]
     assert "Traceback" not in err and "out of GPU memory at res 32" in err and "batch 16" in err
     plan = json.loads((run / "plan.json").read_text())
-    assert [s["batch_size"] for s in plan["stages"]] == [8]
-    assert plan["stages"][0]["lr_scale"] == pytest.approx(math.sqrt(0.5))
+    assert {s["batch_size"] for s in plan["stages"]} == {8}       # (a time plan may be re-planned: cut in two)
+    assert all(s["lr_scale"] == pytest.approx(math.sqrt(0.5)) for s in plan["stages"])
     probes = [b for b, probe in seen if probe]
     assert probes[0] == 16 and set(probes[1:]) == {8}              # halved, then probed at 8 itself
     assert all(b == 8 for b, probe in seen if not probe)         # the loop trains at the fitted batch

@@ -119,10 +119,9 @@ def test_kill9_then_resume_reaches_planned_steps_and_skips_corrupt_checkpoint(ti
     # a fresh run refuses to clobber the unfinished one
     assert main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "2", *TINY]) == 2
     msgs = []
-    from fastvit.train.loop import Trainer
+    from fastvit.train.loop import train
 
-    t = Trainer(C_load_cfg(run), resume=True, log=msgs.append)
-    res = t.run()
+    res = train(C_load_cfg(run), resume=True, log=msgs.append)
     assert any("trying the previous one" in m for m in msgs)
     assert any(f"step {prev_step}" in m for m in msgs)          # resumed from the previous checkpoint
     assert res["steps"] == res["planned_steps"] == planned == 16 * 64 // 16
@@ -169,7 +168,7 @@ def test_baseline_recipe_runs(tiny_prepped, tiny_src, tmp_path):
 def test_nan_losses_stop_with_checkpoint(tiny_prepped, tmp_path, monkeypatch, capsys):
     import torch
 
-    import fastvit.train.loop as L
+    import fastvit.train.step as L
 
     real = L.F.log_softmax
     monkeypatch.setattr(L.F, "log_softmax", lambda x, dim: real(x, dim=dim) * float("nan"))
@@ -206,10 +205,11 @@ def test_every_evaluation_starts_at_the_first_val_image(tiny_prepped, tmp_path, 
     the beginning of the val split again, and raw and EMA weights must be scored on the same images."""
     from fastvit.data.base import BatchLoader
     from fastvit.train.config import make_config
-    from fastvit.train.loop import Trainer
+    from fastvit.train.evaluate import Evaluator
+    from fastvit.train.loop import train
 
     calls: list[list] = []                       # per validation: (global batch index, labels) read
-    real_next, real_validate = BatchLoader.next_batch, Trainer.validate
+    real_next, real_validate = BatchLoader.next_batch, Evaluator.__call__
 
     def next_batch(self):
         g = self.next_index
@@ -223,10 +223,10 @@ def test_every_evaluation_starts_at_the_first_val_image(tiny_prepped, tmp_path, 
         return real_validate(self, *a, **k)
 
     monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
-    monkeypatch.setattr(Trainer, "validate", validate)
+    monkeypatch.setattr(Evaluator, "__call__", validate)
     cfg = make_config("test", dict(data=str(tiny_prepped), out=str(tmp_path / "run"), device="cpu", backend="dali",
                                    epochs=3, evals=2, eval_images=8, progress=False))
-    res = Trainer(cfg, log=lambda m: None).run()
+    res = train(cfg, log=lambda m: None)
     assert len(calls) == 3                                       # two periodic + the final validation
     full = calls[-1]
     assert [g for g, _ in full] == [0, 1] and sum(len(b) for _, b in full) == 24   # val split: 24 images, 16 a batch
@@ -276,9 +276,10 @@ def test_oom_mid_run_halves_batch_and_scales_lr_by_the_configured_rule(tiny_prep
 
     from fastvit.train import schedules as S
     from fastvit.train.config import make_config
-    from fastvit.train.loop import Trainer
+    from fastvit.train.loop import train
+    from fastvit.train.step import TrainStep
 
-    real = Trainer.train_step
+    real = TrainStep.__call__
     hit = []
 
     def train_step(self, images, *a, **k):
@@ -287,11 +288,11 @@ def test_oom_mid_run_halves_batch_and_scales_lr_by_the_configured_rule(tiny_prep
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
         return real(self, images, *a, **k)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(TrainStep, "__call__", train_step)
     cfg = make_config("test", dict(data=str(tiny_prepped), out=str(tmp_path / "run"), device="cpu", backend="dali",
                                    epochs=1, keep_min=1.0, curriculum="32:1", evals=0, lr_scaling="sqrt", progress=False))
     msgs: list[str] = []
-    res = Trainer(cfg, log=msgs.append).run()
+    res = train(cfg, log=msgs.append)
     assert hit == [16]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert [s["batch_size"] for s in plan["stages"]] == [8]

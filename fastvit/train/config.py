@@ -34,7 +34,7 @@ class DataConfig:
                                   choices=("ffcv", "dali", "torchvision", "gpu_resident"))
     workers: int | None = setting(None, "loader worker processes (default: the CPUs this process may use)")
     final_res: int | None = setting(None, "last curriculum resolution and the evaluation resolution "
-                                          "(default: the data's largest on GPU, 64-ish on CPU)")
+                                          "(default: the data's largest; the cpu preset: 96)")
     curriculum: str | None = setting(None, "res:share,... e.g. 64:0.4,128:0.35,224:0.25 (default: a ladder "
                                            "of --curriculum-stages resolutions)")
     curriculum_stages: int = setting(3, "resolutions of the default curriculum ladder")

@@ -105,6 +105,10 @@ class Parts:
     drop_path: object          # fastvit.models.DropPathRate
 
 
+# model settings timm's VisionTransformer takes under the same names (the baseline's)
+BASELINE_OVERRIDES = {"patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "class_token"}
+
+
 def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
     from timm.optim import create_optimizer_v2
 
@@ -115,13 +119,16 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
 
     sc = cfg.schedule
     dpr = max(sc.drop_path)
+    over = cfg.model.overrides()                          # patch_size and the ViTConfig fields given
     try:
         if cfg.run.recipe == "baseline":
+            bad = sorted(set(over) - BASELINE_OVERRIDES)
+            if bad:
+                raise ValueError(f"--recipe baseline (timm's ViT) does not take {', '.join(bad)}")
             model = create_baseline(cfg.model.name, num_classes=num_classes, img_size=env.final_res,
-                                    patch_size=cfg.model.patch_size, drop_path_rate=dpr, **cfg.model.overrides())
+                                    drop_path_rate=dpr, **over)
         else:
-            model = create_model(cfg.model.name, num_classes=num_classes, patch_size=cfg.model.patch_size,
-                                 drop_path_rate=dpr, **cfg.model.overrides())
+            model = create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=dpr, **over)
     except (ValueError, TypeError) as e:
         raise TrainError(f"--model {cfg.model.name}: {e}", 2) from None
     model.to(env.device).train()
