@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..manifest import MANIFEST
+
 PROG = "fastvit-prep"
 DEMO_SIZES = {  # make_demo_dataset keyword arguments
     "full": {},
@@ -130,7 +132,7 @@ def _prep(args) -> int:
         return _fail(str(e), e.exit_code)
     except PrepError as e:
         return _fail(str(e), e.exit_code)
-    print(f"{PROG}: wrote {out / 'manifest.json'}", file=sys.stderr)
+    print(f"{PROG}: wrote {out / MANIFEST}", file=sys.stderr)
     return 0
 
 

@@ -10,11 +10,9 @@ from pathlib import Path
 
 from . import codec
 
-MANIFEST_VERSION = 1
 PREP_FORMAT = 2  # bump when the bytes written for the same settings change
 FORMATS = ("ffcv", "dali")
 WORK = ".work"
-MANIFEST = "manifest.json"
 
 
 class PrepError(Exception):

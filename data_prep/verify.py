@@ -10,17 +10,15 @@ containers, and the decoded sizes must match the sizes FFCV's metadata records.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .beton import METADATA_TYPE, TYPE_ID_INT, TYPE_ID_RGB, read_beton_header, HEADER_TYPE, FIELD_DESC_TYPE, ALLOC_TABLE_TYPE
+from .. import manifest
 from ..fileio import file_digest
 from .wds import read_index
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -111,17 +109,9 @@ def verify_dataset(out, samples: int = 16, decode: bool = True) -> VerifyReport:
     out = Path(out)
     rep = VerifyReport(str(out))
     try:
-        m = json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        rep.fail(f"{out / MANIFEST} not found (not a finished fastvit-prep output)")
-        return rep
-    except (OSError, ValueError) as e:
-        rep.fail(f"{out / MANIFEST} unreadable: {e}")
-        return rep
-    for key in ("version", "classes", "resolutions", "splits", "files"):
-        if key not in m:
-            rep.fail(f"manifest lacks {key!r}")
-    if not rep.ok:
+        m = manifest.read(out, checksums=True)
+    except manifest.ManifestError as e:
+        rep.fail(str(e))
         return rep
     for rel, d in m["files"].items():
         p = out / rel
