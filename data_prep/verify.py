@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .beton import METADATA_TYPE, TYPE_ID_INT, TYPE_ID_RGB, read_beton_header, HEADER_TYPE, FIELD_DESC_TYPE, ALLOC_TABLE_TYPE
 from .. import manifest
+from ..containers import TYPE_ID_INT, TYPE_ID_RGB, BetonFile, read_index
 from ..fileio import file_digest
-from .wds import read_index
 
 
 @dataclass
@@ -41,25 +40,6 @@ class VerifyReport:
                     f"{n} samples decoded through FFCV and DALI)")
         more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
         return f"{self.out}: FAILED: {self.problems[0]}{more}"
-
-
-def read_beton_samples(path: Path, n: int) -> tuple[np.ndarray, list[bytes]]:
-    """Metadata (first n samples) and their stored bytes, straight from the file (no FFCV import)."""
-    with open(path, "rb") as f:
-        h = np.frombuffer(f.read(HEADER_TYPE.itemsize), dtype=HEADER_TYPE)[0]
-        nf = int(h["num_fields"])
-        start = HEADER_TYPE.itemsize + FIELD_DESC_TYPE.itemsize * nf
-        f.seek(start)
-        meta = np.frombuffer(f.read(METADATA_TYPE.itemsize * n), dtype=METADATA_TYPE)
-        f.seek(int(h["alloc_table_ptr"]))
-        table = np.frombuffer(f.read(), dtype=ALLOC_TABLE_TYPE)
-        size_of = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
-        blobs = []
-        for m in meta:
-            ptr = int(m["f0"]["data_ptr"])
-            f.seek(ptr)
-            blobs.append(f.read(int(size_of[ptr])))
-    return meta, blobs
 
 
 def decode_with_ffcv(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,17 +126,17 @@ def _check_split_res(out: Path, rep: VerifyReport, split: str, s: dict, rk: str,
     if beton is not None:
         path = out / beton
         try:
-            h = read_beton_header(path)
+            h = BetonFile(path)
         except (OSError, ValueError) as e:
             rep.fail(f"{beton}: unreadable header ({e})")
             return
-        if h["num_samples"] != count:
-            rep.fail(f"{beton}: {h['num_samples']} samples, manifest says {count}")
-        if h["type_ids"] != [TYPE_ID_RGB, TYPE_ID_INT] or h["fields"] != ["image", "label"]:
-            rep.fail(f"{beton}: fields {h['fields']} {h['type_ids']}, expected image (RGBImageField) + label (IntField)")
+        if h.num_samples != count:
+            rep.fail(f"{beton}: {h.num_samples} samples, manifest says {count}")
+        if h.type_ids != [TYPE_ID_RGB, TYPE_ID_INT] or h.fields != ["image", "label"]:
+            rep.fail(f"{beton}: fields {h.fields} {h.type_ids}, expected image (RGBImageField) + label (IntField)")
         if rep.ok and n:
             try:
-                meta, blobs = read_beton_samples(path, n)
+                meta, blobs = h.head(n)
                 images, labels = decode_with_ffcv(path, n, r)
             except Exception as e:  # report, never crash: verify must say what is wrong
                 rep.fail(f"{beton}: FFCV cannot read it ({type(e).__name__}: {e})")

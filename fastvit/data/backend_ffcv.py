@@ -19,7 +19,7 @@ import torch
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan, epoch_order
-from .shards import beton_fields
+from .shards import open_beton
 
 _COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
 # Compiled pipelines of closed loaders. numba's dispatcher finalizer raises (KeyError, printed as
@@ -90,12 +90,11 @@ class FFCVLoader(BatchLoader):
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline.compiler import Compiler
-        from ffcv.reader import Reader
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         st = plan.stages[0]
         r = st.res
-        img_field, lab_field = beton_fields(Reader(str(path)))
+        img_field, lab_field = open_beton(path, columns=False).field_names()
         on_gpu = device.type == "cuda"
         if train:
             decode = [RandomResizedCropRGBImageDecoder((r, r), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),

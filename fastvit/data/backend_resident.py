@@ -137,11 +137,12 @@ def memory_budget(device: torch.device, share: float) -> int:
 
 def _encoded_source(ds: PreppedDataset, split: str, stored: int):
     """(labels, heights, widths, get(i) -> bytes view, is_raw(i)) from the .beton if any, else the tars."""
-    from .shards import BetonShard, WdsShard
+    from ..containers import MODE_RAW
+    from .shards import WdsShard, open_beton
 
     if "ffcv" in ds.formats(split) and str(stored) in ds.splits[split].get("ffcv", {}):
-        b = BetonShard(ds.ffcv_path(split, stored))
-        return b.labels, b.heights, b.widths, b.data, (lambda i: b.modes[i] == 1), b
+        b = open_beton(ds.ffcv_path(split, stored))
+        return b.labels, b.heights, b.widths, b.data, (lambda i: b.modes[i] == MODE_RAW), b
     tars, idxs = ds.dali_shard(split, stored)
     w = WdsShard(tars, idxs)
     hw = np.array([_jpeg_size(w.jpeg(i)) for i in range(len(w))], dtype=np.int64).reshape(-1, 2)
@@ -151,14 +152,14 @@ def _encoded_source(ds: PreppedDataset, split: str, stored: int):
 def estimate_bytes(ds: PreppedDataset, split: str, stored: int) -> int:
     """Decoded size of a shard: from the manifest's mean stored size when it has one, else exact from
     .beton metadata, else from 256 JPEG headers."""
-    from .shards import BetonShard, WdsShard
+    from .shards import WdsShard, open_beton
 
     stats = (ds.splits[split].get("images") or {}).get(str(stored)) or {}
     if stats.get("mean_width") and stats.get("mean_height"):
         return int(3 * stats["mean_width"] * stats["mean_height"] * ds.count(split) * 1.02)  # 2%: mean of products
 
     if str(stored) in ds.splits[split].get("ffcv", {}):
-        b = BetonShard(ds.ffcv_path(split, stored))
+        b = open_beton(ds.ffcv_path(split, stored))
         return int((3 * b.heights * b.widths).sum())
     w = WdsShard(*ds.dali_shard(split, stored))
     pick = np.linspace(0, len(w) - 1, num=min(256, len(w))).astype(np.int64)
