@@ -140,11 +140,11 @@ def _switch_stall(ds, backend: str, device: str, workers: int, first_steps: int,
 
 
 def run(ctx) -> dict[str, float]:
-    try:
-        import ffcv  # noqa: F401
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        raise SectionSkipped(f"needs FFCV and DALI ({e})")
+    from fastvit.data import installed
+
+    missing = [b for b in ("ffcv", "dali") if not installed(b)]
+    if missing:
+        raise SectionSkipped(f"needs FFCV and DALI ({', '.join(missing)} not installed)")
     logging.getLogger("fastvit.data").setLevel(logging.WARNING)
     ds, desc = _dataset(ctx)
     print(f"  data: {desc} ({ds.count('train')} train images), batch {BATCH}, {ctx.workers} workers", flush=True)

@@ -14,36 +14,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from ..sysinfo import default_workers
+from .backends import BACKENDS, check_runnable, container_for, resolve_device, spec  # noqa: F401 (BACKENDS: re-export)
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
 from .order import BatchPlan, PlanStage
-
-BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
-
-
-def _device(device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("device='cuda' but no CUDA GPU is available (use device='cpu')")
-    if dev.type not in ("cuda", "cpu"):
-        raise DataError(f"device must be cuda or cpu, not {device!r}")
-    return dev
-
-
-def _shard_format(backend: str) -> str | None:
-    return {"ffcv": "ffcv", "dali": "dali"}.get(backend)
 
 
 def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *, backend: str, device,
                  train: bool, seed: int, workers: int | None, drop_last: bool, start_batch: int = 0,
                  opts: LoaderOptions) -> BatchLoader:
     """A loader over a plan of one or more stages that share one stored shard (CurriculumLoader's unit)."""
-    if backend not in BACKENDS:
-        raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    dev = _device(device)
+    spec(backend)  # an unknown name is reported before the device
+    dev = resolve_device(device)
+    check_runnable(backend, dev)
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
         raise DataError("workers must be >= 0")
@@ -59,9 +43,9 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
         return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
                                  classes=ds.classes, start_batch=start_batch)
 
-    fmt = _shard_format(backend)
-    if fmt is None:  # gpu_resident decodes whichever container exists for that resolution
-        fmt = "ffcv" if "ffcv" in ds.formats(split) else "dali"
+    fmt = container_for(backend, ds, split)  # gpu_resident: whichever container the split has
+    if fmt == "any":
+        raise DataError(f"{ds.root}: split {split!r} has no ffcv or dali files")
     stored = ds.stored_res(max(s.res for s in stages), split, fmt)
     for s in stages:
         log_choice_once(backend, split, s.res, stored)
