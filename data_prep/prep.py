@@ -34,6 +34,7 @@ from .beton import write_beton
 from ..fileio import file_digest, remove_stale_tmp, write_json_atomic
 from .layout import LayoutError, find_sources
 from .. import manifest as _manifest
+from ..augspec import DEFAULT_AUG
 from ..manifest import MANIFEST
 from .options import FORMATS, PREP_FORMAT, WORK, PrepError, PrepOptions, TooManyBadImages, settings_fingerprint
 from .wds import ShardWriter, sample_key
@@ -340,7 +341,8 @@ def _bad_fraction_check(manifest: dict, opts: PrepOptions) -> None:
 
 
 def prep_dataset(src, out, resolutions, formats=FORMATS, splits=("train", "val"), quality=90, workers=None,
-                 max_bad=0.001, overwrite=False, progress=True, size_ratio=256 / 224, **options) -> dict:
+                 max_bad=0.001, overwrite=False, progress=True, size_ratio=DEFAULT_AUG.val_resize_ratio,
+                 **options) -> dict:
     """Prepare SRC into OUT (FFCV .beton + DALI shards per split and resolution); returns the manifest.
 
     Raises PrepError (one-line message) for unusable arguments or sources, TooManyBadImages (with the

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import manifest
+from ..augspec import DEFAULT_AUG
 from ..containers import TYPE_ID_INT, TYPE_ID_RGB, BetonFile, read_index
 from ..fileio import file_digest
 
@@ -54,7 +55,7 @@ def decode_with_ffcv(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarr
     try:
         loader = Loader(str(path), batch_size=n, num_workers=1, order=OrderOption.SEQUENTIAL,
                         indices=list(range(n)), drop_last=False, os_cache=True,
-                        pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=224 / 256)],
+                        pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=DEFAULT_AUG.val_crop)],
                                    "label": [IntDecoder()]})
         images, labels = [], []
         for im, lab in loader:

@@ -1,7 +1,7 @@
 """FFCV backend: one `ffcv.loader.Loader` over ffcv/{split}_{r'}.beton per (res, batch size).
 
-Train: RandomResizedCropRGBImageDecoder((r, r), scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip.
-Val: CenterCropRGBImageDecoder((r, r), 224/256). Then ToTensor -> ToDevice(non_blocking) -> ToTorchImage.
+Train: RandomResizedCropRGBImageDecoder((r, r), aug.scale, aug.ratio) + RandomHorizontalFlip(aug.flip).
+Val: CenterCropRGBImageDecoder((r, r), aug.val_crop). Then ToTensor -> ToDevice(non_blocking) -> ToTorchImage.
 The decoder's output size is baked into the compiled (numba) pipeline, so a new size needs a new
 Loader: the CurriculumLoader builds it in the background.
 
@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan, epoch_order
@@ -82,7 +83,7 @@ class FFCVLoader(BatchLoader):
     backend = "ffcv"
 
     def __init__(self, path, plan: BatchPlan, device: torch.device, *, workers: int, train: bool,
-                 opts: LoaderOptions, start_batch: int = 0):
+                 opts: LoaderOptions, start_batch: int = 0, aug: AugSpec = DEFAULT_AUG):
         super().__init__(plan, device, start_batch=start_batch, train=train)
         if len(plan.stages) != 1 or plan.res_fn is not None:
             raise DataError("the ffcv backend compiles one output size per loader: no res_schedule")
@@ -97,10 +98,10 @@ class FFCVLoader(BatchLoader):
         img_field, lab_field = open_beton(path, columns=False).field_names()
         on_gpu = device.type == "cuda"
         if train:
-            decode = [RandomResizedCropRGBImageDecoder((r, r), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                      RandomHorizontalFlip()]
+            decode = [RandomResizedCropRGBImageDecoder((r, r), scale=aug.scale, ratio=aug.ratio),
+                      RandomHorizontalFlip(aug.flip)]
         else:
-            decode = [CenterCropRGBImageDecoder((r, r), ratio=224 / 256)]
+            decode = [CenterCropRGBImageDecoder((r, r), ratio=aug.val_crop)]
         # GPU: ToTorchImage(channels_last=False), a device copy to contiguous NCHW like the other backends.
         # CPU: the channels_last view (same shape and values, NHWC strides): a host copy here is a torch
         # OpenMP op per batch whose spinning threads starve FFCV's own decode threads (5-8x slower on 2 cores).

@@ -1,7 +1,7 @@
 """torchvision backend: DataLoader over the *source* JPEG tree (ImageFolder), the baseline users run.
 
-Train: RandomResizedCrop(r, scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip; val:
-Resize(round(r*256/224)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
+Train: RandomResizedCrop(r, aug.scale, aug.ratio) + RandomHorizontalFlip(aug.flip); val:
+Resize(aug.val_resize(r)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
 The batch order comes from BatchPlan through a batch sampler, like every other backend.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan
@@ -29,14 +30,14 @@ class _PlanBatchSampler:
         return self.end - self.start
 
 
-def open_image_folder(root, res: int, train: bool):
+def open_image_folder(root, res: int, train: bool, aug: AugSpec = DEFAULT_AUG):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, Resize, CenterCrop, PILToTensor
 
     if train:
-        ops = [RandomResizedCrop(res, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), RandomHorizontalFlip()]
+        ops = [RandomResizedCrop(res, scale=aug.scale, ratio=aug.ratio, antialias=True), RandomHorizontalFlip(aug.flip)]
     else:
-        ops = [Resize(round(res * 256 / 224), antialias=True), CenterCrop(res)]
+        ops = [Resize(aug.val_resize(res), antialias=True), CenterCrop(res)]
     # ImageFolder's PIL loader converts grayscale/CMYK sources to RGB.
     try:
         return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))

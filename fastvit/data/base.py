@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
 from .dataset import DataError
 from .order import BatchPlan
 
@@ -30,6 +31,7 @@ class LoaderOptions:
     initial_fill: int = 4096           # DALI stock reader's shuffle buffer
     gpu_mem_share: float = 0.5         # gpu_resident: use at most this share of free (GPU or host) memory
     res_schedule: Callable[[int], int] | None = None  # DALI/gpu_resident: global batch index -> output side
+    aug: AugSpec = DEFAULT_AUG         # crops and flip, handed by build_loader to every backend
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "LoaderOptions":
@@ -42,6 +44,8 @@ class LoaderOptions:
             raise DataError(f"order must be random, quasi_random or sequential, not {opts.order!r}")
         if opts.dali_reader not in ("index", "webdataset"):
             raise DataError(f"dali_reader must be index or webdataset, not {opts.dali_reader!r}")
+        if not isinstance(opts.aug, AugSpec):
+            raise DataError(f"aug must be a fastvit.augspec.AugSpec, not {type(opts.aug).__name__}")
         if not 0.0 < opts.gpu_mem_share <= 1.0:
             raise DataError("gpu_mem_share must be in (0, 1]")
         return opts

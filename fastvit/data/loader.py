@@ -37,7 +37,7 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
     if backend == "torchvision":
         from .backend_torchvision import TorchvisionLoader, open_image_folder
 
-        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train)
+        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train, opts.aug)
         plan = BatchPlan(len(folder), stages, drop_last=drop_last, shuffle=shuffle, res_fn=opts.res_schedule)
         log_choice_once(backend, split, res0, res0)
         return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
@@ -54,17 +54,17 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[PlanStage], *,
         from .backend_ffcv import FFCVLoader
 
         return FFCVLoader(ds.ffcv_path(split, stored), plan, dev, workers=max(1, workers), train=train, opts=opts,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
     if backend == "dali":
         from .backend_dali import DALILoader
 
         tars, idxs = ds.dali_shard(split, stored)
         return DALILoader(tars, idxs, plan, dev, workers=max(1, workers), train=train, opts=opts, seed=seed,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
     from .backend_resident import ResidentLoader
 
     return ResidentLoader(ds, split, stored, plan, dev, workers=max(1, workers), train=train, opts=opts,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
 
 
 def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_size: int = 256,
@@ -73,9 +73,9 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
                 **options) -> BatchLoader:
     """Batches of (uint8 (B,3,res,res), int64 (B,)) on `device`, one epoch per pass.
 
-    train=True: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) + flip, shuffled per epoch;
-    train=False: center crop 224/256, in stored order. Options: see LoaderOptions (src=, order=,
-    batches_ahead=, ffcv_jit=, hw_decoder_load=, dali_reader=, gpu_mem_share=, res_schedule=).
+    train=True: random-resized-crop + flip, shuffled per epoch; train=False: center crop, in one fixed
+    order (the crops: fastvit.augspec.AugSpec, option aug=). Options: see LoaderOptions (src=, order=,
+    batches_ahead=, ffcv_jit=, hw_decoder_load=, dali_reader=, gpu_mem_share=, res_schedule=, aug=).
     """
     opts = LoaderOptions.from_kwargs(options)
     if res <= 0 or batch_size <= 0:
@@ -88,6 +88,6 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
 def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "ffcv", device="cuda",
                     split: str = "val", workers: int | None = None, **options) -> BatchLoader:
     """Every image of `split` once per pass, in one fixed shuffled order (the same every pass: a capped
-    evaluation sees a uniform sample), center crop 224/256 resized to res."""
+    evaluation sees a uniform sample), center crop (AugSpec.val_crop) resized to res."""
     return make_loader(ds, split=split, res=res, batch_size=batch_size, backend=backend, device=device,
                        train=False, seed=0, workers=workers, drop_last=False, **options)
