@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import shutdown_dali_pipeline
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan
@@ -160,7 +161,7 @@ class DALILoader(BatchLoader):
     def _close_stream(self) -> None:
         self._iter = None
         if self._pipe is not None:
-            self._pipe._shutdown()  # joins DALI's worker threads now, not at garbage collection
+            shutdown_dali_pipeline(self._pipe)  # joins DALI's worker threads now, not at garbage collection
         self._pipe = None
         if self._shard is not None:
             self._shard.close()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import ffcv_compiled_code, ffcv_order_instance, ffcv_signal_stop, ffcv_start_epoch, ffcv_stop_epoch
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan, epoch_order
@@ -27,23 +28,6 @@ _COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
 # "Exception ignored") when FFCV's literal-typed overloads are garbage collected; keeping the few
 # compiled stage pipelines of a run alive avoids that noise for a few MB.
 _RETIRED_CODE: list = []
-
-
-def _stop(it, timeout: float = 10.0) -> None:
-    """Stop an EpochIterator thread for good: a producer that finished its epoch blocks on
-    `queue.put(None)` while the queue is full (FFCV puts it without timeout), so drain while joining."""
-    import queue
-    import time
-
-    it.close()  # terminate_event: a producer waiting to put a batch leaves within 0.5 s
-    deadline = time.monotonic() + timeout
-    while it.is_alive() and time.monotonic() < deadline:
-        try:
-            while True:
-                it.output_queue.get_nowait()
-        except queue.Empty:
-            pass
-        it.join(0.05)
 
 
 def _make_order(plan: BatchPlan, quasi: bool):
@@ -76,7 +60,7 @@ def _make_order(plan: BatchPlan, quasi: bool):
             return self._take_skip(QuasiRandom.sample_order(self, epoch))
 
     cls = QuasiOrder if quasi else PlanOrder
-    return cls.__new__(cls)
+    return ffcv_order_instance(cls)
 
 
 class FFCVLoader(BatchLoader):
@@ -130,8 +114,7 @@ class FFCVLoader(BatchLoader):
 
     def _start_epoch(self, epoch: int, skip_batches: int):
         self._order.skip = skip_batches * self.plan.stages[0].batch_size
-        self._loader.next_epoch = epoch
-        it = iter(self._loader)  # an EpochIterator thread starts decoding right away
+        it = ffcv_start_epoch(self._loader, epoch)  # an EpochIterator thread starts decoding right away
         self._epoch_iters.append(it)
         return it
 
@@ -157,16 +140,16 @@ class FFCVLoader(BatchLoader):
                 cur, nxt = (nxt if nxt is not None else self._start_epoch(epoch, 0)), None
 
     def _finish(self, it) -> None:
-        _stop(it)  # all its batches were consumed; what is left in its queue is the end marker
+        ffcv_stop_epoch(it)  # all its batches were consumed; what is left in its queue is the end marker
         if it in self._epoch_iters:
             self._epoch_iters.remove(it)
 
     def _close_stream(self) -> None:
         for it in self._epoch_iters:
-            it.terminate_event.set()  # all at once, then wait for each
+            ffcv_signal_stop(it)  # all at once, then wait for each
         for it in self._epoch_iters:
-            _stop(it)
+            ffcv_stop_epoch(it)
         self._epoch_iters = []
-        if self._loader is not None and self._loader.code is not None:
-            _RETIRED_CODE.append(self._loader.code)
+        if self._loader is not None and ffcv_compiled_code(self._loader) is not None:
+            _RETIRED_CODE.append(ffcv_compiled_code(self._loader))
         self._loader = None

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import shutdown_dataloader
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan
@@ -79,15 +80,5 @@ class TorchvisionLoader(BatchLoader):
                 g += 1
 
     def _close_stream(self) -> None:
-        it = getattr(self._dl, "_iterator", None) or self._dl_iter
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # joins worker processes and the pin-memory thread now
-            # Its queues' feeder threads exit on their own shortly after; wait so none outlives close().
-            queues = list(getattr(it, "_index_queues", [])) + [getattr(it, "_worker_result_queue", None)]
-            for q in queues:
-                t = getattr(q, "_thread", None)
-                if t is not None:
-                    t.join(timeout=5)
-        if self._dl is not None:
-            self._dl._iterator = None
+        shutdown_dataloader(self._dl, self._dl_iter)  # workers, pin-memory thread and queue feeders, now
         self._dl_iter = self._dl = None
