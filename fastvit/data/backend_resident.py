@@ -115,10 +115,6 @@ class ResidentShard:
     np_heights: np.ndarray
     np_widths: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.numel())
-
 
 def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
     from PIL import Image

@@ -22,7 +22,7 @@ class LoaderOptions:
     """Backend knobs beyond make_loader's named arguments (checked against these keys)."""
 
     src: str | None = None             # source JPEG tree for torchvision, when the manifest lacks it
-    order: str = "random"              # "random" | "quasi_random" (FFCV only: page-local, for data >> RAM)
+    order: str = "random"              # "random" | "quasi_random" (FFCV only: page-local, for data >> RAM) | "sequential"
     batches_ahead: int = 3             # FFCV batches_ahead, DALI prefetch_queue_depth, torchvision prefetch_factor
     ffcv_jit: bool = True              # False: FFCV runs its pipeline as plain Python (debugging, tiny CPU tests)
     os_cache: bool = True              # FFCV: page cache (True) or its own process cache (quasi_random)

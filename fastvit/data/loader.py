@@ -3,7 +3,7 @@
     it = make_loader(ds, split="train", res=128, batch_size=256, backend="ffcv", device="cuda", seed=0)
     for images, labels in it: ...      # one epoch per pass
     len(it)                            # batches per epoch
-    it = make_val_loader(ds, res=224, batch_size=500, backend="dali")   # center crop, in order, all images
+    it = make_val_loader(ds, res=224, batch_size=500, backend="dali")   # center crop, one fixed order, all images
 
 Shard choice: a loader at res r reads the stored resolution r' = the smallest >= r (else the
 largest), logged once. The order of batch g is BatchPlan's (seeded permutation per epoch), shared by
