@@ -12,7 +12,7 @@ Layout (what `ffcv.writer.DatasetWriter` produces):
     zero padding to a page boundary | data pages (a sample never straddles two pages; each page padded
     to page_size) | allocation table (sample_id, ptr, size) -- header.alloc_table_ptr points here
 Because every size is known before writing, the file is produced front to back in one pass (and
-hashed as it goes). The dtypes below mirror ffcv/types.py and ffcv/fields; tests check they match.
+hashed as it goes). The format's dtypes, and the one reader (`BetonFile`), live in fastvit/containers.py.
 """
 from __future__ import annotations
 
@@ -21,23 +21,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..containers import (ALLOC_TABLE_TYPE, FIELD_DESC_TYPE, FORMAT_VERSION, HEADER_TYPE, MODE_JPG, TYPE_ID_INT,
+                          TYPE_ID_RGB, metadata_type)
 from ..fileio import HashingWriter
 
-FORMAT_VERSION = 2  # ffcv.types.CURRENT_VERSION
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE (2 MiB)
 DEFAULT_PAGE_SIZE = 4 * MIN_PAGE_SIZE  # ffcv.writer.DatasetWriter's default (8 MiB)
 MAX_PAGE_SIZE = 1 << 32
-
-HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
-ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
-FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
-                           align=True)
-IMAGE_META_TYPE = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
-LABEL_META_TYPE = np.dtype("<i8")
-METADATA_TYPE = np.dtype([("", IMAGE_META_TYPE), ("", LABEL_META_TYPE)], align=True)  # fields f0, f1
-TYPE_ID_INT, TYPE_ID_RGB = 1, 2
-MODE_JPG = 0
+METADATA_TYPE = metadata_type([TYPE_ID_RGB, TYPE_ID_INT])  # fields f0 (image), f1 (label)
 FIELDS = (("image", TYPE_ID_RGB), ("label", TYPE_ID_INT))
 MAX_SIDE = np.iinfo(np.uint16).max  # width/height are stored as uint16
 
@@ -150,18 +141,3 @@ def write_beton(path: Path, widths: Sequence[int], heights: Sequence[int], label
         w.abort()
         raise
     return {**digest, "page_size": page_size, "num_samples": n}
-
-
-def read_beton_header(path: Path) -> dict:
-    """num_samples, page_size and field names of a .beton (no FFCV import needed)."""
-    with open(path, "rb") as f:
-        head = np.frombuffer(f.read(HEADER_TYPE.itemsize), dtype=HEADER_TYPE)
-        if len(head) != 1:
-            raise ValueError(f"{path}: too short for an FFCV header")
-        h = head[0]
-        nf = int(h["num_fields"])
-        desc = np.frombuffer(f.read(FIELD_DESC_TYPE.itemsize * nf), dtype=FIELD_DESC_TYPE)
-    names = [bytes(d["name"]).split(b"\0")[0].decode("ascii", "replace") for d in desc]
-    return {"version": int(h["version"]), "num_samples": int(h["num_samples"]), "page_size": int(h["page_size"]),
-            "alloc_table_ptr": int(h["alloc_table_ptr"]), "fields": names,
-            "type_ids": [int(d["type_id"]) for d in desc]}

@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..augspec import DEFAULT_AUG
+from ..manifest import MANIFEST
+
 PROG = "fastvit-prep"
 DEMO_SIZES = {  # make_demo_dataset keyword arguments
     "full": {},
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad", type=float, default=0.001, help="fraction of inputs that may fail before the exit status "
                    "is non-zero (default 0.001)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT made with other settings")
-    p.add_argument("--size-ratio", type=float, default=256 / 224, help="stored shorter side = round(res * R) "
+    p.add_argument("--size-ratio", type=float, default=DEFAULT_AUG.val_resize_ratio, help="stored shorter side = round(res * R) "
                    "(default 256/224)")
     p.add_argument("--shard-size", type=int, default=5000, help="source images per webdataset shard (default 5000)")
     p.add_argument("--demo-size", choices=sorted(DEMO_SIZES), default="full", help="with --demo: 'full' (10 classes "
@@ -130,7 +133,7 @@ def _prep(args) -> int:
         return _fail(str(e), e.exit_code)
     except PrepError as e:
         return _fail(str(e), e.exit_code)
-    print(f"{PROG}: wrote {out / 'manifest.json'}", file=sys.stderr)
+    print(f"{PROG}: wrote {out / MANIFEST}", file=sys.stderr)
     return 0
 
 

@@ -37,7 +37,6 @@ SUBSAMPLING = "4:2:0"
 _TJSAMP_420 = 2
 _TJPF_RGB = 0
 _TJCS_YCbCr, _TJCS_CMYK, _TJCS_YCCK = 1, 3, 4
-_TJERR_WARNING = 0
 
 
 class BadImage(Exception):

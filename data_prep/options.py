@@ -10,13 +10,12 @@ from pathlib import Path
 
 from fastvit.settings import ConfigError, from_dict
 
+from ..augspec import DEFAULT_AUG
 from . import codec
 
-MANIFEST_VERSION = 1
 PREP_FORMAT = 2  # bump when the bytes written for the same settings change
 FORMATS = ("ffcv", "dali")
 WORK = ".work"
-MANIFEST = "manifest.json"
 
 
 class PrepError(Exception):
@@ -47,7 +46,7 @@ class PrepOptions:
     max_bad: float = 0.001
     overwrite: bool = False
     progress: bool = True
-    size_ratio: float = 256 / 224
+    size_ratio: float = DEFAULT_AUG.val_resize_ratio  # 256/224: the val center crop of a stored image is res
     shard_size: int = 5000        # source images per webdataset shard (and per resume unit)
     chunk_size: int = 16          # images per task sent to a worker
     page_size: int | None = None  # FFCV page size; None: FFCV's default (8 MiB), smaller for small files

@@ -33,8 +33,10 @@ from . import codec, workers as _workers
 from .beton import write_beton
 from ..fileio import file_digest, remove_stale_tmp, write_json_atomic
 from .layout import LayoutError, find_sources
-from .options import (FORMATS, MANIFEST, MANIFEST_VERSION, PREP_FORMAT, WORK, PrepError, PrepOptions,
-                      TooManyBadImages, settings_fingerprint)
+from .. import manifest as _manifest
+from ..augspec import DEFAULT_AUG
+from ..manifest import MANIFEST
+from .options import FORMATS, PREP_FORMAT, WORK, PrepError, PrepOptions, TooManyBadImages, settings_fingerprint
 from .wds import ShardWriter, sample_key
 from ..sysinfo import default_workers
 from .workers import ordered_map, transcode_chunk
@@ -339,7 +341,8 @@ def _bad_fraction_check(manifest: dict, opts: PrepOptions) -> None:
 
 
 def prep_dataset(src, out, resolutions, formats=FORMATS, splits=("train", "val"), quality=90, workers=None,
-                 max_bad=0.001, overwrite=False, progress=True, size_ratio=256 / 224, **options) -> dict:
+                 max_bad=0.001, overwrite=False, progress=True, size_ratio=DEFAULT_AUG.val_resize_ratio,
+                 **options) -> dict:
     """Prepare SRC into OUT (FFCV .beton + DALI shards per split and resolution); returns the manifest.
 
     Raises PrepError (one-line message) for unusable arguments or sources, TooManyBadImages (with the
@@ -390,8 +393,8 @@ def _prep_locked(src: Path, out: Path, opts: PrepOptions, classes: list, sources
     prior = None
     if manifest_path.is_file():
         try:
-            prior = json.loads(manifest_path.read_text())
-        except ValueError:
+            prior = _manifest.load(out)
+        except _manifest.ManifestError:
             raise PrepError(f"{manifest_path} is unreadable; pass --overwrite to rebuild {out}") from None
     elif state_path.is_file():
         try:
@@ -455,7 +458,7 @@ def _prep_locked(src: Path, out: Path, opts: PrepOptions, classes: list, sources
         if bar is not None:
             bar.close()
     manifest = _build_manifest(src, out, opts, classes, fp, {s: done[s] for s in opts.splits})
-    write_json_atomic(manifest_path, manifest)
+    _manifest.write(out, manifest)
     if "dali" not in opts.formats and (work / "tars").exists():
         shutil.rmtree(work / "tars")
     shutil.rmtree(work, ignore_errors=True)
@@ -474,11 +477,11 @@ def _build_manifest(src: Path, out: Path, opts: PrepOptions, classes: list, fp: 
 
     files = {rel: d for _, f in done.values() for rel, d in sorted(f.items())}
     return {
-        "version": MANIFEST_VERSION,
+        "version": _manifest.VERSION,
         "tool": "fastvit-prep",
         "tool_version": f"{__version__}+prep{PREP_FORMAT}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "src": str(src.resolve()),
+        _manifest.SOURCE_KEY: str(src.resolve()),
         "classes": classes,
         "resolutions": list(opts.resolutions),
         "formats": list(opts.formats),

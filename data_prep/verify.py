@@ -10,17 +10,15 @@ containers, and the decoded sizes must match the sizes FFCV's metadata records.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .beton import METADATA_TYPE, TYPE_ID_INT, TYPE_ID_RGB, read_beton_header, HEADER_TYPE, FIELD_DESC_TYPE, ALLOC_TABLE_TYPE
+from .. import manifest
+from ..augspec import DEFAULT_AUG
+from ..containers import TYPE_ID_INT, TYPE_ID_RGB, BetonFile, read_index
 from ..fileio import file_digest
-from .wds import read_index
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -45,25 +43,6 @@ class VerifyReport:
         return f"{self.out}: FAILED: {self.problems[0]}{more}"
 
 
-def read_beton_samples(path: Path, n: int) -> tuple[np.ndarray, list[bytes]]:
-    """Metadata (first n samples) and their stored bytes, straight from the file (no FFCV import)."""
-    with open(path, "rb") as f:
-        h = np.frombuffer(f.read(HEADER_TYPE.itemsize), dtype=HEADER_TYPE)[0]
-        nf = int(h["num_fields"])
-        start = HEADER_TYPE.itemsize + FIELD_DESC_TYPE.itemsize * nf
-        f.seek(start)
-        meta = np.frombuffer(f.read(METADATA_TYPE.itemsize * n), dtype=METADATA_TYPE)
-        f.seek(int(h["alloc_table_ptr"]))
-        table = np.frombuffer(f.read(), dtype=ALLOC_TABLE_TYPE)
-        size_of = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
-        blobs = []
-        for m in meta:
-            ptr = int(m["f0"]["data_ptr"])
-            f.seek(ptr)
-            blobs.append(f.read(int(size_of[ptr])))
-    return meta, blobs
-
-
 def decode_with_ffcv(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarray]:
     """First n samples through a stock FFCV Loader: ((n, res, res, 3) uint8, (n,) labels)."""
     from ffcv.fields.basics import IntDecoder
@@ -76,7 +55,7 @@ def decode_with_ffcv(path: Path, n: int, res: int) -> tuple[np.ndarray, np.ndarr
     try:
         loader = Loader(str(path), batch_size=n, num_workers=1, order=OrderOption.SEQUENTIAL,
                         indices=list(range(n)), drop_last=False, os_cache=True,
-                        pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=224 / 256)],
+                        pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=DEFAULT_AUG.val_crop)],
                                    "label": [IntDecoder()]})
         images, labels = [], []
         for im, lab in loader:
@@ -111,17 +90,9 @@ def verify_dataset(out, samples: int = 16, decode: bool = True) -> VerifyReport:
     out = Path(out)
     rep = VerifyReport(str(out))
     try:
-        m = json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        rep.fail(f"{out / MANIFEST} not found (not a finished fastvit-prep output)")
-        return rep
-    except (OSError, ValueError) as e:
-        rep.fail(f"{out / MANIFEST} unreadable: {e}")
-        return rep
-    for key in ("version", "classes", "resolutions", "splits", "files"):
-        if key not in m:
-            rep.fail(f"manifest lacks {key!r}")
-    if not rep.ok:
+        m = manifest.read(out, checksums=True)
+    except manifest.ManifestError as e:
+        rep.fail(str(e))
         return rep
     for rel, d in m["files"].items():
         p = out / rel
@@ -156,17 +127,17 @@ def _check_split_res(out: Path, rep: VerifyReport, split: str, s: dict, rk: str,
     if beton is not None:
         path = out / beton
         try:
-            h = read_beton_header(path)
+            h = BetonFile(path)
         except (OSError, ValueError) as e:
             rep.fail(f"{beton}: unreadable header ({e})")
             return
-        if h["num_samples"] != count:
-            rep.fail(f"{beton}: {h['num_samples']} samples, manifest says {count}")
-        if h["type_ids"] != [TYPE_ID_RGB, TYPE_ID_INT] or h["fields"] != ["image", "label"]:
-            rep.fail(f"{beton}: fields {h['fields']} {h['type_ids']}, expected image (RGBImageField) + label (IntField)")
+        if h.num_samples != count:
+            rep.fail(f"{beton}: {h.num_samples} samples, manifest says {count}")
+        if h.type_ids != [TYPE_ID_RGB, TYPE_ID_INT] or h.fields != ["image", "label"]:
+            rep.fail(f"{beton}: fields {h.fields} {h.type_ids}, expected image (RGBImageField) + label (IntField)")
         if rep.ok and n:
             try:
-                meta, blobs = read_beton_samples(path, n)
+                meta, blobs = h.head(n)
                 images, labels = decode_with_ffcv(path, n, r)
             except Exception as e:  # report, never crash: verify must say what is wrong
                 rep.fail(f"{beton}: FFCV cannot read it ({type(e).__name__}: {e})")

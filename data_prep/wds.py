@@ -74,11 +74,6 @@ class ShardWriter:
         self.w = HashingWriter(self.tar_path)
         self.lines: list[str] = []
 
-    def add(self, key: str, jpeg: bytes, label: int) -> tuple[int, int]:
-        """Append a sample; returns (offset, size) of its JPEG inside the tar."""
-        blob, cls_len = sample_blob(key, jpeg, label)
-        return self.add_blob(key, blob, len(jpeg), cls_len)
-
     def add_blob(self, key: str, blob: bytes, jpeg_len: int, cls_len: int) -> tuple[int, int]:
         """Append a sample_blob(); returns (offset, size) of its JPEG inside the tar."""
         jo = self.w.n + BLOCK
@@ -103,31 +98,3 @@ class ShardWriter:
 
     def abort(self) -> None:
         self.w.abort()
-
-
-def parse_index(text: str, path: Path | str = "?") -> list[dict[str, tuple[int, int]]]:
-    """[{ext: (offset, size)}] per sample of a DALI webdataset index (v1.1 without names, v1.2 with).
-
-    The one reader of the format this module writes (prep's verify and the loaders both use it);
-    raises ValueError on anything malformed."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[:1]})")
-    version, count = lines[0].split()[:2]
-    per = 4 if version >= "v1.2" else 3
-    out = []
-    for ln in lines[1:]:
-        parts = ln.split()
-        if not parts:
-            continue
-        if len(parts) % per:
-            raise ValueError(f"{path}: malformed index line {ln[:80]!r}")
-        out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), per)})
-    if len(out) != int(count):
-        raise ValueError(f"{path}: index says {count} samples but lists {len(out)}")
-    return out
-
-
-def read_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
-    """parse_index of an .idx file."""
-    return parse_index(Path(idx_path).read_text(), idx_path)

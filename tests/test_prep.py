@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 
 from fastvit.data_prep import stored_size
 from fastvit.data_prep.codec import transcode
-from fastvit.data_prep.verify import decode_with_dali, decode_with_ffcv, read_beton_samples, verify_dataset
-from fastvit.data_prep.wds import read_index
+from fastvit.containers import BetonFile, read_index
+from fastvit.data_prep.verify import decode_with_dali, decode_with_ffcv, verify_dataset
 
 RATIO = 256 / 224
 
@@ -93,7 +93,7 @@ def test_every_file_reads_back_through_ffcv_and_dali(tiny_prepped, tiny_src):
         for r in (32, 64):
             expect = [stored_size(*upright_rgb(p).size, r, RATIO) for p, _ in items]  # (w, h)
             beton = tiny_prepped / m["splits"][split]["ffcv"][str(r)]
-            meta, blobs = read_beton_samples(beton, len(items))
+            meta, blobs = BetonFile(beton).head(len(items))
             assert [(int(x["f0"]["width"]), int(x["f0"]["height"])) for x in meta] == expect
             ff_images, ff_labels = decode_with_ffcv(beton, len(items), r)  # stock Loader + decoders
             assert ff_images.shape == (len(items), r, r, 3) and ff_images.dtype == np.uint8
@@ -139,7 +139,7 @@ def test_same_bytes_as_direct_transcode(tiny_prepped, tiny_src):
     """Deterministic: the stored JPEG of an image is exactly transcode(source) at that size."""
     m = json.loads((tiny_prepped / "manifest.json").read_text())
     items = source_items(tiny_src, "val")
-    _, blobs = read_beton_samples(tiny_prepped / m["splits"]["val"]["ffcv"]["64"], 3)
+    _, blobs = BetonFile(tiny_prepped / m["splits"]["val"]["ffcv"]["64"]).head(3)
     for (p, _), blob in zip(items[:3], blobs):
         assert transcode(p.read_bytes(), [32, 64], RATIO, 90).outputs[1][2] == blob
 

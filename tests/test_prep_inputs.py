@@ -14,7 +14,7 @@ from PIL import Image
 from fastvit.data_prep import PrepError, TooManyBadImages, prep_dataset, stored_size
 from fastvit.data_prep.cli import main
 from fastvit.data_prep.codec import passthrough_jpeg
-from fastvit.data_prep.verify import read_beton_samples
+from fastvit.containers import BetonFile
 
 RATIO = 256 / 224
 
@@ -96,7 +96,7 @@ def test_awkward_inputs(awkward_src, tmp_path, use_turbojpeg):
     assert m["splits"]["train"]["count"] == 8 + 6 - 3 and m["splits"]["val"]["count"] == 2
 
     good = [k for k, (_, v) in files.items() if not isinstance(v, str)]  # sorted: first in the beton
-    meta, blobs = read_beton_samples(out / m["splits"]["train"]["ffcv"]["64"], len(good))
+    meta, blobs = BetonFile(out / m["splits"]["train"]["ffcv"]["64"]).head(len(good))
     for name, x, blob in zip(good, meta, blobs):
         expect = files[name][1]
         h, w = expect.shape[:2]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fastvit.manifest import SOURCE_KEY
 from fastvit.train import checkpoint as C
 from fastvit.train.cli import main
 
@@ -155,7 +156,7 @@ def test_baseline_recipe_runs(tiny_prepped, tiny_src, tmp_path):
     run = tmp_path / "base"
     man = json.loads((tiny_prepped / "manifest.json").read_text())
     data = tiny_prepped
-    if not any(k in man for k in ("src", "source", "source_dir", "src_dir")):
+    if SOURCE_KEY not in man:
         pytest.skip("the manifest does not record the source tree the torchvision baseline reads")
     rc = main(["--data", str(data), "--out", str(run), "--recipe", "baseline", "--epochs", "3", "--evals", "0",
                *TINY[:-3], "--no-progress"])

@@ -8,8 +8,9 @@ import pytest
 from fastvit.train import schedules as S
 from fastvit.train.budget import BudgetClock
 from fastvit.train.config import ConfigError, TrainConfig, make_config
-from fastvit.train.planner import (BudgetTooSmall, DriftMonitor, Plan, build_stages, drifted,
-                                   plan_budget, probe_speeds, remaining_planned_s, replan)
+from fastvit.stage import Stage
+from fastvit.train.planner import (BatchFallback, BudgetTooSmall, DriftMonitor, OutOfMemory, Plan, build_stages,
+                                   drifted, fit_and_probe, plan_budget, remaining_planned_s, replan)
 
 
 # ---------------------------------------------------------------- learning rate
@@ -211,21 +212,30 @@ def test_probe_with_fake_clock_and_oom_halving():
     class OOM(RuntimeError):
         pass
 
-    def run_step(shape):
-        res, keep, batch = shape
-        if res == 128 and batch > 32:
+    def run_step(st):
+        if st.res == 128 and st.batch_size > 32:
             raise OOM("CUDA out of memory")
-        ran.append(shape)
-        fc.t += batch * secs_per_image[res] * keep
+        ran.append((st.res, st.keep, st.batch_size))
+        fc.t += st.batch_size * secs_per_image[st.res] * st.keep
 
     logged = []
-    speeds, fixes = probe_speeds([(64, 0.5, 128), (128, 1.0, 64), (64, 0.5, 128)], run_step, fc, iters=4,
-                                 is_oom=lambda e: isinstance(e, OOM), on_oom=lambda s, b: logged.append(b))
-    assert speeds[(64, 0.5, 128)] == pytest.approx(1 / 0.0005)
-    assert fixes[(128, 1.0, 64)] == (128, 1.0, 32)                # halved once, logged
+    a, b = Stage(64, 128, keep=0.5, lr_scale=2.0), Stage(128, 64, keep=1.0)
+    fb = BatchFallback(base_batch=64, lr_rule="sqrt")
+    fitted, speeds = fit_and_probe([a, b, a], run_step, fc, fallback=fb, iters=4,
+                                   is_oom=lambda e: isinstance(e, OOM), on_halve=lambda o, n: logged.append(n.batch_size))
+    assert speeds[a.shape] == pytest.approx(1 / 0.0005)
+    assert fitted[0] is a and fitted[2] is a
+    assert (fitted[1].res, fitted[1].batch_size) == (128, 32)      # halved once, logged
+    assert fitted[1].lr_scale == pytest.approx(math.sqrt(0.5))     # the run's LR rule for the new batch
     assert logged == [32]
-    assert speeds[(128, 1.0, 32)] == pytest.approx(1 / 0.004)
+    assert speeds[fitted[1].shape] == pytest.approx(1 / 0.004)      # probed at the batch it will train at
     assert ran.count((64, 0.5, 128)) == 5                          # duplicates probed once: 1 warm-up + 4
+    with pytest.raises(OutOfMemory, match="even at batch 2"):
+        fit_and_probe([Stage(128, 4)], lambda st: (_ for _ in ()).throw(OOM("out of memory")), fc,
+                      fallback=fb, is_oom=lambda e: isinstance(e, OOM))
+    # an image budget needs no speeds: warm-up only (compile + fit)
+    fitted, speeds = fit_and_probe([b], run_step, fc, fallback=fb, iters=0, is_oom=lambda e: isinstance(e, OOM))
+    assert speeds == {} and fitted[0].batch_size == 32
 
 
 def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():

@@ -28,11 +28,10 @@ class Context:
 
     @classmethod
     def from_args(cls, args) -> "Context":
-        import torch
-
+        from fastvit.data.backends import default_device
         from fastvit.sysinfo import default_workers
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or default_device()
         return cls(quick=args.quick, data=args.data, src=args.src, device=device,
                    workers=default_workers(args.workers))
 

@@ -29,9 +29,11 @@ from . import SectionSkipped
 
 
 def _demo_data(ctx) -> Path:
+    from fastvit import manifest
+
     root = ctx.workdir("e2e")
     out = root / "prepped"
-    if (out / "manifest.json").is_file():
+    if manifest.path_of(out).is_file():
         return out
     try:
         from fastvit.data_prep import prep_dataset

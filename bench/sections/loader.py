@@ -52,6 +52,7 @@ def _subset_tree(src: Path, root: Path, n: int) -> Path:
 
 def _dataset(ctx):
     """(PreppedDataset, description)."""
+    from fastvit import manifest
     from fastvit.data import DataError, open_dataset
     from fastvit.data_prep import prep_dataset
 
@@ -70,7 +71,7 @@ def _dataset(ctx):
         src = ctx.workdir("loader-demo-src")
         make_demo_dataset(src, num_classes=10, train_per_class=100 if ctx.quick else 300, val_per_class=10)
         desc, out = "synthetic demo tree", ctx.workdir("loader-data-demo")
-    if (out / "manifest.json").is_file():
+    if manifest.path_of(out).is_file():
         try:  # a complete earlier prep of this section is reused as is
             ds = open_dataset(out)
             if set(RES) <= set(ds.resolutions):
@@ -139,11 +140,11 @@ def _switch_stall(ds, backend: str, device: str, workers: int, first_steps: int,
 
 
 def run(ctx) -> dict[str, float]:
-    try:
-        import ffcv  # noqa: F401
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        raise SectionSkipped(f"needs FFCV and DALI ({e})")
+    from fastvit.data import installed
+
+    missing = [b for b in ("ffcv", "dali") if not installed(b)]
+    if missing:
+        raise SectionSkipped(f"needs FFCV and DALI ({', '.join(missing)} not installed)")
     logging.getLogger("fastvit.data").setLevel(logging.WARNING)
     ds, desc = _dataset(ctx)
     print(f"  data: {desc} ({ds.count('train')} train images), batch {BATCH}, {ctx.workers} workers", flush=True)

@@ -120,11 +120,11 @@ def _run_ffcv_writer(tree: Path, out: Path, splits: list[str], workers: int, wri
 
 
 def run(ctx) -> dict[str, float]:
-    try:
-        import ffcv  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as e:
-        raise SectionSkipped(f"the FFCV baseline needs ffcv and torchvision ({e})")
+    from fastvit.data import installed
+
+    missing = [m for m in ("ffcv", "torchvision") if not installed(m)]  # the backends of those names
+    if missing:
+        raise SectionSkipped(f"the FFCV baseline needs ffcv and torchvision ({', '.join(missing)} not installed)")
     tree, desc = _source(ctx)
     splits = [s for s in ("train", "val") if (tree / s).is_dir()]
     n = _warm(tree)

@@ -7,17 +7,19 @@
                           seed=0, start_step=0)
     for images, labels, stage in cl: ...
 
-Backends: "ffcv" (.beton), "dali" (webdataset tars + .idx), "torchvision" (source JPEG tree, the
-baseline), "gpu_resident" (a shard decoded once into device memory, augmented there).
+Backends (one table in backends.py: container read, devices, installed()): "ffcv" (.beton), "dali"
+(webdataset tars + .idx), "torchvision" (source JPEG tree, the baseline), "gpu_resident" (a shard
+decoded once into device memory, augmented there).
 """
-from .base import LoaderOptions
 from fastvit.stage import Stage
 
+from .backends import BACKENDS, Backend, check_readable, container_for, installed, resolve_device
+from .base import LoaderOptions
 from .curriculum import CurriculumLoader, plan_spans
 from .dataset import DataError, PreppedDataset, open_dataset, pick_stored_res
-from .loader import BACKENDS, make_loader, make_val_loader
+from .loader import make_loader, make_val_loader
 from .order import BatchPlan, epoch_order, stage_seed
 
-__all__ = ["BACKENDS", "BatchPlan", "CurriculumLoader", "DataError", "LoaderOptions", "PreppedDataset",
-           "Stage", "epoch_order", "make_loader", "make_val_loader", "open_dataset", "pick_stored_res",
-           "plan_spans", "stage_seed"]
+__all__ = ["BACKENDS", "Backend", "BatchPlan", "CurriculumLoader", "DataError", "LoaderOptions",
+           "PreppedDataset", "Stage", "check_readable", "container_for", "epoch_order", "installed", "make_loader",
+           "make_val_loader", "open_dataset", "pick_stored_res", "plan_spans", "resolve_device", "stage_seed"]

@@ -23,6 +23,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import shutdown_dali_pipeline
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan
@@ -34,8 +36,8 @@ LABEL_BYTES = 12  # stock reader: .cls bytes padded to this many ASCII digits
 class _PlanSource:
     """external_source callback: batch g = g0 + iteration -> (jpegs?, labels?, sizes (bs, 2) float32)."""
 
-    def __init__(self, plan: BatchPlan, g0: int, shard: WdsShard | None, train: bool):
-        self.plan, self.g0, self.shard, self.train = plan, g0, shard, train
+    def __init__(self, plan: BatchPlan, g0: int, shard: WdsShard | None, train: bool, aug: AugSpec = DEFAULT_AUG):
+        self.plan, self.g0, self.shard, self.train, self.aug = plan, g0, shard, train, aug
         self.calls = []  # (iteration, res, bs) as scheduled: lets tests see how far DALI ran ahead
 
     def spec(self, iteration: int):
@@ -51,8 +53,8 @@ class _PlanSource:
         self.calls.append((info.iteration, r, bs))
         if self.train:
             geometry = (np.full((bs, 2), r, dtype=np.float32),)
-        else:  # val: resize the shorter side to r*256/224, then center-crop r
-            geometry = (np.full((bs,), round(r * 256 / 224), dtype=np.float32), np.full((bs,), r, dtype=np.float32))
+        else:  # val: resize the shorter side to aug.val_resize(r) (r*256/224), then center-crop r
+            geometry = (np.full((bs,), self.aug.val_resize(r), dtype=np.float32), np.full((bs,), r, dtype=np.float32))
         if self.shard is None:
             return geometry
         jpegs = [self.shard.jpeg(i) for i in spec.indices]
@@ -82,11 +84,12 @@ def _build_pipeline(source: _PlanSource, *, tars, idxs, max_batch: int, workers:
         hw = {"hw_decoder_load": opts.hw_decoder_load} if on_gpu else {}
         if train:
             images = fn.decoders.image_random_crop(jpegs, device=dev, output_type=types.RGB,
-                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                                   num_attempts=10, **hw)
+                                                   random_area=list(source.aug.scale),
+                                                   random_aspect_ratio=list(source.aug.ratio),
+                                                   num_attempts=source.aug.attempts, **hw)
             images = fn.resize(images, size=geo[0], antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW",
-                                              mirror=fn.random.coin_flip(probability=0.5))
+                                              mirror=fn.random.coin_flip(probability=source.aug.flip))
         else:
             images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, **hw)
             shorter, crop = geo
@@ -115,9 +118,10 @@ class DALILoader(BatchLoader):
     backend = "dali"
 
     def __init__(self, tars, idxs, plan: BatchPlan, device: torch.device, *, workers: int, train: bool,
-                 opts: LoaderOptions, seed: int, start_batch: int = 0):
+                 opts: LoaderOptions, seed: int, start_batch: int = 0, aug: AugSpec = DEFAULT_AUG):
         super().__init__(plan, device, start_batch=start_batch, train=train)
         self._tars, self._idxs, self._workers, self._opts, self._seed = tars, idxs, workers, opts, seed
+        self._aug = aug
         self._stock = opts.dali_reader == "webdataset"
         if self._stock and len({s.batch_size for s in plan.stages}) != 1:
             raise DataError("dali_reader='webdataset' keeps one batch size; use dali_reader='index'")
@@ -131,7 +135,7 @@ class DALILoader(BatchLoader):
 
         on_gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
-        self.source = _PlanSource(self.plan, g, self._shard, self.train)
+        self.source = _PlanSource(self.plan, g, self._shard, self.train, self._aug)
         # Augmentation seed differs per start point: a resumed run does not replay the crops it already saw.
         seed = int(np.random.SeedSequence([self._seed, g]).generate_state(1)[0] & 0x7FFFFFFF)
         self._pipe = _build_pipeline(self.source, tars=self._tars, idxs=self._idxs, max_batch=self.plan.max_batch_size,
@@ -157,7 +161,7 @@ class DALILoader(BatchLoader):
     def _close_stream(self) -> None:
         self._iter = None
         if self._pipe is not None:
-            self._pipe._shutdown()  # joins DALI's worker threads now, not at garbage collection
+            shutdown_dali_pipeline(self._pipe)  # joins DALI's worker threads now, not at garbage collection
         self._pipe = None
         if self._shard is not None:
             self._shard.close()

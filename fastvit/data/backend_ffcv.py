@@ -1,7 +1,7 @@
 """FFCV backend: one `ffcv.loader.Loader` over ffcv/{split}_{r'}.beton per (res, batch size).
 
-Train: RandomResizedCropRGBImageDecoder((r, r), scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip.
-Val: CenterCropRGBImageDecoder((r, r), 224/256). Then ToTensor -> ToDevice(non_blocking) -> ToTorchImage.
+Train: RandomResizedCropRGBImageDecoder((r, r), aug.scale, aug.ratio) + RandomHorizontalFlip(aug.flip).
+Val: CenterCropRGBImageDecoder((r, r), aug.val_crop). Then ToTensor -> ToDevice(non_blocking) -> ToTorchImage.
 The decoder's output size is baked into the compiled (numba) pipeline, so a new size needs a new
 Loader: the CurriculumLoader builds it in the background.
 
@@ -16,33 +16,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import ffcv_compiled_code, ffcv_order_instance, ffcv_signal_stop, ffcv_start_epoch, ffcv_stop_epoch
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan, epoch_order
-from .shards import beton_fields
+from .shards import open_beton
 
 _COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
 # Compiled pipelines of closed loaders. numba's dispatcher finalizer raises (KeyError, printed as
 # "Exception ignored") when FFCV's literal-typed overloads are garbage collected; keeping the few
 # compiled stage pipelines of a run alive avoids that noise for a few MB.
 _RETIRED_CODE: list = []
-
-
-def _stop(it, timeout: float = 10.0) -> None:
-    """Stop an EpochIterator thread for good: a producer that finished its epoch blocks on
-    `queue.put(None)` while the queue is full (FFCV puts it without timeout), so drain while joining."""
-    import queue
-    import time
-
-    it.close()  # terminate_event: a producer waiting to put a batch leaves within 0.5 s
-    deadline = time.monotonic() + timeout
-    while it.is_alive() and time.monotonic() < deadline:
-        try:
-            while True:
-                it.output_queue.get_nowait()
-        except queue.Empty:
-            pass
-        it.join(0.05)
 
 
 def _make_order(plan: BatchPlan, quasi: bool):
@@ -74,14 +59,14 @@ def _make_order(plan: BatchPlan, quasi: bool):
             return self._take_skip(QuasiRandom.sample_order(self, epoch))
 
     cls = QuasiOrder if quasi else PlanOrder
-    return cls.__new__(cls)
+    return ffcv_order_instance(cls)
 
 
 class FFCVLoader(BatchLoader):
     backend = "ffcv"
 
     def __init__(self, path, plan: BatchPlan, device: torch.device, *, workers: int, train: bool,
-                 opts: LoaderOptions, start_batch: int = 0):
+                 opts: LoaderOptions, start_batch: int = 0, aug: AugSpec = DEFAULT_AUG):
         super().__init__(plan, device, start_batch=start_batch, train=train)
         if len(plan.stages) != 1 or plan.res_fn is not None:
             raise DataError("the ffcv backend compiles one output size per loader: no res_schedule")
@@ -89,18 +74,17 @@ class FFCVLoader(BatchLoader):
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline.compiler import Compiler
-        from ffcv.reader import Reader
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         st = plan.stages[0]
         r = st.res
-        img_field, lab_field = beton_fields(Reader(str(path)))
+        img_field, lab_field = open_beton(path, columns=False).field_names()
         on_gpu = device.type == "cuda"
         if train:
-            decode = [RandomResizedCropRGBImageDecoder((r, r), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                      RandomHorizontalFlip()]
+            decode = [RandomResizedCropRGBImageDecoder((r, r), scale=aug.scale, ratio=aug.ratio),
+                      RandomHorizontalFlip(aug.flip)]
         else:
-            decode = [CenterCropRGBImageDecoder((r, r), ratio=224 / 256)]
+            decode = [CenterCropRGBImageDecoder((r, r), ratio=aug.val_crop)]
         # GPU: ToTorchImage(channels_last=False), a device copy to contiguous NCHW like the other backends.
         # CPU: the channels_last view (same shape and values, NHWC strides): a host copy here is a torch
         # OpenMP op per batch whose spinning threads starve FFCV's own decode threads (5-8x slower on 2 cores).
@@ -129,8 +113,7 @@ class FFCVLoader(BatchLoader):
 
     def _start_epoch(self, epoch: int, skip_batches: int):
         self._order.skip = skip_batches * self.plan.stages[0].batch_size
-        self._loader.next_epoch = epoch
-        it = iter(self._loader)  # an EpochIterator thread starts decoding right away
+        it = ffcv_start_epoch(self._loader, epoch)  # an EpochIterator thread starts decoding right away
         self._epoch_iters.append(it)
         return it
 
@@ -156,16 +139,16 @@ class FFCVLoader(BatchLoader):
                 cur, nxt = (nxt if nxt is not None else self._start_epoch(epoch, 0)), None
 
     def _finish(self, it) -> None:
-        _stop(it)  # all its batches were consumed; what is left in its queue is the end marker
+        ffcv_stop_epoch(it)  # all its batches were consumed; what is left in its queue is the end marker
         if it in self._epoch_iters:
             self._epoch_iters.remove(it)
 
     def _close_stream(self) -> None:
         for it in self._epoch_iters:
-            it.terminate_event.set()  # all at once, then wait for each
+            ffcv_signal_stop(it)  # all at once, then wait for each
         for it in self._epoch_iters:
-            _stop(it)
+            ffcv_stop_epoch(it)
         self._epoch_iters = []
-        if self._loader is not None and self._loader.code is not None:
-            _RETIRED_CODE.append(self._loader.code)
+        if self._loader is not None and ffcv_compiled_code(self._loader) is not None:
+            _RETIRED_CODE.append(ffcv_compiled_code(self._loader))
         self._loader = None

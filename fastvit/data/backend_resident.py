@@ -12,7 +12,8 @@ Per batch (all batched, no per-sample kernel launches):
   the ratio clamped), drawn with numpy from a generator seeded by (stage seed, epoch, batch), so a
   resumed run repeats the uninterrupted run's crops exactly; flip (B,) bool.
   bilinear sampling (align_corners=False, like F.interpolate) = 4 gathers from the flat tensor.
-Val: the center crop 224/256 of the shorter side, resized to r (FFCV's CenterCropRGBImageDecoder).
+Val: the center crop AugSpec.val_crop (224/256) of the shorter side, resized to r (FFCV's
+CenterCropRGBImageDecoder). Crop parameters: fastvit.augspec.AugSpec, handed in by build_loader.
 
 Works on CPU tensors too (the tests), where "device memory" means host RAM.
 """
@@ -26,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset
 from .order import BatchPlan
@@ -33,8 +35,8 @@ from .order import BatchPlan
 # ---------------------------------------------------------------------------------------------- crops
 
 
-def random_resized_boxes(h: np.ndarray, w: np.ndarray, rng: np.random.Generator, scale=(0.08, 1.0),
-                         ratio=(3 / 4, 4 / 3), tries: int = 10) -> np.ndarray:
+def random_resized_boxes(h: np.ndarray, w: np.ndarray, rng: np.random.Generator, scale=DEFAULT_AUG.scale,
+                         ratio=DEFAULT_AUG.ratio, tries: int = AugSpec.attempts) -> np.ndarray:
     """(B,4) int64 [top, left, height, width] per image of size (h, w): torchvision's RandomResizedCrop."""
     b = len(h)
     area = (h * w).astype(np.float64)[:, None]                                    # (B,1)
@@ -58,7 +60,7 @@ def random_resized_boxes(h: np.ndarray, w: np.ndarray, rng: np.random.Generator,
     return np.stack([top, left, bh, bw], axis=1)
 
 
-def center_boxes(h: np.ndarray, w: np.ndarray, ratio: float = 224 / 256) -> np.ndarray:
+def center_boxes(h: np.ndarray, w: np.ndarray, ratio: float = DEFAULT_AUG.val_crop) -> np.ndarray:
     """(B,4) [top, left, c, c]: the centered square of side ratio * min(h, w) (FFCV's center crop)."""
     c = np.maximum(1, (ratio * np.minimum(h, w)).astype(np.int64))
     return np.stack([(h - c) // 2, (w - c) // 2, c, c], axis=1)
@@ -113,10 +115,6 @@ class ResidentShard:
     np_heights: np.ndarray
     np_widths: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.numel())
-
 
 def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
     from PIL import Image
@@ -137,11 +135,12 @@ def memory_budget(device: torch.device, share: float) -> int:
 
 def _encoded_source(ds: PreppedDataset, split: str, stored: int):
     """(labels, heights, widths, get(i) -> bytes view, is_raw(i)) from the .beton if any, else the tars."""
-    from .shards import BetonShard, WdsShard
+    from ..containers import MODE_RAW
+    from .shards import WdsShard, open_beton
 
     if "ffcv" in ds.formats(split) and str(stored) in ds.splits[split].get("ffcv", {}):
-        b = BetonShard(ds.ffcv_path(split, stored))
-        return b.labels, b.heights, b.widths, b.data, (lambda i: b.modes[i] == 1), b
+        b = open_beton(ds.ffcv_path(split, stored))
+        return b.labels, b.heights, b.widths, b.data, (lambda i: b.modes[i] == MODE_RAW), b
     tars, idxs = ds.dali_shard(split, stored)
     w = WdsShard(tars, idxs)
     hw = np.array([_jpeg_size(w.jpeg(i)) for i in range(len(w))], dtype=np.int64).reshape(-1, 2)
@@ -151,14 +150,14 @@ def _encoded_source(ds: PreppedDataset, split: str, stored: int):
 def estimate_bytes(ds: PreppedDataset, split: str, stored: int) -> int:
     """Decoded size of a shard: from the manifest's mean stored size when it has one, else exact from
     .beton metadata, else from 256 JPEG headers."""
-    from .shards import BetonShard, WdsShard
+    from .shards import WdsShard, open_beton
 
     stats = (ds.splits[split].get("images") or {}).get(str(stored)) or {}
     if stats.get("mean_width") and stats.get("mean_height"):
         return int(3 * stats["mean_width"] * stats["mean_height"] * ds.count(split) * 1.02)  # 2%: mean of products
 
     if str(stored) in ds.splits[split].get("ffcv", {}):
-        b = BetonShard(ds.ffcv_path(split, stored))
+        b = open_beton(ds.ffcv_path(split, stored))
         return int((3 * b.heights * b.widths).sum())
     w = WdsShard(*ds.dali_shard(split, stored))
     pick = np.linspace(0, len(w) - 1, num=min(256, len(w))).astype(np.int64)
@@ -232,8 +231,9 @@ class ResidentLoader(BatchLoader):
 
     def __init__(self, ds: PreppedDataset, split: str, stored: int, plan: BatchPlan, device: torch.device, *,
                  workers: int, train: bool, opts: LoaderOptions, start_batch: int = 0,
-                 shard: ResidentShard | None = None):
+                 shard: ResidentShard | None = None, aug: AugSpec = DEFAULT_AUG):
         super().__init__(plan, device, start_batch=start_batch, train=train)
+        self.aug = aug
         self.shard = shard if shard is not None else decode_shard(ds, split, stored, device,
                                                                   share=opts.gpu_mem_share, workers=workers)
         if len(self.shard.labels) != plan.n:
@@ -245,10 +245,10 @@ class ResidentLoader(BatchLoader):
         h, w = self.shard.np_heights[idx_np], self.shard.np_widths[idx_np]
         if self.train:
             rng = np.random.default_rng([self.plan.seeds[spec.stage], spec.epoch, spec.index_in_epoch])
-            boxes = random_resized_boxes(h, w, rng)
-            flip = rng.uniform(size=len(idx_np)) < 0.5
+            boxes = random_resized_boxes(h, w, rng, self.aug.scale, self.aug.ratio, self.aug.attempts)
+            flip = rng.uniform(size=len(idx_np)) < self.aug.flip
         else:
-            boxes, flip = center_boxes(h, w), np.zeros(len(idx_np), dtype=bool)
+            boxes, flip = center_boxes(h, w, self.aug.val_crop), np.zeros(len(idx_np), dtype=bool)
         dev = self.device
         # One small host->device copy per batch: (B,) indices, (B,4) boxes, (B,) flips.
         idx = torch.from_numpy(idx_np.copy()).to(dev, non_blocking=True)

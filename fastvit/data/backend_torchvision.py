@@ -1,7 +1,7 @@
 """torchvision backend: DataLoader over the *source* JPEG tree (ImageFolder), the baseline users run.
 
-Train: RandomResizedCrop(r, scale (0.08, 1), ratio (3/4, 4/3)) + RandomHorizontalFlip; val:
-Resize(round(r*256/224)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
+Train: RandomResizedCrop(r, aug.scale, aug.ratio) + RandomHorizontalFlip(aug.flip); val:
+Resize(aug.val_resize(r)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
 The batch order comes from BatchPlan through a batch sampler, like every other backend.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from ..augspec import DEFAULT_AUG, AugSpec
+from ..compat import shutdown_dataloader
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
 from .order import BatchPlan
@@ -29,14 +31,14 @@ class _PlanBatchSampler:
         return self.end - self.start
 
 
-def open_image_folder(root, res: int, train: bool):
+def open_image_folder(root, res: int, train: bool, aug: AugSpec = DEFAULT_AUG):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, Resize, CenterCrop, PILToTensor
 
     if train:
-        ops = [RandomResizedCrop(res, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), RandomHorizontalFlip()]
+        ops = [RandomResizedCrop(res, scale=aug.scale, ratio=aug.ratio, antialias=True), RandomHorizontalFlip(aug.flip)]
     else:
-        ops = [Resize(round(res * 256 / 224), antialias=True), CenterCrop(res)]
+        ops = [Resize(aug.val_resize(res), antialias=True), CenterCrop(res)]
     # ImageFolder's PIL loader converts grayscale/CMYK sources to RGB.
     try:
         return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))
@@ -78,15 +80,5 @@ class TorchvisionLoader(BatchLoader):
                 g += 1
 
     def _close_stream(self) -> None:
-        it = getattr(self._dl, "_iterator", None) or self._dl_iter
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # joins worker processes and the pin-memory thread now
-            # Its queues' feeder threads exit on their own shortly after; wait so none outlives close().
-            queues = list(getattr(it, "_index_queues", [])) + [getattr(it, "_worker_result_queue", None)]
-            for q in queues:
-                t = getattr(q, "_thread", None)
-                if t is not None:
-                    t.join(timeout=5)
-        if self._dl is not None:
-            self._dl._iterator = None
+        shutdown_dataloader(self._dl, self._dl_iter)  # workers, pin-memory thread and queue feeders, now
         self._dl_iter = self._dl = None

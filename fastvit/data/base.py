@@ -13,6 +13,7 @@ import torch
 
 from fastvit.settings import ConfigError, check_choices, from_dict, setting
 
+from ..augspec import DEFAULT_AUG, AugSpec
 from .dataset import DataError
 from .order import BatchPlan
 
@@ -34,10 +35,14 @@ class LoaderOptions:
     gpu_mem_share: float = setting(0.5, "gpu_resident: use at most this share of free (GPU or host) memory")
     # DALI/gpu_resident: global batch index -> output side (a callable: no flag, not saved in a config)
     res_schedule: Callable[[int], int] | None = setting(None, cli=False)
+    # crops and flip, handed by build_loader to every backend (fastvit.augspec; no flag, not saved)
+    aug: AugSpec = setting(DEFAULT_AUG, cli=False)
 
     def check(self, *, flags: bool = False) -> None:
         """ConfigError on a bad value, naming the key (flags=True: the fastvit-train flag)."""
         check_choices(self, flags=flags)
+        if not isinstance(self.aug, AugSpec):
+            raise ConfigError(f"aug must be a fastvit.augspec.AugSpec, not {type(self.aug).__name__}")
         if not 0.0 < self.gpu_mem_share <= 1.0:
             raise ConfigError(f"{'--gpu-mem-share' if flags else 'gpu_mem_share'} must be in (0, 1]")
 

@@ -47,7 +47,8 @@ from fastvit.stage import Stage, step_ranges
 
 from .base import LoaderOptions
 from .dataset import DataError, PreppedDataset
-from .loader import BACKENDS, build_loader
+from .backends import container_for, resolve_device, spec
+from .loader import build_loader
 from .order import BatchPlan, stage_seed
 
 log = logging.getLogger("fastvit.data")
@@ -157,20 +158,17 @@ class CurriculumLoader:
                  seed: int = 0, *, split: str = "train", workers: int | None = None, start_step: int = 0,
                  merge: bool = True, resident_fallback: str = "dali", **options):
         stages = _check(stages)
-        if backend not in BACKENDS:
-            raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        spec(backend)                                   # an unknown name: one line, before anything else
         self.ds, self.split, self.backend, self.seed, self.workers = ds, split, backend, int(seed), workers
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.opts = LoaderOptions.from_kwargs(options)
         if self.opts.res_schedule is not None:
             raise DataError("CurriculumLoader plans sizes from its stages; res_schedule is not an option here")
 
-        fmt = {"ffcv": "ffcv", "dali": "dali"}.get(backend)
-        if backend == "gpu_resident":
-            fmt = "ffcv" if "ffcv" in ds.formats(split) else "dali"
-        if backend == "torchvision":
+        fmt = container_for(backend, ds, split)        # None: the source tree (torchvision)
+        if fmt is None:
             ds.source_dir(split, self.opts.src)  # fail here, with one line, rather than at the first batch
-        stored_of = (lambda r: r) if backend == "torchvision" else (lambda r: ds.stored_res(r, split, fmt))
+        stored_of = (lambda r: r) if fmt is None else (lambda r: ds.stored_res(r, split, fmt))
         backend_of = None
         if backend == "gpu_resident":  # stretches whose shard does not fit run on the fallback backend
             backend_of = self._resident_or(resident_fallback, stored_of)

@@ -9,17 +9,14 @@ Paths in the manifest are relative to OUT. Label i is classes[i].
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("fastvit.data")
+from .. import manifest
+from ..manifest import MANIFEST
 
-MANIFEST = "manifest.json"
-SUPPORTED_VERSIONS = (1,)
-# Keys a manifest may use for the source JPEG tree the torchvision backend reads.
-SOURCE_KEYS = ("src", "source", "source_dir", "src_dir")
+log = logging.getLogger("fastvit.data")
 
 
 class DataError(Exception):
@@ -124,43 +121,12 @@ def log_choice_once(backend: str, split: str, res: int, stored: int) -> None:
         log.info("%s %s @%d px reads the %d px shard (%s)", backend, split, res, stored, how)
 
 
-def _check(cond: bool, path: Path, what: str) -> None:
-    if not cond:
-        raise DataError(f"{path}: bad manifest: {what}")
-
-
 def open_dataset(out: str | Path) -> PreppedDataset:
-    """Read and check OUT/manifest.json; every file it names must exist."""
+    """Read and check OUT/manifest.json (fastvit.manifest); every file it names must exist."""
     root = Path(out)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise DataError(f"{root} is not a directory (expected a fastvit-prep output)")
-    if not path.is_file():
-        raise DataError(f"{path} not found: run fastvit-prep --src SRC --out {root} first")
     try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read manifest ({e})") from None
-    _check(isinstance(m, dict), path, "not a JSON object")
-    _check(m.get("version") in SUPPORTED_VERSIONS, path, f"version {m.get('version')!r} (supported: {SUPPORTED_VERSIONS})")
-    classes = m.get("classes")
-    _check(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes), path, "'classes' must be a non-empty list of names")
-    res = m.get("resolutions")
-    _check(isinstance(res, list) and res and all(isinstance(r, int) and r > 0 for r in res), path, "'resolutions' must be positive integers")
-    splits = m.get("splits")
-    _check(isinstance(splits, dict) and splits, path, "'splits' is missing or empty")
-    for name, s in splits.items():
-        _check(isinstance(s, dict) and isinstance(s.get("count"), int) and s["count"] >= 0, path, f"split {name!r} needs an integer 'count'")
-        for r, rel in (s.get("ffcv") or {}).items():
-            _check((root / rel).is_file(), path, f"missing file {rel}")
-        for r, entry in (s.get("dali") or {}).items():
-            _check(isinstance(entry, dict) and len(entry.get("tars", [])) == len(entry.get("index", [])) and entry.get("tars"),
-                   path, f"split {name!r} dali {r}: 'tars' and 'index' must be lists of equal length")
-            for rel in entry["tars"] + entry["index"]:
-                _check((root / rel).is_file(), path, f"missing file {rel}")
-    src = next((m[k] for k in SOURCE_KEYS if isinstance(m.get(k), str)), None)
-    src_path = None
-    if src is not None:
-        src_path = Path(src) if Path(src).is_absolute() else (root / src)
-    return PreppedDataset(root=root, classes=tuple(classes), resolutions=tuple(sorted(res)), splits=splits,
-                          src=src_path, manifest=m)
+        m = manifest.read(root)
+    except manifest.ManifestError as e:
+        raise DataError(str(e)) from None
+    return PreppedDataset(root=root, classes=tuple(m["classes"]), resolutions=tuple(sorted(m["resolutions"])),
+                          splits=m["splits"], src=manifest.source_tree(m, root), manifest=m)

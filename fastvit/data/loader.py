@@ -3,7 +3,7 @@
     it = make_loader(ds, split="train", res=128, batch_size=256, backend="ffcv", device="cuda", seed=0)
     for images, labels in it: ...      # one epoch per pass
     len(it)                            # batches per epoch
-    it = make_val_loader(ds, res=224, batch_size=500, backend="dali")   # center crop, in order, all images
+    it = make_val_loader(ds, res=224, batch_size=500, backend="dali")   # center crop, one fixed order, all images
 
 Shard choice: a loader at res r reads the stored resolution r' = the smallest >= r (else the
 largest), logged once. The order of batch g is BatchPlan's (seeded permutation per epoch), shared by
@@ -14,29 +14,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from ..sysinfo import default_workers
+from .backends import BACKENDS, check_runnable, container_for, resolve_device, spec  # noqa: F401 (BACKENDS: re-export)
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
 from fastvit.stage import Stage
 
 from .order import BatchPlan
-
-BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
-
-
-def _device(device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("device='cuda' but no CUDA GPU is available (use device='cpu')")
-    if dev.type not in ("cuda", "cpu"):
-        raise DataError(f"device must be cuda or cpu, not {device!r}")
-    return dev
-
-
-def _shard_format(backend: str) -> str | None:
-    return {"ffcv": "ffcv", "dali": "dali"}.get(backend)
 
 
 def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds: Sequence[int], *, backend: str,
@@ -44,9 +28,9 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
                  opts: LoaderOptions) -> BatchLoader:
     """A loader over a plan of one or more stages that share one stored shard (CurriculumLoader's unit);
     stage k's batch order is seeded `seeds[k]`, the last stage is endless (the caller decides the end)."""
-    if backend not in BACKENDS:
-        raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    dev = _device(device)
+    spec(backend)  # an unknown name is reported before the device
+    dev = resolve_device(device)
+    check_runnable(backend, dev)
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
         raise DataError("workers must be >= 0")
@@ -56,16 +40,16 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
     if backend == "torchvision":
         from .backend_torchvision import TorchvisionLoader, open_image_folder
 
-        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train)
+        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train, opts.aug)
         plan = BatchPlan(len(folder), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
                          res_fn=opts.res_schedule)
         log_choice_once(backend, split, res0, res0)
         return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
                                  classes=ds.classes, start_batch=start_batch)
 
-    fmt = _shard_format(backend)
-    if fmt is None:  # gpu_resident decodes whichever container exists for that resolution
-        fmt = "ffcv" if "ffcv" in ds.formats(split) else "dali"
+    fmt = container_for(backend, ds, split)  # gpu_resident: whichever container the split has
+    if fmt == "any":
+        raise DataError(f"{ds.root}: split {split!r} has no ffcv or dali files")
     stored = ds.stored_res(max(s.res for s in stages), split, fmt)
     for s in stages:
         log_choice_once(backend, split, s.res, stored)
@@ -75,17 +59,17 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
         from .backend_ffcv import FFCVLoader
 
         return FFCVLoader(ds.ffcv_path(split, stored), plan, dev, workers=max(1, workers), train=train, opts=opts,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
     if backend == "dali":
         from .backend_dali import DALILoader
 
         tars, idxs = ds.dali_shard(split, stored)
         return DALILoader(tars, idxs, plan, dev, workers=max(1, workers), train=train, opts=opts, seed=seed,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
     from .backend_resident import ResidentLoader
 
     return ResidentLoader(ds, split, stored, plan, dev, workers=max(1, workers), train=train, opts=opts,
-                          start_batch=start_batch)
+                          start_batch=start_batch, aug=opts.aug)
 
 
 def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_size: int = 256,
@@ -94,9 +78,9 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
                 **options) -> BatchLoader:
     """Batches of (uint8 (B,3,res,res), int64 (B,)) on `device`, one epoch per pass.
 
-    train=True: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) + flip, shuffled per epoch;
-    train=False: center crop 224/256, in stored order. Options: see LoaderOptions (src=, order=,
-    batches_ahead=, ffcv_jit=, hw_decoder_load=, dali_reader=, gpu_mem_share=, res_schedule=).
+    train=True: random-resized-crop + flip, shuffled per epoch; train=False: center crop, in one fixed
+    order (the crops: fastvit.augspec.AugSpec, option aug=). Options: see LoaderOptions (src=, order=,
+    batches_ahead=, ffcv_jit=, hw_decoder_load=, dali_reader=, gpu_mem_share=, res_schedule=, aug=).
     """
     opts = LoaderOptions.from_kwargs(options)
     if res <= 0 or batch_size <= 0:
@@ -109,6 +93,6 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
 def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "ffcv", device="cuda",
                     split: str = "val", workers: int | None = None, **options) -> BatchLoader:
     """Every image of `split` once per pass, in one fixed shuffled order (the same every pass: a capped
-    evaluation sees a uniform sample), center crop 224/256 resized to res."""
+    evaluation sees a uniform sample), center crop (AugSpec.val_crop) resized to res."""
     return make_loader(ds, split=split, res=res, batch_size=batch_size, backend=backend, device=device,
                        train=False, seed=0, workers=workers, drop_last=False, **options)

@@ -2,7 +2,7 @@
 
 `WdsShard` reads webdataset tars through their DALI `.idx` files (`v1.2 N`, then per sample
 `ext offset size name ...`) over a read-only mmap, so a batch's JPEGs are zero-copy views.
-`BetonShard` does the same for an FFCV .beton (its metadata holds labels and image sizes).
+`open_beton` does the same for an FFCV .beton (its metadata holds labels and image sizes).
 Sample i is the i-th sample of the shard in stored order (the same in both formats when prep writes
 both from one list).
 """
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data_prep.wds import parse_index
+from ..containers import BetonFile, parse_index
 from .dataset import DataError
 
 
@@ -73,45 +73,15 @@ class WdsShard:
         self._maps, self._files = [], []
 
 
-def beton_fields(reader) -> tuple[str, str]:
-    """(image field name, label field name) of an FFCV reader, found by type, not by name."""
-    from ffcv.fields import IntField, RGBImageField
-
-    img = [k for k, h in reader.handlers.items() if isinstance(h, RGBImageField)]
-    lab = [k for k, h in reader.handlers.items() if isinstance(h, IntField)]
-    if len(img) != 1 or len(lab) != 1:
-        raise DataError(f"{reader.file_name}: expected one RGBImageField and one IntField, found {list(reader.handlers)}")
-    return img[0], lab[0]
-
-
-class BetonShard:
-    """Encoded images (JPEG or raw HWC) and labels of an FFCV .beton by sample index."""
-
-    def __init__(self, path: Path):
-        from ffcv.reader import Reader
-
-        self.reader = Reader(str(path))
-        img, lab = beton_fields(self.reader)
-        names = list(self.reader.handlers)
-        meta = self.reader.metadata
-        im = meta[f"f{names.index(img)}"]
-        self.labels = np.asarray(meta[f"f{names.index(lab)}"], dtype=np.int64)
-        self.heights = np.asarray(im["height"], dtype=np.int64)
-        self.widths = np.asarray(im["width"], dtype=np.int64)
-        self.modes = np.asarray(im["mode"], dtype=np.int64)  # 0 jpg, 1 raw
-        ptrs = np.asarray(im["data_ptr"], dtype=np.int64)
-        table = self.reader.alloc_table
-        size_of = dict(zip(table["ptr"].astype(np.int64).tolist(), table["size"].astype(np.int64).tolist()))
-        self.offsets = ptrs
-        self.sizes = np.asarray([size_of[p] for p in ptrs.tolist()], dtype=np.int64)
-        self._buf = np.memmap(str(path), dtype=np.uint8, mode="r")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def data(self, i: int) -> np.ndarray:
-        o, s = self.offsets[i], self.sizes[i]
-        return self._buf[o:o + s]
-
-    def close(self) -> None:
-        self._buf = None
+def open_beton(path, columns: bool = True) -> BetonFile:
+    """The .beton at `path` (fastvit.containers.BetonFile: labels, image sizes and stored bytes by sample
+    index, no FFCV import), with its image and label fields checked; DataError when unreadable.
+    columns=True also reads the per-sample columns now (one pass over metadata and allocation table)."""
+    try:
+        b = BetonFile(path)
+        b.field_names()
+        if columns:
+            b.offsets  # noqa: B018 -- so a bad file fails here, with one line
+    except (OSError, ValueError) as e:
+        raise DataError(str(e)) from None
+    return b

@@ -1,7 +1,8 @@
 """Batch augmentations on the device, on uint8 images (B,3,r,r), so the model's fused
 normalize+patchify kernel still reads one byte per pixel.
 
-- mixup / cutmix: timm's `Mixup` draws the parameters (its own RNG logic and `mix_prob`) and builds the
+- mixup / cutmix: timm's `Mixup` draws the parameters (its own RNG logic and `mix_prob`, through
+  fastvit.compat.mixup_params: a private timm method) and builds the
   soft targets (`mixup_target`, with label smoothing); the pixels are mixed here because timm mixes in
   place in floating point. A mixup blend is rounded back to uint8: at most 0.5/255 off, far below the
   JPEG noise.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 
+from ..compat import mixup_params
+
 
 def make_mixup(*, mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> Mixup:
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=0.0, label_smoothing=label_smoothing,
@@ -24,7 +27,7 @@ def mix_batch(mix: Mixup, images: torch.Tensor, labels: torch.Tensor, mix_prob: 
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,3,r,r) uint8, (B,) int64 → mixed uint8 images, (B,C) soft targets (smoothed)."""
     mix.mix_prob = mix_prob
-    lam, use_cutmix = mix._params_per_batch() if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) else (1.0, False)
+    lam, use_cutmix = mixup_params(mix) if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) else (1.0, False)
     if lam != 1.0:
         if use_cutmix:
             (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(images.shape, lam, ratio_minmax=mix.cutmix_minmax,

@@ -30,31 +30,39 @@ class RunEnv:
 
 def open_env(cfg: TrainConfig) -> RunEnv:
     """Data, device, backend and final resolution, all checked before any compute (one line each)."""
-    from fastvit.data import open_dataset
+    from fastvit.data import check_readable, open_dataset
+    from fastvit.data.backends import check_runnable
 
     root = cfg.data.root
     if not root:
         raise TrainError("--data is required: a directory written by fastvit-prep", 2)
     if not Path(root).is_dir():
         raise TrainError(f"--data {root} does not exist", 2)
+    device = resolve_device(cfg.run.device)
+    backend = choose_backend(cfg)
     try:
         ds = open_dataset(root)
-        device = resolve_device(cfg.run.device)
+        final_res = final_resolution(cfg, ds.resolutions)
+        check_runnable(backend, device)
+        # train and val readable by the backend (val at the evaluation resolution), checked before any
+        # compute so a missing shard is not found after the whole budget was spent
+        for split, res in (("train", None), ("val", final_res)):
+            check_readable(ds, backend, split, res)
     except DataError as e:
-        raise TrainError(f"--data {root}: {e}" if "device" not in str(e) else str(e), 2) from None
-    backend = choose_backend(cfg)
-    final_res = final_resolution(cfg, ds.resolutions)
-    check_data(ds, root, backend, final_res)
+        raise TrainError(f"--data {root}: {e}", 2) from None
     amp = cfg.run.amp if cfg.run.amp is not None else device.type == "cuda"
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
     return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile)
 
 
 def resolve_device(device: str | None) -> torch.device:
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)", 2)
-    return torch.device(dev)
+    """fastvit.data's one device choice (None: cuda when visible), as a one-line usage error."""
+    from fastvit.data import resolve_device as data_device
+
+    try:
+        return data_device(device)
+    except DataError as e:
+        raise TrainError(f"--device: {e}", 2) from None
 
 
 def choose_backend(cfg: TrainConfig) -> str:
@@ -79,20 +87,6 @@ def final_resolution(cfg: TrainConfig, resolutions) -> int:
         raise TrainError(f"final resolution {res} ({flag}) is not a multiple of the patch size "
                          f"{cfg.model.patch_size}", 2)
     return res
-
-
-def check_data(ds, root: str, backend: str, final_res: int) -> None:
-    """Train and val splits readable by `backend` (val at the evaluation resolution), checked before
-    any compute so a missing shard is not found after the whole budget was spent."""
-    # gpu_resident decodes whichever container the split has; torchvision reads the source tree
-    fmt = {"ffcv": "ffcv", "dali": "dali", "gpu_resident": "any"}.get(backend)
-    try:
-        for split, res in (("train", None), ("val", final_res)):
-            ds.require_split(split, res, fmt)
-            if backend == "torchvision":
-                ds.source_dir(split)
-    except DataError as e:
-        raise TrainError(f"--data {root}: {e}", 2) from None
 
 
 @dataclass
