@@ -44,6 +44,10 @@ def test_tiny_run_loss_falls_and_writes_results(tiny_prepped, tmp_path, capsys):
     assert res["val_images"] == 24                               # the full val split
     assert all({"res", "keep", "batch_size", "steps"} <= set(s) for s in res["stages"])
     assert any(s["keep"] < 1 for s in res["stages"]) and res["stages"][-1]["keep"] == 1.0
+    from fastvit.train.planner import Plan
+
+    plan = Plan.from_dict(json.loads((run / "plan.json").read_text()))   # progress means one thing: the
+    assert all(r["p"] == round(plan.progress_at(r["step"] - 1), 5) for r in _rows(run))   # plan's, as logged
     losses = [r["loss"] for r in _rows(run) if r["loss"] is not None]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.2, (first, last)                    # it learns

@@ -37,9 +37,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k in known}
     preset = args.preset
     if preset is None:
-        import torch
+        from fastvit.data.backends import default_device
 
-        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = args.device or default_device()
         preset = "cpu" if dev == "cpu" else "gpu"
     return make_config(preset, overrides, args.config)
 
@@ -58,7 +58,8 @@ def ignored_on_resume(args: argparse.Namespace) -> list[str]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .loop import TrainError, train
+    from .errors import TrainError
+    from .loop import train
 
     try:
         if args.resume:

@@ -100,7 +100,7 @@ class ScheduleConfig:
     randaug_ops: int = setting(2, "RandAugment ops per image")
     drop_path: tuple = setting((0.0, 0.1), "drop path rate, 'start,end'")
     ema: bool = setting(True, "keep an EMA of the weights (evaluated beside them)")
-    ema_halflife: float = setting(0.02, "EMA half-life as a share of the planned steps")
+    ema_halflife: float = setting(0.02, "EMA half-life as a share of the first plan's images (fixed for the run)")
 
     def __post_init__(self):
         for name in ("mix_prob", "randaug", "drop_path"):      # a scalar is (v, v); lists (JSON) are tuples

@@ -1,10 +1,12 @@
 """Schedules: pure functions of training progress p ∈ [0, 1].
 
-p is counted seconds / budget (or images seen / image budget with --epochs), rescaled to the training
-window: the set-up at the start of a run (loading, compiling, the planner's probe) is counted against
-the budget but no schedule runs during it, so the loop maps the window [p_setup, 1] onto [0, 1] before
-calling these. Nothing here reads a clock or holds state: the planner and the tests call the same
-functions, and a run is reproducible from its plan.
+p is the plan's progress, `Plan.progress_at(step)`: the share of the training window that the plan
+puts before this step. The training window is the budget minus the set-up (loading, compiling, the
+planner's probe: counted, but no schedule runs during it) and the final checkpoint's reserve; with
+--epochs it is the image budget. Each stage covers a share [f0, f1) of the window and its steps divide
+it evenly; re-plans keep p continuous and follow the clock, so p tracks counted training seconds /
+window to within the drift tolerance. It is what the log's `p` is. Nothing here reads a clock or holds
+state: the planner and the tests call the same functions, and a run is reproducible from its plan.
 """
 from __future__ import annotations
 
