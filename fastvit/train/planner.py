@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -260,6 +261,14 @@ class DriftMonitor:
     again over a fresh span, and no sooner than min_interval (10% of the budget) later; near the end
     min_interval shrinks to a quarter of the time left (at least min_span) so a last correction can
     still land, while the end-error threshold keeps small late errors from re-planning at all.
+    Last chance: an early end is the error nothing can fix once the plan's steps are gone (a re-plan
+    on a momentary dip cuts the rest, the speed comes back, and the plan runs out before the next
+    check could see it: bug 8, a 6-minute run ended at 281 s). So when, at the faster of the speed
+    since the last re-plan and that of the last `min_steps` steps (a span may still hold the dip),
+    the plan would run out less than min_span after the next regular check and early by more than
+    the end-error threshold, it re-plans now, with that speed; min_steps steps after the last
+    re-plan, or sooner when the plan has no more. A late end needs no such rule: its plan still has
+    steps, so the next check can cut them.
     """
 
     def __init__(self, budget_s: float, *, tol: float = 0.10, skip: int = 2, min_steps: int = 5,
@@ -278,12 +287,17 @@ class DriftMonitor:
         self._n = 0
         self._last_replan_t = -math.inf
         self._seen = 0
+        self._recent: deque = deque(maxlen=min_steps + 1)   # (counted s, planned s) of the last steps
+        self._returned = 1.0                                 # the ratio check() last returned
 
     def restart(self, now: float) -> None:
         """After a re-plan: measure afresh (no start-up to skip: the loader keeps running)."""
         self._start_step, self._t0, self._planned, self._n = 0, now, 0.0, 0
         self._last_replan_t = now
         self.replans += 1
+        # the last steps in the new plan's seconds (its speeds are the old ones × the ratio)
+        self._recent = deque(((t, p / self._returned) for t, p in self._recent), maxlen=self._recent.maxlen)
+        self._returned = 1.0
 
     def step_done(self, now: float, planned_s: float) -> None:
         """One training step ended at counted second `now`; the plan gave it `planned_s` seconds."""
@@ -294,28 +308,41 @@ class DriftMonitor:
             return
         self._planned += planned_s
         self._n += 1
+        self._recent.append((now, planned_s))
 
-    def ratio(self, now: float) -> float | None:
-        """Measured speed / planned speed, once enough has been measured."""
-        if self._start_step is None or self._n < self.min_steps or now - self._t0 < self.min_span:
+    def ratio(self, now: float, span: float | None = None) -> float | None:
+        """Measured speed / planned speed since the last (re-)plan, once `min_steps` steps and `span`
+        seconds (default min_span) were measured."""
+        span = self.min_span if span is None else span
+        if self._start_step is None or self._n < self.min_steps or now - self._t0 < span:
             return None
         return self._planned / max(1e-9, now - self._t0)
 
     def check(self, now: float, plan: Plan, step: int, reserve_s: float | None = None) -> float | None:
         """The speed ratio to re-plan with, or None to keep the plan."""
-        r = self.ratio(now)
-        if r is None or plan.mode != "time" or step >= plan.total_steps:
+        if plan.mode != "time" or step >= plan.total_steps or len(self._recent) <= self.min_steps:
             return None
-        left = self.budget_s - (plan.reserve_s if reserve_s is None else reserve_s) - now
+        r = self.ratio(now, span=0.0)          # since the last re-plan (None: too few steps yet)
+        # the speed of the last min_steps steps: a span since a re-plan may still hold a dip
+        r_last = sum(p for _, p in list(self._recent)[1:]) / max(1e-9, now - self._recent[0][0])
+        end = self.budget_s - (plan.reserve_s if reserve_s is None else reserve_s)
+        left = end - now
         interval = max(self.min_span, min(self.min_interval, 0.25 * max(0.0, left)))
-        if now - self._last_replan_t < interval:
-            return None
-        if drifted(1.0, r, self.tol):
-            return r
         # an end error that later corrections can still fix waits: it must exceed 5% of the time left
         # (measurement noise over a span of several seconds is a few %), or end_tol near the end
-        end_error = now + remaining_planned_s(plan, step) / r - (self.budget_s - plan.reserve_s)
-        if abs(end_error) > max(self.end_tol, 0.05 * left):
+        threshold = max(self.end_tol, 0.05 * left)
+        planned = remaining_planned_s(plan, step)
+        fast = max(r or 0.0, r_last)
+        next_check = max(self._t0 + self.min_span, self._last_replan_t + interval)
+        # (after min_steps steps since the last re-plan, or sooner if the plan has no more left)
+        if now + planned / fast < min(next_check + self.min_span, end - threshold) and \
+                (r is not None or plan.total_steps - step <= self.min_steps - self._n):
+            self._returned = fast                      # last chance
+            return fast
+        if r is None or now - self._t0 < self.min_span or now - self._last_replan_t < interval:
+            return None
+        if drifted(1.0, r, self.tol) or abs(now + planned / r - end) > threshold:
+            self._returned = r
             return r
         return None
 
