@@ -55,3 +55,24 @@ def test_any_dip_or_burst_anywhere_ends_on_the_budget(budget):
                 worst.append((abs(end - budget) / budget, mon.replans, start, length, depth, end))
     assert max(worst)[0] < 0.025, max(worst)
     assert max(w[1] for w in worst) <= 6, max(worst, key=lambda w: w[1])
+
+
+# ---------------------------------------------------------------- a real run (bug 7)
+
+def test_real_run_ends_within_a_few_percent_of_its_budget(tiny_prepped, tmp_path, monkeypatch):
+    """The CLI on the tiny dataset with a 15 s budget, on a shared 2-core CPU: counted seconds within
+    5% of the budget, or within one step if a step takes longer (a step cannot be cut short)."""
+    import json
+    import statistics
+
+    from fastvit.train.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the reference embedding (see test_train_run)
+    run = tmp_path / "run"
+    assert main(["--data", str(tiny_prepped), "--out", str(run), "--minutes", "0.25", "--evals", "0",
+                 "--preset", "test", "--device", "cpu", "--backend", "dali", "--no-progress"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    steps = [r["interval_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    tol = max(0.05 * 15, statistics.median(steps))
+    assert abs(res["counted_s"] - 15.0) <= tol, (res["counted_s"], tol, res["replans"])

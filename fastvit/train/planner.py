@@ -267,8 +267,9 @@ class DriftMonitor:
     since the last re-plan and that of the last `min_steps` steps (a span may still hold the dip),
     the plan would run out less than min_span after the next regular check and early by more than
     the end-error threshold, it re-plans now, with that speed; min_steps steps after the last
-    re-plan, or sooner when the plan has no more. A late end needs no such rule: its plan still has
-    steps, so the next check can cut them.
+    re-plan, or sooner when the plan has no more. The same, at the slower of the two speeds, when the
+    plan would end late and the next regular check would come too late to cut it (min_span is 2 s:
+    13% of a 15 s run). end_tol is 1% of the budget (its floor of 1 s was 7% of a 15 s run: bug 7).
     """
 
     def __init__(self, budget_s: float, *, tol: float = 0.10, skip: int = 2, min_steps: int = 5,
@@ -280,7 +281,7 @@ class DriftMonitor:
         self.min_steps = min_steps
         self.min_span = min_span if min_span is not None else min(600.0, max(2.0, 0.02 * budget_s))
         self.min_interval = min_interval if min_interval is not None else max(self.min_span, 0.10 * budget_s)
-        self.end_tol = end_tol if end_tol is not None else max(1.0, 0.01 * budget_s)
+        self.end_tol = end_tol if end_tol is not None else 0.01 * budget_s
         self.replans = 0
         self._start_step: int | None = None
         self._t0 = self._planned = 0.0
@@ -332,13 +333,18 @@ class DriftMonitor:
         # (measurement noise over a span of several seconds is a few %), or end_tol near the end
         threshold = max(self.end_tol, 0.05 * left)
         planned = remaining_planned_s(plan, step)
-        fast = max(r or 0.0, r_last)
+        # last chance (after min_steps steps since the last re-plan, or sooner if the plan has no
+        # more): the plan runs out early before the next regular check could correct it, or runs
+        # late and that check would come only at the budget's end
         next_check = max(self._t0 + self.min_span, self._last_replan_t + interval)
-        # (after min_steps steps since the last re-plan, or sooner if the plan has no more left)
-        if now + planned / fast < min(next_check + self.min_span, end - threshold) and \
-                (r is not None or plan.total_steps - step <= self.min_steps - self._n):
-            self._returned = fast                      # last chance
-            return fast
+        if r is not None or plan.total_steps - step <= self.min_steps - self._n:
+            fast, slow = max(r or 0.0, r_last), min(r or math.inf, r_last)
+            if now + planned / fast < min(next_check + self.min_span, end - threshold):
+                self._returned = fast
+                return fast
+            if next_check > end - threshold and now + planned / slow > end + threshold:
+                self._returned = slow
+                return slow
         if r is None or now - self._t0 < self.min_span or now - self._last_replan_t < interval:
             return None
         if drifted(1.0, r, self.tol) or abs(now + planned / r - end) > threshold:
