@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -260,6 +261,15 @@ class DriftMonitor:
     again over a fresh span, and no sooner than min_interval (10% of the budget) later; near the end
     min_interval shrinks to a quarter of the time left (at least min_span) so a last correction can
     still land, while the end-error threshold keeps small late errors from re-planning at all.
+    Last chance: an early end is the error nothing can fix once the plan's steps are gone (a re-plan
+    on a momentary dip cuts the rest, the speed comes back, and the plan runs out before the next
+    check could see it: bug 8, a 6-minute run ended at 281 s). So when, at the faster of the speed
+    since the last re-plan and that of the last `min_steps` steps (a span may still hold the dip),
+    the plan would run out less than min_span after the next regular check and early by more than
+    the end-error threshold, it re-plans now, with that speed; min_steps steps after the last
+    re-plan, or sooner when the plan has no more. The same, at the slower of the two speeds, when the
+    plan would end late and the next regular check would come too late to cut it (min_span is 2 s:
+    13% of a 15 s run). end_tol is 1% of the budget (its floor of 1 s was 7% of a 15 s run: bug 7).
     """
 
     def __init__(self, budget_s: float, *, tol: float = 0.10, skip: int = 2, min_steps: int = 5,
@@ -271,19 +281,24 @@ class DriftMonitor:
         self.min_steps = min_steps
         self.min_span = min_span if min_span is not None else min(600.0, max(2.0, 0.02 * budget_s))
         self.min_interval = min_interval if min_interval is not None else max(self.min_span, 0.10 * budget_s)
-        self.end_tol = end_tol if end_tol is not None else max(1.0, 0.01 * budget_s)
+        self.end_tol = end_tol if end_tol is not None else 0.01 * budget_s
         self.replans = 0
         self._start_step: int | None = None
         self._t0 = self._planned = 0.0
         self._n = 0
         self._last_replan_t = -math.inf
         self._seen = 0
+        self._recent: deque = deque(maxlen=min_steps + 1)   # (counted s, planned s) of the last steps
+        self._returned = 1.0                                 # the ratio check() last returned
 
     def restart(self, now: float) -> None:
         """After a re-plan: measure afresh (no start-up to skip: the loader keeps running)."""
         self._start_step, self._t0, self._planned, self._n = 0, now, 0.0, 0
         self._last_replan_t = now
         self.replans += 1
+        # the last steps in the new plan's seconds (its speeds are the old ones × the ratio)
+        self._recent = deque(((t, p / self._returned) for t, p in self._recent), maxlen=self._recent.maxlen)
+        self._returned = 1.0
 
     def step_done(self, now: float, planned_s: float) -> None:
         """One training step ended at counted second `now`; the plan gave it `planned_s` seconds."""
@@ -294,28 +309,46 @@ class DriftMonitor:
             return
         self._planned += planned_s
         self._n += 1
+        self._recent.append((now, planned_s))
 
-    def ratio(self, now: float) -> float | None:
-        """Measured speed / planned speed, once enough has been measured."""
-        if self._start_step is None or self._n < self.min_steps or now - self._t0 < self.min_span:
+    def ratio(self, now: float, span: float | None = None) -> float | None:
+        """Measured speed / planned speed since the last (re-)plan, once `min_steps` steps and `span`
+        seconds (default min_span) were measured."""
+        span = self.min_span if span is None else span
+        if self._start_step is None or self._n < self.min_steps or now - self._t0 < span:
             return None
         return self._planned / max(1e-9, now - self._t0)
 
     def check(self, now: float, plan: Plan, step: int, reserve_s: float | None = None) -> float | None:
         """The speed ratio to re-plan with, or None to keep the plan."""
-        r = self.ratio(now)
-        if r is None or plan.mode != "time" or step >= plan.total_steps:
+        if plan.mode != "time" or step >= plan.total_steps or len(self._recent) <= self.min_steps:
             return None
-        left = self.budget_s - (plan.reserve_s if reserve_s is None else reserve_s) - now
+        r = self.ratio(now, span=0.0)          # since the last re-plan (None: too few steps yet)
+        # the speed of the last min_steps steps: a span since a re-plan may still hold a dip
+        r_last = sum(p for _, p in list(self._recent)[1:]) / max(1e-9, now - self._recent[0][0])
+        end = self.budget_s - (plan.reserve_s if reserve_s is None else reserve_s)
+        left = end - now
         interval = max(self.min_span, min(self.min_interval, 0.25 * max(0.0, left)))
-        if now - self._last_replan_t < interval:
-            return None
-        if drifted(1.0, r, self.tol):
-            return r
         # an end error that later corrections can still fix waits: it must exceed 5% of the time left
         # (measurement noise over a span of several seconds is a few %), or end_tol near the end
-        end_error = now + remaining_planned_s(plan, step) / r - (self.budget_s - plan.reserve_s)
-        if abs(end_error) > max(self.end_tol, 0.05 * left):
+        threshold = max(self.end_tol, 0.05 * left)
+        planned = remaining_planned_s(plan, step)
+        # last chance (after min_steps steps since the last re-plan, or sooner if the plan has no
+        # more): the plan runs out early before the next regular check could correct it, or runs
+        # late and that check would come only at the budget's end
+        next_check = max(self._t0 + self.min_span, self._last_replan_t + interval)
+        if r is not None or plan.total_steps - step <= self.min_steps - self._n:
+            fast, slow = max(r or 0.0, r_last), min(r or math.inf, r_last)
+            if now + planned / fast < min(next_check + self.min_span, end - threshold):
+                self._returned = fast
+                return fast
+            if next_check > end - threshold and now + planned / slow > end + threshold:
+                self._returned = slow
+                return slow
+        if r is None or now - self._t0 < self.min_span or now - self._last_replan_t < interval:
+            return None
+        if drifted(1.0, r, self.tol) or abs(now + planned / r - end) > threshold:
+            self._returned = r
             return r
         return None
 
