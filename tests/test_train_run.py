@@ -69,7 +69,7 @@ def test_time_budget_run_plans_with_probe(tiny_prepped, tmp_path):
     assert all(s["speed"] > 0 for s in plan["stages"])        # probed
     assert res["steps"] == res["planned_steps"] == plan["total_steps"]
     assert res["budget_s"] == 15.0
-    assert 0.3 * 15 < res["counted_s"] < 2.0 * 15               # ends near the budget (noisy 2-core box)
+    assert 0.95 * 15 <= res["counted_s"] <= 1.05 * 15           # ends on the budget, within 5%
 
 
 def test_compiled_run_uses_one_static_graph_per_shape(tiny_prepped, tmp_path):

@@ -8,7 +8,7 @@ uninterrupted run would have (the order of batch g is computed, never replayed).
     spec = plan.batch(g)     # BatchSpec(stage, res, epoch, index_in_epoch, indices (bs,) int64)
 
 Stages are fastvit.stage.Stage (only res, batch_size and steps matter here); `endless=True` makes the
-last stage run forever (make_loader's epoch-per-pass loaders, and the curriculum loader's segment
+last stage run forever (make_loader's epoch-per-pass loaders, and the curriculum loader's span
 loaders, whose end the CurriculumLoader decides).
 
 A stage starts a fresh epoch (its own seed, epoch 0); epochs wrap inside a stage. With drop_last the

@@ -81,7 +81,7 @@ class ScheduleConfig:
     keep_full_from: float = setting(0.8, "progress from which all patches are used")
     keep_cycles: int = setting(4, "cycles of the cyclic keep schedule")
     keep_step: float = setting(0.125, "keep rates are quantized to this step (one compiled shape per level)")
-    keep_splits: int = setting(2, "segments per resolution stage for a changing keep rate")
+    keep_splits: int = setting(2, "stages per curriculum resolution for a changing keep rate")
     batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
     const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
     max_batch: int = setting(1024, "largest batch of any stage")

@@ -81,7 +81,7 @@ class Plan:
         return (self.budget_s or 0.0) - self.setup_s - self.reserve_s
 
     def stage_at(self, step: int) -> tuple[int, int]:
-        """(segment index, step within it) of global step `step` (0-based, < total_steps)."""
+        """(stage index, step within it) of global step `step` (0-based, < total_steps)."""
         acc = 0
         for k, s in enumerate(self.stages):
             if step < acc + s.steps:
@@ -132,7 +132,7 @@ def _steps_for(share: float, seg: Stage, speed: float | None, window_s: float | 
 def plan_budget(stages: list[Stage], *, speeds: dict | None = None, budget_s: float | None = None,
                 budget_images: int | None = None, setup_s: float = 0.0,
                 reserve_s: float = 0.0) -> Plan:
-    """Steps per segment so the run ends on the budget.
+    """Steps per stage so the run ends on the budget.
 
     Time budget: speeds[(res, keep, batch)] = measured training images/s of that shape; the window is
     budget_s − setup_s (already spent) − reserve_s (final checkpoint). Image budget: steps from images.
@@ -188,13 +188,13 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
            new_batch: dict | None = None, base_batch: int | None = None, lr_rule: str | None = None) -> Plan:
     """Re-plan what is left after `step` steps at `counted_s` counted seconds.
 
-    Steps already taken keep their stages (and progress values). The current segment is cut at
+    Steps already taken keep their stages (and progress values). The current stage is cut at
     `step`; the seconds really left (budget − reserve − counted_s) are shared by its remainder and the
     later stages in proportion to their remaining progress ranges, at their planned speed ×
     `speed_ratio` (measured / planned: the best evidence of how the rest will go). Progress continues
     from where the plan stood (no jump of the schedules either way): a run that is ahead gets more
-    steps, one that is behind fewer, and both end on the budget. A segment left with no step is
-    dropped and its progress range folded into its successor; the last segment keeps >= 1 step.
+    steps, one that is behind fewer, and both end on the budget. A stage left with no step is
+    dropped and its progress range folded into its successor; the last stage keeps >= 1 step.
     `new_batch` {res: batch} overrides batch sizes of remaining stages (out-of-memory fallback); their
     LR scale becomes lr_scale_for_batch(batch, base_batch, lr_rule), the rule the planned stages and
     the probe's fallback use. Only for time budgets (an image budget does not drift).
@@ -282,7 +282,6 @@ class DriftMonitor:
         self.min_span = min_span if min_span is not None else min(600.0, max(2.0, 0.02 * budget_s))
         self.min_interval = min_interval if min_interval is not None else max(self.min_span, 0.10 * budget_s)
         self.end_tol = end_tol if end_tol is not None else 0.01 * budget_s
-        self.replans = 0
         self._start_step: int | None = None
         self._t0 = self._planned = 0.0
         self._n = 0
@@ -295,7 +294,6 @@ class DriftMonitor:
         """After a re-plan: measure afresh (no start-up to skip: the loader keeps running)."""
         self._start_step, self._t0, self._planned, self._n = 0, now, 0.0, 0
         self._last_replan_t = now
-        self.replans += 1
         # the last steps in the new plan's seconds (its speeds are the old ones × the ratio)
         self._recent = deque(((t, p / self._returned) for t, p in self._recent), maxlen=self._recent.maxlen)
         self._returned = 1.0
