@@ -368,3 +368,30 @@ def test_mix_batch_keeps_uint8_and_soft_targets_sum_to_one():
     ra = randaugment_groups(x, magnitude=9, num_ops=2, groups=4)
     assert ra.dtype == torch.uint8 and ra.shape == x.shape
     assert randaugment_groups(x, 0) is x
+
+
+def test_step_meter_logs_mfu_from_the_flop_count():
+    """MFU = training FLOPs per image (fwd + bwd, the model's own count) × images/s ÷ the GPU's peak;
+    None where no peak is known (CPU)."""
+    from fastvit.models import create_model, train_flops_per_image, vit_forward_flops
+    from fastvit.train.metrics import StepMeter, StepTimer
+
+    m = create_model("vit_tiny_local", num_classes=10)
+    st = Stage(64, 32, keep=0.5)
+    f = train_flops_per_image(m, 64, 0.5)
+    assert f == 3 * vit_forward_flops(m.cfg, 64, 8)                    # 16 patches at keep 0.5: 8 kept
+    fc = FakeClock()
+    meter = StepMeter(StepTimer(False, fc), window=10, flops_per_image=lambda s: train_flops_per_image(m, s.res, s.keep),
+                      peak_flops=1e12, now=0.0)
+    for i in range(1, 6):
+        meter.step_done(0.5 * i, 32, 1.0, 0.01)                        # 32 images every 0.5 s: 64 img/s
+    rec = meter.record(2.5, st)
+    assert rec["images_per_s"] == pytest.approx(64.0)
+    assert rec["mfu"] == pytest.approx(round(f * 64.0 / 1e12, 4))
+    cpu = StepMeter(StepTimer(False, fc), window=10, flops_per_image=lambda s: f, peak_flops=None, now=0.0)
+    cpu.step_done(1.0, 32, 1.0, 0.0)
+    cpu.step_done(2.0, 32, 1.0, 0.0)
+    assert cpu.record(2.0, st)["mfu"] is None
+    from fastvit.sysinfo import peak_flops
+
+    assert peak_flops("NVIDIA H200") == 790e12 and peak_flops("cpu: AMD EPYC") is None
