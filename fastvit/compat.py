@@ -12,6 +12,25 @@ from __future__ import annotations
 import queue
 import time
 
+# --------------------------------------------------------------------------------------------- torch
+
+
+def raise_recompile_limit(n_graphs: int) -> None:
+    """Dynamo stops compiling a function after `recompile_limit` (8) graphs and runs it eagerly; a
+    curriculum with several resolutions x keep rates x train/eval can need more. torch._dynamo.config
+    is not public API: `recompile_limit` / `accumulated_recompile_limit` (torch >= 2.6, checked to
+    2.14.1) were `cache_size_limit` / `accumulated_cache_size_limit` before; whichever exists is set."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), n_graphs + 8))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4 * (n_graphs + 8)))
+
+
 # --------------------------------------------------------------------------------------------- timm
 
 

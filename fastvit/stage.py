@@ -34,8 +34,14 @@ class Stage:
             raise ValueError(f"bad stage {self}: keep must be in (0, 1]")
 
     @property
+    def kind(self) -> tuple:
+        """What the model does to one image: (res, keep, depth, patch size). Out-of-memory halvings
+        and the drop-path rate go by it (a batch change does not change what a stage is)."""
+        return (self.res, self.keep, self.depth, self.patch_size)
+
+    @property
     def shape(self) -> tuple:
-        """What a compiled graph and a probed speed are specific to."""
+        """What a compiled graph and a probed speed are specific to: the kind and the batch size."""
         return (self.res, self.keep, self.batch_size, self.depth, self.patch_size)
 
     @property

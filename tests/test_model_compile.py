@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of vit_tiny_local at two resolutions with keep 0.5, through
-compile_model (the trainer's ahead-of-time path): no graph breaks, one graph per shape, same numbers as
+compile_model (ahead-of-time compile of given shapes; the trainer compiles the same way, at each
+shape's first call in its probe): no graph breaks, one graph per shape, same numbers as
 eager. Inductor on CPU is slow to compile (~30 s a shape on 2 cores), so the model is vit_tiny_local
 shrunk by overrides (depth 1, dim 32, 2 heads) at 32 and 64 px; the graph is the same code."""
 from __future__ import annotations

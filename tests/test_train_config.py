@@ -272,3 +272,23 @@ def test_leaf_names_are_unique_and_cover_the_old_keys():
     assert set(OLD_KEYS) <= set(keys)
     assert keys["data"] == keys["root"] == ("data", "root") and keys["model"] == keys["name"] == ("model", "name")
     assert keys["order"] == ("data", "loader", "order") and keys["lr"] == ("schedule", "lr")
+
+
+def test_yaml_out_and_device_are_honoured_by_the_cli(tmp_path, monkeypatch):
+    """A YAML `out:` is the run dir (the runs/<recipe> default applies only when nothing sets it), and a
+    YAML `device:` picks the default preset as the flag would."""
+    from fastvit.train import cli
+
+    monkeypatch.setattr("fastvit.data.backends.default_device", lambda: "cuda")   # a GPU machine
+    y = tmp_path / "s.yaml"
+    y.write_text("run: {out: runs/from-yaml, device: cpu}\n")
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--config", str(y)]))
+    assert cfg.run.out == "runs/from-yaml"
+    assert cfg.model.name == "vit_tiny_local"                          # the cpu preset, chosen by the YAML
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--recipe", "baseline", "--device", "cpu"]))
+    assert cfg.run.out == "runs/baseline"
+    flat = tmp_path / "f.yaml"
+    flat.write_text("out: runs/flat\n")
+    assert cli.config_from_args(cli.build_parser().parse_args(["--config", str(flat), "--device", "cpu"])).run.out \
+        == "runs/flat"
+    assert cli.config_from_args(cli.build_parser().parse_args(["--config", str(flat), "--out", "x"])).run.out == "x"

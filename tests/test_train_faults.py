@@ -66,18 +66,22 @@ def test_oom_at_the_smallest_batch_is_one_line(tiny_prepped, tmp_path, monkeypat
 
 
 def test_ema_time_constant_in_images_survives_a_batch_change(tiny_prepped, tmp_path, monkeypatch):
-    """Bug 3: the EMA's half-life is a number of images fixed for the run: after the batch is halved
-    mid-run, each step's decay is the square root of the one before (same decay per image)."""
+    """Bug 3: the EMA's half-life is a number of images fixed for the run. The decay the EMA applies
+    (not just an attribute) follows the step's batch and the images seen: after the batch is halved
+    mid-run, each step decays by the square root of a full-batch step (the same decay per image), and
+    timm's step-counted warm-up is not in the way."""
     from timm.utils import ModelEmaV3
 
     from fastvit.train.step import EmaRate, TrainStep
 
     rate = EmaRate(1000.0)
     assert rate.decay(16) == pytest.approx(rate.decay(8) ** 2) and rate.decay(1000) == pytest.approx(0.5)
-    decays: list = []
-    real_update, real_call = ModelEmaV3.update, TrainStep.__call__
-    monkeypatch.setattr(ModelEmaV3, "update", lambda self, m, step=None: (decays.append(self.decay),
-                                                                         real_update(self, m, step=step))[1])
+    assert rate.decay(16, 50_000) == pytest.approx(rate.decay(8, 50_000) ** 2)     # past the warm-up
+    assert rate.decay(8, 0) == 0.0 and rate.decay(8, 200) < rate.decay(8, 20_000)  # warm-up in images
+    applied: list = []
+    real_get, real_call = ModelEmaV3.get_decay, TrainStep.__call__
+    monkeypatch.setattr(ModelEmaV3, "get_decay", lambda self, step=None: (lambda d: (applied.append(d), d)[1])(
+        real_get(self, step)))
     hit: list = []
 
     def call(self, images, labels, stage, **k):
@@ -90,9 +94,45 @@ def test_ema_time_constant_in_images_survives_a_batch_change(tiny_prepped, tmp_p
     rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "run"), "--epochs", "2", "--evals", "0",
                "--keep-min", "1", "--curriculum", "32:1", *TINY])
     assert rc == 0 and hit
-    assert len(set(round(d, 12) for d in decays)) == 1                 # every step at batch 8 after the halving
-    hl = 0.1 * 2 * 64                                                  # test preset: half-life 0.1 of 128 images
-    assert decays[0] == pytest.approx(0.5 ** (8 / hl))
+    hl = EmaRate(0.1 * 2 * 64)                                         # test preset: half-life 0.1 of 128 images
+    assert applied == pytest.approx([hl.decay(8, 8 * i) for i in range(len(applied))])
+    assert len(applied) == 16                                          # 128 images at batch 8
+
+
+def test_drop_path_rate_survives_an_oom_halving_and_a_resume(tiny_prepped, tmp_path, monkeypatch):
+    """The drop-path rate belongs to the stage's kind, not its batch: a halved batch mid-run and a
+    resumed run keep training at the configured rate (it fell to 0 when looked up by batch)."""
+    from fastvit.models.droppath import DropPathRate
+    from fastvit.train import checkpoint as C
+    from fastvit.train.step import TrainStep
+
+    rates: list = []
+    real_set, real_call = DropPathRate.set, TrainStep.__call__
+    monkeypatch.setattr(DropPathRate, "set", lambda self, r: (rates.append(r), real_set(self, r))[1])
+    hit: list = []
+
+    def call(self, images, labels, stage, **k):
+        if not k.get("probe") and not hit:
+            hit.append(images.shape[0])
+            raise RuntimeError("CUDA out of memory")
+        return real_call(self, images, labels, stage, **k)
+
+    monkeypatch.setattr(TrainStep, "__call__", call)
+    run = tmp_path / "run"
+    argv = ["--data", str(tiny_prepped), "--out", str(run), "--epochs", "2", "--evals", "0", "--keep-min", "1",
+            "--curriculum", "32:1", "--depth", "2", "--drop-path", "0.2", "--ckpt-every-steps", "4", *TINY]
+    assert main(argv) == 0 and hit == [16]
+    assert rates and all(r == pytest.approx(0.2) for r in rates)
+    newest = C.checkpoint_paths(run)[0]
+    newest.unlink()                                                    # resume from the one before the end
+    (run / "results.json").unlink()
+    rates.clear()
+    from fastvit.train.config import TrainConfig
+    from fastvit.train.loop import train
+
+    res = train(TrainConfig.from_dict({"out": str(run), "progress": False}), resume=True, log=lambda m: None)
+    assert rates and all(r == pytest.approx(0.2) for r in rates)
+    assert res["steps"] == res["planned_steps"] and {s["batch_size"] for s in res["stages"]} == {8}
 
 
 def test_baseline_res_must_be_a_patch_multiple(tiny_prepped, tiny_src, tmp_path, capsys):
@@ -101,3 +141,29 @@ def test_baseline_res_must_be_a_patch_multiple(tiny_prepped, tiny_src, tmp_path,
                "--baseline-res", "40", *TINY])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "40" in err[0] and "--baseline-res" in err[0] and "multiple" in err[0], err
+
+
+def test_overwrite_keeps_a_finished_run_when_the_new_settings_are_bad(tiny_prepped, tmp_path, capsys):
+    """--overwrite removes the previous run only after every setting of the new one was checked."""
+    run = tmp_path / "run"
+    argv = ["--data", str(tiny_prepped), "--out", str(run), "--epochs", "1", "--evals", "0", "--keep-min", "1",
+            "--curriculum", "32:1", *TINY]
+    assert main(argv) == 0
+    before = (run / "results.json").read_bytes()
+    capsys.readouterr()
+    bad = [a if a != "32:1" else "33:1" for a in argv] + ["--overwrite"]   # not a multiple of the patch
+    assert main(bad) == 2 and "multiple" in capsys.readouterr().err
+    assert (run / "results.json").read_bytes() == before
+
+
+def test_out_of_memory_is_recognised_through_the_compiler():
+    """An OOM raised while inductor compiles or runs a graph arrives wrapped (BackendCompilerFailed /
+    InductorError are RuntimeErrors whose message carries the CUDA error): still an out-of-memory."""
+    import torch
+
+    from fastvit.train.errors import is_oom
+
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("backend='inductor' raised:\nOutOfMemoryError: CUDA out of memory. Tried to "
+                               "allocate 1.50 GiB"))
+    assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))

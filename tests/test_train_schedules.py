@@ -153,7 +153,7 @@ def test_budget_clock_excludes_validation_and_resumes():
     assert ex["seconds"] == pytest.approx(30)
     fc.t += 5
     assert c.counted() == pytest.approx(15)
-    assert c.progress() == pytest.approx(0.15)
+    assert c.counted() / c.budget_s == pytest.approx(0.15)
     assert c.excluded_s == pytest.approx(30)
     c2 = BudgetClock(100.0, counted_s=15.0, clock=fc)           # resumed process
     fc.t += 1
@@ -190,6 +190,9 @@ def test_plan_time_budget_ends_on_budget():
     for s in plan.stages:                                      # each gets its share of the time
         assert s.steps * s.batch_size / s.speed == pytest.approx((s.f1 - s.f0) * 534.0, abs=s.batch_size / s.speed)
     assert plan.progress_at(0) == 0.0 and plan.progress_at(plan.total_steps) == 1.0
+    from fastvit.data.curriculum import stretches      # what the loader makes of the plan: keep-only
+    st = stretches(plan.stages)                        # changes share one batch order
+    assert st[0].res == 64 and [s.res for s in st] == [64, 128] and sum(s.steps for s in st) == plan.total_steps
     again = Plan.from_dict(plan.to_dict())                       # saved plan → same plan
     assert again.total_steps == plan.total_steps and again.stages == plan.stages
 
@@ -259,17 +262,17 @@ def test_replan_on_drift_keeps_done_steps_and_ends_on_budget():
     assert late.total_steps >= step + 1 and late.stages[-1].steps >= 1
     # out of memory: halved batch at res 128, LR scaled, steps doubled for the same images
     oom = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
-                 new_batch={128: 32}, base_batch=64, lr_rule="linear")
+                 new_batch={s.kind: 32 for s in plan.stages if s.res == 128}, base_batch=64, lr_rule="linear")
     s128 = [s for s in oom.stages if s.res == 128]
     assert all(s.batch_size == 32 for s in s128)
     old128 = [s for s in plan.stages if s.res == 128]
     assert s128[-1].lr_scale == pytest.approx(old128[-1].lr_scale / 2)
     # the run's own rule, as the planned segments and the probe fallback use (sqrt by default)
     sq = replan(plan, step=step, counted_s=plan.progress_at(step) * 1000.0, speed_ratio=1.0,
-                new_batch={128: 32}, base_batch=64, lr_rule="sqrt")
+                new_batch={s.kind: 32 for s in plan.stages if s.res == 128}, base_batch=64, lr_rule="sqrt")
     assert all(s.lr_scale == pytest.approx(math.sqrt(32 / 64)) for s in sq.stages if s.res == 128)
     with pytest.raises(ValueError):
-        replan(plan, step=step, counted_s=0.0, speed_ratio=1.0, new_batch={128: 32})   # no rule given
+        replan(plan, step=step, counted_s=0.0, speed_ratio=1.0, new_batch={plan.stages[-1].kind: 32})   # no rule
 
 
 def test_replan_when_ahead_stretches_to_the_budget():
@@ -395,3 +398,20 @@ def test_step_meter_logs_mfu_from_the_flop_count():
     from fastvit.sysinfo import peak_flops
 
     assert peak_flops("NVIDIA H200") == 790e12 and peak_flops("cpu: AMD EPYC") is None
+
+
+def test_oom_in_an_image_plan_cuts_the_stage_and_keeps_history():
+    """Out of memory at step 40 of an --epochs plan: the 40 steps served keep their batch, progress and
+    images; the rest runs at half the batch with twice the steps (same images), the LR by the rule."""
+    from fastvit.train.planner import halve_in_plan
+
+    plan = plan_budget([Stage(32, 16, keep=1.0, f0=0.0, f1=1.0)], budget_images=1600)
+    assert plan.total_steps == 100
+    new, old, half = halve_in_plan(plan, step=40, counted_s=0.0, fallback=BatchFallback(16, "sqrt"))
+    assert (old.batch_size, half.batch_size) == (16, 8)
+    assert new.images_until(40) == plan.images_until(40) == 640
+    assert new.progress_at(40) == pytest.approx(plan.progress_at(40))
+    assert [(s.batch_size, s.steps) for s in new.stages] == [(16, 40), (8, 120)]
+    assert new.images_until(new.total_steps) == 1600
+    assert new.stages[1].lr_scale == pytest.approx(math.sqrt(0.5))
+    assert BatchFallback(16, "sqrt").halve(Stage(32, 6)).batch_size == 2    # halving keeps mixup pairs: even

@@ -132,8 +132,8 @@ def _switch_stall(ds, backend: str, device: str, workers: int, first_steps: int,
     with CurriculumLoader(ds, stages, backend=backend, device=device, seed=0, workers=workers) as cl:
         for _ in cl:
             time.sleep(STEP_S)  # the "training step"
-        waits = list(cl.data_wait_s)
-        switch = cl.switch_steps[1]
+        waits = list(cl.data_wait_s)                      # the most recent steps (a bounded window)
+        switch = cl.switch_steps[1] - (cl.step - len(waits))   # the switch's index in that window
     step_times = [w + STEP_S for w in waits[1:]]  # step 0 includes the first build: not a step
     around = waits[max(1, switch - 2):switch + 3]
     return max(around) / statistics.median(step_times)

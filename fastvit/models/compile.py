@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvit.compat import raise_recompile_limit
 from fastvit.kernels import sample_keep_indices
 
 Shape = tuple  # (res | (H, W), keep rate float | kept count int | None, batch)
@@ -37,18 +38,6 @@ def _keep_kwargs(keep, B: int, N: int, device) -> dict:
     if isinstance(keep, int) and not isinstance(keep, bool):
         return {"keep_idx": sample_keep_indices(B, N, keep, device)}
     raise ValueError(f"keep must be a keep rate (float), a kept count (int) or None, got {keep!r}")
-
-
-def raise_recompile_limit(n_graphs: int) -> None:
-    """Dynamo stops compiling a function after `recompile_limit` (8) graphs and runs it eagerly;
-    a curriculum with several resolutions x keep rates x train/eval can need more."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), n_graphs + 8))
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 4 * (n_graphs + 8)))
 
 
 def compile_model(model: nn.Module, shapes: Iterable[Shape] = (), *, train: bool = True, eval: bool = False,

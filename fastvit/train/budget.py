@@ -40,12 +40,6 @@ class BudgetClock:
         t = self._pause_t if self._pause_t is not None else self._clock()
         return self._base + (t - self._t0) - self._excluded
 
-    def progress(self) -> float:
-        """counted / budget (0 when the budget is not in seconds)."""
-        if not self.budget_s:
-            return 0.0
-        return self.counted() / self.budget_s
-
     @property
     def excluded_s(self) -> float:
         return self._excluded_total

@@ -13,7 +13,7 @@ import sys
 
 from fastvit.settings import add_dataclass_flags
 
-from .config import PRESETS, ConfigError, TrainConfig, make_config
+from .config import PRESETS, ConfigError, TrainConfig, given_settings, make_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """preset → --config YAML → flags. The default preset follows the device the flags or the YAML ask
+    for (else the machine's); the run dir defaults to runs/<recipe> when neither sets it."""
     known = TrainConfig.leaf_keys()
     overrides = {k: v for k, v in vars(args).items() if k in known}
+    run = given_settings(overrides, args.config).get("run", {})
     preset = args.preset
     if preset is None:
         from fastvit.data.backends import default_device
 
-        dev = args.device or default_device()
+        dev = run.get("device") or default_device()
         preset = "cpu" if dev == "cpu" else "gpu"
-    return make_config(preset, overrides, args.config)
+    cfg = make_config(preset, overrides, args.config)
+    if not run.get("out"):
+        cfg.run.out = f"runs/{cfg.run.recipe}"
+    return cfg
 
 
 # flags that still count with --resume (everything else comes from the run's saved config)
@@ -68,8 +74,6 @@ def main(argv=None) -> int:
             cfg = TrainConfig.from_dict({"out": args.out, "progress": args.progress if args.progress is not None else True})
         else:
             cfg = config_from_args(args)
-            if not args.out:
-                cfg.run.out = f"runs/{cfg.run.recipe}"
         ignored = ignored_on_resume(args) if args.resume else []
         res = train(cfg, resume=args.resume, overwrite=args.overwrite, ignored_flags=ignored)
     except ConfigError as e:

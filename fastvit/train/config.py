@@ -260,6 +260,14 @@ def make_config(preset: str | None, overrides: dict, yaml_path: str | None = Non
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     d = TrainConfig.nest(PRESETS.get(preset or "gpu", {}))
+    _merge_into(d, given_settings(overrides, yaml_path))
+    return TrainConfig.from_dict(d)
+
+
+def given_settings(overrides: dict, yaml_path: str | None = None) -> dict:
+    """What the user set, nested: the YAML file (nested or flat) under the explicit overrides (None
+    values are 'not given'). Presets not included."""
+    d: dict = {}
     if yaml_path:
         import yaml
 
@@ -274,4 +282,4 @@ def make_config(preset: str | None, overrides: dict, yaml_path: str | None = Non
             raise ConfigError(f"--config {yaml_path} must hold a mapping of settings")
         _merge_into(d, TrainConfig.nest(y))
     _merge_into(d, TrainConfig.nest({k: v for k, v in overrides.items() if v is not None}))
-    return TrainConfig.from_dict(d)
+    return d

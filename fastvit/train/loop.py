@@ -68,7 +68,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     prior = [] if resume else rundir.previous_run(run_dir, overwrite)
     clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **({"clock": clock} if clock else {}))
     env = open_env(cfg)                                   # data, device, backend: checked before any compute
-    rundir.start(run_dir, prior, say)
     if not ck:
         seed_everything(cfg.run.seed)
     if env.cuda:
@@ -79,9 +78,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
     fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling)
+    rundir.start(run_dir, prior, say)                     # every setting checked: a previous run may go now
     # ---- plan ----------------------------------------------------------------------------------------
     if ck:
         st = _restore(ck, parts, step_fn)
+        # (a checkpoint of the first release has no half-life in images: its share of the plan's images)
+        st.ema_halflife_images = st.ema_halflife_images or \
+            cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
         st.compile_s += _rewarm(st, cfg, step_fn, parts, drop_path_of, fallback, clock, say)
     else:
         plan, spent = make_plan(stages, cfg, env, step_fn, parts, drop_path_of, fallback, clock, say)
@@ -107,9 +110,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     try:
         while st.step < st.plan.total_steps:
             images, labels, stage = _next_batch(loader, st.step, env)    # the loader says what this step is
+            # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
             if stage.shape != cur_shape:                                 # a stage change: its drop-path rate
                 cur_shape = stage.shape
-                parts.drop_path.set(drop_path_of.get(stage.shape, 0.0))
+                parts.drop_path.set(drop_path_of[stage.kind])
                 meter.new_stage()
             p = st.plan.progress_at(st.step)                             # the one progress (see above)
             lr = S.lr_at(p, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay)
@@ -118,7 +122,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             meter.timer.start()
             try:
                 loss = step_fn(images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True),
-                               stage, lr=lr * stage.lr_scale, aug=aug, step=st.step)
+                               stage, lr=lr * stage.lr_scale, aug=aug, images_seen=st.plan.images_until(st.step))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
                 meter.timer.cancel()
                 if not is_oom(e):
@@ -137,7 +141,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
             bar.update(1)
             if st.step % cfg.run.log_every == 0 or st.step == st.plan.total_steps:
-                _log_step(metrics, meter, bar, st, stage, now, p, lr * stage.lr_scale, aug, loss, step_fn, cfg)
+                _log_step(metrics, meter, bar, st, stage, now, p, lr * stage.lr_scale, aug, loss, step_fn, cfg,
+                          drop_path_of[stage.kind])
             ratio = drift.check(now, st.plan, st.step) if st.plan.mode == "time" else None
             if ratio is not None:                                        # measured speed is off the plan
                 loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
@@ -212,12 +217,12 @@ def config_stages(cfg: TrainConfig, env: RunEnv) -> list[Stage]:
 
 
 def drop_path_rates(cfg: TrainConfig, stages: list[Stage]) -> dict:
-    """Drop-path rate per stage shape, from the config's own stages (the middle of each one's window),
-    not from re-planned ones whose cut ranges would move it: a compiled graph guards on the rate, so
-    one rate per shape."""
+    """Drop-path rate per stage kind (res, keep, depth, patch size; a batch change keeps it), from the
+    config's own stages (the middle of each one's window), not from re-planned ones whose cut ranges
+    would move it: a compiled graph guards on the rate, so one rate per shape."""
     out: dict = {}
     for s in stages:
-        out.setdefault(s.shape, S.aug_at(0.5 * (s.f0 + s.f1), drop_path=cfg.schedule.drop_path).drop_path)
+        out.setdefault(s.kind, S.aug_at(0.5 * (s.f0 + s.f1), drop_path=cfg.schedule.drop_path).drop_path)
     return out
 
 
@@ -254,7 +259,7 @@ def _rewarm(st: RunState, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: d
     k0, _ = st.plan.stage_at(st.step)
     todo = st.plan.stages[k0:]
     (fitted, _), spent = _warm(todo, cfg, step_fn, parts, drop_path_of, fallback, clock, say)
-    smaller = {f.res: f.batch_size for s, f in zip(todo, fitted) if f.batch_size < s.batch_size}
+    smaller = {f.kind: f.batch_size for s, f in zip(todo, fitted) if f.batch_size < s.batch_size}
     if smaller:
         from .planner import shrink_batches
 
@@ -275,12 +280,11 @@ def _warm(stages, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: dict, fal
     say(f"{'probing' if iters else 'warming up'} {n} shape(s) (compile={'on' if step_fn.env.compile else 'off'})")
 
     def run(stage: Stage) -> None:
-        parts.drop_path.set(drop_path_of.get(stage.shape, 0.0))
+        parts.drop_path.set(drop_path_of[stage.kind])
         step_fn.synthetic(stage, aug)
 
     def halved(old: Stage, new: Stage) -> None:
         say(fallback.describe(old, new))
-        drop_path_of.setdefault(new.shape, drop_path_of.get(old.shape, 0.0))
         step_fn.restore(snap)
 
     try:
@@ -354,11 +358,12 @@ def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: Batch
     return _open_loader(st, cfg, env)
 
 
-def _log_step(metrics, meter: StepMeter, bar, st: RunState, stage: Stage, now, p, lr, aug, loss, step_fn, cfg):
+def _log_step(metrics, meter: StepMeter, bar, st: RunState, stage: Stage, now, p, lr, aug, loss, step_fn, cfg,
+              drop_path: float):
     rec = {"kind": "train", "step": st.step, "counted_s": round(now, 3), "p": round(p, 5),
            "stage": st.plan.stage_at(st.step - 1)[0], "res": stage.res, "keep": stage.keep,
            "batch": stage.batch_size, "lr": lr, "loss": loss, "mix_prob": aug.mix_prob,
-           "drop_path": aug.drop_path, "nan_skipped": step_fn.nan_total, **meter.record(now, stage)}
+           "drop_path": drop_path, "nan_skipped": step_fn.nan_total, **meter.record(now, stage)}
     metrics.log(rec)
     budget = (f"budget {now:.0f}/{cfg.budget_s:.0f}s" if cfg.budget_s else
               f"images {st.plan.images_until(st.step)}/{st.plan.budget_images}")
@@ -415,7 +420,7 @@ def _save_plan(run_dir: Path, plan: Plan) -> None:
 
 
 def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st: RunState, clock) -> Path:
-    state = {
+    state = {                                   # torch.save copies device tensors to the host: a SYNC
         "config": cfg.to_dict(), "model": parts.model.state_dict(), "opt": parts.opt.state_dict(),
         "ema": parts.ema.module.state_dict() if parts.ema is not None else None,
         "plan": st.plan.to_dict(), "step": st.step, "counted_s": clock.counted(), "rng": rng_state(),
@@ -435,7 +440,7 @@ def _restore(ck: dict, parts: Parts, step_fn: TrainStep) -> RunState:
     plan = Plan.from_dict(ck["plan"])
     return RunState(plan=plan, step=ck["step"], evals_done=ck.get("evals_done", 0), val_s=ck.get("val_s", 0.0),
                     compile_s=ck.get("compile_s", 0.0),
-                    ema_halflife_images=ck.get("ema_halflife_images") or 0.02 * plan.images_until(plan.total_steps))
+                    ema_halflife_images=ck.get("ema_halflife_images") or 0.0)
 
 
 def _results(cfg: TrainConfig, env: RunEnv, st: RunState, step_fn: TrainStep, counted: float, final: dict) -> dict:

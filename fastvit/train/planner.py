@@ -134,7 +134,7 @@ def plan_budget(stages: list[Stage], *, speeds: dict | None = None, budget_s: fl
                 reserve_s: float = 0.0) -> Plan:
     """Steps per stage so the run ends on the budget.
 
-    Time budget: speeds[(res, keep, batch)] = measured training images/s of that shape; the window is
+    Time budget: speeds[Stage.shape] = measured training images/s of that shape; the window is
     budget_s − setup_s (already spent) − reserve_s (final checkpoint). Image budget: steps from images.
     Stages that get no step are dropped, except that the last one keeps at least one step (the
     all-patches, final-resolution finish).
@@ -195,7 +195,7 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     from where the plan stood (no jump of the schedules either way): a run that is ahead gets more
     steps, one that is behind fewer, and both end on the budget. A stage left with no step is
     dropped and its progress range folded into its successor; the last stage keeps >= 1 step.
-    `new_batch` {res: batch} overrides batch sizes of remaining stages (out-of-memory fallback); their
+    `new_batch` {Stage.kind: batch} overrides batch sizes of remaining stages (out-of-memory fallback); their
     LR scale becomes lr_scale_for_batch(batch, base_batch, lr_rule), the rule the planned stages and
     the probe's fallback use. Only for time budgets (an image budget does not drift).
     """
@@ -218,8 +218,8 @@ def replan(plan: Plan, *, step: int, counted_s: float, speed_ratio: float,
     new_rest = []
     for s in rest:
         batch, lr_scale, probe = s.batch_size, s.lr_scale, s.probe_speed
-        if new_batch and s.res in new_batch and new_batch[s.res] < batch:
-            batch = new_batch[s.res]
+        if new_batch and s.kind in new_batch and new_batch[s.kind] < batch:
+            batch = new_batch[s.kind]
             lr_scale = S.lr_scale_for_batch(batch, base_batch, lr_rule)
             probe = 0.0                                      # that batch was never probed
         speed = s.speed * speed_ratio
@@ -365,7 +365,7 @@ class BatchFallback:
     min_batch: int = 2
 
     def halve(self, stage: Stage) -> Stage:
-        b = stage.batch_size // 2
+        b = (stage.batch_size // 2) & ~1          # even: mixup pairs
         if b < self.min_batch:
             raise OutOfMemory(f"out of GPU memory even at batch {stage.batch_size} (res {stage.res}, keep "
                               f"{stage.keep:g}); use a smaller --model or --batch-size")
@@ -417,29 +417,34 @@ def fit_and_probe(stages: Iterable[Stage], run_step: Callable[[Stage], None], no
 
 
 def halve_in_plan(plan: Plan, *, step: int, counted_s: float, fallback: BatchFallback) -> tuple[Plan, Stage, Stage]:
-    """Out of memory at `step` mid-run: the stage in progress and every later one at its resolution
-    continue at half its batch (the LR rescaled by the run's rule). Returns (new plan, old, new stage)."""
+    """Out of memory at `step` mid-run: the stage in progress and every later one of its kind (res,
+    keep, depth, patch size) continue at half its batch (the LR rescaled by the run's rule). Returns
+    (new plan, old stage, new stage)."""
     old = plan.stages[plan.stage_at(step)[0]]
     new = fallback.halve(old)
-    return shrink_batches(plan, step=step, counted_s=counted_s, new_batch={old.res: new.batch_size},
+    return shrink_batches(plan, step=step, counted_s=counted_s, new_batch={old.kind: new.batch_size},
                           fallback=fallback), old, new
 
 
 def shrink_batches(plan: Plan, *, step: int, counted_s: float, new_batch: dict, fallback: BatchFallback) -> Plan:
-    """Stages from `step` on at a resolution in `new_batch` {res: batch} and with a larger batch get that
-    batch and its LR scale. A time plan is re-planned from the seconds left (steps follow from the speed);
-    an image plan keeps its images (more steps)."""
+    """From `step` on, stages of a kind in `new_batch` {Stage.kind: batch} with a larger batch get that
+    batch and its LR scale. The stage in progress is cut at `step` (the steps served keep their batch
+    and their share of the window, as in `replan`), so progress and the images seen stay as they were.
+    A time plan is re-planned from the seconds left (steps follow from the speed); an image plan keeps
+    its images (more steps)."""
     if plan.mode == "time":
         return replan(plan, step=step, counted_s=counted_s, speed_ratio=1.0, new_batch=new_batch,
                       base_batch=fallback.base_batch, lr_rule=fallback.lr_rule)
     k, j = plan.stage_at(step)
-    stages = []
-    for i, s in enumerate(plan.stages):
-        b = new_batch.get(s.res)
-        if i >= k and b is not None and s.batch_size > b:
-            todo = s.steps - (j if i == k else 0)
-            extra = todo * s.batch_size // b - todo
+    f_cur = plan.progress_at(step)
+    cur = plan.stages[k]
+    done = list(plan.stages[:k]) + ([replace(cur, f1=f_cur, steps=j)] if j > 0 else [])
+    rest = [replace(cur, f0=f_cur, steps=cur.steps - j)] + list(plan.stages[k + 1:])
+    out = []
+    for s in rest:
+        b = new_batch.get(s.kind)
+        if b is not None and s.batch_size > b:
             s = replace(s, batch_size=b, lr_scale=S.lr_scale_for_batch(b, fallback.base_batch, fallback.lr_rule),
-                        steps=s.steps + extra, probe_speed=0.0)
-        stages.append(s)
-    return replace(plan, stages=stages)
+                        steps=max(1, int(round(s.steps * s.batch_size / b))), probe_speed=0.0)
+        out.append(s)
+    return replace(plan, stages=done + out)

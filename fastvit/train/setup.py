@@ -107,7 +107,7 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
     from timm.optim import create_optimizer_v2
 
     from fastvit.models import DropPathRate, create_baseline, create_model
-    from fastvit.models.compile import raise_recompile_limit
+    from fastvit.compat import raise_recompile_limit
 
     from .augment import make_mixup
 
@@ -134,13 +134,14 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
     if sc.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=0.999, use_warmup=True)   # decay set per step (EmaRate)
+        ema = ModelEmaV3(model, decay=0.999, use_warmup=False)  # decay set per step (step.EmaRate)
     mixup = make_mixup(mixup=sc.mixup, cutmix=sc.cutmix, label_smoothing=sc.label_smoothing,
                        num_classes=num_classes)
     step_model = model
     if env.compile:
         # one compiled module for the run, static shapes: every stage shape (and drop-path rate, a
-        # guarded constant) is one graph, compiled at its first call in the planner's probe (counted)
+        # guarded constant) is one graph, compiled at its first call: in the planner's probe (counted),
+        # or, for a shape made later (an out-of-memory halving mid-run), at its first training step
         raise_recompile_limit(64)
         step_model = torch.compile(model, fullgraph=cfg.run.recipe != "baseline", dynamic=False)
     return Parts(model=model, step_model=step_model, opt=opt, ema=ema, mixup=mixup,

@@ -1,11 +1,11 @@
 """One training step: augment → forward (bf16 on GPU) → soft-target loss → backward → clip → AdamW → EMA.
 
     step = TrainStep(parts, cfg.schedule, env)
-    loss = step(images, labels, stage, lr=..., aug=S.aug_at(p, ...))    # None: skipped (NaN/inf)
+    loss = step(images, labels, stage, lr=..., aug=S.aug_at(p, ...), images_seen=n)   # None: skipped (NaN/inf)
 
 The EMA's time constant is a number of *images* (`EmaRate`), fixed for the run: its per-step decay
-follows the batch size of the step, so re-plans and out-of-memory halvings do not change how far back
-the average reaches.
+follows the batch size of the step, and its warm-up follows the images seen, so re-plans and
+out-of-memory halvings do not change how far back the average reaches.
 """
 from __future__ import annotations
 
@@ -24,13 +24,21 @@ from .setup import Parts, RunEnv
 
 
 class EmaRate:
-    """EMA decay per step for a half-life in images: decay = 0.5 ** (batch / halflife_images)."""
+    """EMA decay of one step of `batch` images for a half-life in images: 0.5 ** (batch / half-life).
+    Warm-up (counted in images, so a batch change does not move it): while few images have been seen
+    the half-life is a tenth of them (at least one batch), so the average forgets the random
+    initialisation quickly; the first step copies the weights."""
 
     def __init__(self, halflife_images: float):
         self.halflife_images = max(1.0, float(halflife_images))
 
-    def decay(self, batch: int) -> float:
-        return 0.5 ** (batch / self.halflife_images)
+    def decay(self, batch: int, images_seen: int | None = None) -> float:
+        hl = self.halflife_images
+        if images_seen is not None:
+            if images_seen <= 0:
+                return 0.0
+            hl = min(hl, max(float(batch), 0.1 * images_seen))
+        return 0.5 ** (batch / hl)
 
 
 class TrainStep:
@@ -41,8 +49,11 @@ class TrainStep:
         self.nan_total = 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
-                 aug: AugStrength, step: int, probe: bool = False) -> float | None:
-        """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped."""
+                 aug: AugStrength, images_seen: int = 0, probe: bool = False) -> float | None:
+        """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped.
+        `images_seen`: training images before this step (the EMA's warm-up)."""
+        if stage.depth is not None or stage.patch_size is not None:
+            raise ValueError(f"{stage}: per-stage depth and patch size are not applied by this trainer")
         p = self.p
         for g in p.opt.param_groups:
             g["lr"] = lr
@@ -68,8 +79,8 @@ class TrainStep:
         if not probe:
             self.nan_run = 0
             if p.ema is not None:
-                p.ema.decay = self.ema_rate.decay(stage.batch_size)
-                p.ema.update(p.model, step=step)
+                p.ema.decay = self.ema_rate.decay(stage.batch_size, images_seen)
+                p.ema.update(p.model)               # applies exactly ema.decay (no step-counted warm-up)
         return loss_v
 
     def synthetic(self, stage: Stage, aug: AugStrength) -> None:
@@ -77,13 +88,14 @@ class TrainStep:
         dev = self.env.device
         x = torch.randint(0, 256, (stage.batch_size, 3, stage.res, stage.res), dtype=torch.uint8, device=dev)
         y = torch.randint(0, self.p.mixup.num_classes, (stage.batch_size,), device=dev)
-        self(x, y, stage, lr=0.0, aug=aug, step=0, probe=True)
+        self(x, y, stage, lr=0.0, aug=aug, probe=True)
         if self.env.cuda:
             torch.cuda.synchronize()                                                     # SYNC
 
     def snapshot(self) -> dict:
-        """Weights, optimizer state and RNG, to undo the probe's steps."""
-        return {"model": copy.deepcopy(self.p.model.state_dict()), "opt": copy.deepcopy(self.p.opt.state_dict()),
+        """Weights, optimizer state and RNG, to undo the probe's steps; kept in host memory, so the
+        probe has the GPU memory the loop will have."""
+        return {"model": _to_host(self.p.model.state_dict()), "opt": _to_host(self.p.opt.state_dict()),
                 "rng": rng_state()}
 
     def restore(self, snap: dict) -> None:
@@ -93,3 +105,14 @@ class TrainStep:
         self.p.opt.zero_grad(set_to_none=True)
         if self.env.cuda:
             torch.cuda.empty_cache()
+
+
+def _to_host(obj):
+    """A copy of a (nested) state dict with every tensor in host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)                                         # SYNC (on CUDA)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return copy.deepcopy(obj)
