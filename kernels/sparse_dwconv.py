@@ -11,6 +11,10 @@ the index j' in [0, K) of the kept token at grid cell (gy+dy, gx+dx), or -1 (dro
 grid = the zero of the zero-filled grid). Tiles are (BLOCK_T tokens, BLOCK_C channels): every row
 load is BLOCK_C contiguous channels of one token, so the 9 gathered rows are coalesced reads.
 
+With ACT, z is rounded to x's dtype before the Hardswish (in the forward and in the backward's
+recompute): the unfused path stores z in that dtype, and hardswish' jumps at z = +-3, so an fp32 z
+could take the other branch than the reference's rounded one and change dx by half of dy.
+
 Backward (two kernels, nothing saved but x):
   1. `_dw_bwd_w_kernel`, per (token tile, channel tile), the M tiles split over a few programs per
      channel tile: recompute z from the 9 neighbour rows (ACT only), dz = dy * hardswish'(z), store dz
@@ -35,6 +39,18 @@ import triton.language as tl
 def _hardswish_grad(z):
     # d/dz z*relu6(z+3)/6, with PyTorch's hardswish_backward boundaries (z < -3: 0, z <= 3: z/3 + 1/2)
     return tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def _rounded(z, dtype: tl.constexpr, RTNE_BITS: tl.constexpr):
+    """fp32 z rounded to `dtype` (round to nearest even), returned as fp32. Triton's interpreter
+    truncates fp32 -> bf16 casts (the GPU rounds to nearest), so under it (RTNE_BITS) bf16 rounding is
+    done on the bits; storing the result then casts exactly."""
+    if RTNE_BITS:
+        u = z.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return z.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -63,7 +79,8 @@ def _conv_tile(x_ptr, nbr_ptr, w_ptr, x_row, n_row, t_mask, offs_c, c_mask, s_xk
 
 @triton.jit
 def _dw_fwd_kernel(x_ptr, nbr_ptr, w_ptr, b_ptr, y_ptr, M, K_KEEP, C, s_xb, s_xk, s_nb, s_nk,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RTNE_BITS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # axis 0 = channel tiles (fastest): programs sharing a token block run together, and the
     # neighbour rows one token block gathers are mostly the next/previous grid row's: L2 hits.
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -73,17 +90,20 @@ def _dw_fwd_kernel(x_ptr, nbr_ptr, w_ptr, b_ptr, y_ptr, M, K_KEEP, C, s_xb, s_xk
     z = _conv_tile(x_ptr, nbr_ptr, w_ptr, x_row, n_row, t_mask, offs_c, c_mask, s_xk, False, BLOCK_T, BLOCK_C)
     if HAS_BIAS:
         z += tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT:
+    dtype = y_ptr.dtype.element_ty
+    if ACT:  # z rounded to the storage dtype first, as the unfused conv's output is (see module doc)
+        z = _rounded(z, dtype, RTNE_BITS)
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     out = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(y_ptr + out, z.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    tl.store(y_ptr + out, _rounded(z, dtype, RTNE_BITS).to(dtype), mask=t_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
 def _dw_bwd_w_kernel(x_ptr, nbr_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr, dw_ptr, M, K_KEEP, C,
                      s_xb, s_xk, s_nb, s_nk,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_DZ: tl.constexpr,
-                     NEED_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                     NEED_W: tl.constexpr, RTNE_BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     # grid (channel tiles, splits of the token tiles). dy, dz contiguous (M, C); dw (10, C) fp32
     # zeroed: rows 0-8 the taps, row 9 the bias.
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -107,9 +127,10 @@ def _dw_bwd_w_kernel(x_ptr, nbr_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr, dw_ptr, M, K_
                            BLOCK_T, BLOCK_C)
             if HAS_BIAS:
                 z += tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            dz = dz * _hardswish_grad(z)
+            dz = dz * _hardswish_grad(_rounded(z, x_ptr.dtype.element_ty, RTNE_BITS))   # as the forward
             if STORE_DZ:
-                tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+                tl.store(dz_ptr + off, _rounded(dz, dz_ptr.dtype.element_ty, RTNE_BITS).to(dz_ptr.dtype.element_ty),
+                         mask=mask)
         if NEED_W:
             for tap in tl.static_range(9):
                 n = tl.load(nbr_ptr + n_row + tap, mask=t_mask, other=-1)
@@ -123,7 +144,7 @@ def _dw_bwd_w_kernel(x_ptr, nbr_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr, dw_ptr, M, K_
 
 @triton.jit
 def _dw_bwd_x_kernel(dz_ptr, nbr_ptr, w_ptr, dx_ptr, M, K_KEEP, C, s_nb, s_nk,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                     RTNE_BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # dz, dx contiguous (M, C): the transposed conv through mirrored taps of the same table.
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -131,7 +152,8 @@ def _dw_bwd_x_kernel(dz_ptr, nbr_ptr, w_ptr, dx_ptr, M, K_KEEP, C, s_nb, s_nk,
     t_mask, z_row, n_row = _tile_rows(offs_t, M, K_KEEP, K_KEEP * C, s_nb, s_nk)
     dx = _conv_tile(dz_ptr, nbr_ptr, w_ptr, z_row, n_row, t_mask, offs_c, c_mask, C, True, BLOCK_T, BLOCK_C)
     out = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    dtype = dx_ptr.dtype.element_ty
+    tl.store(dx_ptr + out, _rounded(dx, dtype, RTNE_BITS).to(dtype), mask=t_mask[:, None] & c_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +167,10 @@ def _interpreting() -> bool:
 GPU_BLOCKS = (32, 128, 4)
 # the interpreter: small tiles, so test sizes still have several tiles in both dimensions
 INTERP_BLOCKS = (8, 16, 1)
+
+
+def _rtne_bits(dtype: torch.dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16
 
 
 def _blocks() -> tuple[int, int, int]:
@@ -183,7 +209,8 @@ def dwconv_forward(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bia
     grid = (triton.cdiv(C, bc), triton.cdiv(M, bt))
     _launch(_dw_fwd_kernel, grid, x.device, x, nbr, weight, bias if bias is not None else weight, y,
             M, K, C, x.stride(0), x.stride(1), nbr.stride(0), nbr.stride(1),
-            HAS_BIAS=bias is not None, ACT=act, BLOCK_T=bt, BLOCK_C=bc, num_warps=warps)
+            HAS_BIAS=bias is not None, ACT=act, RTNE_BITS=_rtne_bits(x.dtype), BLOCK_T=bt, BLOCK_C=bc,
+            num_warps=warps)
     return y
 
 
@@ -213,10 +240,10 @@ def dwconv_backward(grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, weig
                     bias if bias is not None else weight, grad, dz, dwb, M, K, C,
                     x.stride(0), x.stride(1), nbr.stride(0), nbr.stride(1),
                     HAS_BIAS=bias is not None, ACT=act, STORE_DZ=store_dz, NEED_W=need_w,
-                    BLOCK_T=bt, BLOCK_C=bc, num_warps=warps)
+                    RTNE_BITS=_rtne_bits(x.dtype), BLOCK_T=bt, BLOCK_C=bc, num_warps=warps)
         if need_x:
             _launch(_dw_bwd_x_kernel, (c_tiles, t_tiles), x.device, dz, nbr, weight, dx, M, K, C,
-                    nbr.stride(0), nbr.stride(1), BLOCK_T=bt, BLOCK_C=bc, num_warps=warps)
+                    nbr.stride(0), nbr.stride(1), RTNE_BITS=_rtne_bits(x.dtype), BLOCK_T=bt, BLOCK_C=bc, num_warps=warps)
     # fresh tensors, not views of dwb: a custom op's outputs may not alias each other
     dw = dwb[:9].t().contiguous().to(weight.dtype).view(weight.shape) if need_w else weight.new_empty((0,))
     db = dwb[9].to(bias.dtype, copy=True) if need_b and bias is not None else x.new_empty((0,))
