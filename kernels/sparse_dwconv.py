@@ -27,12 +27,11 @@ Atomics make the last bits of dW/dBias run-to-run nondeterministic (fp32 sums in
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .patch_embed import _interpreting, _sm_count
 
 
 @triton.jit
@@ -159,9 +158,6 @@ def _dw_bwd_x_kernel(dz_ptr, nbr_ptr, w_ptr, dx_ptr, M, K_KEEP, C, s_nb, s_nk,
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 # (BLOCK_T, BLOCK_C, num_warps): 128 bf16 channels = 256 B per gathered row; 32 tokens a tile.
 GPU_BLOCKS = (32, 128, 4)
@@ -175,11 +171,6 @@ def _rtne_bits(dtype: torch.dtype) -> bool:
 
 def _blocks() -> tuple[int, int, int]:
     return INTERP_BLOCKS if _interpreting() else GPU_BLOCKS
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _prep(x: torch.Tensor, nbr: torch.Tensor):

@@ -222,36 +222,10 @@ class _TinyLocal(torch.nn.Module):
         return sparse_local_dwconv(x, nbr, keep_idx, self.conv.weight, self.conv.bias, (4, 6), act=True).square().sum()
 
 
-def test_torch_compile_fullgraph_traces_the_op():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def record(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    torch._dynamo.reset()
-    m = _TinyLocal()
+def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op):
     x, keep_idx, *_ = make_inputs(Case((4, 6), "random", 16))
     x.requires_grad_()
-    eager = m(x, keep_idx)
-    eager.backward()
-    eager_grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
-    x.grad = None
-    m.zero_grad()
-    compiled = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=record("fw"),
-                                                                     bw_compiler=record("bw")))
-    loss = compiled(x, keep_idx)
-    loss.backward()
-    assert any("fastvit.sparse_dwconv3x3.default" in g for g in graphs["fw"])
-    assert any("fastvit.sparse_dwconv3x3_backward.default" in g for g in graphs["bw"])
-    torch.testing.assert_close(loss, eager)
-    for got, want in zip([x.grad] + [p.grad for p in m.parameters()], eager_grads):
-        torch.testing.assert_close(got, want)
+    check_fullgraph_op(_TinyLocal(), (x, keep_idx), "sparse_dwconv3x3", leaves=[x])
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -315,30 +289,15 @@ def test_model_builds_one_neighbour_table_per_forward_and_none_at_keep_1(monkeyp
 _AOT_SCRIPT = r'''
 import os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastvit.kernels import sparse_dwconv as sd
+from fastvit.kernels.aot import compile_ptx
 
 BT, BC, WARPS = sd.GPU_BLOCKS
 B, K, C = 256, 98, 1536                                 # ViT-S MLP hidden, keep 0.5 at 224
 ints = dict(M=B * K, K_KEEP=K, C=C, s_xb=K * C, s_xk=C, s_nb=K * 9, s_nk=9)
 
 def ptx(fn, ptrs, **consts):
-    consts = dict(consts, BLOCK_T=BT, BLOCK_C=BC)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if ints[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=WARPS))
-    return k.asm["ptx"]
+    return compile_ptx(fn, ptrs, ints, dict(consts, BLOCK_T=BT, BLOCK_C=BC), num_warps=WARPS)
 
 bf = dict(x_ptr="bf16", nbr_ptr="i32", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16", dy_ptr="bf16",
           dz_ptr="bf16", dw_ptr="fp32", dx_ptr="bf16")
@@ -353,21 +312,11 @@ for name, text in out.items():
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_hopper_without_a_gpu():
+def test_kernels_compile_for_hopper_without_a_gpu(ptx_counts):
     """Triton's CUDA backend lowers the three kernels to sm_90 PTX here (no GPU needed), with 16-byte
     vector loads of the gathered channel rows."""
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no CUDA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in proc.stdout.splitlines()}
-    assert set(counts) == {"fwd", "bwd_w", "bwd_x"}, proc.stdout
+    counts = ptx_counts(_AOT_SCRIPT)
+    assert set(counts) == {"fwd", "bwd_w", "bwd_x"}, counts
     for name, (vec_loads, _) in counts.items():
         assert vec_loads > 0, (name, counts)
     assert counts["bwd_w"][1] > 0, counts            # dW/dBias: fp32 reductions into global memory
