@@ -162,7 +162,7 @@ def _dw_bwd_x_kernel(dz_ptr, nbr_ptr, w_ptr, dx_ptr, M, K_KEEP, C, s_nb, s_nk,
 # (BLOCK_T, BLOCK_C, num_warps): 128 bf16 channels = 256 B per gathered row; 32 tokens a tile.
 GPU_BLOCKS = (32, 128, 4)
 # the interpreter: small tiles, so test sizes still have several tiles in both dimensions
-INTERP_BLOCKS = (8, 16, 1)
+INTERP_BLOCKS = (16, 32, 1)
 
 
 def _rtne_bits(dtype: torch.dtype) -> bool:

@@ -2,7 +2,7 @@
 reference, forward and both gradients; the neighbour table; op registration; the model with the kernel.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest): small grids, channel counts around the
-interpreter's 16-channel / 8-token tiles (so partial tiles and several tiles per axis both occur).
+interpreter's 32-channel / 16-token tiles (so partial tiles and several tiles per axis both occur).
 The oracle is autograd through `fastvit.kernels.locality.reference_forward`, outside any custom op.
 """
 from __future__ import annotations
