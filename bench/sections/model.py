@@ -94,8 +94,9 @@ def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
         B, side, D = (128 if ctx.quick else 256), 14, 384             # ViT-S/16 at 224
     else:
         B, side, D = 8, 8, 64                                          # CPU: tiny, the reference path
-        ctx.skip(f"{prefix}/locality_*", "CPU numbers: the Triton kernel needs CUDA, so the 'sparse' "
-                 "timings run the op's scatter->conv->gather reference")
+        ctx.skip(f"{prefix}/locality_mlp_sparse_ms@*,locality_sparse_GBps_lower_bound@*",
+                 "the sparse Triton kernel needs CUDA: on CPU its op runs the scatter->conv->gather "
+                 "reference, timed as locality_mlp_sparse_reference_ms (CPU numbers, tiny sizes)")
     N, C = side * side, 4 * D
     torch.manual_seed(0)
     mlp = LocalityMlp(D, C).to(dev)
@@ -113,9 +114,10 @@ def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
             if path == "sparse":
                 _check_sparse(mlp, x, keep_idx, side, amp)
             times[(path, keep)] = timeit(step, warmup=2, iters=5 if ctx.quick else 20, sync=sync) * 1e3
-    for (path, keep), ms in times.items():
-        out[f"{prefix}/locality_mlp_{path}_ms@{_label(224 if ctx.cuda else 16 * side, keep)}"] = ms
     res = 224 if ctx.cuda else 16 * side
+    for (path, keep), ms in times.items():
+        name = path if ctx.cuda or path != "sparse" else "sparse_reference"
+        out[f"{prefix}/locality_mlp_{name}_ms@{_label(res, keep)}"] = ms
     out[f"{prefix}/locality_mlp_keep0.5_over_keep1.0"] = times[("sparse", 0.5)] / times[("dense", 1.0)]
     out[f"{prefix}/sparse_over_scatter_locality@{_label(res, 0.5)}"] = times[("scatter", 0.5)] / times[("sparse", 0.5)]
     K = round(0.5 * N)
@@ -123,8 +125,10 @@ def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
     for path in ("sparse", "scatter"):
         nbytes = locality_bytes(B, K, N, C, act_bytes=a, sparse=path == "sparse")
         out[f"{prefix}/locality_{path}_conv_MB@{_label(res, 0.5)}"] = nbytes / 1e6
-        # the MLP's time includes fc1/fc2: a lower bound on the conv's own bandwidth
-        out[f"{prefix}/locality_{path}_GBps_lower_bound@{_label(res, 0.5)}"] = nbytes / (times[(path, 0.5)] * 1e-3) / 1e9
+        if ctx.cuda or path != "sparse":
+            # the MLP's time includes fc1/fc2: a lower bound on the conv's own bandwidth
+            out[f"{prefix}/locality_{path}_GBps_lower_bound@{_label(res, 0.5)}"] = (
+                nbytes / (times[(path, 0.5)] * 1e-3) / 1e9)
     return out
 
 
