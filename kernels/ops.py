@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import locality
 from .reference import (as_triple, check_inputs, compute_dtype, grad_accum_dtype, reference_backward,
                         reference_forward)
 
@@ -106,3 +107,78 @@ def embed_kept_patches(images: torch.Tensor, keep_idx: torch.Tensor, weight: tor
     return torch.ops.fastvit.embed_kept_patches(
         images, keep_idx, weight, bias, pos_embed,
         list(as_triple(mean, "mean")), list(as_triple(std, "std")), compute_dtype(images, weight))
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparse locality conv: depthwise 3x3 over the kept tokens (+ Hardswish), see sparse_dwconv.py
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::sparse_dwconv3x3", mutates_args=())
+def _dwconv_op(x: torch.Tensor, nbr: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], gh: int, gw: int, act: bool) -> torch.Tensor:
+    if use_triton(x) and x.dtype in FUSED_DTYPES:
+        from .sparse_dwconv import dwconv_forward
+
+        return dwconv_forward(x, nbr, weight, bias, act)
+    return locality.reference_forward(x, keep_idx, weight, bias, (gh, gw), act).contiguous()
+
+
+@_dwconv_op.register_fake
+def _(x, nbr, keep_idx, weight, bias, gh, gw, act):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastvit::sparse_dwconv3x3_backward", mutates_args=())
+def _dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, nbr: torch.Tensor, keep_idx: torch.Tensor,
+                        weight: torch.Tensor, bias: Optional[torch.Tensor], gh: int, gw: int, act: bool,
+                        need_x: bool, need_w: bool, need_b: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x) and x.dtype in FUSED_DTYPES:
+        from .sparse_dwconv import dwconv_backward
+
+        return dwconv_backward(grad, x, nbr, weight, bias, act, need_x, need_w, need_b)
+    return locality.reference_backward(grad, x, keep_idx, weight, bias, (gh, gw), act, need_x, need_w, need_b)
+
+
+@_dwconv_backward_op.register_fake
+def _(grad, x, nbr, keep_idx, weight, bias, gh, gw, act, need_x, need_w, need_b):
+    has_b = need_b and bias is not None
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            x.new_empty(bias.shape if has_b else (0,), dtype=bias.dtype if has_b else x.dtype))
+
+
+def _dwconv_setup_context(ctx, inputs, output):
+    x, nbr, keep_idx, weight, bias, gh, gw, act = inputs
+    ctx.save_for_backward(x, nbr, keep_idx, weight, bias)   # z is recomputed in the backward, not saved
+    ctx.grid_act = (gh, gw, act)
+
+
+def _dwconv_backward(ctx, grad):
+    x, nbr, keep_idx, weight, bias = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dx, dw, db = torch.ops.fastvit.sparse_dwconv3x3_backward(grad, x, nbr, keep_idx, weight, bias,
+                                                             *ctx.grid_act, need_x, need_w, need_b)
+    return (dx if need_x else None, None, None, dw if need_w else None,
+            db if need_b and bias is not None else None, None, None, None)
+
+
+_dwconv_op.register_autograd(_dwconv_backward, setup_context=_dwconv_setup_context)
+
+
+def sparse_local_dwconv(x: torch.Tensor, nbr: torch.Tensor, keep_idx: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, grid_hw: tuple[int, int], act: bool = False) -> torch.Tensor:
+    """Depthwise 3x3 conv over the kept tokens, then Hardswish if `act` (see fastvit.kernels.locality).
+
+    x (B,K,C) kept tokens in keep_idx order (channels contiguous; any batch/token strides); nbr (B,K,9)
+    from `build_neighbours(keep_idx, grid_hw)`; weight (C,1,3,3); bias (C,) or None. Weight and bias
+    are cast to x's dtype (as autocast's conv does); the kernel multiplies and sums in fp32 and rounds
+    once. Returns (B,K,C) in x.dtype; grads for x, weight, bias. The Triton kernels run where
+    `use_triton` says (CUDA; CPU under TRITON_INTERPRET=1), the scatter->conv->gather reference otherwise.
+    """
+    if x.dim() != 3 or weight.shape != (x.shape[2], 1, 3, 3):
+        raise ValueError(f"need x (B,K,C) and weight (C,1,3,3), got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if nbr.shape != (*x.shape[:2], 9) or keep_idx.shape != x.shape[:2]:
+        raise ValueError(f"nbr must be (B,K,9) and keep_idx (B,K) for x {tuple(x.shape)}, "
+                         f"got {tuple(nbr.shape)}, {tuple(keep_idx.shape)}")
+    w = weight.to(x.dtype).contiguous()
+    b = bias.to(x.dtype) if bias is not None else None
+    return torch.ops.fastvit.sparse_dwconv3x3(x, nbr, keep_idx, w, b, int(grid_hw[0]), int(grid_hw[1]), act)

@@ -34,6 +34,64 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_real)
 
 
+@pytest.fixture
+def check_fullgraph_op():
+    """check(m, args, op, leaves=()): m(*args) (a scalar loss) under torch.compile(fullgraph=True) --
+    a graph break raises -- through an AOT-autograd backend that records its graphs: the forward graph
+    calls fastvit::{op}, the backward graph fastvit::{op}_backward, and loss and the grads of m's
+    parameters and of `leaves` equal eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def check(m, args, op: str, leaves=()):
+        graphs = {"fw": [], "bw": []}
+
+        def record(kind):
+            def compiler(gm, example_inputs):
+                graphs[kind].append(str(gm.graph))
+                return make_boxed_func(gm.forward)
+            return compiler
+
+        torch._dynamo.reset()
+        leaves = list(leaves) + list(m.parameters())
+        eager = m(*args)
+        eager.backward()
+        eager_grads = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        compiled = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=record("fw"),
+                                                                         bw_compiler=record("bw")))
+        loss = compiled(*args)
+        loss.backward()
+        assert any(f"fastvit.{op}.default" in g for g in graphs["fw"])
+        assert any(f"fastvit.{op}_backward.default" in g for g in graphs["bw"])
+        torch.testing.assert_close(loss, eager)
+        for t, g in zip(leaves, eager_grads):
+            torch.testing.assert_close(t.grad, g)
+    return check
+
+
+@pytest.fixture
+def ptx_counts():
+    """run(script) -> {name: (ints...)}: runs a Python script that compiles Triton kernels for sm_90
+    (no GPU needed; TRITON_INTERPRET removed from its environment) and prints `name n1 n2 ...` lines.
+    Skips when Triton has no CUDA backend here."""
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no CUDA backend here")
+
+    def run(script: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split()[0]: tuple(map(int, line.split()[1:])) for line in proc.stdout.splitlines()}
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA

@@ -226,36 +226,10 @@ class _TinyEmbed(torch.nn.Module):
         return tokens.float().mean(1).square().sum()
 
 
-def test_torch_compile_fullgraph_traces_the_op():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def record(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    backend = aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw"))
-    torch._dynamo.reset()
-    m = _TinyEmbed()
+def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op):
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     keep_idx = sample_keep_indices(2, 4, 3, "cpu", generator=torch.Generator().manual_seed(0))
-    eager = m(images, keep_idx)
-    eager.backward()
-    eager_grads = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-
-    compiled = torch.compile(m, fullgraph=True, backend=backend)   # fullgraph: a break would raise
-    loss = compiled(images, keep_idx)
-    loss.backward()
-    assert any("fastvit.embed_kept_patches.default" in g for g in graphs["fw"])
-    assert any("fastvit.embed_kept_patches_backward.default" in g for g in graphs["bw"])
-    torch.testing.assert_close(loss, eager)
-    for p, g in zip(m.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad, g)
+    check_fullgraph_op(_TinyEmbed(), (images, keep_idx), "embed_kept_patches")
 
 
 def test_opcheck_registration():
@@ -326,34 +300,15 @@ def test_torch_compile_inductor_cuda():
 
 # ------------------------------------------------------------------------- GPU codegen without a GPU
 _AOT_SCRIPT = r'''
-import os, sys
+import os
 os.environ.pop("TRITON_INTERPRET", None)   # compile the real kernels, not the interpreter's
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastvit.kernels import patch_embed as pe
+from fastvit.kernels.aot import compile_ptx
 
 def compile_sm90(fn, ptrs, ints, consts, cfg):
-    """Specialize like the JIT does for these argument values (1 -> constexpr, %16 -> divisible)."""
     bm, bn, bk, warps, stages = cfg
-    consts = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
-        elif name.startswith(("inv", "sh")):
-            sig[name] = "fp32"
-        elif ints[name] == 1:
-            sig[name], consts[name] = "constexpr", 1
-        else:
-            sig[name] = "i32"
-            if ints[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    return k.asm["ptx"]
+    return compile_ptx(fn, ptrs, ints, dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                       floats=("inv0", "inv1", "inv2", "sh0", "sh1", "sh2"), num_warps=warps, num_stages=stages)
 
 B, R, K, D, P = 256, 224, 98, 384, 16          # ViT-S/16, keep 0.5, contiguous tensors
 ints = dict(M=B * K, K_KEEP=K, D=D, K_DIM=3 * P * P, GW=R // P, M_BUCKET=32768, s_ib=3 * R * R,
@@ -372,20 +327,10 @@ for name, ptx in (("fwd", fwd), ("bwd", bwd)):
 '''
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
+def test_kernels_compile_for_hopper_without_a_gpu(ptx_counts):
     """Triton's CUDA backend lowers both kernels to sm_90 PTX here (no GPU needed): catches GPU-only
     compile errors the interpreter cannot see, and checks they use wgmma and async copies."""
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no CUDA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in proc.stdout.splitlines()}
+    counts = ptx_counts(_AOT_SCRIPT)
     for name in ("fwd", "bwd"):
         wgmma, async_copies = counts[name]
         assert wgmma > 0 and async_copies > 0, (name, counts)

@@ -11,7 +11,13 @@ GPU: ViT-S/16 (vit_small_local / vit_small_plain, timm vit_small_patch16_224), b
 256, settings (224, keep 1.0), (224, 0.5), (128, 1.0), (64, 1.0); metrics `model/...`, MFU against
 PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd). The full GPU
 run also times vit_small_local with dwconv_impl="taps" (`fastvit_taps_over_fastvit@...` > 1 says the
-fusable taps beat cuDNN's depthwise conv and should become the default).
+fusable taps beat cuDNN's depthwise conv and should become the default), and every GPU run times
+vit_small_local with sparse_locality=False (`fastvit_sparse_over_scatter_step@...`: the sparse
+locality kernel's gain on a whole step; 1.0 at keep 1, where both take the dense conv).
+Locality MLP alone (`_locality`, fwd+bwd, ViT-S sizes on GPU, tiny on CPU through the reference):
+`locality_mlp_{dense,sparse,scatter}_ms@...`, `locality_mlp_keep0.5_over_keep1.0` (target <= 0.6),
+`sparse_over_scatter_locality@224,keep0.5` (target >= 2), and `locality_{sparse,scatter}_conv_MB` /
+`_GBps_lower_bound` from `locality_bytes` (the bytes formula of both paths).
 CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16,
 one thread;
 metrics `model_cpu_tiny/...`. --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
@@ -58,6 +64,86 @@ def _timm_call(mean, std):
     return call
 
 
+def locality_bytes(B: int, K: int, N: int, C: int, *, act_bytes: int = 2, sparse: bool = True) -> int:
+    """Bytes one locality conv (+ its Hardswish) moves in HBM, forward + backward, M = B*K kept tokens.
+
+    sparse (the Triton kernels; neighbour rows re-read through L1/L2, counted once):
+      table  B*N*4 (slot map) + M*9*4 (write), once per forward, shared by the blocks (counted here)
+      fwd    M*C (x) + M*9*4 (nbr) + M*C (y, Hardswish fused)                    -> 2*M*C*a + 36*M
+      bwd_w  M*C (x) + M*C (dy) + M*C (dz) + M*9*4 + 10*C*4 (dW, dBias)           -> 3*M*C*a + 36*M
+      bwd_x  M*C (dz) + M*C (dx) + M*9*4                                          -> 2*M*C*a + 36*M
+    scatter -> conv -> gather (today's path, eager):
+      fwd    zero grid B*N*C + scatter M*C in + M*C out + conv grid in/out 2*B*N*C + gather 2*M*C
+             + Hardswish 2*M*C                                                    -> 3*B*N*C*a + 6*M*C*a
+      bwd    Hardswish' 3*M*C + gather' (zero grid B*N*C + 2*M*C) + conv dX 2*B*N*C + conv dW 2*B*N*C
+             + scatter' 2*M*C                                                     -> 5*B*N*C*a + 7*M*C*a
+    """
+    M = B * K
+    if sparse:
+        return B * N * 4 + M * 36 + 7 * M * C * act_bytes + 3 * M * 36 + 10 * C * 4
+    return 8 * B * N * C * act_bytes + 13 * M * C * act_bytes
+
+
+def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
+    """The locality MLP alone (fc1, Hardswish, conv, Hardswish, fc2), forward + backward, at keep 1
+    (dense conv) and keep 0.5 through the sparse kernel and through scatter -> conv -> gather."""
+    from fastvit.kernels import build_neighbours, sample_keep_indices
+    from fastvit.models.layers import LocalityMlp
+
+    if ctx.cuda:
+        B, side, D = (128 if ctx.quick else 256), 14, 384             # ViT-S/16 at 224
+    else:
+        B, side, D = 8, 8, 64                                          # CPU: tiny, the reference path
+        ctx.skip(f"{prefix}/locality_mlp_sparse_ms@*,locality_sparse_GBps_lower_bound@*",
+                 "the sparse Triton kernel needs CUDA: on CPU its op runs the scatter->conv->gather "
+                 "reference, timed as locality_mlp_sparse_reference_ms (CPU numbers, tiny sizes)")
+    N, C = side * side, 4 * D
+    torch.manual_seed(0)
+    mlp = LocalityMlp(D, C).to(dev)
+    out, times = {}, {}
+    for keep in (1.0, 0.5):
+        K = max(1, round(keep * N))
+        keep_idx = sample_keep_indices(B, N, K, dev) if K < N else None
+        x = torch.randn(B, K, D, device=dev, requires_grad=True)
+        for path in (("dense",) if keep_idx is None else ("sparse", "scatter")):
+            def step(path=path, x=x, keep_idx=keep_idx):
+                nbr = build_neighbours(keep_idx, (side, side)) if path == "sparse" else None
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                    y = mlp(x, (side, side), keep_idx, 0, nbr)
+                y.float().sum().backward()
+            if path == "sparse":
+                _check_sparse(mlp, x, keep_idx, side, amp)
+            times[(path, keep)] = timeit(step, warmup=2, iters=5 if ctx.quick else 20, sync=sync) * 1e3
+    res = 224 if ctx.cuda else 16 * side
+    for (path, keep), ms in times.items():
+        name = path if ctx.cuda or path != "sparse" else "sparse_reference"
+        out[f"{prefix}/locality_mlp_{name}_ms@{_label(res, keep)}"] = ms
+    out[f"{prefix}/locality_mlp_keep0.5_over_keep1.0"] = times[("sparse", 0.5)] / times[("dense", 1.0)]
+    out[f"{prefix}/sparse_over_scatter_locality@{_label(res, 0.5)}"] = times[("scatter", 0.5)] / times[("sparse", 0.5)]
+    K = round(0.5 * N)
+    a = 2 if amp is not None else 4
+    for path in ("sparse", "scatter"):
+        nbytes = locality_bytes(B, K, N, C, act_bytes=a, sparse=path == "sparse")
+        out[f"{prefix}/locality_{path}_conv_MB@{_label(res, 0.5)}"] = nbytes / 1e6
+        if ctx.cuda or path != "sparse":
+            # the MLP's time includes fc1/fc2: a lower bound on the conv's own bandwidth
+            out[f"{prefix}/locality_{path}_GBps_lower_bound@{_label(res, 0.5)}"] = (
+                nbytes / (times[(path, 0.5)] * 1e-3) / 1e9)
+    return out
+
+
+def _check_sparse(mlp, x, keep_idx, side, amp) -> None:
+    """Refuse to time a sparse kernel that disagrees with the scatter -> conv -> gather path."""
+    from fastvit.kernels import build_neighbours
+
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        a = mlp(x, (side, side), keep_idx, 0, build_neighbours(keep_idx, (side, side))).float()
+        b = mlp(x, (side, side), keep_idx, 0, None).float()
+    err = (a - b).abs().max().item()
+    if err > 0.05 * max(1.0, b.abs().max().item()):
+        raise RuntimeError(f"sparse locality differs from the scatter path by {err:.3g}; not timing it")
+
+
 def run(ctx) -> dict[str, float]:
     """On CPU the section runs single-threaded: on a small shared machine OpenMP threads contending
     with other processes turn multi-threaded step times into noise (x10 swings seen on 2 cores)."""
@@ -96,7 +182,7 @@ def _run(ctx) -> dict[str, float]:
                      "(inductor takes ~30-70 s a shape on 2 cores); fastvit numbers are eager")
         ctx.skip(f"{prefix}/*_mfu", "MFU is against an H100 peak: GPU only")
     sync = (lambda: torch.cuda.synchronize(dev)) if gpu else None
-    out: dict[str, float] = {}
+    out: dict[str, float] = _locality(ctx, prefix, dev, amp, sync)
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def batch_for(res):
@@ -116,7 +202,10 @@ def _run(ctx) -> dict[str, float]:
 
     # ---- fastvit: vit_small_local (the headline) and vit_small_plain
     # vit_small_local with the locality conv as fusable taps (impl choice for the GPU; full GPU run only)
+    # vit_small_local with today's scatter -> conv -> gather locality (GPU: the sparse kernel's gain on a step)
     variants = [("local", "local", {}), ("plain", "plain", {})]
+    if gpu:
+        variants.append(("local_scatter", "local", {"sparse_locality": False}))
     if gpu and not ctx.quick:
         variants.append(("local_taps", "local", {"dwconv_impl": "taps"}))
     for variant, kind, extra in variants:
@@ -174,6 +263,9 @@ def _run(ctx) -> dict[str, float]:
         base = out[f"{prefix}/timm_eager_img_s@{_label(res, 1.0)}"]     # timm keeps every patch
         out[f"{prefix}/{head}_over_timm_eager@{lab}"] = out[f"{prefix}/{fv}_img_s@{lab}"] / base
         out[f"{prefix}/{head}_plain_over_timm_eager@{lab}"] = out[f"{prefix}/{fvp}_img_s@{lab}"] / base
+        if f"{prefix}/fastvit_local_scatter_img_s@{lab}" in out:
+            out[f"{prefix}/fastvit_sparse_over_scatter_step@{lab}"] = (
+                out[f"{prefix}/{fv}_img_s@{lab}"] / out[f"{prefix}/fastvit_local_scatter_img_s@{lab}"])
         if f"{prefix}/fastvit_local_taps_img_s@{lab}" in out:
             out[f"{prefix}/fastvit_taps_over_fastvit@{lab}"] = (
                 out[f"{prefix}/fastvit_local_taps_img_s@{lab}"] / out[f"{prefix}/{fv}_img_s@{lab}"])

@@ -27,6 +27,8 @@ class ViTConfig:
     local: bool = setting(True, "locality MLP (dw-conv between the MLP's linears) vs timm's plain Mlp")
     dwconv_impl: str = setting("conv", "locality conv as conv (cuDNN depthwise) or taps (9 fusable mul-adds)",
                                choices=("conv", "taps"))
+    sparse_locality: bool = setting(True, "sampled tokens: locality conv over kept tokens by the Triton kernel "
+                                    "where it runs (CUDA); False: always scatter -> dense conv -> gather")
     class_token: bool = setting(False, "prepend a class token")
     head: str = setting("gap", "gap: mean over kept tokens + fc_norm; token: norm + class token",
                         choices=("gap", "token"))

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvit.kernels import sparse_local_dwconv
+
 
 DWCONV_IMPLS = ("conv", "taps")
 
@@ -28,6 +30,20 @@ def dwconv_taps(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         for j in range(k):
             y = y + padded[:, i:i + gh, j:j + gw, :].float() * taps[i * k + j].float()
     return y.to(grid.dtype)                                                     # (B,gh,gw,C)
+
+
+def _grid_rows(keep_idx: torch.Tensor, N: int) -> torch.Tensor:
+    """Row index into the (B*N, C) grid: one flat index serves scatter and gather, and rows are
+    contiguous C-vectors (cheaper than scatter/gather with an index expanded over C)."""
+    B = keep_idx.shape[0]
+    return (keep_idx + torch.arange(B, device=keep_idx.device).unsqueeze(1) * N).reshape(-1)
+
+
+def scatter_to_grid(x: torch.Tensor, keep_idx: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """(B,K,C) kept tokens -> (B,gh,gw,C) zero-filled grid (what local_dwconv convolves)."""
+    B, K, C = x.shape
+    rows = _grid_rows(keep_idx, gh * gw)
+    return x.new_zeros(B * gh * gw, C).index_put((rows,), x.reshape(B * K, C)).view(B, gh, gw, C)
 
 
 def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -52,10 +68,8 @@ def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError(f"without keep_idx x must hold all {gh}x{gw}={N} tokens, got {K}")
         grid = x                                                              # (B,N,C)
     else:
-        # Row index into the (B*N, C) grid: one flat index serves scatter and gather, and rows are
-        # contiguous C-vectors (cheaper than scatter/gather with an index expanded over C).
-        flat = (keep_idx + torch.arange(B, device=x.device).unsqueeze(1) * N).reshape(-1)   # (B*K,)
-        grid = x.new_zeros(B * N, C).index_put((flat,), x.reshape(B * K, C)).view(B, N, C)  # zero-filled
+        flat = _grid_rows(keep_idx, N)                                          # (B*K,)
+        grid = scatter_to_grid(x, keep_idx, gh, gw).view(B, N, C)               # zero-filled
     if impl == "taps":
         y = dwconv_taps(grid.view(B, gh, gw, C), weight, bias).reshape(B, N, C)   # (B,N,C)
     elif impl == "conv":
@@ -87,8 +101,16 @@ class LocalityMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, grid_hw: tuple[int, int], keep_idx: torch.Tensor | None = None,
-                num_prefix: int = 0) -> torch.Tensor:
+                num_prefix: int = 0, nbr: torch.Tensor | None = None) -> torch.Tensor:
+        """nbr: the step's neighbour table (fastvit.kernels.build_neighbours of keep_idx) -> the sparse
+        kernel (conv over kept tokens + the second Hardswish, fused); None -> local_dwconv."""
         h = self.act(self.fc1(x))                                                  # (B,T,C)
+        conv = self.conv
+        if nbr is not None and keep_idx is not None and conv.kernel_size == (3, 3):
+            y = sparse_local_dwconv(h[:, num_prefix:], nbr, keep_idx, conv.weight, conv.bias, grid_hw, act=True)
+            if num_prefix:
+                y = torch.cat([self.act(h[:, :num_prefix]), y], dim=1)                # (B,T,C)
+            return self.fc2(y)                                                     # (B,T,D)
         if num_prefix:
             prefix, h = h[:, :num_prefix], h[:, num_prefix:]                       # (B,P,C), (B,K,C)
             h = local_dwconv(h, self.conv.weight, self.conv.bias, grid_hw, keep_idx, self.impl)

@@ -10,6 +10,9 @@ Forward, for an input with an (H/p) x (W/p) patch grid:
      the input's grid inside forward -- the same nn.Parameter trains at every curriculum resolution.
   3. fastvit.kernels.embed_kept_patches: normalize + patchify + project only the kept patches + pos.
   4. blocks: pre-norm attention + pre-norm MLP (locality MLP for `_local`, timm's GELU Mlp for `_plain`).
+     Sampled tokens where the Triton kernels run (CUDA, or TRITON_INTERPRET=1): the locality conv
+     works on the kept tokens through one neighbour table built here per forward
+     (fastvit.kernels.sparse_local_dwconv); elsewhere local_dwconv's scatter -> conv -> gather.
   5. head: mean over the kept tokens + fc_norm + linear ("gap"), or norm + class token ("token").
 
 Input convention: uint8 images are pixels in 0-255 and are normalized with cfg.mean/cfg.std (0-255
@@ -24,7 +27,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.layers.pos_embed import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-from fastvit.kernels import embed_kept_patches, sample_keep_indices
+from fastvit.kernels import build_neighbours, embed_kept_patches, sample_keep_indices, use_triton
 from fastvit.stage import num_kept as num_kept_patches   # the one rounding rule (half up), shared with the planner
 
 from .configs import ViTConfig
@@ -49,10 +52,10 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid_hw: tuple[int, int], keep_idx: torch.Tensor | None,
-                num_prefix: int) -> torch.Tensor:
+                num_prefix: int, nbr: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x)))                          # (B,T,D)
         h = self.norm2(x)
-        h = self.mlp(h, grid_hw, keep_idx, num_prefix) if self.local else self.mlp(h)
+        h = self.mlp(h, grid_hw, keep_idx, num_prefix, nbr) if self.local else self.mlp(h)
         return x + self.drop_path2(h)
 
 
@@ -157,8 +160,15 @@ class LocalityViT(nn.Module):
         x = x.to(self.patch_embed.proj.weight.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)             # (B,1+K,D)
+        # Sampled tokens on the Triton path: one neighbour table per forward, shared by every block's
+        # sparse locality conv. keep_idx None (all patches): the dense conv, no table, no scatter/gather;
+        # an explicit keep_idx of all N patches (any order) keeps the exact dense conv's arithmetic.
+        nbr = None
+        if (keep_idx is not None and keep_idx.shape[1] < N and self.cfg.local and self.cfg.sparse_locality
+                and use_triton(images)):
+            nbr = build_neighbours(keep_idx, grid_hw)                                 # (B,K,9)
         for blk in self.blocks:
-            x = blk(x, grid_hw, keep_idx, self.num_prefix_tokens)
+            x = blk(x, grid_hw, keep_idx, self.num_prefix_tokens, nbr)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
