@@ -382,7 +382,9 @@ def test_step_meter_logs_mfu_from_the_flop_count():
     m = create_model("vit_tiny_local", num_classes=10)
     st = Stage(64, 32, keep=0.5)
     f = train_flops_per_image(m, 64, 0.5)
-    assert f == 3 * vit_forward_flops(m.cfg, 64, 8)                    # 16 patches at keep 0.5: 8 kept
+    assert f == 3 * vit_forward_flops(m.cfg, 64, 8, sparse_locality=True)   # 16 patches at keep 0.5: 8 kept;
+    assert train_flops_per_image(m, 64, 0.5, gpu=False) == 3 * vit_forward_flops(m.cfg, 64, 8)   # GPU: sparse conv
+    assert train_flops_per_image(m, 64, 0.5, gpu=False) > f
     fc = FakeClock()
     meter = StepMeter(StepTimer(False, fc), window=10, flops_per_image=lambda s: train_flops_per_image(m, s.res, s.keep),
                       peak_flops=1e12, now=0.0)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import statistics
 
+from fastvit.stage import num_kept
+
 from . import SectionSkipped, timeit
 
 D, PATCH = 384, 16
@@ -115,7 +117,7 @@ def run(ctx) -> dict[str, float]:
                                                 MEAN_U8, STD_U8)
 
         for keep in keeps:
-            K = max(1, round(keep * N))
+            K = num_kept(N, keep)
             keep_idx = sample_keep_indices(batch, N, K, dev, generator=gen)
             grad = torch.randn(batch, K, D, device=dev, dtype=torch.bfloat16, generator=gen)
             tag = f"@{res},keep{keep:g}"

@@ -30,9 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import SectionSkipped, timeit
-
+from fastvit.stage import num_kept
 from fastvit.sysinfo import PEAK_BF16_TFLOPS
+
+from . import SectionSkipped, timeit
 
 PEAK_TFLOPS = PEAK_BF16_TFLOPS["H100"]   # MFU against the H100/H200 dense bf16 figure (fastvit.sysinfo)
 CPU_TINY = dict(embed_dim=64, num_heads=2, depth=2)
@@ -102,7 +103,7 @@ def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
     mlp = LocalityMlp(D, C).to(dev)
     out, times = {}, {}
     for keep in (1.0, 0.5):
-        K = max(1, round(keep * N))
+        K = num_kept(N, keep)
         keep_idx = sample_keep_indices(B, N, K, dev) if K < N else None
         x = torch.randn(B, K, D, device=dev, requires_grad=True)
         for path in (("dense",) if keep_idx is None else ("sparse", "scatter")):
@@ -160,8 +161,7 @@ def run(ctx) -> dict[str, float]:
 def _run(ctx) -> dict[str, float]:
     try:
         import timm
-        from fastvit.models import (compile_model, create_model, model_config, num_kept_patches,
-                                    vit_forward_flops)
+        from fastvit.models import compile_model, create_model, model_config, train_flops
     except ImportError as e:  # pragma: no cover - the venv has both
         raise SectionSkipped(f"needs timm and fastvit.models: {e}")
 
@@ -190,12 +190,9 @@ def _run(ctx) -> dict[str, float]:
         y = torch.randint(0, 1000, (batch,), generator=g).to(dev)
         return x, y
 
-    def flops_per_image(cfg, res, keep):
-        return 3.0 * vit_forward_flops(cfg, res, num_kept_patches((res // cfg.patch_size) ** 2, keep))
-
     def record(name, label, img_s, cfg, res, keep):
         out[f"{prefix}/{name}_img_s@{label}"] = img_s
-        tflops = img_s * flops_per_image(cfg, res, keep) / 1e12
+        tflops = img_s * train_flops(cfg, res, keep, sparse_locality=gpu and cfg.sparse_locality) / 1e12
         out[f"{prefix}/{name}_tflops@{label}"] = tflops
         if gpu:
             out[f"{prefix}/{name}_mfu@{label}"] = tflops / PEAK_TFLOPS

@@ -16,12 +16,12 @@ from .configs import IMAGENET_MEAN_255, IMAGENET_STD_255, ViTConfig, model_confi
 from .export import export_timm, load_safetensors, save_safetensors, timm_kwargs
 from .layers import Attention, LocalityMlp, local_dwconv
 from .registry import create_model, list_models, model_from_config
-from .vit import LocalityViT, num_kept_patches, train_flops_per_image, vit_forward_flops
+from .vit import LocalityViT, num_kept_patches, train_flops, train_flops_per_image, vit_forward_flops
 
 __all__ = [
     "create_model", "list_models", "model_from_config", "model_config", "register_model", "ViTConfig",
     "LocalityViT", "LocalityMlp", "Attention", "local_dwconv", "num_kept_patches", "vit_forward_flops",
-    "train_flops_per_image",
+    "train_flops", "train_flops_per_image",
     "compile_model", "export_timm", "timm_kwargs", "save_safetensors", "load_safetensors",
     "IMAGENET_MEAN_255", "IMAGENET_STD_255", "TimmBaseline", "create_baseline", "DropPathRate",
 ]

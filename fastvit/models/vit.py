@@ -186,12 +186,14 @@ class LocalityViT(nn.Module):
         return self.forward_head(self.forward_features(images, keep_rate, keep_idx, generator))
 
 
-def vit_forward_flops(cfg: ViTConfig, res: int | tuple[int, int], keep: int | None = None) -> float:
+def vit_forward_flops(cfg: ViTConfig, res: int | tuple[int, int], keep: int | None = None,
+                      sparse_locality: bool = False) -> float:
     """Forward FLOPs per image (2 per multiply-add), for MFU. K kept patches (None: all), T = P + K.
 
         embed     2*K*(3*p*p)*D
         per block 2*T*D*3D (qkv) + 2*2*T*T*D (QK^T, AV) + 2*T*D*D (proj) + 2*2*T*D*C (fc1, fc2)
-                  + locality: 2*9*C*N (the 3x3 dw-conv runs over the full zero-filled grid)
+                  + locality: 2*9*C*N (the dense 3x3 dw-conv over the full zero-filled grid), or
+                    2*9*C*K with `sparse_locality` (the Triton kernel over the kept tokens)
         head      2*D*classes
     A training step (fwd + bwd) is 3x this.
     """
@@ -202,14 +204,19 @@ def vit_forward_flops(cfg: ViTConfig, res: int | tuple[int, int], keep: int | No
     D, C = cfg.embed_dim, cfg.mlp_hidden
     block = 2 * T * D * 3 * D + 4 * T * T * D + 2 * T * D * D + 4 * T * D * C
     if cfg.local:
-        block += 2 * 9 * C * N
+        block += 2 * 9 * C * (K if sparse_locality else N)
     return float(2 * K * 3 * cfg.patch_size ** 2 * D + cfg.depth * block + 2 * D * cfg.num_classes)
 
 
+def train_flops(cfg: ViTConfig, res: int, keep: float | None = None, sparse_locality: bool = False) -> float:
+    """Forward + backward FLOPs per image (3 x vit_forward_flops) at `res` and keep rate `keep`."""
+    N = (res // cfg.patch_size) ** 2
+    return 3.0 * vit_forward_flops(cfg, res, num_kept_patches(N, keep), sparse_locality=sparse_locality)
 
-def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None) -> float:
-    """Forward + backward FLOPs per image (3 x vit_forward_flops) of a LocalityViT, or of the timm ViT
-    inside a TimmBaseline (class token, plain MLP, all patches), at `res` and keep rate `keep`."""
+
+def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True) -> float:
+    """train_flops of a LocalityViT (on a GPU its locality conv runs over the kept tokens when
+    cfg.sparse_locality), or of the timm ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None:                                   # TimmBaseline: read the timm model's shape
         m = model.model
@@ -218,5 +225,4 @@ def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None)
                         patch_size=m.patch_embed.patch_size[0], img_size=res - res % m.patch_embed.patch_size[0],
                         num_classes=m.num_classes, local=False, class_token=True, head="token")
         keep = None
-    N = (res // cfg.patch_size) ** 2
-    return 3.0 * vit_forward_flops(cfg, res, num_kept_patches(N, keep))
+    return train_flops(cfg, res, keep, sparse_locality=gpu and cfg.sparse_locality)
