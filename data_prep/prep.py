@@ -31,7 +31,7 @@ from typing import Sequence
 from . import codec, workers as _workers
 from .beton import write_beton
 from ..fileio import file_digest, remove_stale_tmp, write_json_atomic
-from .layout import LayoutError, find_sources, sources_digest
+from ..layout import LayoutError, find_sources, sources_digest
 from .. import manifest as _manifest
 from ..augspec import DEFAULT_AUG
 from ..manifest import MANIFEST

@@ -108,7 +108,7 @@ def accepted_images(m: dict, split: str, src: str | Path) -> list[tuple[Path, in
     of the .beton/tars is entry i): SRC's files for the split, walked as prep walks them, minus the
     manifest's `skipped` list. DataError with one line when the tree changed since prep (other names, or
     a count that differs from the manifest's)."""
-    from ..data_prep.layout import LayoutError, find_split, sources_digest
+    from ..layout import LayoutError, find_split, sources_digest
 
     entry, base = m["splits"][split], Path(src)
     try:

@@ -1,5 +1,8 @@
 """Find the images of each split of a source tree and their labels (pure directory walking, no decoding).
 
+Shared by fastvit-prep (what it reads) and fastvit.data (the torchvision backend reads the same list, minus
+what prep skipped), so it lives outside both.
+
 Layouts, detected per split:
   imagefolder  SRC/<split>/<class>/*.JPEG  (ImageNet after the usual val re-sort, Imagenette, any ImageFolder)
   loc_csv      SRC/val/*.JPEG, labels from LOC_val_solution.csv (Kaggle ImageNet: first token of
