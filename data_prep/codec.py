@@ -39,6 +39,12 @@ _TJPF_RGB = 0
 _TJCS_YCbCr, _TJCS_CMYK, _TJCS_YCCK = 1, 3, 4
 
 
+# Decompression-bomb guard: Pillow's own limit (it refuses to open more than twice MAX_IMAGE_PIXELS), applied
+# to the TurboJPEG path's header too, so prep never accepts what a PIL reader (torchvision, FFCV's writer)
+# refuses, and never allocates for a 20000x20000 header.
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
+
+
 class BadImage(Exception):
     """The source file cannot be used; the message is the reason written to the manifest."""
 
@@ -200,6 +206,8 @@ def decode(data: bytes, min_short: int, use_turbojpeg: bool = True) -> tuple[np.
     tj = turbojpeg() if use_turbojpeg else None
     if tj is not None and data[:2] == b"\xff\xd8":
         hdr = tj.header(data)
+        if hdr is not None and hdr[0] * hdr[1] > MAX_PIXELS:
+            raise BadImage(f"too large ({hdr[0]}x{hdr[1]} pixels, more than {MAX_PIXELS}: a decompression bomb?)")
         if hdr is not None and hdr[2] not in (_TJCS_CMYK, _TJCS_YCCK) and not _has_rotation(data):
             w, h, cs = hdr
             a = tj.decode_rgb(data, w, h, _draft_denom(w, h, min_short))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import mmap
@@ -32,7 +31,7 @@ from typing import Sequence
 from . import codec, workers as _workers
 from .beton import write_beton
 from ..fileio import file_digest, remove_stale_tmp, write_json_atomic
-from .layout import LayoutError, find_sources
+from ..layout import LayoutError, find_sources, sources_digest
 from .. import manifest as _manifest
 from ..augspec import DEFAULT_AUG
 from ..manifest import MANIFEST
@@ -65,14 +64,6 @@ def _shard_paths(ctx: _Ctx, split: str, k: int) -> dict[int, tuple[Path, Path]]:
 
 def _record_path(ctx: _Ctx, split: str, k: int) -> Path:
     return ctx.out / WORK / f"{split}_{k:06d}.json"
-
-
-def sources_digest(items: Sequence[tuple[str, str]]) -> str:
-    """Fingerprint of a list of (relative path, class): a changed source tree is never mistaken for the old."""
-    h = hashlib.sha256()
-    for rel, cls in items:
-        h.update(f"{rel}\0{cls}\n".encode())
-    return h.hexdigest()
 
 
 def _load_done_record(ctx: _Ctx, split: str, k: int, start: int, stop: int, items: list) -> dict | None:

@@ -70,6 +70,19 @@ def processes_writing(out: Path) -> list[int]:
     return pids
 
 
+def kill_9_when(proc: subprocess.Popen, reached, settle: float = 0.0) -> None:
+    """SIGKILL `proc` once reached() holds (`settle` s later); it must still be running then."""
+    try:
+        wait_for(lambda: reached() or proc.poll() is not None)
+        time.sleep(settle)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def finished_shards(out: Path) -> list[Path]:
     return sorted((out / ".work").glob("train_*.json"))
 
@@ -78,17 +91,9 @@ def test_kill_9_then_resume(src_with_pipe, tmp_path):
     src, fifo, donor = src_with_pipe
     out = tmp_path / "out"
     proc = subprocess.Popen(cli(src, out, workers=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        # the pipe is image 38 of train: shard 0 finishes, shard 1 is half-written when the pipe blocks
-        wait_for(lambda: (finished_shards(out) and any(".tmp-" in p.name for p in (out / "dali").iterdir()))
-                 or proc.poll() is not None)
-        time.sleep(0.3)
-        assert proc.poll() is None, proc.stderr.read().decode()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # the pipe is image 38 of train: shard 0 finishes, shard 1 is half-written when the pipe blocks
+    kill_9_when(proc, lambda: finished_shards(out) and any(".tmp-" in p.name for p in (out / "dali").iterdir()),
+                settle=0.3)
     # the workers die with the main process (none lingers holding OUT's lock or blocked on the pipe)
     wait_for(lambda: not processes_writing(out), timeout=10)
     release(fifo)

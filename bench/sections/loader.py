@@ -172,9 +172,14 @@ def run(ctx) -> dict[str, float]:
                                                            / out["loader/torchvision_images_per_cpu_s@64"])
 
     n_batches = ds.count("train") // BATCH
-    out["loader/switch_stall_over_median_step"] = _switch_stall(ds, "dali", "cpu", workers, first_steps=max(20, n_batches + 5),
-                                                                second_steps=20)
-    if not ctx.quick:
+    switch = ds.stored_res(64, "train", "dali") != ds.stored_res(128, "train", "dali")
+    if not switch:  # one shard serves both stages: the loader never switches (e.g. --data prepped at 32,64)
+        ctx.skip("loader/switch_stall_over_median_step*", f"{ds.root} stores no separate shards for 64 and 128 px "
+                 f"(prep it with --res 64,128,224)")
+    else:
+        out["loader/switch_stall_over_median_step"] = _switch_stall(ds, "dali", "cpu", workers,
+                                                                    first_steps=max(20, n_batches + 5), second_steps=20)
+    if switch and not ctx.quick:
         # FFCV's next stage compiles for ~10-40 s here: the first stage must last longer than that.
         out["loader/switch_stall_over_median_step_ffcv"] = _switch_stall(ds, "ffcv", "cpu", workers,
                                                                          first_steps=int(60 / STEP_S), second_steps=20)
@@ -184,8 +189,10 @@ def run(ctx) -> dict[str, float]:
             for backend in ("ffcv", "dali", "gpu_resident"):
                 out[f"loader/{backend}_cuda_images_per_s@{res}"] = _images_per_s(ds, backend, res, "cuda", workers,
                                                                                  batches * 4, warmup)[0]
-        out["loader/switch_stall_over_median_step_cuda"] = _switch_stall(ds, "dali", "cuda", workers,
-                                                                         first_steps=max(20, n_batches + 5), second_steps=20)
+        if switch:
+            out["loader/switch_stall_over_median_step_cuda"] = _switch_stall(ds, "dali", "cuda", workers,
+                                                                             first_steps=max(20, n_batches + 5),
+                                                                             second_steps=20)
     else:
         for backend in ("ffcv", "dali", "gpu_resident"):
             ctx.skip(f"loader/{backend}_cuda_images_per_s@64,128,224", "needs a CUDA GPU (DALI mixed decode, GPU-resident crops)")

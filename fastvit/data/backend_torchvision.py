@@ -1,4 +1,7 @@
-"""torchvision backend: DataLoader over the *source* JPEG tree (ImageFolder), the baseline users run.
+"""torchvision backend: DataLoader over the *source* JPEG tree, the baseline users run.
+
+It reads the images fastvit-prep accepted (the source files minus the manifest's skipped list, in
+prep's order, so sample i is the same image as in the .beton), never a file prep found unreadable.
 
 Train: RandomResizedCrop(r, aug.scale, aug.ratio) + RandomHorizontalFlip(aug.flip); val:
 Resize(aug.val_resize(r)) + CenterCrop(r); both end in `pil_to_tensor` (uint8, no float round trip).
@@ -13,7 +16,7 @@ import torch
 from ..augspec import DEFAULT_AUG, AugSpec
 from ..compat import shutdown_dataloader
 from .base import BatchLoader, LoaderOptions
-from .dataset import DataError
+from .dataset import DataError, log
 from .order import BatchPlan
 
 
@@ -31,19 +34,53 @@ class _PlanBatchSampler:
         return self.end - self.start
 
 
-def open_image_folder(root, res: int, train: bool, aug: AugSpec = DEFAULT_AUG):
-    from torchvision.datasets import ImageFolder
+class SourceImages(torch.utils.data.Dataset):
+    """The source images prep accepted (PreppedDataset.accepted_images), opened with PIL as RGB: what
+    torchvision's ImageFolder would give for them, without the files prep skipped.
+
+    A file that fails to decode anyway (changed after prep) is replaced by the next readable sample, so a
+    batch keeps its shape and an hours-long run does not die on one file; each replacement is logged
+    with its reason and this process's count (`unreadable`). More than MAX_REPLACED failures in a row
+    mean the tree itself is gone or broken: DataError.
+    """
+
+    MAX_REPLACED = 16
+
+    def __init__(self, root, samples, classes, transform=None):
+        self.root, self.samples, self.classes, self.transform = root, list(samples), list(classes), transform
+        self.unreadable = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        for k in range(self.MAX_REPLACED + 1):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    img = im.convert("RGB")  # grayscale/CMYK/palette sources -> RGB, as ImageFolder's loader
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+                self.unreadable += 1
+                log.warning("%s: unreadable at read time (%s: %s), replaced by the next sample "
+                            "(%d unreadable so far in this process)", path, type(e).__name__, e, self.unreadable)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise DataError(f"{self.root}: {self.MAX_REPLACED + 1} source images in a row are unreadable "
+                        f"(last: {path}); was the tree changed after fastvit-prep?")
+
+
+def open_image_folder(ds, split: str, res: int, train: bool, aug: AugSpec = DEFAULT_AUG, src=None) -> SourceImages:
+    """The split's accepted source images with the backend's train/val transform."""
     from torchvision.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, Resize, CenterCrop, PILToTensor
 
     if train:
         ops = [RandomResizedCrop(res, scale=aug.scale, ratio=aug.ratio, antialias=True), RandomHorizontalFlip(aug.flip)]
     else:
         ops = [Resize(aug.val_resize(res), antialias=True), CenterCrop(res)]
-    # ImageFolder's PIL loader converts grayscale/CMYK sources to RGB.
-    try:
-        return ImageFolder(str(root), transform=Compose(ops + [PILToTensor()]))
-    except (FileNotFoundError, NotADirectoryError) as e:  # e.g. a flat Kaggle val/ with no class folders
-        raise DataError(f"torchvision backend needs {root}/<class>/*.JPEG folders: {e}") from None
+    root = ds.source_dir(split, src)
+    return SourceImages(root, ds.accepted_images(split, src), ds.classes, transform=Compose(ops + [PILToTensor()]))
 
 
 class TorchvisionLoader(BatchLoader):
@@ -54,7 +91,7 @@ class TorchvisionLoader(BatchLoader):
         super().__init__(plan, device, start_batch=start_batch, train=train)
         if len(plan.stages) != 1 or plan.res_fn is not None:
             raise DataError("the torchvision backend has one output size per loader: no res_schedule")
-        self.dataset = dataset  # an ImageFolder with this plan's transform (open_image_folder)
+        self.dataset = dataset  # SourceImages with this plan's transform (open_image_folder)
         if classes is not None and list(dataset.classes) != list(classes):
             raise DataError(f"{dataset.root}: class folders differ from the manifest's classes")
         if len(dataset) != plan.n:

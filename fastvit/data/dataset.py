@@ -98,6 +98,34 @@ class PreppedDataset:
             raise DataError(f"source tree {base} has no {split}/ folder")
         return d
 
+    def accepted_images(self, split: str, src: str | Path | None = None) -> list[tuple[Path, int]]:
+        """(path, label) of the source images of `split` prep accepted (see the module function)."""
+        return accepted_images(self.manifest, split, self.source_dir(split, src).parent)
+
+
+def accepted_images(m: dict, split: str, src: str | Path) -> list[tuple[Path, int]]:
+    """(source path, label) of every image of `split` that fastvit-prep accepted, in prep's order (sample i
+    of the .beton/tars is entry i): SRC's files for the split, walked as prep walks them, minus the
+    manifest's `skipped` list. DataError with one line when the tree changed since prep (other names, or
+    a count that differs from the manifest's)."""
+    from ..layout import LayoutError, find_split, sources_digest
+
+    entry, base = m["splits"][split], Path(src)
+    try:
+        items = find_split(base, split).items
+    except (LayoutError, OSError) as e:
+        raise DataError(f"source tree {base}: {e}") from None
+    if entry.get("sources_sha256") not in (None, sources_digest(items)):
+        raise DataError(f"{base / split} changed since fastvit-prep read it ({entry.get('inputs')} -> {len(items)} "
+                        f"images or other names); rerun fastvit-prep")
+    skipped = {s["path"] for s in entry.get("skipped", [])}
+    index = {c: i for i, c in enumerate(m["classes"])}
+    out = [(base / rel, index.get(c)) for rel, c in items if rel not in skipped]
+    if len(out) != entry["count"] or any(label is None for _, label in out):
+        raise DataError(f"{base / split}: {len(out)} images not in the manifest's skipped list, the manifest counts "
+                        f"{entry['count']}; rerun fastvit-prep on this tree")
+    return out
+
 
 _logged_choices: set = set()
 

@@ -40,7 +40,7 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
     if backend == "torchvision":
         from .backend_torchvision import TorchvisionLoader, open_image_folder
 
-        folder = open_image_folder(ds.source_dir(split, opts.src), res0, train, opts.aug)
+        folder = open_image_folder(ds, split, res0, train, opts.aug, opts.src)
         plan = BatchPlan(len(folder), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
                          res_fn=opts.res_schedule)
         log_choice_once(backend, split, res0, res0)

@@ -1,5 +1,8 @@
 """Find the images of each split of a source tree and their labels (pure directory walking, no decoding).
 
+Shared by fastvit-prep (what it reads) and fastvit.data (the torchvision backend reads the same list, minus
+what prep skipped), so it lives outside both.
+
 Layouts, detected per split:
   imagefolder  SRC/<split>/<class>/*.JPEG  (ImageNet after the usual val re-sort, Imagenette, any ImageFolder)
   loc_csv      SRC/val/*.JPEG, labels from LOC_val_solution.csv (Kaggle ImageNet: first token of
@@ -14,6 +17,7 @@ classes = sorted class names of train (the torchvision/timm ImageNet order); lab
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -154,3 +158,11 @@ def find_sources(src: Path, splits: Sequence[str]) -> tuple[list[str], dict[str,
     if not classes:
         raise LayoutError(f"no classes found in {ref.root}")
     return classes, found
+
+
+def sources_digest(items: Sequence[tuple[str, str]]) -> str:
+    """Fingerprint of a list of (relative path, class): a changed source tree is never mistaken for the old."""
+    h = hashlib.sha256()
+    for rel, cls in items:
+        h.update(f"{rel}\0{cls}\n".encode())
+    return h.hexdigest()
