@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import remove_stale_tmp, write_bytes_atomic
+from ..fileio import remove_stale_tmp, tmp_name, write_bytes_atomic
 
 MAGIC = b"FVCKPT01"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -44,7 +45,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2) -> Pat
     payload = buf.getvalue()
     path = run_dir / f"ckpt_{step:08d}.pt"
     remove_stale_tmp(run_dir)  # a half-written checkpoint of a killed run, never under a final name
-    write_bytes_atomic(path, payload + hashlib.sha256(payload).digest() + MAGIC)
+    try:
+        write_bytes_atomic(path, payload + hashlib.sha256(payload).digest() + MAGIC)
+    except BaseException:      # disk full, a signal: the half-written file goes, the previous ones stay
+        tmp_name(path).unlink(missing_ok=True)
+        raise
     for old in checkpoint_paths(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -86,3 +91,30 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# The checkpoint interval: the smaller of --ckpt-minutes (default 10, cpu preset 5) and 5% of the budget,
+# but at least 30 s (a GPU checkpoint with optimizer state takes seconds); --epochs: every 5% of the
+# planned steps, at least 30 s apart, at most --ckpt-minutes. --ckpt-every-steps adds checkpoints.
+CKPT_MIN_S, CKPT_SHARE = 30.0, 0.05
+
+
+class CheckpointSchedule:
+    """When the loop writes its next checkpoint, and which step the newest one holds."""
+
+    def __init__(self, *, minutes: float, every_steps: int, budget_s: float | None, step: int, now: float):
+        cap = 60.0 * minutes
+        self.every_s = cap if budget_s is None else min(cap, max(CKPT_MIN_S, CKPT_SHARE * budget_s))
+        self.share = CKPT_SHARE if budget_s is None else None
+        self.every_steps = every_steps
+        self.last_step, self.last_s = step, now
+
+    def due(self, step: int, total_steps: int, now: float) -> bool:
+        since = now - self.last_s
+        if (self.every_steps and step % self.every_steps == 0) or since >= self.every_s:
+            return True
+        return self.share is not None and since >= min(CKPT_MIN_S, self.every_s) and \
+            step - self.last_step >= max(1, math.ceil(self.share * total_steps))
+
+    def done(self, step: int, now: float) -> None:
+        self.last_step, self.last_s = step, now

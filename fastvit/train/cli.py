@@ -3,8 +3,11 @@
     fastvit-train --data OUT --hours 24 [--model vit_small_local] [--out runs/x]
     fastvit-train --data demo_out --minutes 3 --device cpu --out runs/demo      # CPU preset applies
     fastvit-train --out runs/x --resume                                          # after a crash
+    fastvit-train --data OUT --hours 24 --out runs/x --resume     # a supervisor's one command line
 
-Errors the user can fix are one line on stderr (exit 2 usage, 1 runtime), never a traceback.
+Errors the user can fix are one line on stderr (exit 2 usage, 1 runtime), never a traceback. A SIGTERM
+writes a checkpoint and exits 143; Ctrl-C exits 130. --resume continues from the last checkpoint (the
+saved config wins) or, when there is none, starts the run from the beginning with the flags given.
 """
 from __future__ import annotations
 
@@ -66,22 +69,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .errors import TrainError
     from .loop import train
+    from .signals import Terminated
 
     try:
-        if args.resume:
-            if not args.out:
-                raise ConfigError("--resume needs --out RUN_DIR")
-            cfg = TrainConfig.from_dict({"out": args.out, "progress": args.progress if args.progress is not None else True})
-        else:
-            cfg = config_from_args(args)
+        if args.resume and not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR")
+        cfg = config_from_args(args)          # with --resume: used when there is no checkpoint to continue
         ignored = ignored_on_resume(args) if args.resume else []
         res = train(cfg, resume=args.resume, overwrite=args.overwrite, ignored_flags=ignored)
     except ConfigError as e:
         print(f"fastvit-train: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"fastvit-train: {e}", file=sys.stderr)
+        return e.code
     except TrainError as e:
         print(f"fastvit-train: error: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:                       # a file the run writes (disk full, permissions): one line
+        print(f"fastvit-train: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastvit-train: interrupted; continue with --resume", file=sys.stderr)
         return 130

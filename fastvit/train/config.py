@@ -144,7 +144,8 @@ class RunConfig:
     seed: int = setting(0, "random seed")
     compile: bool | None = setting(None, "torch.compile (default: on for cuda)")
     amp: bool | None = setting(None, "bf16 autocast (default: on for cuda)")
-    ckpt_minutes: float = setting(10.0, "checkpoint every N minutes")
+    ckpt_minutes: float = setting(10.0, "checkpoint at least every N minutes; more often in a short run: every "
+                                        "5% of the budget (--epochs: of the steps), at least 30 s apart")
     ckpt_every_steps: int = setting(0, "also checkpoint every N steps (0: off)")
     evals: int = setting(3, "periodic validations during training (not counted)")
     eval_images: int = setting(10000, "images per periodic validation (the final one is full)")

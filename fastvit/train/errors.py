@@ -10,6 +10,11 @@ class TrainError(Exception):
         self.code = code
 
 
+class CheckpointFailed(TrainError):
+    """A checkpoint could not be written (disk full, read-only): the previous one stays intact, and no
+    other checkpoint is tried on the way out."""
+
+
 def is_oom(e: BaseException) -> bool:
     """A CUDA out-of-memory error (torch raises OutOfMemoryError, older paths a RuntimeError)."""
     import torch

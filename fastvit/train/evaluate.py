@@ -66,18 +66,23 @@ class Evaluator:
         if v is None:
             try:
                 v = self._val = make_val_loader(self.env.ds, **self.kw)
-            except DataError as e:   # val shard missing at this res, flat val/ for torchvision, ...: one line
-                raise TrainError(f"val loader ({self.env.backend}, {self.env.final_res} px): {e}", 2) from None
+            except (DataError, OSError) as e:   # val shard missing at this res, flat val/ for torchvision, ...
+                raise self._error(e) from None
         return v
+
+    def _error(self, e: Exception) -> TrainError:
+        """One line; a file gone since set-up (OSError) reads like the data layer's own errors."""
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else e
+        return TrainError(f"val loader ({self.env.backend}, {self.env.final_res} px): {what}", 2)
 
     def __call__(self, model: nn.Module, ema_model: nn.Module | None, max_images: int | None) -> dict:
         """{top1, top5, val_images[, ema_top1, ema_top5]} from the first image of the val split."""
         models = {"raw": model} if ema_model is None else {"raw": model, "ema": ema_model}
         try:
             r = evaluate(models, self._loader(), device=self.env.device, amp=self.env.amp, max_images=max_images)
-        except DataError as e:   # a backend that opens its stream at the first batch
+        except (DataError, OSError) as e:   # a backend that opens its stream at the first batch
             self.close()
-            raise TrainError(f"val loader ({self.env.backend}, {self.env.final_res} px): {e}", 2) from None
+            raise self._error(e) from None
         out = {"top1": r["raw"]["top1"], "top5": r["raw"]["top5"], "val_images": r["raw"]["images"]}
         if "ema" in r:
             out.update(ema_top1=r["ema"]["top1"], ema_top5=r["ema"]["top5"])

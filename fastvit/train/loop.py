@@ -14,12 +14,19 @@ reserve) that the plan puts before this step, `plan.progress_at(step)`. The sche
 log's `p` is it. Re-plans keep it continuous and track the clock, so it stays within a few percent of
 counted seconds / budget over the window; with --epochs it is the share of the image budget.
 
+Faults: `train()` holds RUN_DIR/.lock and a SIGTERM handler for the run. A SIGTERM in the loop is seen
+after the step in flight, elsewhere (set-up, probe, validation) it stops the run at once; a run stopped
+early writes a checkpoint of what it trained first (`_stopped`) and exits 143 (SIGTERM) or with its
+error's code. Checkpoints are due every min(--ckpt-minutes, 5% of the budget), at least 30 s apart
+(`CheckpointSchedule`).
+
 Sync points with the GPU are marked `# SYNC`. The budget (counted seconds) is read from BudgetClock only.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,14 +37,15 @@ from fastvit.stage import Stage
 from . import rundir
 from . import schedules as S
 from .budget import BudgetClock
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointSchedule, checkpoint_paths, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .errors import TrainError, is_oom
+from .errors import CheckpointFailed, TrainError, is_oom
 from .evaluate import Evaluator
 from .metrics import MetricsWriter, StepMeter, StepTimer, plot_curves
 from .planner import (BatchFallback, BudgetTooSmall, DriftMonitor, OutOfMemory, Plan, build_stages,
                       fit_and_probe, halve_in_plan, plan_budget, replan)
 from .setup import Parts, RunEnv, build_parts, device_name, open_env, seed_everything
+from .signals import Terminated, TermGuard
 from .step import EmaRate, TrainStep
 
 NAN_LIMIT = 10
@@ -57,15 +65,34 @@ class RunState:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None, clock=None,
           ignored_flags=()) -> dict:
-    say = _prefixed(log)
+    """One run in cfg.run.out, holding the run dir's lock and the SIGTERM handler (both released when it
+    returns): build → plan → loop → finish (`_run`)."""
+    guard = TermGuard()
+    with rundir.RunLock(Path(cfg.run.out)) as lock:
+        try:
+            guard.install()
+            return _run(cfg, lock, guard, resume=resume, overwrite=overwrite, say=_prefixed(log), clock=clock,
+                        ignored_flags=ignored_flags)
+        except Terminated as e:
+            if not e.bare:
+                raise
+            raise Terminated("terminated before training (set-up, compile or probe): nothing new trained; "
+                             "continue with --resume") from None
+        finally:
+            guard.restore()
+
+
+def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: bool, say, clock,
+         ignored_flags) -> dict:
     run_dir = Path(cfg.run.out)
     # ---- build ---------------------------------------------------------------------------------------
     ck = rundir.open_for_resume(run_dir, say) if resume else None
-    if ck:
-        cfg = _saved_config(ck, cfg, ignored_flags, say)
-    elif not cfg.has_budget:
-        raise TrainError("give a budget: --hours H, --minutes M or --epochs N", 2)
-    prior = [] if resume else rundir.previous_run(run_dir, overwrite)
+    saved = ck["config"] if ck else rundir.saved_config(run_dir) if resume else None
+    if saved:                                             # the run's own config wins (a killed run's too)
+        cfg = _saved_config(saved, cfg, ignored_flags, say)
+    if not ck:
+        rundir.no_checkpoint(run_dir, resume, cfg.has_budget, say)
+    prior = [] if ck else rundir.previous_run(run_dir, overwrite, restart=resume)
     clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **({"clock": clock} if clock else {}))
     env = open_env(cfg)                                   # data, device, backend: checked before any compute
     if not ck:
@@ -78,7 +105,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
     fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling)
-    rundir.start(run_dir, prior, say)                     # every setting checked: a previous run may go now
+    rundir.start(run_dir, prior, say, lock)               # every setting checked: a previous run may go now
     # ---- plan ----------------------------------------------------------------------------------------
     if ck:
         st = _restore(ck, parts, step_fn)
@@ -106,55 +133,62 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.budget.replan_tol)
     bar = _progress_bar(cfg, st)
     loader = _open_loader(st, cfg, env) if st.step < st.plan.total_steps else None
-    last_ckpt, cur_shape = clock.counted(), None
+    ckpt = CheckpointSchedule(minutes=cfg.run.ckpt_minutes, every_steps=cfg.run.ckpt_every_steps,
+                              budget_s=cfg.budget_s, step=st.step, now=clock.counted())
+    save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt)
+    cur_shape = None
     try:
-        while st.step < st.plan.total_steps:
-            images, labels, stage = _next_batch(loader, st.step, env)    # the loader says what this step is
-            # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
-            if stage.shape != cur_shape:                                 # a stage change: its drop-path rate
-                cur_shape = stage.shape
-                parts.drop_path.set(drop_path_of[stage.kind])
-                meter.new_stage()
-            p = st.plan.progress_at(st.step)                             # the one progress (see above)
-            lr = S.lr_at(p, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay)
-            aug = S.aug_at(p, mix_prob=cfg.schedule.mix_prob, randaug=cfg.schedule.randaug,
-                           drop_path=cfg.schedule.drop_path)
-            meter.timer.start()
-            try:
-                loss = step_fn(images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True),
-                               stage, lr=lr * stage.lr_scale, aug=aug, images_seen=st.plan.images_until(st.step))
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
-                meter.timer.cancel()
-                if not is_oom(e):
-                    raise
-                loader = _out_of_memory(st, loader, cfg, env, parts, fallback, clock, say)
-                cur_shape = None
-                continue
-            meter.timer.stop()                                           # the EMA update is inside the span
-            if loss is None and step_fn.nan_run >= NAN_LIMIT:
-                path = _save(run_dir, cfg, parts, step_fn, st, clock)
-                raise TrainError(f"loss was NaN/inf for {NAN_LIMIT} steps in a row (step {st.step}); "
-                                 f"stopped, last good weights kept in {path}", 1)
-            st.step += 1
-            now = clock.counted()
-            meter.step_done(now, stage.batch_size, loss, loader.last_wait_s)
-            drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
-            bar.update(1)
-            if st.step % cfg.run.log_every == 0 or st.step == st.plan.total_steps:
-                _log_step(metrics, meter, bar, st, stage, now, p, lr * stage.lr_scale, aug, loss, step_fn, cfg,
-                          drop_path_of[stage.kind])
-            ratio = drift.check(now, st.plan, st.step) if st.plan.mode == "time" else None
-            if ratio is not None:                                        # measured speed is off the plan
-                loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
-                drift.restart(now)
-                _save_plan(run_dir, st.plan)
-                cur_shape = None
-            if st.step < st.plan.total_steps and (now - last_ckpt >= cfg.run.ckpt_minutes * 60 or (
-                    cfg.run.ckpt_every_steps and st.step % cfg.run.ckpt_every_steps == 0)):
-                _save(run_dir, cfg, parts, step_fn, st, clock)           # counted
-                last_ckpt = clock.counted()
-            if _eval_due(cfg, st):                                       # not counted
-                _validate(evaluator, parts, st, clock, metrics, cfg.run.eval_images, say)
+        with guard.deferring():                                          # a SIGTERM: after the step in flight
+            while st.step < st.plan.total_steps:
+                images, labels, stage = _next_batch(loader, st.step, env)    # what this step trains on
+                # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
+                if stage.shape != cur_shape:                             # a stage change: its drop-path rate
+                    cur_shape = stage.shape
+                    parts.drop_path.set(drop_path_of[stage.kind])
+                    meter.new_stage()
+                p = st.plan.progress_at(st.step)                         # the one progress (see above)
+                lr = S.lr_at(p, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay)
+                aug = S.aug_at(p, mix_prob=cfg.schedule.mix_prob, randaug=cfg.schedule.randaug,
+                               drop_path=cfg.schedule.drop_path)
+                meter.timer.start()
+                try:
+                    loss = step_fn(images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True),
+                                   stage, lr=lr * stage.lr_scale, aug=aug, images_seen=st.plan.images_until(st.step))
+                except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                    meter.timer.cancel()
+                    if not is_oom(e):
+                        raise
+                    loader = _out_of_memory(st, loader, cfg, env, parts, fallback, clock, say)
+                    cur_shape = None
+                    continue
+                meter.timer.stop()                                       # the EMA update is inside the span
+                if loss is None and step_fn.nan_run >= NAN_LIMIT:
+                    raise TrainError(f"loss was NaN/inf for {NAN_LIMIT} steps in a row (step {st.step}); "
+                                     "stopped with the last good weights", 1)
+                st.step += 1
+                now = clock.counted()
+                meter.step_done(now, stage.batch_size, loss, loader.last_wait_s)
+                drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
+                bar.update(1)
+                if st.step % cfg.run.log_every == 0 or st.step == st.plan.total_steps:
+                    _log_step(metrics, meter, bar, st, stage, now, p, lr * stage.lr_scale, aug, loss, step_fn, cfg,
+                              drop_path_of[stage.kind])
+                ratio = drift.check(now, st.plan, st.step) if st.plan.mode == "time" else None
+                if ratio is not None:                                    # measured speed is off the plan
+                    loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
+                    drift.restart(now)
+                    _save_plan(run_dir, st.plan)
+                    cur_shape = None
+                if st.step < st.plan.total_steps and ckpt.due(st.step, st.plan.total_steps, now):
+                    save()                                               # counted
+                if guard.requested:
+                    raise Terminated()
+                if _eval_due(cfg, st):                                   # not counted; a SIGTERM stops it
+                    with guard.deferring(False):
+                        _validate(evaluator, parts, st, clock, metrics, cfg.run.eval_images, say)
+    except TrainError as e:                  # a SIGTERM, a data file gone, NaN losses: what was trained is kept
+        evaluator.close()
+        raise _stopped(e, st, ckpt, save, guard) from None
     except BaseException:
         evaluator.close()
         raise
@@ -163,19 +197,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         if loader is not None:
             loader.close()
     # ---- finish --------------------------------------------------------------------------------------
-    _save(run_dir, cfg, parts, step_fn, st, clock)            # the final checkpoint: the end of counted time
-    counted = clock.counted()
     try:
+        with guard.deferring():
+            save()                                        # the final checkpoint: the end of counted time
+        counted = clock.counted()
+        if guard.requested:
+            raise Terminated()
         final = _validate(evaluator, parts, st, clock, metrics, None, say, counted=counted)   # the full split
+    except TrainError as e:
+        raise _stopped(e, st, ckpt, save, guard) from None
     finally:
         evaluator.close()
-    results = _results(cfg, env, st, step_fn, counted, final)
-    rundir.write_json(run_dir, "results.json", results)
-    try:
-        plot_curves(metrics.rows, run_dir / "curves.png",
-                    title=f"{cfg.run.recipe} {cfg.model.name}: top-1 {final['top1']:.1f}%")
-    finally:
-        metrics.close()
+    with guard.deferring():                               # nothing left to lose: a SIGTERM lets it finish
+        results = _results(cfg, env, st, step_fn, counted, final)
+        rundir.write_json(run_dir, "results.json", results)
+        try:
+            plot_curves(metrics.rows, run_dir / "curves.png",
+                        title=f"{cfg.run.recipe} {cfg.model.name}: top-1 {final['top1']:.1f}%")
+        finally:
+            metrics.close()
     return results
 
 
@@ -187,10 +227,12 @@ def _prefixed(log):
     return lambda msg: out(f"[fastvit-train] {msg}")
 
 
-def _saved_config(ck: dict, cfg: TrainConfig, ignored_flags, say) -> TrainConfig:
-    """--resume: the run's own saved config wins; only the progress bar setting comes from this call."""
-    saved = TrainConfig.from_dict(ck["config"])
-    saved.run.progress = cfg.run.progress
+def _saved_config(config: dict, cfg: TrainConfig, ignored_flags, say) -> TrainConfig:
+    """--resume: the run's own saved config wins (its checkpoint's, or the config.json of a run killed
+    before its first checkpoint); only the run dir (it may have moved) and the progress bar setting come
+    from this call."""
+    saved = TrainConfig.from_dict(config)
+    saved.run.out, saved.run.progress = cfg.run.out, cfg.run.progress
     if ignored_flags:
         say(f"warning: ignored with --resume (the run's saved config wins): {', '.join(ignored_flags)}")
     return saved
@@ -419,7 +461,10 @@ def _save_plan(run_dir: Path, plan: Plan) -> None:
     rundir.write_json(run_dir, "plan.json", plan.to_dict())
 
 
-def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st: RunState, clock) -> Path:
+def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st: RunState, clock,
+          ckpt: CheckpointSchedule) -> Path:
+    """A checkpoint at st.step (atomic). One that cannot be written (disk full) ends the run with one
+    line; the previous checkpoint is untouched."""
     state = {                                   # torch.save copies device tensors to the host: a SYNC
         "config": cfg.to_dict(), "model": parts.model.state_dict(), "opt": parts.opt.state_dict(),
         "ema": parts.ema.module.state_dict() if parts.ema is not None else None,
@@ -427,7 +472,32 @@ def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st:
         "evals_done": st.evals_done, "nan_total": step_fn.nan_total, "val_s": st.val_s,
         "compile_s": st.compile_s, "ema_halflife_images": st.ema_halflife_images,
     }
-    return save_checkpoint(run_dir, st.step, state)
+    try:
+        path = save_checkpoint(run_dir, st.step, state)
+    except OSError as e:
+        kept = checkpoint_paths(run_dir)
+        prev = (f"the previous checkpoint {kept[0].name} is intact; free space and continue with --resume"
+                if kept else "no earlier checkpoint: --resume starts from the beginning")
+        raise CheckpointFailed(f"cannot write the checkpoint of step {st.step} in {run_dir}: "
+                               f"{e.strerror or e}; {prev}", 1) from None
+    ckpt.done(st.step, clock.counted())
+    return path
+
+
+def _stopped(e: TrainError, st: RunState, ckpt: CheckpointSchedule, save, guard: TermGuard) -> TrainError:
+    """The run stops early (a SIGTERM, a data file gone, NaN losses): what was trained since the last
+    checkpoint is written first (a second SIGTERM does not cut it short), and the one line says so."""
+    if isinstance(e, CheckpointFailed):
+        return e
+    if st.step > ckpt.last_step:
+        with guard.deferring():
+            save()
+    kept = f"checkpoint at step {st.step} written" if st.step else "nothing trained yet"
+    if isinstance(e, Terminated):
+        return Terminated(f"terminated: {kept}; continue with --resume")
+    if not st.step:
+        return e
+    return TrainError(f"{e} ({kept}; continue with --resume)", e.code)
 
 
 def _restore(ck: dict, parts: Parts, step_fn: TrainStep) -> RunState:
