@@ -119,3 +119,37 @@ def test_real_tiny_sweep(tiny_prepped, tmp_path, capsys):
     res = json.loads((out / "runs" / "no-locality" / "2ep" / "s0" / "results.json").read_text())
     assert res["model"] == "vit_tiny_plain" and res["images_seen"] == 2 * 64 // 16 * 16
     assert (out / "top1_vs_budget.png").is_file()
+
+
+def test_train_prints_the_sweeps_expected_top1(tiny_prepped, tmp_path, monkeypatch, capsys):
+    from fastvit.train import cli as train_cli
+
+    out = tmp_path / "sw"
+    _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("fastvit.train.loop.train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_cli.main(["--data", str(tiny_prepped), "--minutes", "16", "--device", "cpu",
+                           "--out", str(tmp_path / "run"), "--expect-from", f"{out}:no-pss"]) == 130
+    err = capsys.readouterr().err
+    expect = 100 * (1 - float(bnsl.bnsl(960.0, 0.2, 1.0, 0.3)))
+    line = next(x for x in err.splitlines() if "expected final top-1" in x)
+    assert abs(float(line.split("≈ ")[1].split("%")[0]) - expect) < 0.3 and "runs of no-pss" in line
+    train_cli.main(["--data", str(tiny_prepped), "--minutes", "16", "--device", "cpu", "--out",
+                    str(tmp_path / "run"), "--expect-from", f"{out}:nope"])
+    assert "no expected top-1" in capsys.readouterr().err
+
+
+def test_variants_resolve_against_the_preset():
+    from fastvit.sweep.variants import check
+
+    res = [64, 96, 128]
+    assert check("fastvit", "cpu", {}, res) == {}
+    assert check("no-curriculum", "cpu", {}, res) == {"curriculum": "96:1"}                # the cpu preset's final res
+    assert check("no-curriculum", "gpu", {}, res) == {"curriculum": "128:1"}               # the data's largest
+    assert check("no-locality", "cpu", {"model": "vit_small_local"}, res) == {"model": "vit_small_plain"}
+    assert check("plain-shards", "cpu", {}, res) == {"model": "vit_tiny_plain", "curriculum": "96:1", "keep_min": 1.0}
+    assert check("add-curriculum", "cpu", {}, res) == {"model": "vit_tiny_plain", "curriculum": "64:0.5,96:0.5",
+                                                       "keep_min": 1.0}
+    assert check("add-pss+lr=3e-3", "cpu", {}, res)["keep_min"] == 0.5
+    assert check("baseline+warmup=0.1", "cpu", {}, res) == {"recipe": "baseline", "warmup": 0.1}

@@ -108,20 +108,30 @@ def subprocess_runner(job: Job, cmd: list[str]) -> int:
 def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
              runner: Callable[[Job, list[str]], int] | None = None, progress: bool = True, say=print) -> list[Job]:
     """Runs the unfinished jobs; returns the failed ones. One bar over the whole sweep, weighted by budget
-    seconds, whose ETA counts only the runs still to do."""
+    seconds; its ETA is the budgets still to run plus, per run, the mean overhead measured so far (start-up,
+    final validation: a run takes longer than its budget)."""
+    import time
+
     from tqdm import tqdm
 
     runner = runner or subprocess_runner
     done = sum(j.weight for j in jobs if j.finished)
     todo = [j for j in jobs if not j.finished]
     say(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
-    failed = []
+    failed, overheads = [], []
     bar = tqdm(total=sum(j.weight for j in jobs), initial=done, disable=not progress, unit="budget-s",
-               dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
+               dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} budget-s "
+               "[{elapsed}] {postfix}")
     try:
-        for j in todo:
-            bar.set_postfix_str(f"{j.variant} {j.budget.label} seed {j.seed}")
+        for i, j in enumerate(todo):
+            left = todo[i:]
+            eta = sum(j2.weight for j2 in left) + len(left) * (sum(overheads) / len(overheads) if overheads else 0)
+            bar.set_postfix_str(f"ETA {eta / 60:.0f} min{'' if overheads else ' + overheads'}: "
+                                f"{j.variant} {j.budget.label} seed {j.seed}")
+            t0 = time.monotonic()
             rc = runner(j, train_command(j, data, preset, device))
+            if j.budget.seconds:
+                overheads.append(max(0.0, time.monotonic() - t0 - j.budget.seconds))
             if rc != 0 or not j.finished:
                 failed.append(j)
                 tail = j.log.read_text().strip().splitlines()[-1:] if j.log.is_file() else []

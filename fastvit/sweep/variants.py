@@ -19,18 +19,27 @@ def _plain(base: TrainConfig, data_res) -> dict:
     return {"model": name.rsplit("_", 1)[0] + "_plain"}
 
 
+def _plain_shards(base: TrainConfig, data_res) -> dict:
+    return {**_plain(base, data_res), "curriculum": f"{_final_res(base, data_res)}:1", "keep_min": 1.0}
+
+
 # name -> (description, overrides(base config, the data's resolutions))
 VARIANTS: dict[str, tuple[str, Callable[[TrainConfig, list], dict]]] = {
     "fastvit": ("the full recipe (locality, curriculum, patch sampling as the preset sets them)", lambda b, r: {}),
     "baseline": ("plain ViT: timm VisionTransformer, torchvision loader over the source JPEGs, fixed res",
                  lambda b, r: {"recipe": "baseline"}),
     "plain-shards": ("plain ViT on our shards: no locality, one resolution, all patches",
-                     lambda b, r: {**_plain(b, r), "curriculum": f"{_final_res(b, r)}:1", "keep_min": 1.0}),
+                     lambda b, r: _plain_shards(b, r)),
     "no-locality": ("the recipe with the plain (non-local) ViT", _plain),
     "no-curriculum": ("the recipe at one resolution (the final one)",
                       lambda b, r: {"curriculum": f"{_final_res(b, r)}:1"}),
     "no-pss": ("the recipe with all patches (keep_min=1)", lambda b, r: {"keep_min": 1.0}),
     "pss": ("the recipe with patch sampling on (keep_min=0.5, linear to all patches)", lambda b, r: {"keep_min": 0.5}),
+    # the seed paper's additive rows: plain ViT on our shards with one trick back
+    "add-locality": ("plain-shards with the locality ViT", lambda b, r: {**_plain_shards(b, r), "model": b.model.name}),
+    "add-curriculum": ("plain-shards with the preset's curriculum",
+                       lambda b, r: {**_plain_shards(b, r), "curriculum": b.data.curriculum}),
+    "add-pss": ("plain-shards with patch sampling (keep_min=0.5)", lambda b, r: {**_plain_shards(b, r), "keep_min": 0.5}),
 }
 
 
