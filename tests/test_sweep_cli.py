@@ -107,6 +107,7 @@ def test_forecast_needs_a_sweep(tmp_path, capsys):
     assert "sweep.csv not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_tiny_sweep(tiny_prepped, tmp_path, capsys):
     """Two variants, one image budget, through fastvit-train subprocesses."""
     out = tmp_path / "sw"

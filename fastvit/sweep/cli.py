@@ -50,6 +50,9 @@ def sweep_parser() -> argparse.ArgumentParser:
     a("--preset", help="fastvit-train preset (default: cpu on CPU, gpu on CUDA)")
     a("--device", help="cpu or cuda")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="a fastvit-train setting for every run")
+    a("--schedule", choices=("independent", "wsd"), default="independent", help="independent: one complete run per "
+      "point; wsd: one constant-LR trunk per (variant, seed) with a decay branch per budget (warmup-stable-decay)")
+    a("--wsd-decay", type=float, default=0.2, help="the WSD branch's share of its budget")
     a("--forecast", metavar="TIME", help="after the sweep: BNSL forecast at this budget, e.g. 24h")
     a("--max-factor", type=float, default=bnsl.DEFAULT_MAX_FACTOR, help="refuse forecasts further than this "
       "factor beyond the largest budget")
@@ -68,6 +71,8 @@ def sweep_main(argv=None) -> int:
             raise ConfigError("give --data OUT and --out DIR")
         if args.seeds < 1:
             raise ConfigError("--seeds must be >= 1")
+        if not 0 < args.wsd_decay < 1:
+            raise ConfigError("--wsd-decay must be in (0, 1)")
         budgets = [runner.parse_budget(b) for b in args.budgets.split(",") if b.strip()]
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         if not budgets or not names:
@@ -79,11 +84,13 @@ def sweep_main(argv=None) -> int:
         common = variants.parse_overrides(args.set)
         res = _data_resolutions(args.data)
         per_variant = {v: {**common, **variants.check(v, preset, common, res)} for v in names}
+        out = Path(args.out)
+        independent = runner.plan_jobs(out, names, budgets, args.seeds)
+        wsd = runner.plan_wsd_jobs(out, names, budgets, args.seeds, args.wsd_decay)
     except ConfigError as e:
         print(f"fastvit-sweep: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    jobs = runner.plan_jobs(out, names, budgets, args.seeds)
+    jobs = wsd if args.schedule == "wsd" else independent
     (out / "configs").mkdir(parents=True, exist_ok=True)
     import yaml
 
@@ -99,10 +106,13 @@ def sweep_main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastvit-sweep: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    rows = runner.collect(jobs)
+    rows = runner.collect(independent) + runner.collect(wsd)     # both kinds when both were run: compared
     report.write_all(rows, out)
     print(report.table(rows), end="")
     print(f"wrote {out}/sweep.csv, {out}/table.md, {out}/top1_vs_budget.png")
+    if args.schedule == "wsd":
+        (out / "wsd.md").write_text(report.wsd_md(rows, runner.wsd_saving(wsd, args.wsd_decay), args.wsd_decay))
+        print((out / "wsd.md").read_text(), end="")
     rc = 1 if failed else 0
     if target is not None and rows:
         rc = max(rc, _forecast(rows, out, target, args.forecast, args.max_factor))

@@ -107,6 +107,25 @@ def write_all(rows: list[dict], out: Path) -> None:
         plot(rows, out / "top1_vs_budget.png")
 
 
+def wsd_md(rows: list[dict], saving: dict, share: float) -> str:
+    """WSD points against independent runs of the same (variant, budget) where both exist, and the saving."""
+    u = saving["unit"]
+    lines = [f"Warmup-stable-decay: a constant-LR trunk per (variant, seed), a linear decay branch of {share:.0%} of "
+             f"each budget. Planned budget: {saving['wsd_budget']:g} {u} against {saving['independent_budget']:g} {u} "
+             f"for independent runs of the same points (saving {saving['saving']:.0%}); counted so far "
+             f"{saving['wsd_counted_s']:.0f} s.", "",
+             "| variant | budget | independent top-1 | WSD top-1 | WSD − independent |", "|---|---|---:|---:|---:|"]
+    for v in [x for x in _order(rows, "variant") if x.endswith(" (wsd)")]:
+        base = v[: -len(" (wsd)")]
+        for b in _order([r for r in rows if r["variant"] == v], "budget"):
+            w = [r["top1"] for r in rows if r["variant"] == v and r["budget"] == b]
+            i = [r["top1"] for r in rows if r["variant"] == base and r["budget"] == b]
+            iv = f"{statistics.mean(i):.2f}" if i else "–"
+            d = f"{statistics.mean(w) - statistics.mean(i):+.2f}" if i else "–"
+            lines.append(f"| {base} | {b} | {iv} | {statistics.mean(w):.2f} | {d} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------------
 # forecast
 

@@ -30,7 +30,7 @@ from fastvit.stage import Stage
 from . import rundir
 from . import schedules as S
 from .budget import BudgetClock
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import init_parts_from, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .errors import TrainError, is_oom
 from .evaluate import Evaluator
@@ -75,6 +75,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     parts = build_parts(cfg, env, env.ds.num_classes)
+    if cfg.run.init_from and not ck:                      # a warmup-stable-decay branch (or trunk segment)
+        init_parts_from(cfg.run.init_from, parts, say)
     step_fn = TrainStep(parts, cfg.schedule, env)
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
