@@ -118,3 +118,27 @@ class CheckpointSchedule:
 
     def done(self, step: int, now: float) -> None:
         self.last_step, self.last_s = step, now
+
+
+def init_parts_from(path, parts, log=print) -> Path:
+    """--init-from: load a checkpoint's model, optimizer and EMA into `parts` (the plan, step, clock and
+    RNG are not taken: the run starts its own). `path` is a checkpoint file or a run dir (its newest)."""
+    from .errors import TrainError
+
+    path = Path(path)
+    try:
+        got = load_latest(path, log) if path.is_dir() else (load_checkpoint(path), path)
+    except (OSError, CorruptCheckpoint) as e:
+        raise TrainError(f"--init-from {path}: {e}", 2) from None
+    if got is None:
+        raise TrainError(f"--init-from {path}: no readable checkpoint", 2)
+    ck, src = got
+    try:
+        parts.model.load_state_dict(ck["model"])
+        parts.opt.load_state_dict(ck["opt"])
+        if parts.ema is not None and ck.get("ema") is not None:
+            parts.ema.module.load_state_dict(ck["ema"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainError(f"--init-from {src}: does not fit this model ({str(e).splitlines()[0]})", 2) from None
+    log(f"init from {src} (step {ck['step']}, {ck['counted_s']:.1f} counted s)")
+    return src

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", default=False, help="start over in an --out that holds a run (finished or not), replacing its files")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: gpu on CUDA, cpu otherwise)")
     a("--config", help="YAML file of settings: nested sections (schedule: {lr: ...}) or flat keys (lr: ...)")
+    a("--expect-from", metavar="SWEEP_DIR[:VARIANT]", help="print at start the top-1 a fastvit-sweep's BNSL fit "
+      "expects at this budget (variant default: fastvit)")
     add_dataclass_flags(p, TrainConfig, exclusive=[("hours", "minutes", "epochs")])
     return p
 
@@ -64,6 +66,22 @@ def ignored_on_resume(args: argparse.Namespace) -> list[str]:
             if k not in RESUME_FLAGS and v is not None and v is not False]
 
 
+def print_expected(spec: str, budget_s: float | None) -> None:
+    """One line on stderr: the sweep's BNSL forecast of top-1 at this budget, or why there is none."""
+    from fastvit.sweep.bnsl import BNSLError
+    from fastvit.sweep.report import expected_top1
+
+    sweep_dir, _, variant = spec.partition(":")
+    try:
+        if budget_s is None:
+            raise BNSLError("the sweep's fit is against wall-clock budgets, this run has none")
+        top1, how = expected_top1(sweep_dir, variant or "fastvit", budget_s)
+        msg = f"expected final top-1 ≈ {top1:.1f}% ({how}, at {budget_s:.0f} s)"
+    except (OSError, BNSLError, KeyError) as e:
+        msg = f"no expected top-1 from {spec}: {e}"
+    print(f"[fastvit-train] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -76,6 +94,8 @@ def main(argv=None) -> int:
             raise ConfigError("--resume needs --out RUN_DIR")
         cfg = config_from_args(args)          # with --resume: used when there is no checkpoint to continue
         ignored = ignored_on_resume(args) if args.resume else []
+        if args.expect_from and not args.resume:
+            print_expected(args.expect_from, cfg.budget_s)
         res = train(cfg, resume=args.resume, overwrite=args.overwrite, ignored_flags=ignored)
     except ConfigError as e:
         print(f"fastvit-train: error: {e}", file=sys.stderr)

@@ -89,7 +89,8 @@ class ScheduleConfig:
     opt: str = setting("adamw", "optimizer (timm create_optimizer_v2 name)")
     lr: float = setting(1e-3, "peak learning rate at --batch-size")
     warmup: float = setting(0.05, "LR warm-up, as a share of training")
-    lr_decay: str = setting("linear", "LR decay to 0 at the end of the budget", choices=("linear", "cosine"))
+    lr_decay: str = setting("linear", "LR decay to 0 at the end of the budget (constant: none, a WSD trunk)",
+                            choices=("linear", "cosine", "constant"))
     weight_decay: float = setting(0.05, "AdamW weight decay (weights only)")
     clip_grad: float = setting(1.0, "gradient norm clip (0: off)")
     label_smoothing: float = setting(0.1, "label smoothing")
@@ -142,6 +143,8 @@ class RunConfig:
                           choices=("fastvit", "baseline"))
     device: str | None = setting(None, "cpu, cuda or cuda:N (default: cuda when available)")
     seed: int = setting(0, "random seed")
+    init_from: str | None = setting(None, "start from this checkpoint's (file or run dir: its newest) weights, "
+                                          "optimizer and EMA, with a fresh plan and schedules (a WSD branch)")
     compile: bool | None = setting(None, "torch.compile (default: on for cuda)")
     amp: bool | None = setting(None, "bf16 autocast (default: on for cuda)")
     ckpt_minutes: float = setting(10.0, "checkpoint at least every N minutes; more often in a short run: every "

@@ -37,7 +37,7 @@ from fastvit.stage import Stage
 from . import rundir
 from . import schedules as S
 from .budget import BudgetClock
-from .checkpoint import CheckpointSchedule, checkpoint_paths, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointSchedule, checkpoint_paths, init_parts_from, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .errors import CheckpointFailed, TrainError, is_oom
 from .evaluate import Evaluator
@@ -101,6 +101,8 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     parts = build_parts(cfg, env, env.ds.num_classes)
+    if cfg.run.init_from and not ck:                      # a warmup-stable-decay branch (or trunk segment)
+        init_parts_from(cfg.run.init_from, parts, say)
     step_fn = TrainStep(parts, cfg.schedule, env)
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastvit.stage import num_kept
 
 KEEP_KINDS = ("fixed", "linear", "cyclic", "cosine")
-LR_DECAYS = ("cosine", "linear")
+LR_DECAYS = ("cosine", "linear", "constant")
 
 
 # --- learning rate -----------------------------------------------------------------------------
@@ -24,10 +24,16 @@ LR_DECAYS = ("cosine", "linear")
 def lr_at(p: float, *, base_lr: float, warmup: float = 0.05, decay: str = "cosine") -> float:
     """Linear warm-up over the first `warmup` of progress, then linear or cosine decay to exactly 0 at
     p = 1 ("Budgeted Training", Li et al. 2020: a budget-aware schedule that reaches zero at the end of
-    the budget beats truncating a longer one)."""
+    the budget beats truncating a longer one).
+
+    decay "constant": no decay after the warm-up, base_lr through p = 1: the stable trunk of a
+    warmup-stable-decay run (Hägele et al. 2024), from whose checkpoints short decay branches (warmup 0,
+    linear: base_lr → 0 over the branch) give each budget's point (fastvit-sweep --schedule wsd)."""
     if decay not in LR_DECAYS:
         raise ValueError(f"lr decay must be one of {LR_DECAYS}, got {decay!r}")
     p = min(max(p, 0.0), 1.0)
+    if decay == "constant":
+        return base_lr * p / warmup if warmup > 0 and p < warmup else base_lr
     if p >= 1.0:
         return 0.0
     if warmup > 0 and p < warmup:

@@ -1,0 +1,101 @@
+"""Named variants of a sweep: config overrides of fastvit-train, resolved against the base config.
+
+A variant item is NAME, key=value, or several joined by '+' (e.g. `no-pss+lr=3e-3`); its label is the
+item as written. The seed paper's ablations switch one trick off at a time from the full recipe.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastvit.train.config import ConfigError, TrainConfig, make_config
+
+
+def _final_res(base: TrainConfig, data_res: list[int]) -> int:
+    return base.data.final_res or max(data_res)
+
+
+def _plain(base: TrainConfig, data_res) -> dict:
+    name = base.model.name
+    return {"model": name.rsplit("_", 1)[0] + "_plain"}
+
+
+def _plain_shards(base: TrainConfig, data_res) -> dict:
+    return {**_plain(base, data_res), "curriculum": f"{_final_res(base, data_res)}:1", "keep_min": 1.0}
+
+
+# name -> (description, overrides(base config, the data's resolutions))
+VARIANTS: dict[str, tuple[str, Callable[[TrainConfig, list], dict]]] = {
+    "fastvit": ("the full recipe (locality, curriculum, patch sampling as the preset sets them)", lambda b, r: {}),
+    "baseline": ("plain ViT: timm VisionTransformer, torchvision loader over the source JPEGs, fixed res",
+                 lambda b, r: {"recipe": "baseline"}),
+    "plain-shards": ("plain ViT on our shards: no locality, one resolution, all patches",
+                     lambda b, r: _plain_shards(b, r)),
+    "no-locality": ("the recipe with the plain (non-local) ViT", _plain),
+    "no-curriculum": ("the recipe at one resolution (the final one)",
+                      lambda b, r: {"curriculum": f"{_final_res(b, r)}:1"}),
+    "no-pss": ("the recipe with all patches (keep_min=1)", lambda b, r: {"keep_min": 1.0}),
+    "pss": ("the recipe with patch sampling on (keep_min=0.5, linear to all patches)", lambda b, r: {"keep_min": 0.5}),
+    # the seed paper's additive rows: plain ViT on our shards with one trick back
+    "add-locality": ("plain-shards with the locality ViT", lambda b, r: {**_plain_shards(b, r), "model": b.model.name}),
+    "add-curriculum": ("plain-shards with the preset's curriculum",
+                       lambda b, r: {**_plain_shards(b, r), "curriculum": b.data.curriculum}),
+    "add-pss": ("plain-shards with patch sampling (keep_min=0.5)", lambda b, r: {**_plain_shards(b, r), "keep_min": 0.5}),
+}
+
+
+def parse_value(text: str):
+    """'3e-3' → 0.003, '4' → 4, 'true' → True, 'none' → None, '0,0.8' → [0.0, 0.8], else the string."""
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if "," in t and ":" not in t:
+        try:
+            return [float(v) for v in t.split(",")]
+        except ValueError:
+            pass
+    return t
+
+
+def parse_overrides(items) -> dict:
+    """['lr=3e-3', ...] → {'lr': 0.003}; a missing '=' is a ConfigError."""
+    out = {}
+    for it in items:
+        key, eq, val = it.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {it!r} is not key=value")
+        out[key.strip().replace("-", "_")] = parse_value(val)
+    return out
+
+
+def resolve(item: str, base: TrainConfig, data_res: list[int]) -> dict:
+    """The overrides of one variant item (checked: unknown names and keys are ConfigErrors)."""
+    out: dict = {}
+    for part in item.split("+"):
+        part = part.strip()
+        if "=" in part:
+            out.update(parse_overrides([part]))
+        elif part in VARIANTS:
+            out.update(VARIANTS[part][1](base, data_res))
+        else:
+            raise ConfigError(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (or key=value)")
+    return out
+
+
+def check(item: str, preset: str, common: dict, data_res: list[int]) -> dict:
+    """Resolve and validate a variant against the preset + common overrides; returns its overrides."""
+    base = make_config(preset, common)
+    ov = resolve(item, base, data_res)
+    make_config(preset, {**common, **ov})        # unknown keys / bad values: ConfigError
+    return ov
+
+
+def listing() -> str:
+    return "\n".join(f"{k:14s} {d}" for k, (d, _) in VARIANTS.items())

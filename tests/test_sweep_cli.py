@@ -1,0 +1,156 @@
+"""fastvit-sweep / fastvit-forecast: a killed sweep resumes without re-running finished runs (fake
+training), CSV / table / plots / forecast written, one-line errors and refusals, and one real tiny
+sweep through fastvit-train."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastvit.sweep import bnsl, runner
+from fastvit.sweep.cli import forecast_main, sweep_main
+
+
+@pytest.fixture(autouse=True)
+def _reference_patch_embed(monkeypatch):
+    """As in test_train_run: the Triton interpreter would make each training step take seconds on CPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _fake_training(monkeypatch, kill_at=None):
+    """subprocess_runner replaced: writes a results.json whose error follows a known power law in the
+    budget; the kill_at-th call leaves a half-written run dir and raises KeyboardInterrupt (a kill)."""
+    calls = []
+
+    def fake(job, cmd):
+        calls.append((job, cmd))
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        if kill_at is not None and len(calls) == kill_at:
+            (job.run_dir / "ckpt_000001.pt").write_bytes(b"")
+            raise KeyboardInterrupt
+        s = job.budget.seconds
+        err = float(bnsl.bnsl(s, 0.2, 1.0, 0.3)) + 0.002 * job.seed
+        (job.run_dir / "results.json").write_text(json.dumps(
+            {"top1": 100 * (1 - err), "top5": 99.0, "ema_top1": None, "images_seen": int(100 * s),
+             "counted_s": s, "steps": int(s)}))
+        return 0
+
+    monkeypatch.setattr(runner, "subprocess_runner", fake)
+    return calls
+
+
+ARGS = ["--budgets", "1m,2m,4m,8m", "--variants", "fastvit,no-pss,lr=2e-3", "--seeds", "2", "--device", "cpu",
+        "--no-progress"]
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_runs(tiny_prepped, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sw"
+    calls = _fake_training(monkeypatch, kill_at=5)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS]) == 130
+    first = [(c[0].variant, c[0].budget.label, c[0].seed) for c in calls]
+    assert first[:4] == [("fastvit", "1m", 0), ("fastvit", "1m", 1), ("no-pss", "1m", 0), ("no-pss", "1m", 1)]
+    calls2 = _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS, "--forecast", "16m"]) == 0
+    again = [(c[0].variant, c[0].budget.label, c[0].seed) for c in calls2]
+    assert len(again) == 24 - 4 and not set(again) & set(first[:4])        # finished runs never re-run
+    assert again[0] == first[4] and "--overwrite" in calls2[0][1]           # the killed run starts over
+    assert all("--overwrite" not in c[1] for c in calls2[1:])
+    cmd = calls2[0][1]
+    assert cmd[cmd.index("--minutes") + 1] == "1" and cmd[cmd.index("--seed") + 1] == "0"
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("variant,budget,budget_s,seed,top1") and len(lines) == 1 + 24
+    table = (out / "table.md").read_text()
+    assert "| lr=2e-3 |" in table and "(n=2)" in table
+    for png in ("top1_vs_budget.png", "forecast.png"):
+        assert (out / png).stat().st_size > 10_000
+    fc = json.loads((out / "forecast.json").read_text())["variants"]["fastvit"]
+    expect = 1 - float(bnsl.bnsl(960.0, 0.2, 1.0, 0.3))
+    assert 100 * (1 - fc["seconds"]["y"]) == pytest.approx(100 * expect, abs=0.3)   # seed offsets: ±0.2 %
+    assert fc["seconds"]["lo"] <= fc["seconds"]["y"] <= fc["seconds"]["hi"]
+    assert fc["seconds"]["holdout"]["rmsle"] < 0.02
+    assert "lr: 0.002" in (out / "configs" / "lr=2e-3.yaml").read_text()
+    assert "keep_min: 1.0" in (out / "configs" / "no-pss.yaml").read_text()
+    # a third call finds everything finished
+    calls3 = _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS]) == 0 and calls3 == []
+
+
+def test_forecast_cli_and_refusal(tiny_prepped, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sw"
+    _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS]) == 0
+    capsys.readouterr()
+    assert forecast_main([str(out), "--at", "30m", "--variant", "fastvit"]) == 0
+    assert "| fastvit | seconds | 0 |" in capsys.readouterr().out
+    assert forecast_main([str(out), "--at", "24h", "--variant", "fastvit"]) == 1     # 180x the largest budget
+    err = capsys.readouterr().err.strip().splitlines()
+    line = "fastvit-forecast: fastvit: refusing to extrapolate 180x beyond the largest fitted budget (the limit is 100x)"
+    assert err == [line, line]                                      # one line per axis: seconds, images
+    assert forecast_main([str(out), "--at", "24h", "--variant", "fastvit", "--max-factor", "200"]) == 0
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--budgets", "2 minutes"], "budget '2 minutes' must be"),
+    (["--variants", "fastvit,no-such"], "unknown variant 'no-such'"),
+    (["--variants", "lr_typo=3"], "unknown config key(s) lr_typo"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--forecast", "3ep"], "'3ep' must be a time"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_prepped, tmp_path, capsys, argv, msg):
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(tmp_path / "s"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and err[0].startswith("fastvit-sweep: error:")
+
+
+def test_forecast_needs_a_sweep(tmp_path, capsys):
+    assert forecast_main([str(tmp_path), "--at", "24h"]) == 2
+    assert "sweep.csv not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep(tiny_prepped, tmp_path, capsys):
+    """Two variants, one image budget, through fastvit-train subprocesses."""
+    out = tmp_path / "sw"
+    rc = sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "2ep", "--variants",
+                     "fastvit,no-locality", "--preset", "test", "--device", "cpu", "--set", "backend=dali",
+                     "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 3
+    res = json.loads((out / "runs" / "no-locality" / "2ep" / "s0" / "results.json").read_text())
+    assert res["model"] == "vit_tiny_plain" and res["images_seen"] == 2 * 64 // 16 * 16
+    assert (out / "top1_vs_budget.png").is_file()
+
+
+def test_train_prints_the_sweeps_expected_top1(tiny_prepped, tmp_path, monkeypatch, capsys):
+    from fastvit.train import cli as train_cli
+
+    out = tmp_path / "sw"
+    _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("fastvit.train.loop.train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_cli.main(["--data", str(tiny_prepped), "--minutes", "16", "--device", "cpu",
+                           "--out", str(tmp_path / "run"), "--expect-from", f"{out}:no-pss"]) == 130
+    err = capsys.readouterr().err
+    expect = 100 * (1 - float(bnsl.bnsl(960.0, 0.2, 1.0, 0.3)))
+    line = next(x for x in err.splitlines() if "expected final top-1" in x)
+    assert abs(float(line.split("≈ ")[1].split("%")[0]) - expect) < 0.3 and "runs of no-pss" in line
+    train_cli.main(["--data", str(tiny_prepped), "--minutes", "16", "--device", "cpu", "--out",
+                    str(tmp_path / "run"), "--expect-from", f"{out}:nope"])
+    assert "no expected top-1" in capsys.readouterr().err
+
+
+def test_variants_resolve_against_the_preset():
+    from fastvit.sweep.variants import check
+
+    res = [64, 96, 128]
+    assert check("fastvit", "cpu", {}, res) == {}
+    assert check("no-curriculum", "cpu", {}, res) == {"curriculum": "96:1"}                # the cpu preset's final res
+    assert check("no-curriculum", "gpu", {}, res) == {"curriculum": "128:1"}               # the data's largest
+    assert check("no-locality", "cpu", {"model": "vit_small_local"}, res) == {"model": "vit_small_plain"}
+    assert check("plain-shards", "cpu", {}, res) == {"model": "vit_tiny_plain", "curriculum": "96:1", "keep_min": 1.0}
+    assert check("add-curriculum", "cpu", {}, res) == {"model": "vit_tiny_plain", "curriculum": "64:0.5,96:0.5",
+                                                       "keep_min": 1.0}
+    assert check("add-pss+lr=3e-3", "cpu", {}, res)["keep_min"] == 0.5
+    assert check("baseline+warmup=0.1", "cpu", {}, res) == {"recipe": "baseline", "warmup": 0.1}
