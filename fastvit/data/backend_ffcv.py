@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..augspec import DEFAULT_AUG, AugSpec

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..sysinfo import default_workers
-from .backends import BACKENDS, check_runnable, container_for, resolve_device, spec  # noqa: F401 (BACKENDS: re-export)
-from .base import BatchLoader, LoaderOptions
-from .dataset import DataError, PreppedDataset, log_choice_once
 from fastvit.stage import Stage
 
+from ..sysinfo import default_workers
+from .backends import check_runnable, container_for, resolve_device, spec
+from .base import BatchLoader, LoaderOptions
+from .dataset import DataError, PreppedDataset, log_choice_once
 from .order import BatchPlan
 
 

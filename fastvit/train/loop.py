@@ -25,7 +25,7 @@ Sync points with the GPU are marked `# SYNC`. The budget (counted seconds) is re
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from .errors import CheckpointFailed, TrainError, is_oom
 from .evaluate import Evaluator
 from .metrics import MetricsWriter, StepMeter, StepTimer, plot_curves
 from .planner import (BatchFallback, BudgetTooSmall, DriftMonitor, OutOfMemory, Plan, build_stages,
-                      fit_and_probe, halve_in_plan, plan_budget, replan)
+                      fit_and_probe, halve_in_plan, plan_budget, replan, shrink_batches)
 from .setup import Parts, RunEnv, build_parts, device_name, open_env, seed_everything
 from .signals import Terminated, TermGuard
 from .step import EmaRate, TrainStep
@@ -60,7 +60,6 @@ class RunState:
     val_s: float = 0.0                 # seconds of validation (not counted)
     compile_s: float = 0.0             # seconds of compile + probe (counted)
     ema_halflife_images: float = 0.0   # the EMA's time constant, fixed for the run
-    replans_log: list = field(default_factory=list)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None, clock=None,
@@ -111,15 +110,15 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     # ---- plan ----------------------------------------------------------------------------------------
     if ck:
         st = _restore(ck, parts, step_fn)
-        # (a checkpoint of the first release has no half-life in images: its share of the plan's images)
-        st.ema_halflife_images = st.ema_halflife_images or \
-            cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
         st.compile_s += _rewarm(st, cfg, step_fn, parts, drop_path_of, fallback, clock, say)
     else:
         plan, spent = make_plan(stages, cfg, env, step_fn, parts, drop_path_of, fallback, clock, say)
         st = RunState(plan=plan, compile_s=spent)
-        st.ema_halflife_images = cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
         rundir.write_json(run_dir, "config.json", cfg.to_dict())
+    # the EMA's half-life in images: a share of the first plan's images, kept in every checkpoint (a
+    # checkpoint of the first release has none: then the share of its plan's)
+    st.ema_halflife_images = st.ema_halflife_images or \
+        cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
     step_fn.ema_rate = EmaRate(st.ema_halflife_images)
     _save_plan(run_dir, st.plan)
     say(f"device {env.device} ({device_name(env)}), backend {env.backend}, recipe {cfg.run.recipe}, "
@@ -305,8 +304,6 @@ def _rewarm(st: RunState, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: d
     (fitted, _), spent = _warm(todo, cfg, step_fn, parts, drop_path_of, fallback, clock, say)
     smaller = {f.kind: f.batch_size for s, f in zip(todo, fitted) if f.batch_size < s.batch_size}
     if smaller:
-        from .planner import shrink_batches
-
         st.plan = shrink_batches(st.plan, step=st.step, counted_s=clock.counted(), new_batch=smaller,
                                  fallback=fallback)
     return spent
@@ -350,7 +347,7 @@ def _open_loader(st: RunState, cfg: TrainConfig, env: RunEnv):
     from fastvit.data import CurriculumLoader
 
     try:
-        return CurriculumLoader(env.ds, [s for s in st.plan.stages if s.steps > 0], backend=env.backend,
+        return CurriculumLoader(env.ds, st.plan.stages, backend=env.backend,
                                 device=str(env.device), seed=cfg.run.seed, start_step=st.step,
                                 workers=cfg.data.workers, **cfg.data.loader_kwargs())
     except DataError as e:   # missing shard/source tree: one line
@@ -378,7 +375,7 @@ def _replan(st: RunState, loader, ratio: float, now: float, cfg, env, bar, say):
     bar.total = st.plan.total_steps
     bar.refresh()
     try:
-        loader.replan([s for s in st.plan.stages if s.steps > 0])
+        loader.replan(st.plan.stages)
         return loader
     except DataError as e:   # a plan whose served history changed
         say(f"re-plan: the loader could not take the new plan in place ({e}); reopening it")
@@ -526,5 +523,5 @@ def _results(cfg: TrainConfig, env: RunEnv, st: RunState, step_fn: TrainStep, co
         "steps": st.step, "planned_steps": plan.total_steps, "images_seen": plan.images_until(st.step),
         "replans": len(plan.replans), "nan_skipped": step_fn.nan_total, "compile_s": round(st.compile_s, 3),
         "device_name": device_name(env), "backend": env.backend, "recipe": cfg.run.recipe,
-        "model": cfg.model.name, "stages": [s.to_dict() for s in plan.stages if s.steps > 0],
+        "model": cfg.model.name, "stages": [s.to_dict() for s in plan.stages],
     }

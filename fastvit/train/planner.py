@@ -369,8 +369,12 @@ class BatchFallback:
         if b < self.min_batch:
             raise OutOfMemory(f"out of GPU memory even at batch {stage.batch_size} (res {stage.res}, keep "
                               f"{stage.keep:g}); use a smaller --model or --batch-size")
+        return self.at_batch(stage, b)
+
+    def at_batch(self, stage: Stage, b: int, **changes) -> Stage:
+        """`stage` at batch `b`: its LR scale by the run's rule; never probed at that batch."""
         return replace(stage, batch_size=b, lr_scale=S.lr_scale_for_batch(b, self.base_batch, self.lr_rule),
-                       probe_speed=0.0)
+                       probe_speed=0.0, **changes)
 
     def describe(self, old: Stage, new: Stage) -> str:
         return (f"out of GPU memory at res {old.res}, keep {old.keep:g}, batch {old.batch_size}: continuing "
@@ -444,7 +448,6 @@ def shrink_batches(plan: Plan, *, step: int, counted_s: float, new_batch: dict, 
     for s in rest:
         b = new_batch.get(s.kind)
         if b is not None and s.batch_size > b:
-            s = replace(s, batch_size=b, lr_scale=S.lr_scale_for_batch(b, fallback.base_batch, fallback.lr_rule),
-                        steps=max(1, int(round(s.steps * s.batch_size / b))), probe_speed=0.0)
+            s = fallback.at_batch(s, b, steps=max(1, int(round(s.steps * s.batch_size / b))))
         out.append(s)
     return replace(plan, stages=done + out)
