@@ -20,6 +20,7 @@ Works on CPU tensors too (the tests), where "device memory" means host RAM.
 from __future__ import annotations
 
 import io
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -123,14 +124,39 @@ def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
         return im.height, im.width
 
 
+class ResidentTooLarge(DataError):
+    """A shard that does not fit the resident memory cap (the curriculum loader streams it instead)."""
+
+
+_LIVE: "weakref.WeakSet[ResidentShard]" = weakref.WeakSet()   # decoded shards alive in this process
+
+
+def resident_bytes(device: torch.device) -> int:
+    """Bytes of decoded shards alive in this process on `device` (the current and the next stage's)."""
+    return sum(s.data.numel() for s in list(_LIVE) if s.data.device == device)
+
+
+def memory_cap(device: torch.device, share: float) -> int:
+    """The most all resident shards on `device` may hold together: `share` of its total memory."""
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    return int(total * share)
+
+
 def memory_budget(device: torch.device, share: float) -> int:
+    """Bytes one more shard may take now: the cap less the shards already held (the stage that is
+    training keeps its shard while the next one fills), and never more than is free."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
         import psutil
 
         free = psutil.virtual_memory().available
-    return int(free * share)
+    return max(0, min(memory_cap(device, share) - resident_bytes(device), int(free)))
 
 
 def _encoded_source(ds: PreppedDataset, split: str, stored: int):
@@ -176,8 +202,8 @@ def decode_shard(ds: PreppedDataset, split: str, stored: int, device: torch.devi
         total = int(sizes.sum())
         budget = memory_budget(device, share)
         if total > budget:
-            raise DataError(f"{split} @{stored} px decodes to {total / 2**30:.2f} GiB, more than "
-                            f"{share:.0%} of free {device.type} memory ({budget / 2**30:.2f} GiB)")
+            raise ResidentTooLarge(f"{split} @{stored} px decodes to {total / 2**30:.2f} GiB, more than the "
+                                   f"{budget / 2**30:.2f} GiB left of the {share:.0%} {device.type} memory cap")
         offsets = np.zeros(n, dtype=np.int64)
         offsets[1:] = np.cumsum(sizes)[:-1]
         data = torch.empty(total, dtype=torch.uint8, device=device)
@@ -219,8 +245,10 @@ def decode_shard(ds: PreppedDataset, split: str, stored: int, device: torch.devi
     finally:
         src.close()
     as_t = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
-    return ResidentShard(data=data, offsets=as_t(offsets), heights=as_t(h), widths=as_t(w), labels=as_t(labels),
-                         np_heights=np.asarray(h), np_widths=np.asarray(w))
+    shard = ResidentShard(data=data, offsets=as_t(offsets), heights=as_t(h), widths=as_t(w), labels=as_t(labels),
+                          np_heights=np.asarray(h), np_widths=np.asarray(w))
+    _LIVE.add(shard)
+    return shard
 
 
 # ---------------------------------------------------------------------------------------------- loader

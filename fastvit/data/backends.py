@@ -5,6 +5,7 @@
     resolve_device(None)                  # cuda when a GPU is visible, else cpu; "cuda" without one: DataError
     container_for("gpu_resident", ds, "train")   # "ffcv" (or "dali"): the stored files it reads for that split
     check_readable(ds, "dali", "val", 224)       # before any compute: the split has what the backend reads
+    choose_auto(ds, device, [("train", None), ("val", 224)])   # -> ("gpu_resident", "why"): backend "auto"
 
 container: "ffcv" (.beton), "dali" (webdataset tars + .idx), "any" (gpu_resident decodes whichever
 the split has, the .beton first), "source" (torchvision reads the source JPEG tree prep read).
@@ -41,6 +42,13 @@ TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("gpu_resident", "any", DEVICES, ("torchvision",), "a shard decoded once into device memory, cropped there"),
 )}
 BACKENDS = tuple(TABLE)
+AUTO = "auto"   # the default: the best backend installed for the device that can read the data
+# The preference of `auto` per device type. cuda: DALI's GPU decode (nvJPEG), else the GPU-resident
+# loader (decode once, crop on the GPU: never waits for a CPU decoder once filled); cpu: DALI (builds a
+# pipeline in about a second), FFCV (numba compiles each pipeline, ~40 s on a small CPU), the source
+# JPEGs with torchvision last.
+AUTO_ORDER = {"cuda": ("dali", "gpu_resident", "ffcv", "torchvision"), "cpu": ("dali", "ffcv", "torchvision")}
+STREAMING = ("dali", "ffcv", "torchvision")   # what a resident stage that does not fit falls back to
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,11 +61,12 @@ def _importable(module: str) -> bool:
 
 
 def spec(backend: str) -> Backend:
-    """The table row of `backend`; one-line DataError for an unknown name."""
+    """The table row of `backend`; one-line DataError for an unknown name ("auto" is resolved first,
+    by `choose_auto`)."""
     try:
         return TABLE[backend]
     except (KeyError, TypeError):
-        raise DataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}") from None
+        raise DataError(f"unknown backend {backend!r}; choose from {AUTO}, {', '.join(BACKENDS)}") from None
 
 
 def installed(backend: str) -> bool:
@@ -115,3 +124,46 @@ def check_readable(ds: PreppedDataset, backend: str, split: str, res: int | None
     if fmt is None:
         ds.source_dir(split, src)
     return stored
+
+
+def _cannot_read(ds: PreppedDataset, backend: str, device: torch.device, reads) -> str | None:
+    """Why `backend` cannot serve `reads` [(split, res or None)] on `device` (None: it can)."""
+    b = TABLE[backend]
+    if device.type not in b.devices:
+        return f"runs on {' or '.join(b.devices)}"
+    if not b.installed():
+        return f"{', '.join(b.modules)} not installed"
+    for split, res in reads:
+        try:
+            check_readable(ds, backend, split, res)
+        except DataError as e:
+            return str(e)
+    return None
+
+
+def choose_auto(ds: PreppedDataset, device, reads, order: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """Backend "auto": (the first backend of AUTO_ORDER[device] (or `order`) that is installed and can
+    read every (split, res) of `reads`, one line saying why). One-line DataError, before any compute,
+    naming each candidate's reason when none can read the data."""
+    dev = resolve_device(device)
+    why_not = []
+    for name in order or AUTO_ORDER[dev.type]:
+        reason = _cannot_read(ds, name, dev, reads)
+        if reason is None:
+            skipped = f"; not {', '.join(n for n, _ in why_not)}: " + "; ".join(f"{n}: {r}" for n, r in why_not) \
+                if why_not else ""
+            return name, f"backend auto -> {name} on {dev.type}{skipped}"
+        why_not.append((name, reason))
+    raise DataError(f"no loader backend can read {ds.root} on {dev.type}: "
+                    + "; ".join(f"{n}: {r}" for n, r in why_not))
+
+
+def resolve_backend(backend: str | None, ds: PreppedDataset, device, reads) -> str:
+    """`backend` itself, or for None / "auto" the choice of `choose_auto` (logged once)."""
+    if backend not in (None, AUTO):
+        return backend
+    name, why = choose_auto(ds, device, reads)
+    from .dataset import log as data_log
+
+    data_log.info(why)
+    return name

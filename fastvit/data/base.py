@@ -32,7 +32,9 @@ class LoaderOptions:
     dali_reader: str = setting("index", "DALI reader: index (exact per-epoch permutations) or webdataset "
                                "(stock reader, buffer shuffle)", choices=("index", "webdataset"))
     initial_fill: int = setting(4096, "DALI webdataset reader's shuffle buffer")
-    gpu_mem_share: float = setting(0.5, "gpu_resident: use at most this share of free (GPU or host) memory")
+    gpu_mem_share: float = setting(0.6, "gpu_resident: decoded shards alive together (the training stage's and "
+                                   "the next one filling) take at most this share of the device's (GPU or host) "
+                                   "memory; a stage whose shard does not fit streams instead")
     # DALI/gpu_resident: global batch index -> output side (a callable: no flag, not saved in a config)
     res_schedule: Callable[[int], int] | None = setting(None, cli=False)
     # crops and flip, handed by build_loader to every backend (fastvit.augspec; no flag, not saved)

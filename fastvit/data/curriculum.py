@@ -47,7 +47,7 @@ from fastvit.stage import Stage, step_ranges
 
 from .base import LoaderOptions
 from .dataset import DataError, PreppedDataset
-from .backends import container_for, resolve_device, spec
+from .backends import STREAMING, choose_auto, container_for, resolve_backend, resolve_device, spec
 from .loader import build_loader
 from .order import BatchPlan, stage_seed
 
@@ -154,13 +154,14 @@ def _dispose(x) -> None:
 class CurriculumLoader:
     """Yields (images uint8 (B,3,r,r), labels int64 (B,), stage) for every planned step, in order."""
 
-    def __init__(self, ds: PreppedDataset, stages: Sequence[Stage], backend: str = "dali", device="cuda",
+    def __init__(self, ds: PreppedDataset, stages: Sequence[Stage], backend: str = "auto", device="cuda",
                  seed: int = 0, *, split: str = "train", workers: int | None = None, start_step: int = 0,
-                 merge: bool = True, resident_fallback: str = "dali", **options):
+                 merge: bool = True, resident_fallback: str | None = None, **options):
         stages = _check(stages)
+        self.device = resolve_device(device)
+        backend = resolve_backend(backend, ds, self.device, [(split, None)])   # "auto": the best installed
         spec(backend)                                   # an unknown name: one line, before anything else
         self.ds, self.split, self.backend, self.seed, self.workers = ds, split, backend, int(seed), workers
-        self.device = resolve_device(device)
         self.opts = LoaderOptions.from_kwargs(options)
         if self.opts.res_schedule is not None:
             raise DataError("CurriculumLoader plans sizes from its stages; res_schedule is not an option here")
@@ -170,7 +171,9 @@ class CurriculumLoader:
             ds.source_dir(split, self.opts.src)  # fail here, with one line, rather than at the first batch
         stored_of = (lambda r: r) if fmt is None else (lambda r: ds.stored_res(r, split, fmt))
         backend_of = None
-        if backend == "gpu_resident":  # stretches whose shard does not fit run on the fallback backend
+        if backend == "gpu_resident":  # stretches whose shard does not fit run on a streaming backend
+            if resident_fallback is None:   # the best streaming backend installed that reads the split
+                resident_fallback, _ = choose_auto(ds, self.device, [(split, None)], order=STREAMING)
             backend_of = self._resident_or(resident_fallback, stored_of)
         self._span = lambda st: plan_spans(st, backend, stored_of, merge=merge, backend_of=backend_of)
         self._set_plan(stages)
@@ -210,19 +213,34 @@ class CurriculumLoader:
 
     # -------------------------------------------------------------------------------------------- build
     def _resident_or(self, fallback: str, stored_of):
-        from .backend_resident import estimate_bytes, memory_budget
+        """backend_of(k) for a gpu_resident plan: "gpu_resident" when stretch k's shard fits the memory
+        cap together with the previous stretch's resident shard (both are alive while k fills in the
+        background), else `fallback` (one log line per stored resolution)."""
+        from .backend_resident import estimate_bytes, memory_cap, resident_bytes
 
-        budget = memory_budget(self.device, self.opts.gpu_mem_share)
-        fits = {}
+        self._fallback = fallback
+        cap = memory_cap(self.device, self.opts.gpu_mem_share) - resident_bytes(self.device)
+        size: dict[int, int] = {}
+        fits: dict[int, bool] = {}
+
+        def est(r: int) -> int:
+            if r not in size:
+                size[r] = estimate_bytes(self.ds, self.split, r)
+            return size[r]
 
         def backend_of(k: int) -> str:
             r = stored_of(self.stretches[k].res)  # self.stretches: the current plan (replan swaps it)
-            if r not in fits:
-                fits[r] = estimate_bytes(self.ds, self.split, r) <= budget
-                if not fits[r]:
-                    log.info("gpu_resident: %s @%d px does not fit %.0f%% of free memory; using %s",
-                             self.split, r, 100 * self.opts.gpu_mem_share, fallback)
-            return "gpu_resident" if fits[r] else fallback
+            prev = stored_of(self.stretches[k - 1].res) if k > 0 else r
+            with_prev = est(prev) if prev != r and fits.get(prev) else 0
+            ok = est(r) + with_prev <= cap
+            if r not in fits or fits[r] != ok:
+                if not ok:
+                    log.warning("gpu_resident: %s @%d px (%.2f GiB decoded%s) does not fit %.0f%% of %s memory; "
+                                "streaming it with %s", self.split, r, est(r) / 2**30,
+                                f", with @{prev} px still held" if with_prev else "",
+                                100 * self.opts.gpu_mem_share, self.device.type, fallback)
+                fits[r] = ok
+            return "gpu_resident" if ok else fallback
 
         return backend_of
 
@@ -242,9 +260,21 @@ class CurriculumLoader:
 
     def _build(self, spec: tuple, start_batch: int):
         backend, stretches_, seeds = spec
-        return build_loader(self.ds, self.split, list(stretches_), list(seeds), backend=backend, device=self.device,
-                            train=True, seed=seeds[0], workers=self.workers, drop_last=True,
-                            start_batch=start_batch, opts=self.opts)
+        build = lambda b: build_loader(self.ds, self.split, list(stretches_), list(seeds), backend=b,  # noqa: E731
+                                       device=self.device, train=True, seed=seeds[0], workers=self.workers,
+                                       drop_last=True, start_batch=start_batch, opts=self.opts)
+        if backend != "gpu_resident":
+            return build(backend)
+        from .backend_resident import ResidentTooLarge
+
+        try:
+            return build(backend)
+        except ResidentTooLarge as e:  # memory taken since the plan (activations, another shard): stream it
+            fallback = self._fallback
+            if len(stretches_) > 1 and fallback != "dali":  # only DALI changes size inside one loader
+                raise
+            log.warning("gpu_resident: %s; streaming it with %s", e, fallback)
+            return build(fallback)
 
     def _on_ready(self, span_idx: int) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from typing import Sequence
 from fastvit.stage import Stage
 
 from ..sysinfo import default_workers
-from .backends import check_runnable, container_for, resolve_device, spec
+from .backends import check_runnable, container_for, resolve_backend, resolve_device, spec
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, PreppedDataset, log_choice_once
 from .order import BatchPlan
@@ -73,7 +73,7 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
 
 
 def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_size: int = 256,
-                backend: str = "ffcv", device="cuda", train: bool = True, seed: int = 0,
+                backend: str = "auto", device="cuda", train: bool = True, seed: int = 0,
                 workers: int | None = None, drop_last: bool = True, *, start_batch: int = 0,
                 **options) -> BatchLoader:
     """Batches of (uint8 (B,3,res,res), int64 (B,)) on `device`, one epoch per pass.
@@ -85,12 +85,13 @@ def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_
     opts = LoaderOptions.from_kwargs(options)
     if res <= 0 or batch_size <= 0:
         raise DataError("res and batch_size must be positive")
+    backend = resolve_backend(backend, ds, device, [(split, int(res))])   # "auto": the best one installed
     stage = Stage(res=int(res), batch_size=int(batch_size))
     return build_loader(ds, split, [stage], [int(seed)], backend=backend, device=device, train=train, seed=seed,
                         workers=workers, drop_last=drop_last, start_batch=start_batch, opts=opts)
 
 
-def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "ffcv", device="cuda",
+def make_val_loader(ds: PreppedDataset, res: int, batch_size: int, backend: str = "auto", device="cuda",
                     split: str = "val", workers: int | None = None, **options) -> BatchLoader:
     """Every image of `split` once per pass, in one fixed shuffled order (the same every pass: a capped
     evaluation sees a uniform sample), center crop (AugSpec.val_crop) resized to res."""

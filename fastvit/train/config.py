@@ -30,8 +30,9 @@ class DataConfig:
     """the prepped data and its loaders"""
 
     root: str = setting("", "fastvit-prep output dir (holds manifest.json)", flag="--data")
-    backend: str | None = setting(None, "loader backend (default: chosen per device)",
-                                  choices=("ffcv", "dali", "torchvision", "gpu_resident"))
+    backend: str | None = setting(None, "loader backend; auto (the default): DALI GPU decode, else gpu_resident "
+                                        "on cuda; DALI, else FFCV, else torchvision on cpu",
+                                  choices=("auto", "ffcv", "dali", "torchvision", "gpu_resident"))
     workers: int | None = setting(None, "loader worker processes (default: the CPUs this process may use)")
     final_res: int | None = setting(None, "last curriculum resolution and the evaluation resolution "
                                           "(default: the data's largest; the cpu preset: 96)")
@@ -153,6 +154,8 @@ class RunConfig:
     evals: int = setting(3, "periodic validations during training (not counted)")
     eval_images: int = setting(10000, "images per periodic validation (the final one is full)")
     log_every: int = setting(10, "log every N steps")
+    profile_steps: int = setting(0, "GPU-busy: a torch.profiler window over N steps of every stage, logged as "
+                                    "kind=profile rows in metrics.jsonl (0: off)")
     progress: bool = setting(True, "progress bar")
 
 

@@ -42,6 +42,7 @@ from .config import TrainConfig
 from .errors import CheckpointFailed, TrainError, is_oom
 from .evaluate import Evaluator
 from .metrics import MetricsWriter, StepMeter, StepTimer, plot_curves
+from .profile import BusyWindow
 from .planner import (BatchFallback, BudgetTooSmall, DriftMonitor, OutOfMemory, Plan, build_stages,
                       fit_and_probe, halve_in_plan, plan_budget, replan, shrink_batches)
 from .setup import Parts, RunEnv, build_parts, device_name, open_env, seed_everything
@@ -94,6 +95,8 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     prior = [] if ck else rundir.previous_run(run_dir, overwrite, restart=resume)
     clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **({"clock": clock} if clock else {}))
     env = open_env(cfg)                                   # data, device, backend: checked before any compute
+    if env.backend_why:
+        say(env.backend_why)                              # backend auto: which one, in one line
     if not ck:
         seed_everything(cfg.run.seed)
     if env.cuda:
@@ -138,6 +141,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                               budget_s=cfg.budget_s, step=st.step, now=clock.counted())
     save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt)
     cur_shape = None
+    busy = BusyWindow(cfg.run.profile_steps, skip=min(20, max(1, cfg.run.profile_steps // 4)), cuda=env.cuda)
     try:
         with guard.deferring():                                          # a SIGTERM: after the step in flight
             while st.step < st.plan.total_steps:
@@ -147,6 +151,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                     cur_shape = stage.shape
                     parts.drop_path.set(drop_path_of[stage.kind])
                     meter.new_stage()
+                    _log_profile(metrics, busy.new_stage(stage), st.step)    # --profile-steps: GPU-busy window
                 p = st.plan.progress_at(st.step)                         # the one progress (see above)
                 lr = S.lr_at(p, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay)
                 aug = S.aug_at(p, mix_prob=cfg.schedule.mix_prob, randaug=cfg.schedule.randaug,
@@ -163,12 +168,15 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                     cur_shape = None
                     continue
                 meter.timer.stop()                                       # the EMA update is inside the span
+                if step_fn.deferred and ((st.step + 1) % cfg.run.log_every == 0 or st.step + 1 == st.plan.total_steps):
+                    loss = step_fn.poll()                                # SYNC (deferred NaN check: log steps only)
                 if loss is None and step_fn.nan_run >= NAN_LIMIT:
                     raise TrainError(f"loss was NaN/inf for {NAN_LIMIT} steps in a row (step {st.step}); "
                                      "stopped with the last good weights", 1)
                 st.step += 1
                 now = clock.counted()
                 meter.step_done(now, stage.batch_size, loss, loader.last_wait_s)
+                _log_profile(metrics, busy.step_done(), st.step)
                 drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
                 bar.update(1)
                 if st.step % cfg.run.log_every == 0 or st.step == st.plan.total_steps:
@@ -195,6 +203,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         raise
     finally:
         bar.close()
+        _log_profile(metrics, busy.close(), st.step)
         if loader is not None:
             loader.close()
     # ---- finish --------------------------------------------------------------------------------------
@@ -397,6 +406,12 @@ def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: Batch
     _save_plan(Path(cfg.run.out), st.plan)
     loader.close()
     return _open_loader(st, cfg, env)
+
+
+def _log_profile(metrics, rec: dict | None, step: int) -> None:
+    """A closed profiler window (fastvit.train.profile.BusyWindow) as a metrics row of kind "profile"."""
+    if rec is not None:
+        metrics.log({**rec, "step": step})
 
 
 def _log_step(metrics, meter: StepMeter, bar, st: RunState, stage: Stage, now, p, lr, aug, loss, step_fn, cfg,

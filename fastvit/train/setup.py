@@ -22,6 +22,7 @@ class RunEnv:
     final_res: int             # last training and the evaluation resolution
     amp: bool                  # bf16 autocast
     compile: bool              # torch.compile (one static graph per stage shape)
+    backend_why: str = ""      # backend auto: which one and why (one line)
 
     @property
     def cuda(self) -> bool:
@@ -31,7 +32,7 @@ class RunEnv:
 def open_env(cfg: TrainConfig) -> RunEnv:
     """Data, device, backend and final resolution, all checked before any compute (one line each)."""
     from fastvit.data import check_readable, open_dataset
-    from fastvit.data.backends import check_runnable
+    from fastvit.data.backends import AUTO, check_runnable, choose_auto
 
     root = cfg.data.root
     if not root:
@@ -39,10 +40,12 @@ def open_env(cfg: TrainConfig) -> RunEnv:
     if not Path(root).is_dir():
         raise TrainError(f"--data {root} does not exist", 2)
     device = resolve_device(cfg.run.device)
-    backend = choose_backend(cfg)
+    backend, why = choose_backend(cfg), ""
     try:
         ds = open_dataset(root)
         final_res = final_resolution(cfg, ds.resolutions)
+        if backend == AUTO:   # the best installed backend that reads train and val on this device
+            backend, why = choose_auto(ds, device, [("train", None), ("val", final_res)])
         check_runnable(backend, device)
         # train and val readable by the backend (val at the evaluation resolution), checked before any
         # compute so a missing shard is not found after the whole budget was spent
@@ -52,7 +55,8 @@ def open_env(cfg: TrainConfig) -> RunEnv:
         raise TrainError(f"--data {root}: {e}", 2) from None
     amp = cfg.run.amp if cfg.run.amp is not None else device.type == "cuda"
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
-    return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile)
+    return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile,
+                  backend_why=why)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -66,14 +70,15 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def choose_backend(cfg: TrainConfig) -> str:
-    """Default loader: DALI on GPU and CPU alike (GPU: JPEG decode on the hardware decoder, sizes change
-    without rebuilding the pipeline; CPU: FFCV spends ~40 s compiling each new pipeline with numba on
-    a small CPU, one per curriculum stage plus validation, which a few-minute budget cannot afford;
-    DALI builds in about a second). The baseline reads the source JPEGs with torchvision (what users
-    would otherwise run)."""
+    """Default loader: "auto" (fastvit.data.backends.AUTO_ORDER, resolved in open_env once the data is
+    open): on a GPU DALI's hardware decode when DALI is installed, else the GPU-resident loader; on a CPU
+    DALI (FFCV spends ~40 s compiling each new pipeline with numba on a small CPU, one per curriculum
+    stage plus validation, which a few-minute budget cannot afford; DALI builds in about a second), else
+    FFCV, else torchvision. The baseline reads the source JPEGs with torchvision (what users would
+    otherwise run)."""
     if cfg.run.recipe == "baseline":
         return "torchvision"
-    return cfg.data.backend or "dali"
+    return cfg.data.backend or "auto"
 
 
 def final_resolution(cfg: TrainConfig, resolutions) -> int:
@@ -129,7 +134,10 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
     # weight decay on weights only: timm's factory skips 1-D params (biases, norms) and the model's
     # no_weight_decay() names (pos_embed, cls_token)
     target = model.model if cfg.run.recipe == "baseline" else model
-    opt = create_optimizer_v2(target, opt=sc.opt, lr=sc.lr, weight_decay=sc.weight_decay)
+    # fused AdamW on a GPU: one kernel for all parameters, and its found_inf input lets the step skip a
+    # NaN/inf update without a host sync (step.TrainStep's deferred mode)
+    fused = {"fused": True} if env.cuda and sc.opt.lower() in ("adam", "adamw") else {}
+    opt = create_optimizer_v2(target, opt=sc.opt, lr=sc.lr, weight_decay=sc.weight_decay, **fused)
     ema = None
     if sc.ema:
         from timm.utils import ModelEmaV3

@@ -2,6 +2,17 @@
 
     step = TrainStep(parts, cfg.schedule, env)
     loss = step(images, labels, stage, lr=..., aug=S.aug_at(p, ...), images_seen=n)   # None: skipped (NaN/inf)
+    loss = step.poll()      # deferred mode (CUDA + fused AdamW): the interval's mean loss, read every N steps
+
+Two ways to skip a step whose loss or gradient norm is NaN/inf (the weights and optimizer state stay as
+they were):
+- synchronous (CPU, or an optimizer without found_inf support): the loss is read each step (a SYNC)
+  and the optimizer step is not called;
+- deferred (a fused AdamW/Adam, the CUDA default): nothing is read. The finite check stays on the
+  device and goes to the fused kernel as `found_inf` (as torch.amp.GradScaler does), which leaves
+  parameters, moments and step count untouched; skipped steps, the run of them and the finite losses
+  are counted on the device and read by `poll()` (the loop calls it at log steps, where the step
+  timer's events are read anyway). A skipped step still moves the EMA towards the (unchanged) weights.
 
 The EMA's time constant is a number of *images* (`EmaRate`), fixed for the run: its per-step decay
 follows the batch size of the step, and its warm-up follows the images seen, so re-plans and
@@ -42,11 +53,17 @@ class EmaRate:
 
 
 class TrainStep:
-    def __init__(self, parts: Parts, schedule, env: RunEnv):
+    def __init__(self, parts: Parts, schedule, env: RunEnv, deferred: bool | None = None):
         self.p, self.sc, self.env = parts, schedule, env
         self.ema_rate: EmaRate | None = None      # set once the plan exists (its images give the half-life)
-        self.nan_run = 0                          # NaN/inf steps in a row
+        self.nan_run = 0                          # NaN/inf steps in a row (deferred: as of the last poll)
         self.nan_total = 0
+        # deferred NaN check: needs an optimizer whose step takes found_inf (fused Adam/AdamW)
+        supports = bool(getattr(parts.opt, "_step_supports_amp_scaling", False))
+        self.deferred = (env.cuda and supports) if deferred is None else bool(deferred)
+        if self.deferred and not supports:
+            raise ValueError("deferred NaN checks need an optimizer with found_inf support (fused AdamW)")
+        self._acc = None   # device: [skipped total, skipped run, finite loss sum, finite n, longest run since poll]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
                  aug: AugStrength, images_seen: int = 0, probe: bool = False) -> float | None:
@@ -67,7 +84,9 @@ class TrainStep:
         loss.backward()
         clip = self.sc.clip_grad if self.sc.clip_grad > 0 else 1e12
         gnorm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip)
-        loss_v = loss.item()                                                             # SYNC
+        if self.deferred:
+            return self._deferred_update(loss.detach(), gnorm, stage, images_seen, probe)
+        loss_v = loss.item()                                                             # SYNC (synchronous mode)
         if not (math.isfinite(loss_v) and torch.isfinite(gnorm).item()):
             p.opt.zero_grad(set_to_none=True)
             if not probe:
@@ -78,10 +97,54 @@ class TrainStep:
         p.opt.zero_grad(set_to_none=True)
         if not probe:
             self.nan_run = 0
-            if p.ema is not None:
-                p.ema.decay = self.ema_rate.decay(stage.batch_size, images_seen)
-                p.ema.update(p.model)               # applies exactly ema.decay (no step-counted warm-up)
+            self._ema(stage, images_seen)
         return loss_v
+
+    def _ema(self, stage: Stage, images_seen: int) -> None:
+        if self.p.ema is not None:
+            self.p.ema.decay = self.ema_rate.decay(stage.batch_size, images_seen)
+            self.p.ema.update(self.p.model)         # applies exactly ema.decay (no step-counted warm-up)
+
+    def _deferred_update(self, loss: torch.Tensor, gnorm: torch.Tensor, stage: Stage, images_seen: int,
+                         probe: bool) -> None:
+        """The optimizer step with the finite check on the device (no host sync); returns None (the
+        loss is read by poll())."""
+        p = self.p
+        finite = torch.isfinite(loss) & torch.isfinite(gnorm)                            # () bool
+        p.opt.found_inf = (~finite).to(torch.float32)   # the fused kernel skips the whole update when 1
+        try:
+            p.opt.step()
+        finally:
+            del p.opt.found_inf
+        p.opt.zero_grad(set_to_none=True)
+        if probe:
+            return None
+        if self._acc is None:
+            self._acc = torch.zeros(5, dtype=torch.float64, device=loss.device)
+        bad = (~finite).to(torch.float64)
+        a = self._acc
+        a[0] += bad                                                                      # skipped steps
+        a[1] = (a[1] + 1.0) * bad                                                        # skipped in a row
+        a[2] += torch.where(finite, loss.to(torch.float64), 0.0)                         # finite losses
+        a[3] += finite.to(torch.float64)
+        a[4] = torch.maximum(a[4], a[1])
+        self._ema(stage, images_seen)
+        return None
+
+    def poll(self) -> float | None:
+        """Deferred mode: read the device counters (one SYNC): updates nan_total and nan_run (the longest
+        run of skipped steps since the last poll, so a run of NAN_LIMIT is seen even if it ended before
+        the poll), returns the mean finite loss since the last poll (None: no finite loss). Synchronous
+        mode: None."""
+        if not self.deferred or self._acc is None:
+            return None
+        skipped, run, loss_sum, n, longest = self._acc.tolist()                          # SYNC (every N steps)
+        self._acc[0] = 0.0
+        self._acc[2:4] = 0.0
+        self._acc[4] = run
+        self.nan_total += int(skipped)
+        self.nan_run = int(longest)    # the longest run of skipped steps since the last poll
+        return loss_sum / n if n else None
 
     def synthetic(self, stage: Stage, aug: AugStrength) -> None:
         """One step on random data of the stage's shape, LR 0 (the planner's compile + probe), synced."""
