@@ -1,6 +1,6 @@
 # The two commands of the README. Each one works as the very first command on a fresh machine:
 # it creates or reuses .venv/ and installs what is missing (scripts/setup_env.sh), then runs.
-.PHONY: demo test setup clean-demo
+.PHONY: demo test setup clean-demo gpu-check
 
 setup:
 	@bash scripts/setup_env.sh
@@ -15,3 +15,12 @@ test: setup
 
 clean-demo:
 	rm -rf demo_out runs/demo
+
+# On a GPU machine (no network, nothing installed from it): cuda tests, kernel + model benchmarks at
+# real sizes, a ~2.5-minute end-to-end run with GPU-busy per stage; every part time-boxed, < 8 min.
+# On a CPU machine the same parts at tiny sizes (CPU numbers). Uses .venv/bin/python when there is one,
+# else python3; runs from the checkout (PYTHONPATH). JSON + logs go to $(OUT) (default bench/results/).
+OUT ?= bench/results/
+PYTHON ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+gpu-check:
+	@PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) bench/gpu_check.py --out "$(OUT)"

@@ -353,7 +353,7 @@ def test_metrics_record_compute_time_and_plan_keeps_probe_speed(tiny_prepped, tm
     assert "interval_compute_s" in (run / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
+def test_e2e_gpu_busy_is_profiled_kernel_time_over_wall_unclipped(monkeypatch):
     import importlib
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
@@ -364,13 +364,17 @@ def test_e2e_gpu_busy_is_compute_over_wall_unclipped(monkeypatch):
                 "interval_images": images, "interval_compute_s": compute}
 
     rows = [row(0, 9.0, 0.1), row(0, 1.0, 0.5), row(0, 1.0, 0.3)]   # the first interval (compile) is left out
+    prof = {"kind": "profile", "res": 32, "keep": 1.0}
+    rows += [dict(prof, busy_s=0.2, wall_s=1.0), dict(prof, busy_s=0.9, wall_s=1.0)]   # two windows, pooled
     # re-planned speed (what the old metric divided by) differs from the probe's: only the probe counts
     plan = {"stages": [{"res": 32, "keep": 1.0, "speed": 64.0, "probe_speed": 50.0}]}
     m = e2e.stage_metrics(rows, plan, cuda=True)
-    assert m["e2e/gpu_busy@32,keep1"] == pytest.approx(0.4)
+    assert m["e2e/gpu_busy@32,keep1"] == pytest.approx(0.55)        # the profiler's, not the events'
+    assert m["e2e/step_span_share@32,keep1"] == pytest.approx(0.4)
     assert m["e2e/images_per_s@32,keep1"] == pytest.approx(64.0)
     assert m["e2e/speed_over_probe@32,keep1"] == pytest.approx(64.0 / 50.0)   # > 1 shown, not clipped
-    assert "e2e/gpu_busy@32,keep1" not in e2e.stage_metrics(rows, plan, cuda=False)
+    cpu = e2e.stage_metrics(rows, plan, cuda=False)
+    assert "e2e/gpu_busy@32,keep1" not in cpu and cpu["e2e/cpu_op_busy@32,keep1"] == pytest.approx(0.55)
 
 
 def test_missing_val_shard_is_found_before_training(tiny_prepped, tmp_path, capsys):

@@ -24,6 +24,12 @@ class Context:
     device: str = "cpu"
     workers: int = 1
     scratch: Path = field(default_factory=lambda: Path(os.environ.get("FASTVIT_BENCH_SCRATCH", "/tmp/fastvit-bench")))
+    # per-run overrides of a section's sizes (bench/gpu_check.py: real GPU sizes with fewer compiles, or
+    # tiny CPU sizes); each section documents the keys it reads
+    opts: dict = field(default_factory=dict)
+    # a file the section's metrics so far are written to after each measurement (a section killed by
+    # its time box still leaves what it measured); None: not written
+    partial: Path | None = None
     _notes: dict = field(default_factory=dict)
 
     @classmethod
@@ -42,6 +48,13 @@ class Context:
     def skip(self, metric: str, why: str) -> None:
         """Record that one metric of a section was not measured here, and why."""
         self._notes[metric] = why
+
+    def save_partial(self, metrics: dict) -> None:
+        """Write the metrics measured so far (and the notes) to `partial`, atomically."""
+        if self.partial is not None:
+            from fastvit.fileio import write_json_atomic
+
+            write_json_atomic(Path(self.partial), {"metrics": metrics, "skipped": dict(self._notes)})
 
     def pop_notes(self) -> dict:
         notes, self._notes = self._notes, {}

@@ -4,13 +4,16 @@ Runs `fastvit-train` in-process on a short time budget and reads its metrics bac
   e2e/images_per_s@<res>,keep<k>      training images/s of each stage (steady state: the first logged
                                       interval of a stage, which holds its compile/switch, is left out)
   e2e/data_wait_share@<res>,keep<k>   share of that stage's step time spent waiting for the loader
-  e2e/gpu_busy@<res>,keep<k>          (GPU only) Σ per-step GPU compute time ÷ Σ wall time of the same
-                                      steps. GPU compute time of a step: CUDA timing events recorded on
-                                      the compute stream before its augment/forward and after its
-                                      optimizer + EMA update (fastvit.train.metrics.StepTimer; gaps inside
-                                      a step count as busy). Wall time: the counted seconds between log
-                                      records, so waiting for the loader, logging, checkpoints and
-                                      re-plans count as idle. 0-1 by construction, not clipped.
+  e2e/gpu_busy@<res>,keep<k>          (GPU only) time the GPU spent in kernels ÷ wall time, from a
+                                      torch.profiler window of --profile-steps steps in every stage
+                                      (fastvit.train.profile.BusyWindow: union of CUDA kernel/memcpy
+                                      intervals over the host wall time between two syncs; windows of
+                                      a shape pooled, weighted by wall time). Waiting for the loader and
+                                      host stalls inside a step count as idle.
+  e2e/cpu_op_busy@<res>,keep<k>       (CPU run) the same window over CPU operators: a CPU number
+  e2e/step_span_share@<res>,keep<k>   (GPU only) Σ per-step span between CUDA events recorded before a
+                                      step's first launch and after its last ÷ Σ wall time (StepTimer;
+                                      gaps inside a step count as busy: an upper bound, not GPU-busy)
   e2e/speed_over_probe@<res>,keep<k>  real images/s ÷ the images/s the planner's probe measured for that
                                       shape on synthetic on-device data (plan.json `probe_speed`, never
                                       rescaled by re-plans); below 1 = the real loop is slower than the
@@ -29,10 +32,15 @@ from . import SectionSkipped
 
 
 def _demo_data(ctx) -> Path:
+    """The synthetic demo set, prepped once into the scratch dir (ctx.opts["demo"]: make_demo_dataset's
+    sizes; the default has 600 train images, ctx.opts["demo_res"]: the resolutions)."""
     from fastvit import manifest
 
+    demo = dict(num_classes=10, train_per_class=60, val_per_class=10, min_side=64, max_side=200)
+    demo.update(ctx.opts.get("demo", {}))
+    resolutions = list(ctx.opts.get("demo_res", [32, 64, 128, 224] if ctx.cuda else [32, 64]))
     root = ctx.workdir("e2e")
-    out = root / "prepped"
+    out = root / ("prepped_" + "_".join(f"{v}" for v in demo.values()) + "_" + "_".join(map(str, resolutions)))
     if manifest.path_of(out).is_file():
         return out
     try:
@@ -40,9 +48,8 @@ def _demo_data(ctx) -> Path:
         from fastvit.data_prep.demo import make_demo_dataset
     except ImportError as e:
         raise SectionSkipped(f"no data given and fastvit.data_prep is not available ({e})")
-    src = make_demo_dataset(root / "src", num_classes=10, train_per_class=60, val_per_class=10, seed=0,
-                            min_side=64, max_side=200)
-    prep_dataset(src, out, resolutions=[32, 64, 128, 224] if ctx.cuda else [32, 64], formats=("ffcv", "dali"),
+    src = make_demo_dataset(out.with_name(out.name + "_src"), seed=0, **demo)
+    prep_dataset(src, out, resolutions=resolutions, formats=("ffcv", "dali"),
                  splits=("train", "val"), quality=90, workers=max(1, ctx.workers), progress=False)
     return out
 
@@ -75,17 +82,30 @@ def probe_speeds(plan: dict) -> dict[tuple[int, float], float]:
     return out
 
 
+def profiled_busy(rows: list[dict]) -> dict[tuple[int, float], float]:
+    """(res, keep) -> busy share of its profiler windows (rows of kind "profile"), pooled by wall time."""
+    acc: dict = defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        if r.get("kind") == "profile" and r.get("wall_s"):
+            a = acc[(r["res"], r["keep"])]
+            a[0] += r["busy_s"]
+            a[1] += r["wall_s"]
+    return {k: b / w for k, (b, w) in acc.items() if w > 0}
+
+
 def stage_metrics(rows: list[dict], plan: dict, cuda: bool) -> dict[str, float]:
     """Per-stage metrics of a finished run's metrics rows and plan (see the module docstring)."""
     probe = probe_speeds(plan)
     out: dict[str, float] = {}
+    for (r, k), busy in sorted(profiled_busy(rows).items()):
+        out[f"e2e/{'gpu_busy' if cuda else 'cpu_op_busy'}@{r},keep{k:g}"] = busy
     for (r, k), a in sorted(per_stage(rows).items()):
         tag = f"{r},keep{k:g}"
         ips = a["images"] / a["s"]
         out[f"e2e/images_per_s@{tag}"] = ips
         out[f"e2e/data_wait_share@{tag}"] = a["wait"] / a["s"]
-        if cuda:                                  # CUDA-event compute time; host time on CPU is no GPU's
-            out[f"e2e/gpu_busy@{tag}"] = a["compute"] / a["s"]
+        if cuda:                                  # CUDA-event step spans; host time on CPU is no GPU's
+            out[f"e2e/step_span_share@{tag}"] = a["compute"] / a["s"]
         if probe.get((r, k)):
             out[f"e2e/speed_over_probe@{tag}"] = ips / probe[(r, k)]
     return out
@@ -111,15 +131,17 @@ def run(ctx) -> dict:
             raise SectionSkipped(f"--data: {e}") from None
         over = dict(data=str(data), out=str(run_dir), device="cuda", minutes=1.0 if ctx.quick else 4.0,
                     model="vit_small_local", final_res=min(224, max(ds.resolutions)), evals=0,
-                    progress=False, log_every=10)
+                    progress=False, log_every=10, profile_steps=200)
+        over.update(ctx.opts.get("train", {}))
         cfg = make_config("gpu", over)
     else:
         over = dict(data=str(data), out=str(run_dir), device="cpu", minutes=0.3 if ctx.quick else 1.0,
                     model="vit_tiny_local", depth=2, embed_dim=64, num_heads=2, final_res=64,
                     curriculum="32:0.5,64:0.5", batch_size=32, max_batch=128, evals=0, eval_images=64,
-                    progress=False, log_every=5, compile=False, workers=ctx.workers)
+                    progress=False, log_every=5, compile=False, workers=ctx.workers, profile_steps=3)
+        over.update(ctx.opts.get("train", {}))
         cfg = make_config("cpu", over)
-    res = train(cfg, log=lambda s: None)
+    res = train(cfg, log=print if ctx.opts.get("verbose") else (lambda s: None))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     plan = json.loads((run_dir / "plan.json").read_text())
     out = stage_metrics(rows, plan, ctx.cuda)

@@ -24,6 +24,8 @@ Metrics, per setting `@{res},keep{rate}`:
 
 Without CUDA the fused metrics are skipped (the Triton interpreter is a correctness tool, not a
 speed) and (b) vs (c) run at a small batch.
+
+ctx.opts (bench/gpu_check.py): "batch", "resolutions" (default 224, 128), "keeps", "iters".
 """
 from __future__ import annotations
 
@@ -92,9 +94,12 @@ def run(ctx) -> dict[str, float]:
         batch, keeps, iters = (64, KEEPS, 5) if ctx.quick else (256, KEEPS, 20)
     else:
         batch, keeps, iters = (4, (0.5, 1.0), 3) if ctx.quick else (16, KEEPS, 3)
+    batch = ctx.opts.get("batch", batch)
+    keeps = tuple(ctx.opts.get("keeps", keeps))
+    iters = ctx.opts.get("iters", iters)
     gen = torch.Generator(device=dev).manual_seed(0)
     out: dict[str, float] = {}
-    for res in (224, 128):
+    for res in ctx.opts.get("resolutions", (224, 128)):
         pe = timm.layers.PatchEmbed(img_size=res, patch_size=PATCH, in_chans=3, embed_dim=D).to(dev)
         N = pe.num_patches
         pos = torch.nn.Parameter(torch.randn(N, D, device=dev) * 0.02)
@@ -147,6 +152,7 @@ def run(ctx) -> dict[str, float]:
                 out[f"kernel/reference_over_timm{tag}"] = times["timm"] / times["reference"]
             for name, t in times.items():
                 out[f"kernel/{name}_ms{tag}"] = t
+            ctx.save_partial(out)
     return out
 
 

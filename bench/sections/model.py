@@ -20,7 +20,12 @@ Locality MLP alone (`_locality`, fwd+bwd, ViT-S sizes on GPU, tiny on CPU throug
 `_GBps_lower_bound` from `locality_bytes` (the bytes formula of both paths).
 CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16,
 one thread;
-metrics `model_cpu_tiny/...`. --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
+metrics `model_cpu_tiny/...`.
+ctx.opts (bench/gpu_check.py): "batch", "settings" [(res, keep), ...], "variants" (subset of local,
+plain, local_scatter, local_taps), "timm_compiled" (bool), "compiled" (bool), "iters", "locality"
+(bool: the locality-MLP microbench). Shapes are compiled one at a time, each right before it is timed,
+and the metrics so far are saved after each (ctx.save_partial): a time box keeps what was measured.
+--quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
 2 cores) and names the fastvit numbers `..._eager_...`; MFU is GPU-only.
 """
 from __future__ import annotations
@@ -114,7 +119,8 @@ def _locality(ctx, prefix: str, dev, amp, sync) -> dict[str, float]:
                 y.float().sum().backward()
             if path == "sparse":
                 _check_sparse(mlp, x, keep_idx, side, amp)
-            times[(path, keep)] = timeit(step, warmup=2, iters=5 if ctx.quick else 20, sync=sync) * 1e3
+            n = ctx.opts.get("iters", 5 if ctx.quick else 20)
+            times[(path, keep)] = timeit(step, warmup=min(2, n), iters=n, sync=sync) * 1e3
     res = 224 if ctx.cuda else 16 * side
     for (path, keep), ms in times.items():
         name = path if ctx.cuda or path != "sparse" else "sparse_reference"
@@ -160,8 +166,8 @@ def run(ctx) -> dict[str, float]:
 
 def _run(ctx) -> dict[str, float]:
     try:
-        import timm
-        from fastvit.models import compile_model, create_model, model_config, train_flops
+        import timm  # noqa: F401 -- the section needs it: skipped without
+        from fastvit.models import compile_model, create_model, train_flops
     except ImportError as e:  # pragma: no cover - the venv has both
         raise SectionSkipped(f"needs timm and fastvit.models: {e}")
 
@@ -181,8 +187,12 @@ def _run(ctx) -> dict[str, float]:
             ctx.skip(f"{prefix}/fastvit_*,timm_compiled_*", "compiled runs skipped with --quick on CPU "
                      "(inductor takes ~30-70 s a shape on 2 cores); fastvit numbers are eager")
         ctx.skip(f"{prefix}/*_mfu", "MFU is against an H100 peak: GPU only")
+    o = ctx.opts
+    batch, settings = o.get("batch", batch), [tuple(x) for x in o.get("settings", settings)]
+    iters, compiled = o.get("iters", iters), o.get("compiled", compiled)
     sync = (lambda: torch.cuda.synchronize(dev)) if gpu else None
-    out: dict[str, float] = _locality(ctx, prefix, dev, amp, sync)
+    out: dict[str, float] = _locality(ctx, prefix, dev, amp, sync) if o.get("locality", True) else {}
+    ctx.save_partial(out)
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def batch_for(res):
@@ -196,6 +206,7 @@ def _run(ctx) -> dict[str, float]:
         out[f"{prefix}/{name}_tflops@{label}"] = tflops
         if gpu:
             out[f"{prefix}/{name}_mfu@{label}"] = tflops / PEAK_TFLOPS
+        ctx.save_partial(out)
 
     # ---- fastvit: vit_small_local (the headline) and vit_small_plain
     # vit_small_local with the locality conv as fusable taps (impl choice for the GPU; full GPU run only)
@@ -205,31 +216,43 @@ def _run(ctx) -> dict[str, float]:
         variants.append(("local_scatter", "local", {"sparse_locality": False}))
     if gpu and not ctx.quick:
         variants.append(("local_taps", "local", {"dwconv_impl": "taps"}))
+    if "variants" in o:
+        variants = [v for v in variants if v[0] in o["variants"]]
+    timm_modes = ["eager"] + (["compiled"] if o.get("timm_compiled", compiled) else [])
+    if o.get("timm_first"):   # the baseline first: cheap, and a time box then cuts fastvit shapes, not it
+        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out)
     for variant, kind, extra in variants:
         torch.manual_seed(0)
         model = create_model(f"vit_small_{kind}", num_classes=1000, **overrides, **extra).to(dev).train()
         cfg = model.cfg
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
-        shapes = [(res, keep, batch) for res, keep in settings]
-        runner, tag = model, f"fastvit_{variant}_eager"
-        if compiled:
-            runner = compile_model(model, shapes=shapes, amp_dtype=amp)   # compiles every shape now
-            tag = f"fastvit_{variant}"
-            for (res, keep, _, _), sec in runner.compile_seconds.items():
-                out[f"{prefix}/{tag}_compile_s@{_label(res, keep)}"] = sec
+        runner, tag = model, (f"fastvit_{variant}" if compiled else f"fastvit_{variant}_eager")
         for res, keep in settings:
+            if compiled:   # this shape's graph now (one at a time: a time box keeps the shapes done)
+                runner = compile_model(model, shapes=[(res, keep, batch)], amp_dtype=amp)
+                for (r, k, _, _), sec in runner.compile_seconds.items():
+                    out[f"{prefix}/{tag}_compile_s@{_label(r, k)}"] = sec
             x, y = batch_for(res)
             dt = timeit(_train_step(runner, opt, x, y, amp, _fastvit_call(keep)), warmup=warmup, iters=iters, sync=sync)
             record(tag, _label(res, keep), batch / dt, cfg, res, keep)
         del model, runner, opt
         if gpu:
             torch.cuda.empty_cache()
+    if not o.get("timm_first"):
+        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out)
+    _ratios(prefix, settings, compiled, out)
+    return out
 
-    # ---- timm vit_small_patch16_224, eager (AMP) and compiled, same batch, all patches
+
+def _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out):
+    """timm vit_small_patch16_224, eager (AMP) and compiled, same batch, all patches."""
+    import timm
+
+    from fastvit.models import model_config
+
     timm_cfg = model_config("vit_small_plain", class_token=True, head="token", **overrides)
     mean = torch.tensor(timm_cfg.mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(timm_cfg.std, device=dev).view(1, 3, 1, 1)
-    timm_modes = ["eager"] + (["compiled"] if compiled else [])
     for mode in timm_modes:
         torch.manual_seed(0)
         t = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000,
@@ -246,27 +269,32 @@ def _run(ctx) -> dict[str, float]:
                     sync()
                 out[f"{prefix}/timm_compiled_compile_s@{res}"] = time.perf_counter() - t0
             dt = timeit(step, warmup=warmup, iters=iters, sync=sync)
-            record(f"timm_{mode}", _label(res, 1.0), batch / dt, timm_cfg, res, 1.0)
+            record(f"timm_{mode}", _label(res, 1.0), x.shape[0] / dt, timm_cfg, res, 1.0)
         del t, runner, opt
         if gpu:
             torch.cuda.empty_cache()
 
-    # ---- ratios (fastvit = the compiled locality model; on CPU --quick, eager vs eager)
+
+def _ratios(prefix, settings, compiled, out) -> None:
+    """fastvit = the compiled locality model (on CPU --quick, eager vs eager) over timm, per setting. A
+    ratio is left out when a side was not measured (variants left out by ctx.opts)."""
     fv = "fastvit_local" if compiled else "fastvit_local_eager"
     fvp = "fastvit_plain" if compiled else "fastvit_plain_eager"
     head = "fastvit" if compiled else "fastvit_eager"
+
+    def ratio(name, a, b):
+        if a in out and b in out:
+            out[name] = out[a] / out[b]
+
     for res, keep in settings:
-        lab = _label(res, keep)
-        base = out[f"{prefix}/timm_eager_img_s@{_label(res, 1.0)}"]     # timm keeps every patch
-        out[f"{prefix}/{head}_over_timm_eager@{lab}"] = out[f"{prefix}/{fv}_img_s@{lab}"] / base
-        out[f"{prefix}/{head}_plain_over_timm_eager@{lab}"] = out[f"{prefix}/{fvp}_img_s@{lab}"] / base
-        if f"{prefix}/fastvit_local_scatter_img_s@{lab}" in out:
-            out[f"{prefix}/fastvit_sparse_over_scatter_step@{lab}"] = (
-                out[f"{prefix}/{fv}_img_s@{lab}"] / out[f"{prefix}/fastvit_local_scatter_img_s@{lab}"])
-        if f"{prefix}/fastvit_local_taps_img_s@{lab}" in out:
-            out[f"{prefix}/fastvit_taps_over_fastvit@{lab}"] = (
-                out[f"{prefix}/fastvit_local_taps_img_s@{lab}"] / out[f"{prefix}/{fv}_img_s@{lab}"])
+        lab, full = _label(res, keep), _label(res, 1.0)
+        base = f"{prefix}/timm_eager_img_s@{full}"                     # timm keeps every patch
+        ratio(f"{prefix}/{head}_over_timm_eager@{lab}", f"{prefix}/{fv}_img_s@{lab}", base)
+        ratio(f"{prefix}/{head}_plain_over_timm_eager@{lab}", f"{prefix}/{fvp}_img_s@{lab}", base)
+        ratio(f"{prefix}/fastvit_sparse_over_scatter_step@{lab}", f"{prefix}/{fv}_img_s@{lab}",
+              f"{prefix}/fastvit_local_scatter_img_s@{lab}")
+        ratio(f"{prefix}/fastvit_taps_over_fastvit@{lab}", f"{prefix}/fastvit_local_taps_img_s@{lab}",
+              f"{prefix}/{fv}_img_s@{lab}")
         if compiled:
-            out[f"{prefix}/fastvit_over_timm_compiled@{lab}"] = (
-                out[f"{prefix}/{fv}_img_s@{lab}"] / out[f"{prefix}/timm_compiled_img_s@{_label(res, 1.0)}"])
-    return out
+            ratio(f"{prefix}/fastvit_over_timm_compiled@{lab}", f"{prefix}/{fv}_img_s@{lab}",
+                  f"{prefix}/timm_compiled_img_s@{full}")

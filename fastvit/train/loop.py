@@ -328,10 +328,13 @@ def _warm(stages, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: dict, fal
     aug = S.aug_at(1.0, mix_prob=(max(cfg.schedule.mix_prob),) * 2, randaug=(max(cfg.schedule.randaug),) * 2)
     n = len({s.shape for s in stages})
     say(f"{'probing' if iters else 'warming up'} {n} shape(s) (compile={'on' if step_fn.env.compile else 'off'})")
+    first_step_s = step_fn.compile_s_by_shape   # shape -> seconds of its first (compiling) step
 
     def run(stage: Stage) -> None:
         parts.drop_path.set(drop_path_of[stage.kind])
-        step_fn.synthetic(stage, aug)
+        t = clock.now()
+        step_fn.synthetic(stage, aug)                                    # synced: its first call compiles
+        first_step_s.setdefault(stage.shape, clock.now() - t)
 
     def halved(old: Stage, new: Stage) -> None:
         say(fallback.describe(old, new))
@@ -345,7 +348,8 @@ def _warm(stages, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: dict, fal
     finally:
         step_fn.restore(snap)
     spent = clock.counted() - t0
-    say(f"compiled/probed {n} shape(s) in {spent:.1f} s (counted)")
+    say(f"compiled/probed {n} shape(s) in {spent:.1f} s (counted); first step per shape (compile + 1 step): "
+        + ", ".join(f"res {sh[0]} keep {sh[1]:g} batch {sh[2]} {t:.1f} s" for sh, t in first_step_s.items()))
     return got, spent
 
 
@@ -537,6 +541,8 @@ def _results(cfg: TrainConfig, env: RunEnv, st: RunState, step_fn: TrainStep, co
         "counted_s": round(counted, 3), "validation_s": round(st.val_s, 3),
         "steps": st.step, "planned_steps": plan.total_steps, "images_seen": plan.images_until(st.step),
         "replans": len(plan.replans), "nan_skipped": step_fn.nan_total, "compile_s": round(st.compile_s, 3),
+        "compile_s_by_shape": [{"res": sh[0], "keep": sh[1], "batch": sh[2], "first_step_s": round(t, 3)}
+                               for sh, t in step_fn.compile_s_by_shape.items()],
         "device_name": device_name(env), "backend": env.backend, "recipe": cfg.run.recipe,
         "model": cfg.model.name, "stages": [s.to_dict() for s in plan.stages],
     }

@@ -42,11 +42,20 @@ def union_seconds(intervals) -> float:
 
 
 def device_intervals_us(prof, cuda: bool) -> list[tuple[float, float]]:
-    """[start, end) in microseconds of every device activity (cuda) or every CPU operator (cpu)."""
+    """[start, end) in microseconds of every device activity (cuda: kernels, memcpy, memset) or every CPU
+    operator (cpu), from the profiler's raw (kineto) events; the FunctionEvent list when those are not
+    available (older torch)."""
     from torch.autograd import DeviceType
 
     want = DeviceType.CUDA if cuda else DeviceType.CPU
     out = []
+    try:
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == want and e.duration_ns() > 0:
+                out.append((e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3))
+        return out
+    except AttributeError:
+        pass
     for e in prof.events():
         if e.device_type == want and e.time_range.end > e.time_range.start:
             out.append((float(e.time_range.start), float(e.time_range.end)))

@@ -63,6 +63,7 @@ class TrainStep:
         self.deferred = (env.cuda and supports) if deferred is None else bool(deferred)
         if self.deferred and not supports:
             raise ValueError("deferred NaN checks need an optimizer with found_inf support (fused AdamW)")
+        self.compile_s_by_shape: dict = {}      # Stage.shape -> seconds of its first step (the planner's)
         self._acc = None   # device: [skipped total, skipped run, finite loss sum, finite n, longest run since poll]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
