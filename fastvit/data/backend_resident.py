@@ -106,7 +106,7 @@ def crop_resize_flat(data: torch.Tensor, offsets: torch.Tensor, heights: torch.T
 # ---------------------------------------------------------------------------------------------- storage
 
 
-@dataclass
+@dataclass(eq=False)   # hashable by identity: the live-shard registry holds weak references
 class ResidentShard:
     data: torch.Tensor     # (total,) uint8, images HWC packed
     offsets: torch.Tensor  # (N,) int64
