@@ -17,7 +17,7 @@ clean-demo:
 	rm -rf demo_out runs/demo
 
 # On a GPU machine (no network, nothing installed from it): cuda tests, kernel + model benchmarks at
-# real sizes, a ~2.5-minute end-to-end run with GPU-busy per stage; every part time-boxed, < 8 min.
+# real sizes, a 3-minute end-to-end run with GPU-busy per stage; every part time-boxed, < 8 min.
 # On a CPU machine the same parts at tiny sizes (CPU numbers). Uses .venv/bin/python when there is one,
 # else python3; runs from the checkout (PYTHONPATH). JSON + logs go to $(OUT) (default bench/results/).
 OUT ?= bench/results/

@@ -128,10 +128,13 @@ class _Build(threading.Thread):
                 _dispose(self.previous)
                 self.previous = None
             t0 = time.perf_counter()
-            self.loader = self.owner._build(self.spec, self.start_batch)
-            self.first = self.loader.next_batch()  # compile + decode the first batch now, not at the switch
-            if self.owner.device.type == "cuda":
-                torch.cuda.current_stream(self.owner.device).synchronize()  # the consumer uses another thread
+            dev = self.owner.device
+            with _side_stream(dev):   # a shard decode overlaps the training kernels, not queued behind them
+                self.loader = self.owner._build(self.spec, self.start_batch)
+                self.first = self.loader.next_batch()  # compile + decode the first batch now, not at the switch
+                if dev.type == "cuda":
+                    _used_by_consumer(dev, self.first, getattr(self.loader, "shard", None))
+                    torch.cuda.current_stream(dev).synchronize()  # the consumer uses another thread
             self.build_s = time.perf_counter() - t0
         except BaseException as e:  # handed to the consumer at the switch
             self.error = e
@@ -139,6 +142,26 @@ class _Build(threading.Thread):
             if not self.stale:
                 self.owner._on_ready(self.span_idx)
             self.done.set()
+
+
+def _side_stream(device: torch.device):
+    """On cuda: a stream of the builder's own, so a GPU decode (nvJPEG, the resident shard's copies) runs
+    beside the training kernels on the default stream instead of between them."""
+    import contextlib
+
+    return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _used_by_consumer(device: torch.device, *objs) -> None:
+    """Tensors made on the builder's stream that the consumer reads on the default stream: the caching
+    allocator must not hand their memory to the builder's stream again before the default stream's work
+    queued at their release is done (record_stream)."""
+    consumer = torch.cuda.default_stream(device)
+    for o in objs:
+        items = o if isinstance(o, (tuple, list)) else vars(o).values() if hasattr(o, "__dataclass_fields__") else [o]
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(consumer)
 
 
 def _dispose(x) -> None:
