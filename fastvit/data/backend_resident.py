@@ -278,12 +278,18 @@ class ResidentLoader(BatchLoader):
         else:
             boxes, flip = center_boxes(h, w, self.aug.val_crop), np.zeros(len(idx_np), dtype=bool)
         dev = self.device
-        # One small host->device copy per batch: (B,) indices, (B,4) boxes, (B,) flips.
-        idx = torch.from_numpy(idx_np.copy()).to(dev, non_blocking=True)
+        # One small host->device copy per batch, from pinned memory (a copy from pageable memory may wait
+        # for the stream: a host sync per batch): (B,6) float64 = index, box (top, left, h, w), flip.
+        packed = np.empty((len(idx_np), 6), dtype=np.float64)
+        packed[:, 0], packed[:, 1:5], packed[:, 5] = idx_np, boxes, flip
+        host = torch.from_numpy(packed)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(dev, non_blocking=True)
+        idx = t[:, 0].long()                                                       # exact: < 2**53
         s = self.shard
-        images = crop_resize_flat(s.data, s.offsets[idx], s.heights[idx], s.widths[idx],
-                                  torch.from_numpy(boxes.astype(np.float32)).to(dev, non_blocking=True),
-                                  torch.from_numpy(flip).to(dev, non_blocking=True), spec.res)
+        images = crop_resize_flat(s.data, s.offsets[idx], s.heights[idx], s.widths[idx], t[:, 1:5].float(),
+                                  t[:, 5] > 0.5, spec.res)
         return images, s.labels[idx]
 
     def _open_stream(self, g: int) -> Iterator:
