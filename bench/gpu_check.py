@@ -2,6 +2,7 @@
 """`make gpu-check`: what the GPU machine must show, in one command, every part time-boxed.
 
     make gpu-check [OUT=dir]          # OUT from the environment works too; default bench/results/
+    PYTHONPATH=. python3 bench/gpu_check.py --out DIR      # the same without make
     python bench/gpu_check.py [--out DIR] [--device cuda|cpu] [--parts tests,kernel,model,e2e]
                               [--total-s 475] [--box PART=SECONDS ...]
 
@@ -311,15 +312,21 @@ def part_tests(args, gpu: bool) -> dict:
     """pytest -m cuda over the test files that have cuda tests; pass/fail/skip counts and failed names."""
     files = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py")
                    if "mark.cuda" in f.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rfE", *files]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "-rfE", *files]
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
-    print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n", flush=True)
+    # each line goes to the part's log as it comes: a part killed by its time box shows how far it got
+    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    proc.wait()
+    text = "\n".join(lines)
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "deselected")}
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    tail = next((x for x in reversed(lines) if x.strip()), "")
     for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail):
         counts["error" if what.startswith("error") else what] += int(n)
-    failed_names = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, flags=re.M)
+    failed_names = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M)
     metrics = {f"tests/cuda_{k}": float(v) for k, v in counts.items() if k != "deselected"}
     info = {"files": files, "failed": failed_names, "summary": tail}
     if proc.returncode not in (0, 5) or counts["failed"] or counts["error"]:
