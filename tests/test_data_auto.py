@@ -109,3 +109,13 @@ def test_live_shards_count_against_the_cap(ds):
 
     gc.collect()
     assert R.resident_bytes(dev) == before
+
+
+def test_resident_needs_no_streaming_backend_while_everything_fits(ds, monkeypatch):
+    _without(monkeypatch, "nvidia.dali", "ffcv")
+    monkeypatch.setattr(B, "check_readable", lambda *a, **k: (_ for _ in ()).throw(DataError("no source tree")))
+    with CurriculumLoader(ds, STAGES, backend="gpu_resident", device="cpu", seed=0, workers=1) as cl:
+        assert [s.backend for s in cl.spans] == ["gpu_resident", "gpu_resident"] and len(list(cl)) == 11
+    monkeypatch.setattr(R, "memory_cap", lambda device, share: 1)
+    with pytest.raises(DataError, match="does not fit .* and no loader backend can read"):
+        CurriculumLoader(ds, STAGES, backend="gpu_resident", device="cpu", seed=0, workers=1)

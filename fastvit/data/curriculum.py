@@ -196,7 +196,10 @@ class CurriculumLoader:
         backend_of = None
         if backend == "gpu_resident":  # stretches whose shard does not fit run on a streaming backend
             if resident_fallback is None:   # the best streaming backend installed that reads the split
-                resident_fallback, _ = choose_auto(ds, self.device, [(split, None)], order=STREAMING)
+                try:
+                    resident_fallback, _ = choose_auto(ds, self.device, [(split, None)], order=STREAMING)
+                except DataError as e:      # fine while every shard fits; named if one does not
+                    resident_fallback, self._no_stream = None, str(e)
             backend_of = self._resident_or(resident_fallback, stored_of)
         self._span = lambda st: plan_spans(st, backend, stored_of, merge=merge, backend_of=backend_of)
         self._set_plan(stages)
@@ -256,6 +259,9 @@ class CurriculumLoader:
             prev = stored_of(self.stretches[k - 1].res) if k > 0 else r
             with_prev = est(prev) if prev != r and fits.get(prev) else 0
             ok = est(r) + with_prev <= cap
+            if not ok and fallback is None:
+                raise DataError(f"gpu_resident: {self.split} @{r} px ({est(r) / 2**30:.2f} GiB decoded) does not fit "
+                                f"{100 * self.opts.gpu_mem_share:.0f}% of {self.device.type} memory, and {self._no_stream}")
             if r not in fits or fits[r] != ok:
                 if not ok:
                     log.warning("gpu_resident: %s @%d px (%.2f GiB decoded%s) does not fit %.0f%% of %s memory; "
@@ -294,7 +300,7 @@ class CurriculumLoader:
             return build(backend)
         except ResidentTooLarge as e:  # memory taken since the plan (activations, another shard): stream it
             fallback = self._fallback
-            if len(stretches_) > 1 and fallback != "dali":  # only DALI changes size inside one loader
+            if fallback is None or (len(stretches_) > 1 and fallback != "dali"):  # only DALI resizes in a loader
                 raise
             log.warning("gpu_resident: %s; streaming it with %s", e, fallback)
             return build(fallback)
