@@ -111,9 +111,9 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
     fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling, multiple=2 * denv.world)
-    for s in stages:                                      # every rank an equal, even share of each batch
-        dist.check_batch(denv, s.batch_size, "--batch-size" if s.batch_size == cfg.schedule.batch_size else
-                         f"the batch {s.batch_size} of the stage at res {s.res}")
+    dist.check_batch(denv, cfg.schedule.batch_size)       # every rank an equal, even share of each batch
+    for s in stages:
+        dist.check_batch(denv, s.batch_size, f"the batch {s.batch_size} of the stage at res {s.res}")
     if main:
         rundir.start(run_dir, prior, say, lock)           # every setting checked: a previous run may go now
     # ---- plan ----------------------------------------------------------------------------------------
