@@ -139,7 +139,9 @@ class DALILoader(BatchLoader):
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
         self.source = _PlanSource(self.plan, g, self._shard, self.train, self._aug)
         # Augmentation seed differs per start point: a resumed run does not replay the crops it already saw.
-        seed = int(np.random.SeedSequence([self._seed, g]).generate_state(1)[0] & 0x7FFFFFFF)
+        # Under torchrun each rank's crops are its own (the rank joins the seed).
+        key = [self._seed, g] + ([self.plan.rank] if self.plan.world > 1 else [])
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0] & 0x7FFFFFFF)
         self._pipe = _build_pipeline(self.source, tars=self._tars, idxs=self._idxs, max_batch=self.plan.max_batch_size,
                                      workers=self._workers, device_id=device_id, seed=seed, train=self.train,
                                      opts=self._opts, on_gpu=on_gpu)

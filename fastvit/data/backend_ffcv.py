@@ -21,7 +21,7 @@ from ..augspec import DEFAULT_AUG, AugSpec
 from ..compat import ffcv_compiled_code, ffcv_order_instance, ffcv_signal_stop, ffcv_start_epoch, ffcv_stop_epoch
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
-from .order import BatchPlan
+from .order import RANK_SEED_STRIDE, BatchPlan
 from .shards import open_beton
 
 _COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
@@ -104,7 +104,7 @@ class FFCVLoader(BatchLoader):
             Compiler.set_enabled(opts.ffcv_jit)
             try:
                 self._loader = Loader(str(path), batch_size=plan.local_batch_size(st), num_workers=workers,
-                                      os_cache=os_cache, order=self._order, seed=plan.seeds[0] % (1 << 20),
+                                      os_cache=os_cache, order=self._order, seed=(plan.seeds[0] + RANK_SEED_STRIDE * plan.rank) % (1 << 20),
                                       drop_last=plan.drop_last, batches_ahead=opts.batches_ahead,
                                       pipelines={img_field: image_pipe, lab_field: label_pipe})
             finally:

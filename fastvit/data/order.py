@@ -33,6 +33,9 @@ import numpy as np
 from fastvit.stage import Stage
 
 
+RANK_SEED_STRIDE = 7919   # augmentation seeds: seed + stride × rank (rank 0: the one-process seed)
+
+
 def stage_seed(seed: int, stage: int) -> int:
     """A 31-bit seed for stage `stage` of a run seeded `seed` (independent streams per stage)."""
     return int(np.random.SeedSequence([int(seed), int(stage), 0x5EED]).generate_state(1)[0] & 0x7FFFFFFF)

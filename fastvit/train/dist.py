@@ -238,6 +238,22 @@ def agreed_oom(fn, denv: DistEnv, device: torch.device, is_oom) -> None:
         raise torch.OutOfMemoryError(f"out of memory on {int(n)} of {denv.world} ranks")
 
 
+def seed_rank(denv: DistEnv, seed: int, step: int) -> None:
+    """Under torchrun: the step's random draws (kept patches, mixup, RandAugment) of each rank its own,
+    from (seed, rank, step); the model was initialised from the same seed on every rank (and DDP
+    broadcast rank 0's weights). One process keeps its RNG as it was."""
+    if not denv.enabled:
+        return
+    import random
+
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed, denv.rank, step]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
 def throughput(denv: DistEnv, images: int, seconds: float) -> dict:
     """results.json: the world size and the training loop's images/s, total and per process (rank 0's
     counted seconds of the loop, validation excluded, checkpoints included)."""

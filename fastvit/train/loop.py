@@ -132,6 +132,9 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     st.ema_halflife_images = st.ema_halflife_images or \
         cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
     step_fn.ema_rate = EmaRate(st.ema_halflife_images)
+    dist.seed_rank(denv, cfg.run.seed, st.step)           # torchrun: each rank its own patch draws, mixup
+    for s in st.plan.stages:                              # a run resumed on another number of processes
+        dist.check_batch(denv, s.batch_size, f"the planned batch {s.batch_size} (res {s.res})")
     _save_plan(run_dir, st.plan, main)
     say(f"device {env.device} ({device_name(env)}), backend {env.backend}, recipe {cfg.run.recipe}, "
         f"model {cfg.model.name}, final res {env.final_res}" +
