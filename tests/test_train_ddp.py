@@ -209,13 +209,21 @@ def _rank(rank: int, world: int, port: int, argv: list, fault: str, out) -> None
 
     torch.set_num_threads(1)
     FAULTS[fault](rank)
+    from fastvit.train import step as step_mod
     from fastvit.train.cli import build_parser, config_from_args
     from fastvit.train.errors import TrainError
     from fastvit.train.loop import train
 
+    rows, call = [], step_mod.TrainStep.__call__
+
+    def counted(self, images, *a, probe=False, **kw):          # the rows this rank trains on, per step
+        if not probe:
+            rows.append(int(images.shape[0]))
+        return call(self, images, *a, probe=probe, **kw)
+    step_mod.TrainStep.__call__ = counted
     try:
         res = train(config_from_args(build_parser().parse_args(argv)))
-        out.put((rank, "ok", res))
+        out.put((rank, "ok", dict(res, rows=rows)))
     except TrainError as e:
         out.put((rank, "error", str(e)))
 
@@ -297,6 +305,7 @@ def test_every_rank_steps_the_same_when_rank0_replans_mid_run(tiny_prepped, tmp_
     plan = json.loads((tmp_path / "r" / "plan.json").read_text())
     assert plan["replans"][0]["step"] == 6 and plan["replans"][0]["speed_ratio"] == 0.5
     assert plan["total_steps"] == r0["steps"]
+    assert r0["rows"] == r1["rows"] == [8] * r0["steps"]            # each rank half of the global batch 16
 
 
 def test_an_out_of_memory_step_on_every_rank_halves_the_batch_everywhere(tiny_prepped, tmp_path):
@@ -307,6 +316,7 @@ def test_an_out_of_memory_step_on_every_rank_halves_the_batch_everywhere(tiny_pr
         assert [s["batch_size"] for s in res["stages"]] == [16, 8]     # halved (a multiple of 2 × 2 ranks)
         assert res["steps"] == res["planned_steps"]
     assert got[0][1]["steps"] == got[1][1]["steps"]
+    assert got[0][1]["rows"] == got[1][1]["rows"] == [8, 8, 8] + [4] * (got[0][1]["steps"] - 2)   # (8: the step that ran out)
 
 
 def test_an_out_of_memory_step_on_one_rank_only_stops_every_rank_with_one_line(tiny_prepped, tmp_path):

@@ -376,7 +376,8 @@ def _open_loader(st: RunState, cfg: TrainConfig, env: RunEnv):
     try:
         return CurriculumLoader(env.ds, st.plan.stages, backend=env.backend,
                                 device=str(env.device), seed=cfg.run.seed, start_step=st.step,
-                                workers=cfg.data.workers, **cfg.data.loader_kwargs())
+                                workers=cfg.data.workers, **cfg.data.loader_kwargs(),
+                                **({"shard": env.dist.shard} if env.dist.enabled else {}))   # this rank's rows
     except DataError as e:   # missing shard/source tree: one line
         raise TrainError(f"loader ({env.backend}): {e}", 2) from None
 
