@@ -84,6 +84,19 @@ def test_a_global_batch_that_does_not_split_is_refused():
         BatchPlan(64, [Stage(res=32, batch_size=18, steps=2)], [0], rank=0, world=4)
 
 
+def test_without_torchrun_one_process_and_no_collective():
+    from fastvit.train.dist import DistEnv, StepAgreement
+    from fastvit.train.errors import TrainError
+
+    d = DistEnv.from_environ({})
+    assert (d.rank, d.world, d.enabled, d.is_main) == (0, 1, False, True)
+    assert DistEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).shard == (1, 2)
+    with pytest.raises(TrainError, match="outside"):
+        DistEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
+    ag = StepAgreement(d, device=None)(loss=1.5, oom=False, term=True, ratio=0.9, now=3.0, ckpt=True)
+    assert (ag.loss, ag.oom, ag.stop, ag.ratio, ag.now, ag.ckpt) == (1.5, False, True, 0.9, 3.0, True)
+
+
 # ------------------------------------------------------------------------------------------------------
 # whole runs under torchrun (subprocesses, --standalone rendezvous)
 

@@ -59,9 +59,6 @@ class DistEnv:
         """(rank, world): the loaders' share of every batch (LoaderOptions.shard)."""
         return (self.rank, self.world)
 
-    def local_batch(self, batch: int) -> int:
-        return batch // self.world
-
 
 SINGLE = DistEnv()
 
