@@ -84,6 +84,38 @@ def test_a_global_batch_that_does_not_split_is_refused():
         BatchPlan(64, [Stage(res=32, batch_size=18, steps=2)], [0], rank=0, world=4)
 
 
+@pytest.fixture(scope="module")
+def true_labels(tiny_src):
+    """Label of stored sample i per split (ImageFolder order = prep order)."""
+    from torchvision.datasets import ImageFolder
+
+    return {split: np.asarray(ImageFolder(str(tiny_src / split)).targets) for split in ("train", "val")}
+
+
+@pytest.mark.parametrize("backend", ["dali", "gpu_resident", "torchvision", "ffcv"])
+def test_every_backend_serves_its_rank_share_of_each_batch(tiny_prepped, backend, true_labels):
+    from fastvit.data import make_loader, make_val_loader, open_dataset
+
+    ds = open_dataset(tiny_prepped)
+    kw = dict(device="cpu", workers=0 if backend == "torchvision" else 1, **({"ffcv_jit": False} if backend == "ffcv" else {}))
+    one = BatchPlan(64, [Stage(res=32, batch_size=16, steps=8)], [5])        # the one-process order
+    train_seen, val_seen = [[], []], []
+    for r in range(2):
+        it = make_loader(ds, "train", res=32, batch_size=16, backend=backend, seed=5, shard=(r, 2), **kw)
+        for g in range(8):                                                   # two epochs of 4 batches
+            images, labels = it.next_batch()
+            assert images.shape == (8, 3, 32, 32)
+            want = one.batch(g).indices[r::2]                                # every other sample of batch g
+            assert labels.tolist() == true_labels["train"][want].tolist()
+            train_seen[g // 4] += want.tolist()
+        it.close()
+        val = make_val_loader(ds, res=32, batch_size=10, backend=backend, shard=(r, 2), **kw)
+        val_seen += [y for _, ys in val for y in ys.tolist()]
+        val.close()
+    assert all(sorted(e) == list(range(64)) for e in train_seen)            # disjoint, together the epoch
+    assert sorted(val_seen) == sorted(true_labels["val"].tolist())          # every val image once
+
+
 def test_without_torchrun_one_process_and_no_collective():
     from fastvit.train.dist import DistEnv, StepAgreement
     from fastvit.train.errors import TrainError
