@@ -11,7 +11,8 @@ dali_reader="index" (default) reads the tars through their .idx files in BatchPl
 epochs (every sample once), the same order as the other backends, free resume.
 dali_reader="webdataset" uses stock `fn.readers.webdataset(index_paths=...)`: DALI's own reader with
 its shuffle buffer (`initial_fill`); its epochs are approximate (the buffer mixes neighbouring epochs)
-and it keeps one batch size.
+and it keeps one batch size. Under torchrun the index reader serves this rank's share of every batch
+(BatchPlan), the stock reader DALI's own `shard_id`/`num_shards` split.
 
 Device: "cuda" -> decoders with device="mixed" (nvJPEG; the A100/H100 hardware decoder takes
 `hw_decoder_load` of the images); "cpu" -> device_id=None and CPU decoders (how the tests run).
@@ -76,7 +77,8 @@ def _build_pipeline(source: _PlanSource, *, tars, idxs, max_batch: int, workers:
         else:
             jpegs, cls = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(i) for i in idxs],
                                                ext=["jpg", "cls"], random_shuffle=train,
-                                               initial_fill=opts.initial_fill, seed=seed, name="Reader")
+                                               initial_fill=opts.initial_fill, seed=seed, name="Reader",
+                                               shard_id=source.plan.rank, num_shards=source.plan.world)
             labels = fn.pad(cls, fill_value=0, shape=[LABEL_BYTES], axes=[0])  # ASCII digits, parsed in torch
             geo = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=n_geo,
                                      dtype=[types.FLOAT] * n_geo)
@@ -137,7 +139,9 @@ class DALILoader(BatchLoader):
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
         self.source = _PlanSource(self.plan, g, self._shard, self.train, self._aug)
         # Augmentation seed differs per start point: a resumed run does not replay the crops it already saw.
-        seed = int(np.random.SeedSequence([self._seed, g]).generate_state(1)[0] & 0x7FFFFFFF)
+        # Under torchrun each rank's crops are its own (the rank joins the seed).
+        key = [self._seed, g] + ([self.plan.rank] if self.plan.world > 1 else [])
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0] & 0x7FFFFFFF)
         self._pipe = _build_pipeline(self.source, tars=self._tars, idxs=self._idxs, max_batch=self.plan.max_batch_size,
                                      workers=self._workers, device_id=device_id, seed=seed, train=self.train,
                                      opts=self._opts, on_gpu=on_gpu)

@@ -7,6 +7,8 @@ Loader: the CurriculumLoader builds it in the background.
 
 The order comes from BatchPlan through a TraversalOrder (`_PlanOrder`), which is what makes
 "same seed -> same order" hold across backends and lets a resumed run skip whole batches for free.
+Under torchrun that order is this rank's share (BatchPlan.rank_epoch_order) at batch B / world: FFCV's
+own `distributed=True` splits its order differently from the other backends, so it is not used.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..augspec import DEFAULT_AUG, AugSpec
 from ..compat import ffcv_compiled_code, ffcv_order_instance, ffcv_signal_stop, ffcv_start_epoch, ffcv_stop_epoch
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError
-from .order import BatchPlan, epoch_order
+from .order import RANK_SEED_STRIDE, BatchPlan
 from .shards import open_beton
 
 _COMPILER_LOCK = threading.Lock()  # Compiler.set_enabled is global FFCV state
@@ -49,7 +51,7 @@ def _make_order(plan: BatchPlan, quasi: bool):
         """Epoch e of the plan's (single) stage, exactly as BatchPlan computes it."""
 
         def sample_order(self, epoch: int):
-            return self._take_skip(epoch_order(plan.n, plan.seeds[0], epoch, plan.shuffle))
+            return self._take_skip(plan.rank_epoch_order(0, epoch))   # this rank's share (all of it: world 1)
 
     class QuasiOrder(_Skip, QuasiRandom):
         """FFCV's page-local shuffle (for datasets much larger than RAM); its own seed scheme."""
@@ -92,14 +94,17 @@ class FFCVLoader(BatchLoader):
         label_pipe = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device, non_blocking=True)] if on_gpu else [])
 
         quasi = opts.order == "quasi_random"
+        if quasi and plan.world > 1:
+            raise DataError("order='quasi_random' (FFCV's own page-local order) is single-process; "
+                            "use order='random' under torchrun")
         self._order = _make_order(plan, quasi)
         os_cache = False if quasi else opts.os_cache  # quasi-random order is for FFCV's own page cache
         with _COMPILER_LOCK:
             was = Compiler.is_enabled
             Compiler.set_enabled(opts.ffcv_jit)
             try:
-                self._loader = Loader(str(path), batch_size=st.batch_size, num_workers=workers,
-                                      os_cache=os_cache, order=self._order, seed=plan.seeds[0] % (1 << 20),
+                self._loader = Loader(str(path), batch_size=plan.local_batch_size(st), num_workers=workers,
+                                      os_cache=os_cache, order=self._order, seed=(plan.seeds[0] + RANK_SEED_STRIDE * plan.rank) % (1 << 20),
                                       drop_last=plan.drop_last, batches_ahead=opts.batches_ahead,
                                       pipelines={img_field: image_pipe, lab_field: label_pipe})
             finally:
@@ -111,7 +116,7 @@ class FFCVLoader(BatchLoader):
         self._epoch_iters: list = []
 
     def _start_epoch(self, epoch: int, skip_batches: int):
-        self._order.skip = skip_batches * self.plan.stages[0].batch_size
+        self._order.skip = skip_batches * self.plan.local_batch_size(self.plan.stages[0])
         it = ffcv_start_epoch(self._loader, epoch)  # an EpochIterator thread starts decoding right away
         self._epoch_iters.append(it)
         return it

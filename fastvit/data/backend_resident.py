@@ -16,6 +16,9 @@ Val: the center crop AugSpec.val_crop (224/256) of the shorter side, resized to 
 CenterCropRGBImageDecoder). Crop parameters: fastvit.augspec.AugSpec, handed in by build_loader.
 
 Works on CPU tensors too (the tests), where "device memory" means host RAM.
+
+Under torchrun every rank decodes the whole shard (the epochs' orders reshuffle which samples a rank
+reads) and crops its rows of each global batch with the global batch's crop parameters.
 """
 from __future__ import annotations
 
@@ -272,9 +275,7 @@ class ResidentLoader(BatchLoader):
         idx_np = spec.indices
         h, w = self.shard.np_heights[idx_np], self.shard.np_widths[idx_np]
         if self.train:
-            rng = np.random.default_rng([self.plan.seeds[spec.stage], spec.epoch, spec.index_in_epoch])
-            boxes = random_resized_boxes(h, w, rng, self.aug.scale, self.aug.ratio, self.aug.attempts)
-            flip = rng.uniform(size=len(idx_np)) < self.aug.flip
+            boxes, flip = self._random_crops(g, spec)
         else:
             boxes, flip = center_boxes(h, w, self.aug.val_crop), np.zeros(len(idx_np), dtype=bool)
         dev = self.device
@@ -291,6 +292,23 @@ class ResidentLoader(BatchLoader):
         images = crop_resize_flat(s.data, s.offsets[idx], s.heights[idx], s.widths[idx], t[:, 1:5].float(),
                                   t[:, 5] > 0.5, spec.res)
         return images, s.labels[idx]
+
+    def _random_crops(self, g: int, spec):
+        """Crop boxes and flips of batch g, drawn for the whole global batch and this rank's rows taken
+        (BatchPlan's every world-th sample), so w ranks crop exactly as one process would."""
+        plan = self.plan
+        full = plan if plan.world == 1 else self._global_plan()
+        idx = full.batch(g).indices
+        h, w = self.shard.np_heights[idx], self.shard.np_widths[idx]
+        rng = np.random.default_rng([plan.seeds[spec.stage], spec.epoch, spec.index_in_epoch])
+        boxes = random_resized_boxes(h, w, rng, self.aug.scale, self.aug.ratio, self.aug.attempts)
+        flip = rng.uniform(size=len(idx)) < self.aug.flip
+        return boxes[plan.rank::plan.world], flip[plan.rank::plan.world]
+
+    def _global_plan(self) -> BatchPlan:
+        p = self.plan
+        return BatchPlan(p.n, p.stages, p.seeds, endless=p.endless, drop_last=p.drop_last, shuffle=p.shuffle,
+                         res_fn=p.res_fn)
 
     def _open_stream(self, g: int) -> Iterator:
         total = self.plan.total_steps

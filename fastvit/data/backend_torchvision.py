@@ -17,7 +17,7 @@ from ..augspec import DEFAULT_AUG, AugSpec
 from ..compat import shutdown_dataloader
 from .base import BatchLoader, LoaderOptions
 from .dataset import DataError, log
-from .order import BatchPlan
+from .order import RANK_SEED_STRIDE, BatchPlan
 
 
 class _PlanBatchSampler:
@@ -103,7 +103,7 @@ class TorchvisionLoader(BatchLoader):
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=workers, pin_memory=on_gpu,
             persistent_workers=workers > 0, prefetch_factor=max(1, opts.batches_ahead) if workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed + RANK_SEED_STRIDE * plan.rank))  # ranks crop independently
         self._dl_iter = None
 
     def _open_stream(self, g: int) -> Iterator:

@@ -39,12 +39,17 @@ class LoaderOptions:
     res_schedule: Callable[[int], int] | None = setting(None, cli=False)
     # crops and flip, handed by build_loader to every backend (fastvit.augspec; no flag, not saved)
     aug: AugSpec = setting(DEFAULT_AUG, cli=False)
+    # (rank, world): this process's share of every batch under torchrun (fastvit.data.order; not saved)
+    shard: tuple = setting((0, 1), cli=False)
 
     def check(self, *, flags: bool = False) -> None:
         """ConfigError on a bad value, naming the key (flags=True: the fastvit-train flag)."""
         check_choices(self, flags=flags)
         if not isinstance(self.aug, AugSpec):
             raise ConfigError(f"aug must be a fastvit.augspec.AugSpec, not {type(self.aug).__name__}")
+        rank, world = self.shard
+        if not 0 <= rank < world:
+            raise ConfigError(f"shard {self.shard}: rank must be in 0..world-1")
         if not 0.0 < self.gpu_mem_share <= 1.0:
             raise ConfigError(f"{'--gpu-mem-share' if flags else 'gpu_mem_share'} must be in (0, 1]")
 

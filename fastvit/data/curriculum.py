@@ -446,7 +446,7 @@ class CurriculumLoader:
             return False
         _, new_stretches, seeds = spec
         newp = BatchPlan(old.n, list(new_stretches), list(seeds), endless=old.endless, drop_last=old.drop_last,
-                         shuffle=old.shuffle, res_fn=old.res_fn)
+                         shuffle=old.shuffle, res_fn=old.res_fn, rank=old.rank, world=old.world)
         if newp.max_batch_size > old.max_batch_size:  # DALI's pipeline was sized for the old batches
             return False
         for r in range(rel, rel + max(1, self.opts.batches_ahead) + 2):

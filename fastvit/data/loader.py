@@ -41,8 +41,7 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
         from .backend_torchvision import TorchvisionLoader, open_image_folder
 
         folder = open_image_folder(ds, split, res0, train, opts.aug, opts.src)
-        plan = BatchPlan(len(folder), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
-                         res_fn=opts.res_schedule)
+        plan = _plan(len(folder), stages, seeds, drop_last=drop_last, shuffle=shuffle, opts=opts)
         log_choice_once(backend, split, res0, res0)
         return TorchvisionLoader(folder, plan, dev, workers=workers, train=train, opts=opts, seed=seed,
                                  classes=ds.classes, start_batch=start_batch)
@@ -53,8 +52,7 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
     stored = ds.stored_res(max(s.res for s in stages), split, fmt)
     for s in stages:
         log_choice_once(backend, split, s.res, stored)
-    plan = BatchPlan(ds.count(split), stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
-                     res_fn=opts.res_schedule)
+    plan = _plan(ds.count(split), stages, seeds, drop_last=drop_last, shuffle=shuffle, opts=opts)
     if backend == "ffcv":
         from .backend_ffcv import FFCVLoader
 
@@ -70,6 +68,13 @@ def build_loader(ds: PreppedDataset, split: str, stages: Sequence[Stage], seeds:
 
     return ResidentLoader(ds, split, stored, plan, dev, workers=max(1, workers), train=train, opts=opts,
                           start_batch=start_batch, aug=opts.aug)
+
+
+def _plan(n: int, stages, seeds, *, drop_last: bool, shuffle, opts: LoaderOptions) -> BatchPlan:
+    """The loader's endless BatchPlan; this rank's share of each batch under torchrun (opts.shard)."""
+    rank, world = opts.shard
+    return BatchPlan(n, stages, seeds, endless=True, drop_last=drop_last, shuffle=shuffle,
+                     res_fn=opts.res_schedule, rank=rank, world=world)
 
 
 def make_loader(ds: PreppedDataset, split: str = "train", res: int = 128, batch_size: int = 256,

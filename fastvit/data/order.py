@@ -13,6 +13,13 @@ loaders, whose end the CurriculumLoader decides).
 
 A stage starts a fresh epoch (its own seed, epoch 0); epochs wrap inside a stage. With drop_last the
 samples past the last full batch of an epoch are skipped; without it the last batch is smaller.
+
+Distributed data parallel (`rank`, `world`): a stage's batch_size is the *global* batch B, a multiple
+of w. Rank r of w reads every w-th sample of each epoch's order, `order[r::w]`, B/w at a time: with
+drop_last its batch b is exactly every w-th sample of global batch b (B/w of them), so the ranks'
+shards of an epoch are disjoint and together cover it, w ranks train on the very batches one process
+would, and a run can resume on another number of ranks. Without drop_last (evaluation: every image
+once) the ranks' counts of batches may differ by one; no rank gets an empty batch.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fastvit.stage import Stage
+
+
+RANK_SEED_STRIDE = 7919   # augmentation seeds: seed + stride × rank (rank 0: the one-process seed)
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -63,14 +73,18 @@ class BatchPlan:
     """Global batch index -> BatchSpec for a run of stages over a dataset of n samples."""
 
     def __init__(self, n: int, stages: Sequence[Stage], seeds: Sequence[int], *, endless: bool = False,
-                 drop_last: bool = True, shuffle: bool | str = True, res_fn: Callable[[int], int] | None = None):
+                 drop_last: bool = True, shuffle: bool | str = True, res_fn: Callable[[int], int] | None = None,
+                 rank: int = 0, world: int = 1):
         if n <= 0:
             raise ValueError("the dataset is empty")
         if not stages:
             raise ValueError("a plan needs at least one stage")
         if len(seeds) != len(stages):
             raise ValueError(f"{len(stages)} stages but {len(seeds)} seeds")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside 0..{world - 1}")
         self.n, self.drop_last, self.shuffle, self.res_fn = n, drop_last, shuffle, res_fn
+        self.rank, self.world = int(rank), int(world)
         self._set(stages, seeds, endless)
 
     def _set(self, stages: Sequence[Stage], seeds: Sequence[int], endless: bool) -> None:
@@ -78,6 +92,8 @@ class BatchPlan:
             if s.steps <= 0:
                 raise ValueError(f"stage {s} has no steps (only the last stage of an endless plan may)")
         for s in stages:
+            if s.batch_size % self.world:
+                raise ValueError(f"batch size {s.batch_size} does not split into {self.world} equal rank batches")
             if self.batches_per_epoch_of(s) == 0:
                 raise ValueError(f"batch size {s.batch_size} is larger than the dataset ({self.n} samples) with drop_last")
         self.stages, self.seeds, self.endless = tuple(stages), tuple(int(x) for x in seeds), endless
@@ -92,7 +108,20 @@ class BatchPlan:
         self._set(stages, seeds, self.endless)
 
     def batches_per_epoch_of(self, s: Stage) -> int:
-        return self.n // s.batch_size if self.drop_last else -(-self.n // s.batch_size)
+        """This rank's batches per epoch of stage `s` (with drop_last the same on every rank)."""
+        if self.drop_last:
+            return self.n // s.batch_size
+        return -(-len(range(self.rank, self.n, self.world)) // self.local_batch_size(s))
+
+    def local_batch_size(self, s: Stage) -> int:
+        """This rank's rows of a full batch of stage `s` (B / world)."""
+        return s.batch_size // self.world
+
+    def rank_epoch_order(self, stage: int, epoch: int) -> np.ndarray:
+        """This rank's samples of one epoch in the order it reads them, for a backend that batches a
+        flat order itself (FFCV, at local_batch_size)."""
+        order = epoch_order(self.n, self.seeds[stage], epoch, self.shuffle)
+        return order if self.world == 1 else order[self.rank::self.world]
 
     def batches_per_epoch(self, stage: int = 0) -> int:
         return self.batches_per_epoch_of(self.stages[stage])
@@ -103,7 +132,8 @@ class BatchPlan:
 
     @property
     def max_batch_size(self) -> int:
-        return max(s.batch_size for s in self.stages)
+        """The largest batch this rank reads (a global batch / world)."""
+        return max(self.local_batch_size(s) for s in self.stages)
 
     def locate(self, g: int) -> tuple[int, int]:
         """(stage, step within the stage) of global batch g."""
@@ -128,6 +158,10 @@ class BatchPlan:
         nb = self.batches_per_epoch_of(st)
         epoch, b = divmod(s, nb)
         order = epoch_order(self.n, self.seeds[k], epoch, self.shuffle)
-        idx = order[b * st.batch_size: min((b + 1) * st.batch_size, self.n)]
+        if self.world > 1:                   # this rank's share: every world-th sample of the epoch
+            order, lb = order[self.rank::self.world], self.local_batch_size(st)
+            idx = order[b * lb: (b + 1) * lb]
+        else:
+            idx = order[b * st.batch_size: min((b + 1) * st.batch_size, self.n)]
         res = st.res if self.res_fn is None else int(self.res_fn(g))
         return BatchSpec(stage=k, res=res, epoch=epoch, index_in_epoch=b, indices=idx)

@@ -4,6 +4,8 @@
     fastvit-train --data demo_out --minutes 3 --device cpu --out runs/demo      # CPU preset applies
     fastvit-train --out runs/x --resume                                          # after a crash
     fastvit-train --data OUT --hours 24 --out runs/x --resume     # a supervisor's one command line
+    torchrun --standalone --nproc-per-node 8 -m fastvit.train --data OUT --hours 24 --out runs/x
+                                            # DDP, --batch-size global (fastvit/train/dist.py)
 
 Errors the user can fix are one line on stderr (exit 2 usage, 1 runtime), never a traceback. A SIGTERM
 writes a checkpoint and exits 143; Ctrl-C exits 130. --resume continues from the last checkpoint (the
@@ -12,6 +14,7 @@ saved config wins) or, when there is none, starts the run from the beginning wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastvit.settings import add_dataclass_flags
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastvit-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    if res.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return 0                               # torchrun: rank 0 prints the result
     ema = f", EMA {res['ema_top1']:.2f}%" if res.get("ema_top1") is not None else ""
     print(f"final top-1 {res['top1']:.2f}% (top-5 {res['top5']:.2f}%){ema} at {res['eval_res']} px on "
           f"{res['val_images']} val images; {res['steps']}/{res['planned_steps']} steps, "

@@ -3,7 +3,8 @@
 Periodic evaluations during training are capped (`max_images`) and not counted in the budget; the
 final one reads the whole val split. Every evaluation starts at the first image of the split's one
 fixed shuffled order (fastvit.data's evaluation order), so a capped evaluation is a uniform sample and
-each one sees the same images.
+each one sees the same images. Under torchrun each rank evaluates every world-th image of that order
+(fastvit.data.order) and the hit counts are summed over the ranks (`Evaluator`).
 """
 from __future__ import annotations
 
@@ -46,12 +47,16 @@ def evaluate(models: dict[str, nn.Module], batches, *, device, amp: bool, max_im
 
 class Evaluator:
     """The run's validations. The val loader is kept between evaluations while it stands at an epoch
-    start, else reopened (a capped evaluation stops mid-epoch; the next one starts at image 0)."""
+    start, else reopened (a capped evaluation stops mid-epoch; the next one starts at image 0).
+    `batch_size` is per process; under torchrun each rank reads its share of the split."""
 
     def __init__(self, env, *, batch_size: int, workers: int | None, loader_kwargs: dict):
         self.env = env
-        self.kw = dict(res=env.final_res, batch_size=batch_size, backend=env.backend, device=str(env.device),
-                       **loader_kwargs)
+        d = env.dist
+        self.kw = dict(res=env.final_res, batch_size=batch_size * d.world, backend=env.backend,
+                       device=str(env.device), **loader_kwargs)
+        if d.enabled:
+            self.kw["shard"] = d.shard
         if workers:
             self.kw["workers"] = workers
         self._val = None
@@ -78,11 +83,15 @@ class Evaluator:
     def __call__(self, model: nn.Module, ema_model: nn.Module | None, max_images: int | None) -> dict:
         """{top1, top5, val_images[, ema_top1, ema_top5]} from the first image of the val split."""
         models = {"raw": model} if ema_model is None else {"raw": model, "ema": ema_model}
+        d = self.env.dist
+        cap = -(-max_images // d.world) if max_images else max_images          # this rank's share of the cap
         try:
-            r = evaluate(models, self._loader(), device=self.env.device, amp=self.env.amp, max_images=max_images)
+            r = evaluate(models, self._loader(), device=self.env.device, amp=self.env.amp, max_images=cap)
         except (DataError, OSError) as e:   # a backend that opens its stream at the first batch
             self.close()
             raise self._error(e) from None
+        if d.enabled:
+            r = _summed_over_ranks(r, d, self.env.device)
         out = {"top1": r["raw"]["top1"], "top5": r["raw"]["top5"], "val_images": r["raw"]["images"]}
         if "ema" in r:
             out.update(ema_top1=r["ema"]["top1"], ema_top5=r["ema"]["top5"])
@@ -92,3 +101,18 @@ class Evaluator:
         if self._val is not None:
             self._val.close()
             self._val = None
+
+
+def _summed_over_ranks(r: dict, denv, device) -> dict:
+    """evaluate()'s per-rank {name: {top1, top5, images}} → the same over the ranks' images together."""
+    from .dist import all_sum
+
+    names = sorted(r)
+    vals = [x for k in names for x in (r[k]["top1"] * r[k]["images"] / 100.0, r[k]["top5"] * r[k]["images"] / 100.0,
+                                       r[k]["images"])]
+    tot = all_sum(vals, denv, device)
+    out = {}
+    for i, k in enumerate(names):
+        c1, c5, n = (round(x) for x in tot[3 * i: 3 * i + 3])
+        out[k] = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": n}
+    return out

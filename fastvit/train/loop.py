@@ -34,7 +34,7 @@ import torch
 from fastvit.data.dataset import DataError
 from fastvit.stage import Stage
 
-from . import rundir
+from . import dist, rundir
 from . import schedules as S
 from .budget import BudgetClock
 from .checkpoint import CheckpointSchedule, checkpoint_paths, init_parts_from, rng_state, save_checkpoint, set_rng_state
@@ -68,11 +68,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """One run in cfg.run.out, holding the run dir's lock and the SIGTERM handler (both released when it
     returns): build → plan → loop → finish (`_run`)."""
     guard = TermGuard()
-    with rundir.RunLock(Path(cfg.run.out)) as lock:
+    denv = dist.DistEnv.from_environ()                  # under torchrun: this rank; else world 1
+    with dist.run_lock(denv, Path(cfg.run.out)) as lock:
         try:
             guard.install()
-            return _run(cfg, lock, guard, resume=resume, overwrite=overwrite, say=_prefixed(log), clock=clock,
-                        ignored_flags=ignored_flags)
+            return _run(cfg, lock, guard, resume=resume, overwrite=overwrite, say=dist.main_only(denv, _prefixed(log)),
+                        clock=clock, ignored_flags=ignored_flags, denv=denv)
         except Terminated as e:
             if not e.bare:
                 raise
@@ -80,11 +81,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                              "continue with --resume") from None
         finally:
             guard.restore()
+            dist.destroy(denv)
 
 
 def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: bool, say, clock,
-         ignored_flags) -> dict:
+         ignored_flags, denv: dist.DistEnv = dist.SINGLE) -> dict:
     run_dir = Path(cfg.run.out)
+    main = denv.is_main                                   # rank 0 owns the clock, the plan and the files
     # ---- build ---------------------------------------------------------------------------------------
     ck = rundir.open_for_resume(run_dir, say) if resume else None
     saved = ck["config"] if ck else rundir.saved_config(run_dir) if resume else None
@@ -94,9 +97,11 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         rundir.no_checkpoint(run_dir, resume, cfg.has_budget, say)
     prior = [] if ck else rundir.previous_run(run_dir, overwrite, restart=resume)
     clock = BudgetClock(cfg.budget_s, counted_s=ck["counted_s"] if ck else 0.0, **({"clock": clock} if clock else {}))
-    env = open_env(cfg)                                   # data, device, backend: checked before any compute
+    env = open_env(cfg, denv)                             # data, device, backend: checked before any compute
     if env.backend_why:
         say(env.backend_why)                              # backend auto: which one, in one line
+    dist.init(denv, env.device)                           # torchrun: join the process group (gloo / NCCL)
+    dist.check_resume(denv, env.device, ck, say)
     if not ck:
         seed_everything(cfg.run.seed)
     if env.cuda:
@@ -108,40 +113,53 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     step_fn = TrainStep(parts, cfg.schedule, env)
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
-    fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling)
-    rundir.start(run_dir, prior, say, lock)               # every setting checked: a previous run may go now
+    fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling, multiple=2 * denv.world)
+    dist.check_batch(denv, cfg.schedule.batch_size)       # every rank an equal, even share of each batch
+    for s in stages:
+        dist.check_batch(denv, s.batch_size, f"the batch {s.batch_size} of the stage at res {s.res}")
+    if main:
+        rundir.start(run_dir, prior, say, lock)           # every setting checked: a previous run may go now
     # ---- plan ----------------------------------------------------------------------------------------
     if ck:
         st = _restore(ck, parts, step_fn)
         st.compile_s += _rewarm(st, cfg, step_fn, parts, drop_path_of, fallback, clock, say)
+        st.plan = dist.broadcast_object(st.plan, denv, env.device)          # rank 0's plan on every rank
     else:
         plan, spent = make_plan(stages, cfg, env, step_fn, parts, drop_path_of, fallback, clock, say)
+        plan, spent = dist.broadcast_object((plan, spent), denv, env.device)  # rank 0's probe and plan
         st = RunState(plan=plan, compile_s=spent)
-        rundir.write_json(run_dir, "config.json", cfg.to_dict())
+        if main:
+            rundir.write_json(run_dir, "config.json", cfg.to_dict())
     # the EMA's half-life in images: a share of the first plan's images, kept in every checkpoint (a
     # checkpoint of the first release has none: then the share of its plan's)
     st.ema_halflife_images = st.ema_halflife_images or \
         cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
     step_fn.ema_rate = EmaRate(st.ema_halflife_images)
-    _save_plan(run_dir, st.plan)
+    dist.seed_rank(denv, cfg.run.seed, st.step)           # torchrun: each rank its own patch draws, mixup
+    for s in st.plan.stages:                              # a run resumed on another number of processes
+        dist.check_batch(denv, s.batch_size, f"the planned batch {s.batch_size} (res {s.res})")
+    _save_plan(run_dir, st.plan, main)
     say(f"device {env.device} ({device_name(env)}), backend {env.backend}, recipe {cfg.run.recipe}, "
-        f"model {cfg.model.name}, final res {env.final_res}")
+        f"model {cfg.model.name}, final res {env.final_res}" +
+        (f", {denv.world} processes (global batch {cfg.schedule.batch_size})" if denv.enabled else ""))
     say("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch_size} × {s.steps}" for s in st.plan.stages)
         + f" = {st.plan.total_steps} steps")
     # ---- loop ----------------------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir, resume_step=st.step if ck else None)
+    metrics = MetricsWriter(run_dir, resume_step=st.step if ck else None) if main else dist.NoMetrics()
     evaluator = Evaluator(env, batch_size=max(16, min(256, cfg.schedule.batch_size)), workers=cfg.data.workers,
                           loader_kwargs=cfg.data.loader_kwargs())
     meter = StepMeter(StepTimer(env.cuda, clock.now), window=max(20, 2 * cfg.run.log_every),
                       flops_per_image=lambda s: _flops(parts.model, s), peak_flops=_peak(env), now=clock.counted())
     drift = DriftMonitor(cfg.budget_s or 1.0, tol=cfg.budget.replan_tol)
-    bar = _progress_bar(cfg, st)
+    bar = _progress_bar(cfg, st, main)
     loader = _open_loader(st, cfg, env) if st.step < st.plan.total_steps else None
     ckpt = CheckpointSchedule(minutes=cfg.run.ckpt_minutes, every_steps=cfg.run.ckpt_every_steps,
                               budget_s=cfg.budget_s, step=st.step, now=clock.counted())
-    save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt)
+    save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt, denv)
+    agree = dist.StepAgreement(denv, env.device)          # world 1: no collective, the values as they are
     cur_shape = None
     busy = BusyWindow(cfg.run.profile_steps, skip=min(20, max(1, cfg.run.profile_steps // 4)), cuda=env.cuda)
+    loop_t0, loop_step0 = clock.counted(), st.step
     try:
         with guard.deferring():                                          # a SIGTERM: after the step in flight
             while st.step < st.plan.total_steps:
@@ -164,7 +182,8 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                     meter.timer.cancel()
                     if not is_oom(e):
                         raise
-                    loader = _out_of_memory(st, loader, cfg, env, parts, fallback, clock, say)
+                    now = agree(loss=None, oom=True, term=False, ratio=None, now=clock.counted(), ckpt=False).now
+                    loader = _out_of_memory(st, loader, cfg, env, parts, fallback, now, say)
                     cur_shape = None
                     continue
                 meter.timer.stop()                                       # the EMA update is inside the span
@@ -175,22 +194,26 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                                      "stopped with the last good weights", 1)
                 st.step += 1
                 now = clock.counted()
+                drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
+                ratio = drift.check(now, st.plan, st.step) if st.plan.mode == "time" else None
+                due = st.step < st.plan.total_steps and ckpt.due(st.step, st.plan.total_steps, now)
+                # torchrun: rank 0's decisions, every rank's events and the global loss (one all-reduce)
+                ag = agree(loss=loss, oom=False, term=guard.requested, ratio=ratio, now=now, ckpt=due)
+                loss, ratio, now = ag.loss, ag.ratio, ag.now
                 meter.step_done(now, stage.batch_size, loss, loader.last_wait_s)
                 _log_profile(metrics, busy.step_done(), st.step)
-                drift.step_done(now, stage.batch_size / stage.speed if stage.speed > 0 else 0.0)
                 bar.update(1)
                 if st.step % cfg.run.log_every == 0 or st.step == st.plan.total_steps:
                     _log_step(metrics, meter, bar, st, stage, now, p, lr * stage.lr_scale, aug, loss, step_fn, cfg,
                               drop_path_of[stage.kind])
-                ratio = drift.check(now, st.plan, st.step) if st.plan.mode == "time" else None
                 if ratio is not None:                                    # measured speed is off the plan
                     loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
                     drift.restart(now)
-                    _save_plan(run_dir, st.plan)
+                    _save_plan(run_dir, st.plan, main)
                     cur_shape = None
-                if st.step < st.plan.total_steps and ckpt.due(st.step, st.plan.total_steps, now):
+                if ag.ckpt:
                     save()                                               # counted
-                if guard.requested:
+                if ag.stop:
                     raise Terminated()
                 if _eval_due(cfg, st):                                   # not counted; a SIGTERM stops it
                     with guard.deferring(False):
@@ -207,6 +230,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         if loader is not None:
             loader.close()
     # ---- finish --------------------------------------------------------------------------------------
+    train_s, train_images = clock.counted() - loop_t0, st.plan.images_until(st.step) - st.plan.images_until(loop_step0)
     try:
         with guard.deferring():
             save()                                        # the final checkpoint: the end of counted time
@@ -220,6 +244,9 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         evaluator.close()
     with guard.deferring():                               # nothing left to lose: a SIGTERM lets it finish
         results = _results(cfg, env, st, step_fn, counted, final)
+        results.update(dist.throughput(denv, train_images, train_s))
+        if not main:
+            return results
         rundir.write_json(run_dir, "results.json", results)
         try:
             plot_curves(metrics.rows, run_dir / "curves.png",
@@ -333,8 +360,8 @@ def _warm(stages, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: dict, fal
     def run(stage: Stage) -> None:
         parts.drop_path.set(drop_path_of[stage.kind])
         t = clock.now()
-        step_fn.synthetic(stage, aug)                                    # synced: its first call compiles
-        first_step_s.setdefault(stage.shape, clock.now() - t)
+        dist.agreed_oom(lambda: step_fn.synthetic(stage, aug), step_fn.env.dist, step_fn.env.device, is_oom)
+        first_step_s.setdefault(stage.shape, clock.now() - t)           # synced: its first call compiles
 
     def halved(old: Stage, new: Stage) -> None:
         say(fallback.describe(old, new))
@@ -362,7 +389,8 @@ def _open_loader(st: RunState, cfg: TrainConfig, env: RunEnv):
     try:
         return CurriculumLoader(env.ds, st.plan.stages, backend=env.backend,
                                 device=str(env.device), seed=cfg.run.seed, start_step=st.step,
-                                workers=cfg.data.workers, **cfg.data.loader_kwargs())
+                                workers=cfg.data.workers, **cfg.data.loader_kwargs(),
+                                **({"shard": env.dist.shard} if env.dist.enabled else {}))   # this rank's rows
     except DataError as e:   # missing shard/source tree: one line
         raise TrainError(f"loader ({env.backend}): {e}", 2) from None
 
@@ -396,18 +424,19 @@ def _replan(st: RunState, loader, ratio: float, now: float, cfg, env, bar, say):
         return _open_loader(st, cfg, env)
 
 
-def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: BatchFallback, clock, say):
-    """Out of GPU memory mid-run: the planner's one policy (halve this shape's batch, rescale its LR),
-    then the loader reopens at the same step with the new plan."""
+def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: BatchFallback, now: float, say):
+    """Out of GPU memory mid-run (on every rank: rank 0's counted seconds `now`): the planner's one
+    policy (halve this shape's batch, rescale its LR), then the loader reopens at the same step with
+    the new plan."""
     parts.opt.zero_grad(set_to_none=True)
     if env.cuda:
         torch.cuda.empty_cache()
     try:
-        st.plan, old, new = halve_in_plan(st.plan, step=st.step, counted_s=clock.counted(), fallback=fallback)
+        st.plan, old, new = halve_in_plan(st.plan, step=st.step, counted_s=now, fallback=fallback)
     except OutOfMemory as e:
         raise TrainError(str(e), 1) from None
     say(fallback.describe(old, new))
-    _save_plan(Path(cfg.run.out), st.plan)
+    _save_plan(Path(cfg.run.out), st.plan, env.dist.is_main)
     loader.close()
     return _open_loader(st, cfg, env)
 
@@ -453,10 +482,10 @@ def _validate(evaluator: Evaluator, parts: Parts, st: RunState, clock: BudgetClo
     return r
 
 
-def _progress_bar(cfg: TrainConfig, st: RunState):
+def _progress_bar(cfg: TrainConfig, st: RunState, main: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=st.plan.total_steps, initial=st.step, disable=not cfg.run.progress, unit="step",
+    return tqdm(total=st.plan.total_steps, initial=st.step, disable=not (cfg.run.progress and main), unit="step",
                 dynamic_ncols=True, file=sys.stderr)
 
 
@@ -475,20 +504,24 @@ def _peak(env: RunEnv) -> float | None:
 # ------------------------------------------------------------------------------------------------------
 # checkpoints and results
 
-def _save_plan(run_dir: Path, plan: Plan) -> None:
-    rundir.write_json(run_dir, "plan.json", plan.to_dict())
+def _save_plan(run_dir: Path, plan: Plan, main: bool = True) -> None:
+    if main:                                    # torchrun: rank 0 writes the run's files
+        rundir.write_json(run_dir, "plan.json", plan.to_dict())
 
 
 def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st: RunState, clock,
-          ckpt: CheckpointSchedule) -> Path:
-    """A checkpoint at st.step (atomic). One that cannot be written (disk full) ends the run with one
-    line; the previous checkpoint is untouched."""
+          ckpt: CheckpointSchedule, denv: dist.DistEnv = dist.SINGLE) -> Path | None:
+    """A checkpoint at st.step (atomic), written by rank 0 (every rank holds the same weights). One that
+    cannot be written (disk full) ends the run with one line; the previous checkpoint is untouched."""
+    if not denv.is_main:
+        ckpt.done(st.step, clock.counted())
+        return None
     state = {                                   # torch.save copies device tensors to the host: a SYNC
         "config": cfg.to_dict(), "model": parts.model.state_dict(), "opt": parts.opt.state_dict(),
         "ema": parts.ema.module.state_dict() if parts.ema is not None else None,
         "plan": st.plan.to_dict(), "step": st.step, "counted_s": clock.counted(), "rng": rng_state(),
         "evals_done": st.evals_done, "nan_total": step_fn.nan_total, "val_s": st.val_s,
-        "compile_s": st.compile_s, "ema_halflife_images": st.ema_halflife_images,
+        "compile_s": st.compile_s, "ema_halflife_images": st.ema_halflife_images, "world_size": denv.world,
     }
     try:
         path = save_checkpoint(run_dir, st.step, state)

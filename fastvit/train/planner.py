@@ -359,14 +359,16 @@ class OutOfMemory(Exception):
 class BatchFallback:
     """The run's one out-of-memory policy (probe, compile, resume warm-up and mid-run alike): halve the
     batch of the shape that ran out of memory, scale its LR by the run's rule (lr_scale_for_batch
-    against the reference batch), and give up below `min_batch` (mixup needs pairs)."""
+    against the reference batch), and give up below `min_batch` (mixup needs pairs). `multiple`: a
+    halved batch is a multiple of it (2: mixup pairs; 2 × world under torchrun: even rank batches)."""
     base_batch: int
     lr_rule: str
     min_batch: int = 2
+    multiple: int = 2
 
     def halve(self, stage: Stage) -> Stage:
-        b = (stage.batch_size // 2) & ~1          # even: mixup pairs
-        if b < self.min_batch:
+        b = (stage.batch_size // 2) // self.multiple * self.multiple
+        if b < max(self.min_batch, self.multiple):
             raise OutOfMemory(f"out of GPU memory even at batch {stage.batch_size} (res {stage.res}, keep "
                               f"{stage.keep:g}); use a smaller --model or --batch-size")
         return self.at_batch(stage, b)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from fastvit.data.dataset import DataError
 
 from .config import TrainConfig
+from .dist import SINGLE, DistEnv, local_device, wrap_model
 from .errors import TrainError
 
 
@@ -23,14 +24,16 @@ class RunEnv:
     amp: bool                  # bf16 autocast
     compile: bool              # torch.compile (one static graph per stage shape)
     backend_why: str = ""      # backend auto: which one and why (one line)
+    dist: DistEnv = SINGLE     # this process's rank and the world size (torchrun; else world 1)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
 
-def open_env(cfg: TrainConfig) -> RunEnv:
-    """Data, device, backend and final resolution, all checked before any compute (one line each)."""
+def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
+    """Data, device, backend and final resolution, all checked before any compute (one line each).
+    Under torchrun on GPUs the device is cuda:LOCAL_RANK."""
     from fastvit.data import check_readable, open_dataset
     from fastvit.data.backends import AUTO, check_runnable, choose_auto
 
@@ -41,6 +44,8 @@ def open_env(cfg: TrainConfig) -> RunEnv:
         raise TrainError(f"--data {root} does not exist", 2)
     device = resolve_device(cfg.run.device)
     backend, why = choose_backend(cfg), ""
+    device = local_device(denv, resolve_device(cfg.run.device))
+    backend = choose_backend(cfg)
     try:
         ds = open_dataset(root)
         final_res = final_resolution(cfg, ds.resolutions)
@@ -57,6 +62,7 @@ def open_env(cfg: TrainConfig) -> RunEnv:
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
     return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile,
                   backend_why=why)
+                  dist=denv)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -145,13 +151,15 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
         ema = ModelEmaV3(model, decay=0.999, use_warmup=False)  # decay set per step (step.EmaRate)
     mixup = make_mixup(mixup=sc.mixup, cutmix=sc.cutmix, label_smoothing=sc.label_smoothing,
                        num_classes=num_classes)
-    step_model = model
+    step_model = wrap_model(model, env.dist, env.device)  # torchrun: DDP averages the gradients
     if env.compile:
         # one compiled module for the run, static shapes: every stage shape (and drop-path rate, a
         # guarded constant) is one graph, compiled at its first call: in the planner's probe (counted),
         # or, for a shape made later (an out-of-memory halving mid-run), at its first training step
         raise_recompile_limit(64)
-        step_model = torch.compile(model, fullgraph=cfg.run.recipe != "baseline", dynamic=False)
+        # (under DDP, dynamo's DDPOptimizer splits the graph at the gradient buckets: no fullgraph)
+        step_model = torch.compile(step_model, fullgraph=cfg.run.recipe != "baseline" and not env.dist.enabled,
+                                   dynamic=False)
     return Parts(model=model, step_model=step_model, opt=opt, ema=ema, mixup=mixup,
                  drop_path=DropPathRate(model))
 

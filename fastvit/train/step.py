@@ -150,8 +150,9 @@ class TrainStep:
     def synthetic(self, stage: Stage, aug: AugStrength) -> None:
         """One step on random data of the stage's shape, LR 0 (the planner's compile + probe), synced."""
         dev = self.env.device
-        x = torch.randint(0, 256, (stage.batch_size, 3, stage.res, stage.res), dtype=torch.uint8, device=dev)
-        y = torch.randint(0, self.p.mixup.num_classes, (stage.batch_size,), device=dev)
+        b = stage.batch_size // self.env.dist.world                   # this rank's share of the global batch
+        x = torch.randint(0, 256, (b, 3, stage.res, stage.res), dtype=torch.uint8, device=dev)
+        y = torch.randint(0, self.p.mixup.num_classes, (b,), device=dev)
         self(x, y, stage, lr=0.0, aug=aug, probe=True)
         if self.env.cuda:
             torch.cuda.synchronize()                                                     # SYNC
