@@ -42,10 +42,8 @@ def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
         raise TrainError("--data is required: a directory written by fastvit-prep", 2)
     if not Path(root).is_dir():
         raise TrainError(f"--data {root} does not exist", 2)
-    device = resolve_device(cfg.run.device)
-    backend, why = choose_backend(cfg), ""
     device = local_device(denv, resolve_device(cfg.run.device))
-    backend = choose_backend(cfg)
+    backend, why = choose_backend(cfg), ""
     try:
         ds = open_dataset(root)
         final_res = final_resolution(cfg, ds.resolutions)
@@ -61,8 +59,7 @@ def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
     amp = cfg.run.amp if cfg.run.amp is not None else device.type == "cuda"
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
     return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile,
-                  backend_why=why)
-                  dist=denv)
+                  backend_why=why, dist=denv)
 
 
 def resolve_device(device: str | None) -> torch.device:
