@@ -54,11 +54,11 @@ def test_nothing_can_read_is_one_line_naming_each_candidate(ds, monkeypatch):
 
 
 def test_train_with_no_readable_backend_fails_before_any_compute(tiny_prepped, tmp_path, monkeypatch, capsys):
-    import fastvit.train.setup as S
+    import fastvit.train.loop as L   # imported before the patch: the loop's own name is patched
     from fastvit.train.cli import main
 
     _without(monkeypatch, "nvidia.dali", "ffcv", "torchvision")
-    monkeypatch.setattr(S, "build_parts", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(L, "build_parts", lambda *a, **k: pytest.fail("a model was built"))
     rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--epochs", "1", "--preset", "test",
                "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()

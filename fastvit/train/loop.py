@@ -516,6 +516,7 @@ def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st:
     if not denv.is_main:
         ckpt.done(st.step, clock.counted())
         return None
+    step_fn.poll(loss=False)                    # deferred NaN check: the skipped count current (a SYNC)
     state = {                                   # torch.save copies device tensors to the host: a SYNC
         "config": cfg.to_dict(), "model": parts.model.state_dict(), "opt": parts.opt.state_dict(),
         "ema": parts.ema.module.state_dict() if parts.ema is not None else None,

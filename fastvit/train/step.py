@@ -132,19 +132,22 @@ class TrainStep:
         self._ema(stage, images_seen)
         return None
 
-    def poll(self) -> float | None:
+    def poll(self, loss: bool = True) -> float | None:
         """Deferred mode: read the device counters (one SYNC): updates nan_total and nan_run (the longest
         run of skipped steps since the last poll, so a run of NAN_LIMIT is seen even if it ended before
-        the poll), returns the mean finite loss since the last poll (None: no finite loss). Synchronous
-        mode: None."""
+        the poll) and returns the mean finite loss since the last poll (None: no finite loss).
+        loss=False (before a checkpoint: its count must be current): the counts only; the interval's
+        loss and longest run carry on to the next poll. Synchronous mode: None."""
         if not self.deferred or self._acc is None:
             return None
         skipped, run, loss_sum, n, longest = self._acc.tolist()                          # SYNC (every N steps)
         self._acc[0] = 0.0
-        self._acc[2:4] = 0.0
-        self._acc[4] = run
         self.nan_total += int(skipped)
         self.nan_run = int(longest)    # the longest run of skipped steps since the last poll
+        if not loss:
+            return None
+        self._acc[2:4] = 0.0
+        self._acc[4] = run
         return loss_sum / n if n else None
 
     def synthetic(self, stage: Stage, aug: AugStrength) -> None:
