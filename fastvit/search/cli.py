@@ -34,7 +34,7 @@ SPACES = {
     "cpu": dict(depths="2,4,6", widths="128,192,256", heads="2,4", mlp_ratios="4", patches="16", locality="on,off"),
     "gpu": dict(depths="6,9,12", widths="256,384,512", heads="4,8", mlp_ratios="3,4", patches="16", locality="on,off"),
 }
-MIN_EPOCHS = {"cpu": 1.0, "gpu": 10.0}     # a "sensible number of images": epochs of the train split
+MIN_EPOCHS = {"cpu": 1.0, "gpu": 10.0, "test": 1.0}   # a "sensible number of images": epochs of the train split
 # rank-sum weight of the images-in-budget rank; 1.0 = as much as κ or L (see README: the evidence)
 SPEED_WEIGHT = 1.0
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hours", type=float, required=True, help="the training budget the net is chosen for")
     a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     a("--out", default="runs/search", help="search dir: candidates/, table.md, search.json, best.yaml")
-    a("--preset", choices=("cpu", "gpu"), help="fastvit-train preset the speeds are probed with (default: by device)")
+    a("--preset", choices=("cpu", "gpu", "test"), help="fastvit-train preset the speeds are probed with (default: by device)")
     for name, what in (("depths", "blocks"), ("widths", "embed dims"), ("heads", "attention heads"),
                        ("mlp-ratios", "MLP ratios"), ("patches", "patch sizes"), ("locality", "on,off")):
         a(f"--{name}", help=f"comma list of {what} (default: the preset's space)")
@@ -111,7 +111,7 @@ def _locality(text: str) -> list[bool]:
 
 
 def candidates_from_args(args, preset: str, res: int) -> list[Candidate]:
-    sp = {k: getattr(args, k) or v for k, v in SPACES[preset].items()}
+    sp = {k: getattr(args, k) or v for k, v in SPACES.get(preset, SPACES["cpu"]).items()}
     cands = search_space(depths=_ints(sp["depths"], "depths"), widths=_ints(sp["widths"], "widths"),
                          heads=_ints(sp["heads"], "heads"), mlp_ratios=_ints(sp["mlp_ratios"], "mlp-ratios", float),
                          patches=_ints(sp["patches"], "patches"), locality=_locality(sp["locality"]), res=res)

@@ -127,16 +127,28 @@ def for_length(model: nn.Module) -> nn.Module:
     return m.train()
 
 
-def circle(res: int, generator: torch.Generator, thetas: int = THETAS, dtype=torch.float32):
-    """The unit circle in a random 2-D plane of (3,res,res) input space at `thetas` angles.
-    Returns (theta (T,), x (T,3,res,res), dx/dθ (T,3,res,res))."""
+def random_plane(res: int, generator: torch.Generator) -> torch.Tensor:
+    """U (3·res·res, 2): orthonormal columns, the left singular vectors of a Gaussian matrix (fp64)."""
     u, _, _ = torch.linalg.svd(torch.randn(3 * res * res, 2, generator=generator, dtype=torch.float64),
-                               full_matrices=False)                                 # (CHW,2) orthonormal
-    theta = torch.linspace(0, 2 * math.pi, thetas, dtype=torch.float64)
+                               full_matrices=False)
+    return u
+
+
+def circle_points(u: torch.Tensor, theta: torch.Tensor, res: int, dtype=torch.float32):
+    """x(θ) = U·[cos θ, sin θ] and dx/dθ = U·[−sin θ, cos θ], each (T,3,res,res)."""
+    theta = theta.to(torch.float64)
     x = (u @ torch.stack([theta.cos(), theta.sin()])).T                             # (T,CHW)
     dx = (u @ torch.stack([-theta.sin(), theta.cos()])).T                           # (T,CHW)
-    shape = (thetas, 3, res, res)
-    return theta, x.reshape(shape).to(dtype), dx.reshape(shape).to(dtype)
+    shape = (theta.numel(), 3, res, res)
+    return x.reshape(shape).to(dtype), dx.reshape(shape).to(dtype)
+
+
+def circle(res: int, generator: torch.Generator, thetas: int = THETAS, dtype=torch.float32):
+    """The unit circle in a random 2-D plane of (3,res,res) input space at `thetas` angles
+    linspace(0, 2π). Returns (theta (T,), x (T,3,res,res), dx/dθ (T,3,res,res))."""
+    theta = torch.linspace(0, 2 * math.pi, thetas, dtype=torch.float64)
+    x, dx = circle_points(random_plane(res, generator), theta, res, dtype)
+    return theta, x, dx
 
 
 def length_distortion(model: nn.Module, res: int, generator: torch.Generator, thetas: int = THETAS) -> float:
