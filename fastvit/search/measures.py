@@ -104,8 +104,12 @@ class NormalizedPatchEmbed(nn.Module):
         self.proj = proj
         self.patch_size = proj.kernel_size[0]
 
-    def forward(self, images, keep_idx, pos_embed, mean, std) -> torch.Tensor:
-        t = F.conv2d(images.to(self.proj.weight.dtype), self.proj.weight, self.proj.bias, stride=self.patch_size)
+    def forward(self, images, keep_idx, pos_embed, mean, std, patch_size: int | None = None) -> torch.Tensor:
+        from fastvit.models.flexi import pi_resize
+
+        q = patch_size or self.patch_size
+        w = pi_resize(self.proj.weight, q)
+        t = F.conv2d(images.to(w.dtype), w, self.proj.bias, stride=q)
         t = t.flatten(2).transpose(1, 2)                                            # (B,N,D)
         t = torch.gather(t, 1, keep_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B,K,D)
         return t + pos_embed
