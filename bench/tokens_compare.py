@@ -58,9 +58,9 @@ def main(argv=None) -> int:
     for name, rs in results.items():
         t = [r["top1"] for r in rs]
         sd = f" ± {statistics.stdev(t):.2f}" if len(t) > 1 else ""
-        lines.append(f"| {name} | {statistics.mean(t):.2f}{sd} | {', '.join(f'{x:.2f}' for x in t)} | "
-                     f"{', '.join(f'{r['ema_top1']:.2f}' if r['ema_top1'] is not None else '–' for r in rs)} | "
-                     f"{', '.join(str(r['images_seen']) for r in rs)} |")
+        ema = ", ".join("–" if r["ema_top1"] is None else f"{r['ema_top1']:.2f}" for r in rs)
+        seen = ", ".join(str(r["images_seen"]) for r in rs)
+        lines.append(f"| {name} | {statistics.mean(t):.2f}{sd} | {', '.join(f'{x:.2f}' for x in t)} | {ema} | {seen} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "tokens.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
