@@ -30,9 +30,10 @@ from . import rank
 from .space import Candidate, grow_proposals, search_space
 
 # spaces per preset: CPU-sized nets for the cpu preset (final res 96), DeiT-sized for the gpu preset
+# (18 and 24 nets: each costs 5 inits × (16 backward passes + one jvp) plus a probe of its stages)
 SPACES = {
-    "cpu": dict(depths="2,4,6", widths="128,192,256", heads="2,4", mlp_ratios="4", patches="16", locality="on,off"),
-    "gpu": dict(depths="6,9,12", widths="256,384,512", heads="4,8", mlp_ratios="3,4", patches="16", locality="on,off"),
+    "cpu": dict(depths="2,4,6", widths="128,192,256", heads="4", mlp_ratios="4", patches="16", locality="on,off"),
+    "gpu": dict(depths="6,9,12", widths="192,288,384,480", heads="6", mlp_ratios="4", patches="16", locality="on,off"),
 }
 MIN_EPOCHS = {"cpu": 1.0, "gpu": 10.0, "test": 1.0}   # a "sensible number of images": epochs of the train split
 # rank-sum weight of the images-in-budget rank; 1.0 = as much as κ or L (see README: the evidence)
