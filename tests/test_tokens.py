@@ -60,6 +60,10 @@ def test_model_token_at_the_original_size_and_at_a_resized_patch(monkeypatch):
     torch.testing.assert_close(m.patch_embed(up, idx, pos, mean, std, patch_size=32),
                                m.patch_embed(x, idx, pos, mean, std), rtol=1e-5, atol=1e-6)
     assert m(x, patch_size=32).shape == m(x, patch_size=8).shape == (2, 5)
+    from fastvit.models import train_flops_per_image                   # MFU counts the stage's own tokens
+
+    assert train_flops_per_image(m, 64, patch_size=32) < train_flops_per_image(m, 64) < \
+        train_flops_per_image(m, 64, patch_size=8)
 
 
 def test_token_schedule_is_a_pure_function_of_progress():

@@ -223,10 +223,16 @@ def train_flops(cfg: ViTConfig, res: int, keep: float | None = None, sparse_loca
     return 3.0 * vit_forward_flops(cfg, res, num_kept_patches(N, keep), sparse_locality=sparse_locality)
 
 
-def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True) -> float:
+def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True,
+                          patch_size: int | None = None) -> float:
     """train_flops of a LocalityViT (on a GPU its locality conv runs over the kept tokens when
-    cfg.sparse_locality), or of the timm ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
+    cfg.sparse_locality; `patch_size`: tokenized with that patch, coarse-to-fine tokens), or of the timm
+    ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
     cfg = getattr(model, "cfg", None)
+    if cfg is not None and patch_size not in (None, cfg.patch_size):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, patch_size=patch_size)
     if cfg is None:                                   # TimmBaseline: read the timm model's shape
         m = model.model
         cfg = ViTConfig(embed_dim=m.embed_dim, depth=len(m.blocks), num_heads=m.blocks[0].attn.num_heads,

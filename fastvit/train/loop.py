@@ -465,7 +465,7 @@ def _progress_bar(cfg: TrainConfig, st: RunState):
 def _flops(model, stage: Stage) -> float:
     from fastvit.models import train_flops_per_image
 
-    return train_flops_per_image(model, stage.res, stage.keep)
+    return train_flops_per_image(model, stage.res, stage.keep, patch_size=stage.patch_size)
 
 
 def _peak(env: RunEnv) -> float | None:
