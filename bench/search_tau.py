@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--cache", help="fastvit-search dir for the measured candidates (default: OUT/search)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--label", help="how the runs' budgets are named in the table (default: N-minute budgets)")
     a = ap.parse_args(argv)
     runs = finished_runs(a.runs)
     top1 = defaultdict(list)
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
         "L alone (higher better)": ln,
         "rank sum κ+L (As-ViT)": [-x for x in rs],
         "images in budget (probe) alone": im,
-        "rank sum κ+L+1·speed (default)": [-x for x in rank.rank_sum(k, ln, im, 1.0)],
-        "rank sum κ+L+2·speed": [-x for x in rank.rank_sum(k, ln, im, 2.0)],
+        "rank sum κ+L+1·speed": [-x for x in rank.rank_sum(k, ln, im, 1.0)],
+        "rank sum κ+L+2·speed (the default weight)": [-x for x in rank.rank_sum(k, ln, im, 2.0)],
         "images seen in training (not training-free)": [sum(seen[c]) / len(seen[c]) for c in cands],
         "params (fewer better)": [-r["params"] for r in rows],
     }
@@ -87,7 +88,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tau.json").write_text(json.dumps({"minutes": a.minutes, "nets": nets, "tau": taus}, indent=1))
-    lines = [f"Kendall τ against mean top-1 over {len(cands)} nets ({len(runs)} runs, {a.minutes:g}-minute budgets)\n",
+    label = a.label or f"{a.minutes:g}-minute budgets"
+    lines = [f"Kendall τ against mean top-1 over {len(cands)} nets ({len(runs)} runs, {label}; images in budget "
+             f"from the probe at {a.minutes:g} minutes)\n",
              "| measure | τ | p |", "|---|---:|---:|"]
     lines += [f"| {n} | {t['tau']} | {t['p']} |" for n, t in taus.items()]
     lines += ["", "| net | top-1 (%) per seed | images seen | κ | L | params (M) | probe img/s |",
