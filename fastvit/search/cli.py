@@ -344,12 +344,24 @@ def _public(r: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from fastvit.train.config import ConfigError
+    from fastvit.train.errors import TrainError, is_oom
+
     args = build_parser().parse_args(argv)
     try:
         run_search(args)
-    except SearchError as e:
+    except (SearchError, TrainError) as e:               # TrainError: a probe's (out of memory at batch 2)
         print(f"fastvit-search: {e}", file=sys.stderr)
         return e.code
+    except ConfigError as e:                             # a --set value fastvit-train refuses for a candidate
+        print(f"fastvit-search: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        print("fastvit-search: out of GPU memory while measuring a candidate (κ keeps 16 per-image gradients "
+              "of every weight): narrow the space (--widths, --depths); measured candidates are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastvit-search: interrupted; rerun the same command to continue (measured candidates are kept)",
               file=sys.stderr)
