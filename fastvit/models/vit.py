@@ -9,6 +9,8 @@ Forward, for an input with an (H/p) x (W/p) patch grid:
   2. positional embedding: the learned (1, N0, D) parameter on the base grid, resampled bicubically to
      the input's grid inside forward -- the same nn.Parameter trains at every curriculum resolution.
   3. fastvit.kernels.embed_kept_patches: normalize + patchify + project only the kept patches + pos.
+     `patch_size=q` (coarse-to-fine tokens) tokenizes with q x q patches: the master (D,3,p,p) weight
+     PI-resized to q (fastvit.models.flexi) and the positional embedding resampled to the (H/q)x(W/q) grid.
   4. blocks: pre-norm attention + pre-norm MLP (locality MLP for `_local`, timm's GELU Mlp for `_plain`).
      Sampled tokens where the Triton kernels run (CUDA, or TRITON_INTERPRET=1): the locality conv
      works on the kept tokens through one neighbour table built here per forward
@@ -31,6 +33,7 @@ from fastvit.kernels import build_neighbours, embed_kept_patches, sample_keep_in
 from fastvit.stage import num_kept as num_kept_patches   # the one rounding rule (half up), shared with the planner
 
 from .configs import ViTConfig
+from .flexi import pi_resize
 from .layers import Attention, LocalityMlp
 
 
@@ -61,15 +64,18 @@ class Block(nn.Module):
 
 class KeptPatchEmbed(nn.Module):
     """Thin module over fastvit.kernels.embed_kept_patches. The nn.Conv2d holds the projection in
-    timm's PatchEmbed layout (patch_embed.proj.weight (D,3,p,p)) and init; it is never run as a conv."""
+    timm's PatchEmbed layout (patch_embed.proj.weight (D,3,p,p)) and init; it is never run as a conv.
+    At another patch size q (coarse-to-fine tokens) the one master weight is PI-resized to (D,3,q,q)
+    on the fly (fastvit.models.flexi), so every patch size trains the same parameter."""
 
     def __init__(self, patch_size: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, images, keep_idx, pos_embed, mean, std) -> torch.Tensor:
-        return embed_kept_patches(images, keep_idx, self.proj.weight, self.proj.bias, pos_embed, mean, std)
+    def forward(self, images, keep_idx, pos_embed, mean, std, patch_size: int | None = None) -> torch.Tensor:
+        weight = self.proj.weight if patch_size in (None, self.patch_size) else pi_resize(self.proj.weight, patch_size)
+        return embed_kept_patches(images, keep_idx, weight, self.proj.bias, pos_embed, mean, std)
 
 
 class LocalityViT(nn.Module):
@@ -131,12 +137,14 @@ class LocalityViT(nn.Module):
 
     def forward_features(self, images: torch.Tensor, keep_rate: float | None = None,
                          keep_idx: torch.Tensor | None = None,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B,3,H,W) -> (B,P+K,D) tokens after the blocks (and the final norm for the token head)."""
+                         generator: torch.Generator | None = None,
+                         patch_size: int | None = None) -> torch.Tensor:
+        """(B,3,H,W) -> (B,P+K,D) tokens after the blocks (and the final norm for the token head).
+        patch_size: tokenize with this patch (the master weight PI-resized; None: cfg.patch_size)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B,3,H,W), got {tuple(images.shape)}")
         B, _, H, W = images.shape
-        p = self.cfg.patch_size
+        p = patch_size or self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"image sides {H}x{W} must be multiples of the patch size {p}")
         grid_hw = (H // p, W // p)
@@ -154,7 +162,7 @@ class LocalityViT(nn.Module):
         embed_idx = keep_idx if keep_idx is not None else torch.arange(N, device=images.device).expand(B, N)
         mean, std = self.norm_stats(images)
         pos = self.pos_embed_for_grid(grid_hw)                                       # (N,D)
-        x = self.patch_embed(images, embed_idx, pos, mean, std)                      # (B,K,D)
+        x = self.patch_embed(images, embed_idx, pos, mean, std, patch_size=p)        # (B,K,D)
         # Residual stream in the parameters' dtype (fp32 under autocast, as in timm): the kernel
         # returns the autocast dtype, and 12 bf16 residual adds would cost accuracy.
         x = x.to(self.patch_embed.proj.weight.dtype)
@@ -182,8 +190,9 @@ class LocalityViT(nn.Module):
 
     def forward(self, images: torch.Tensor, keep_rate: float | None = None,
                 keep_idx: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images, keep_rate, keep_idx, generator))
+                generator: torch.Generator | None = None,
+                patch_size: int | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images, keep_rate, keep_idx, generator, patch_size))
 
 
 def vit_forward_flops(cfg: ViTConfig, res: int | tuple[int, int], keep: int | None = None,
@@ -214,10 +223,16 @@ def train_flops(cfg: ViTConfig, res: int, keep: float | None = None, sparse_loca
     return 3.0 * vit_forward_flops(cfg, res, num_kept_patches(N, keep), sparse_locality=sparse_locality)
 
 
-def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True) -> float:
+def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True,
+                          patch_size: int | None = None) -> float:
     """train_flops of a LocalityViT (on a GPU its locality conv runs over the kept tokens when
-    cfg.sparse_locality), or of the timm ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
+    cfg.sparse_locality; `patch_size`: tokenized with that patch, coarse-to-fine tokens), or of the timm
+    ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
     cfg = getattr(model, "cfg", None)
+    if cfg is not None and patch_size not in (None, cfg.patch_size):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, patch_size=patch_size)
     if cfg is None:                                   # TimmBaseline: read the timm model's shape
         m = model.model
         cfg = ViTConfig(embed_dim=m.embed_dim, depth=len(m.blocks), num_heads=m.blocks[0].attn.num_heads,

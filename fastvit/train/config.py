@@ -83,6 +83,8 @@ class ScheduleConfig:
     keep_cycles: int = setting(4, "cycles of the cyclic keep schedule")
     keep_step: float = setting(0.125, "keep rates are quantized to this step (one compiled shape per level)")
     keep_splits: int = setting(2, "stages per curriculum resolution for a changing keep rate")
+    tokens: str | None = setting(None, "token-size schedule patch:share,... e.g. 32:0.3,16:0.7: coarse tokens "
+                                       "early, one PI-resized patch weight (default: the model's patch throughout)")
     batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
     const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
     max_batch: int = setting(1024, "largest batch of any stage")
@@ -185,6 +187,7 @@ class TrainConfig:
             (r.device in (None, "cpu", "cuda") or str(r.device).startswith("cuda:"),
              f"--device must be cpu or cuda, got {r.device!r}"),
             (r.ckpt_minutes > 0, "--ckpt-minutes must be > 0"),
+            (s.tokens is None or r.recipe != "baseline", "--tokens needs --recipe fastvit (the baseline has one patch size)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -289,10 +289,31 @@ def config_stages(cfg: TrainConfig, env: RunEnv) -> list[Stage]:
     bad = [r for r, _ in cur if r % patch]
     if bad:
         raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {patch}", 2)
+    tokens = token_schedule(cfg, cur)
     return build_stages(curriculum=cur, keep_kind=sc.keep_schedule, keep_min=sc.keep_min,
                         keep_full_from=sc.keep_full_from, keep_cycles=sc.keep_cycles, keep_step=sc.keep_step,
                         splits_per_stage=sc.keep_splits, base_batch=sc.batch_size, ref_res=env.final_res,
-                        const_tokens=sc.const_tokens, max_batch=sc.max_batch, lr_rule=sc.lr_scaling, patch=patch)
+                        const_tokens=sc.const_tokens, max_batch=sc.max_batch, lr_rule=sc.lr_scaling, patch=patch,
+                        tokens=tokens)
+
+
+def token_schedule(cfg: TrainConfig, curriculum) -> list[tuple[int, float]] | None:
+    """--tokens parsed and checked against the curriculum: every resolution it meets is a multiple of
+    its patch size there (coarse-to-fine tokens; None: the model's patch throughout)."""
+    if not cfg.schedule.tokens:
+        return None
+    try:
+        tokens = S.parse_tokens(cfg.schedule.tokens, cfg.model.patch_size)
+    except ValueError as e:
+        raise TrainError(f"--tokens {cfg.schedule.tokens!r}: {e}", 2) from None
+    cuts = sorted({0.0, *(e for _, e in tokens), *(e for _, e in curriculum)})
+    bad = sorted({(S.res_at(m, curriculum), S.patch_at(m, tokens)) for m in
+                  (0.5 * (a + b) for a, b in zip(cuts[:-1], cuts[1:]))
+                  if S.res_at(m, curriculum) % S.patch_at(m, tokens)})
+    if bad:
+        raise TrainError(f"--tokens {cfg.schedule.tokens!r}: resolution {bad[0][0]} is not a multiple of patch "
+                         f"{bad[0][1]} where the two schedules meet", 2)
+    return tokens
 
 
 def drop_path_rates(cfg: TrainConfig, stages: list[Stage]) -> dict:
@@ -492,7 +513,7 @@ def _progress_bar(cfg: TrainConfig, st: RunState, main: bool = True):
 def _flops(model, stage: Stage) -> float:
     from fastvit.models import train_flops_per_image
 
-    return train_flops_per_image(model, stage.res, stage.keep)
+    return train_flops_per_image(model, stage.res, stage.keep, patch_size=stage.patch_size)
 
 
 def _peak(env: RunEnv) -> float | None:

@@ -30,11 +30,14 @@ class BudgetTooSmall(ValueError):
 def build_stages(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_min: float,
                  keep_full_from: float, keep_cycles: int, keep_step: float, splits_per_stage: int,
                  base_batch: int, ref_res: int, const_tokens: bool, max_batch: int,
-                 lr_rule: str, patch: int = 16) -> list[Stage]:
+                 lr_rule: str, patch: int = 16, tokens: list[tuple[int, float]] | None = None) -> list[Stage]:
     """Cut [0, 1] at the curriculum's stage ends, split each stage into `splits_per_stage` equal parts
     (and at keep_full_from), evaluate the keep schedule at each part's middle, quantize, and merge
-    neighbours that end up with the same shape. No steps yet."""
+    neighbours that end up with the same shape. No steps yet. `tokens` [(patch, end)]: the token-size
+    schedule, cut in too; a stage whose patch is not the model's carries it (Stage.patch_size) and its
+    batch follows that patch's token count (const_tokens)."""
     cuts = {0.0, 1.0, keep_full_from} if 0 < keep_full_from < 1 else {0.0, 1.0}
+    cuts.update(end for _, end in tokens or [])
     start = 0.0
     for res, end in curriculum:
         for i in range(1, splits_per_stage):
@@ -50,9 +53,10 @@ def build_stages(*, curriculum: list[tuple[int, float]], keep_kind: str, keep_mi
         res = S.res_at(mid, curriculum)
         keep = S.quantize_keep(S.keep_at(mid, kind=keep_kind, keep_min=keep_min,
                                          full_from=keep_full_from, cycles=keep_cycles), keep_step)
+        q = S.patch_at(mid, tokens) if tokens else patch
         batch = S.batch_for(res, keep, base_batch=base_batch, ref_res=ref_res,
-                            const_tokens=const_tokens, max_batch=max_batch, patch=patch)
-        seg = Stage(res=res, keep=keep, batch_size=batch,
+                            const_tokens=const_tokens, max_batch=max_batch, patch=q, ref_patch=patch)
+        seg = Stage(res=res, keep=keep, batch_size=batch, patch_size=q if q != patch else None,
                     lr_scale=S.lr_scale_for_batch(batch, base_batch, lr_rule), f0=a, f1=b)
         if segs and segs[-1].shape == seg.shape:
             segs[-1] = replace(segs[-1], f1=b)

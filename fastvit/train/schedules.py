@@ -164,13 +164,15 @@ def keep_count(res: int, keep: float, patch: int = 16) -> int:
 # --- batch per stage ---------------------------------------------------------------------------
 
 def batch_for(res: int, keep: float, *, base_batch: int, ref_res: int, const_tokens: bool,
-              max_batch: int, patch: int = 16, multiple: int = 8) -> int:
+              max_batch: int, patch: int = 16, multiple: int = 8, ref_patch: int | None = None) -> int:
     """Batch size of a stage. With const_tokens the number of tokens per batch stays that of
     base_batch at (ref_res, keep 1): small images / few kept patches → bigger batches that keep the
-    GPU busy. Rounded down to a multiple of `multiple` (even, for mixup), capped at max_batch."""
+    GPU busy; a coarser patch than the reference one's (`ref_patch`, default `patch`: coarse-to-fine
+    tokens) has fewer tokens per image, so a bigger batch. Rounded down to a multiple of `multiple`
+    (even, for mixup), capped at max_batch."""
     if not const_tokens:
         return base_batch
-    ref_tokens = (ref_res // patch) ** 2
+    ref_tokens = (ref_res // (ref_patch or patch)) ** 2
     tokens = keep_count(res, keep, patch)
     b = base_batch * ref_tokens / tokens
     b = int(b // multiple * multiple)
@@ -199,3 +201,19 @@ def aug_at(p: float, *, mix_prob: tuple[float, float] = (0.0, 0.8),
     learning: weak regularization with small images early, strong with large images late)."""
     return AugStrength(mix_prob=ramp(p, *mix_prob), randaug_mag=ramp(p, *randaug),
                        drop_path=ramp(p, *drop_path))
+
+
+# --- token size (coarse-to-fine tokens) ----------------------------------------------------------
+
+def parse_tokens(text: str, model_patch: int) -> list[tuple[int, float]]:
+    """'32:0.3,16:0.7' (patch:share of the budget) -> [(32, 0.3), (16, 1.0)]: coarse tokens early, the
+    model's own patch at the end (the evaluation tokenizes with it). Shares as in parse_curriculum."""
+    tokens = parse_curriculum(text)
+    if tokens[-1][0] != model_patch:
+        raise ValueError(f"the last token size must be the model's patch size {model_patch}, got {tokens[-1][0]}")
+    return tokens
+
+
+def patch_at(p: float, tokens: list[tuple[int, float]]) -> int:
+    """Patch size of the token stage that contains p (stages are [prev_end, end)), as res_at."""
+    return res_at(p, tokens)

@@ -70,8 +70,10 @@ class TrainStep:
                  aug: AugStrength, images_seen: int = 0, probe: bool = False) -> float | None:
         """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped.
         `images_seen`: training images before this step (the EMA's warm-up)."""
-        if stage.depth is not None or stage.patch_size is not None:
-            raise ValueError(f"{stage}: per-stage depth and patch size are not applied by this trainer")
+        if stage.depth is not None:
+            raise ValueError(f"{stage}: per-stage depth is not applied by this trainer")
+        # coarse-to-fine tokens: the stage's patch size (None: the model's) goes to the model's forward
+        tok = {} if stage.patch_size is None else {"patch_size": stage.patch_size}
         p = self.p
         for g in p.opt.param_groups:
             g["lr"] = lr
@@ -80,7 +82,8 @@ class TrainStep:
         images, targets = mix_batch(p.mixup, images, labels, aug.mix_prob)               # (B,3,r,r), (B,C)
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.env.amp):
             # the call form of the compiled graph: no keep argument for all patches
-            logits = p.step_model(images, keep_rate=stage.keep) if stage.keep < 1.0 else p.step_model(images)
+            logits = (p.step_model(images, keep_rate=stage.keep, **tok) if stage.keep < 1.0
+                      else p.step_model(images, **tok))
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()   # (B,C) -> ()
         loss.backward()
         clip = self.sc.clip_grad if self.sc.clip_grad > 0 else 1e12
