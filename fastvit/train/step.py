@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastvit.models.grow import set_blocks
 from fastvit.stage import Stage
 
 from .augment import mix_batch, randaugment_groups
@@ -47,14 +48,17 @@ class TrainStep:
         self.ema_rate: EmaRate | None = None      # set once the plan exists (its images give the half-life)
         self.nan_run = 0                          # NaN/inf steps in a row
         self.nan_total = 0
+        self.blocks_override: tuple | None = None  # growth search: the supernet blocks this step runs
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
                  aug: AugStrength, images_seen: int = 0, probe: bool = False) -> float | None:
         """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped.
         `images_seen`: training images before this step (the EMA's warm-up)."""
-        if stage.depth is not None or stage.patch_size is not None:
-            raise ValueError(f"{stage}: per-stage depth and patch size are not applied by this trainer")
+        if stage.patch_size is not None:
+            raise ValueError(f"{stage}: a per-stage patch size is not applied by this trainer")
         p = self.p
+        if stage.depth is not None or self.blocks_override is not None:      # progressive growth
+            set_blocks(p.model, self.blocks_override if self.blocks_override is not None else range(stage.depth))
         for g in p.opt.param_groups:
             g["lr"] = lr
         if aug.randaug_mag > 0:
