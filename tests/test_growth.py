@@ -230,3 +230,52 @@ def test_auto_growth_run_scores_candidates_and_exports(tiny_prepped, tmp_path):
     assert len(back.blocks) == ev[0]["depth"]
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(back.eval()(x), m.eval()(x), rtol=0, atol=0)
+
+
+def test_kill_in_the_search_window_resumes_to_the_same_choice(tiny_prepped, tmp_path, monkeypatch):
+    """A run stopped by a checkpoint inside auto's supernet window (the Grower's window open) and
+    resumed ends with the uninterrupted run's scores, choice and stage sequence. The candidates' step
+    times are made deterministic (a fake probe: 1/depth); everything else is the real run."""
+    from fastvit.train import checkpoint as C
+    from fastvit.train import loop as L
+    from fastvit.train.config import TrainConfig
+    from fastvit.train.loop import train
+
+    def fake_probe(st, cfg, step_fn, parts, drop_path_of, fallback, clock, say, grower, stages):
+        grower.add_rates(drop_path_of, stages)
+        return {s.shape: 1000.0 / s.depth for s in stages}
+
+    monkeypatch.setattr(L, "_probe_more", fake_probe)
+    args = ("--epochs", "8", "--growth", "auto", "--growth-window", "0.2", "--growth-score-images", "16")
+    full = _run(tmp_path, tiny_prepped, "full", *args)
+    ref = _load(full)
+    ev = [e for e in ref["growth"]["events"] if e["kind"] == "choose"][0]
+    cfg = TrainConfig.from_dict(json.loads((full / "config.json").read_text()))
+    cfg.run.out = str(tmp_path / "cut")
+    stop_at = ev["window"][0] + 2                                      # two steps into the window
+    real_save = L._save
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(*a, **k):
+        path = real_save(*a, **k)
+        if a[4].step == stop_at:                                       # a[4]: the RunState
+            raise Stop()
+        return path
+
+    cfg.run.ckpt_every_steps = 1
+    monkeypatch.setattr(L, "_save", save_then_stop)
+    with pytest.raises(Stop):
+        train(cfg, log=lambda m: None)
+    monkeypatch.setattr(L, "_save", real_save)
+    ck = C.load_checkpoint(C.checkpoint_paths(tmp_path / "cut")[0])
+    assert ck["step"] == stop_at and ck["growth"]["window"] is not None
+    res = train(cfg, resume=True, log=lambda m: None)
+    got = [e for e in res["growth"]["events"] if e["kind"] == "choose"][0]
+    assert got["depth"] == ev["depth"] and got["window"] == ev["window"]
+    assert [c["step_time"] for c in got["candidates"]] == [c["step_time"] for c in ev["candidates"]]
+    # the resumed loader re-draws its crops: the scores agree to a few tenths of a percent, not bitwise
+    assert [c["loss"] for c in got["candidates"]] == pytest.approx([c["loss"] for c in ev["candidates"]], rel=2e-2)
+    assert [(s["res"], s["depth"], s["steps"]) for s in res["stages"]] == \
+        [(s["res"], s["depth"], s["steps"]) for s in ref["stages"]]

@@ -412,7 +412,7 @@ def _probe_more(st: RunState, cfg, step_fn: TrainStep, parts: Parts, drop_path_o
     """--growth auto: compile + time more shapes (a boundary's candidates; counted) -> {shape: images/s}."""
     grower.add_rates(drop_path_of, stages)
     (_, speeds), spent = _warm(stages, cfg, step_fn, parts, drop_path_of, fallback, clock, say,
-                               iters=max(1, cfg.budget.probe_iters))
+                               iters=max(3, cfg.budget.probe_iters))      # a choice rests on them
     st.compile_s += spent
     return speeds
 
