@@ -195,7 +195,9 @@ class Grower:
         self.plan_changed = False
         if not self.on:
             return stage
-        if self.window and st.step >= self.window["end"]:
+        # the window closes at its end, or earlier when re-plans cut the run short (the last step is the
+        # chosen model's)
+        if self.window and st.step >= min(self.window["end"], st.plan.total_steps - 1):
             stage = self._close_window(st, stage, clock)
         elif self.window:
             self._sample(st.step)
