@@ -235,17 +235,23 @@ def test_auto_growth_run_scores_candidates_and_exports(tiny_prepped, tmp_path):
 def test_kill_in_the_search_window_resumes_to_the_same_choice(tiny_prepped, tmp_path, monkeypatch):
     """A run stopped by a checkpoint inside auto's supernet window (the Grower's window open) and
     resumed ends with the uninterrupted run's scores, choice and stage sequence. The candidates' step
-    times are made deterministic (a fake probe: 1/depth); everything else is the real run."""
+    times (measured in the window) are replaced by deterministic ones; everything else is the real run."""
     from fastvit.train import checkpoint as C
     from fastvit.train import loop as L
     from fastvit.train.config import TrainConfig
     from fastvit.train.loop import train
 
-    def fake_probe(st, cfg, step_fn, parts, drop_path_of, fallback, clock, say, grower, stages):
-        grower.add_rates(drop_path_of, stages)
-        return {s.shape: 1000.0 / s.depth for s in stages}
+    from fastvit.train import growth as G
 
-    monkeypatch.setattr(L, "_probe_more", fake_probe)
+    real_times = G.Grower._step_times
+    measured = []
+
+    def fake_times(self, w, stage):                  # the window's measured times, then deterministic ones
+        measured.append({k: list(v) for k, v in w["times"].items()})
+        real_times(self, w, stage)
+        return {c: 0.01 * c for c in w["cands"]}
+
+    monkeypatch.setattr(G.Grower, "_step_times", fake_times)
     args = ("--epochs", "8", "--growth", "auto", "--growth-window", "0.2", "--growth-score-images", "16")
     full = _run(tmp_path, tiny_prepped, "full", *args)
     ref = _load(full)
@@ -271,10 +277,13 @@ def test_kill_in_the_search_window_resumes_to_the_same_choice(tiny_prepped, tmp_
     monkeypatch.setattr(L, "_save", real_save)
     ck = C.load_checkpoint(C.checkpoint_paths(tmp_path / "cut")[0])
     assert ck["step"] == stop_at and ck["growth"]["window"] is not None
+    assert sum(map(len, ck["growth"]["window"]["times"].values())) == 1     # the window's steps so far, timed
+    assert ck["growth"]["window"]["last"] is not None                      # (the second still running)
     res = train(cfg, resume=True, log=lambda m: None)
     got = [e for e in res["growth"]["events"] if e["kind"] == "choose"][0]
     assert got["depth"] == ev["depth"] and got["window"] == ev["window"]
     assert [c["step_time"] for c in got["candidates"]] == [c["step_time"] for c in ev["candidates"]]
+    assert sum(map(len, measured[-1].values())) >= 5                        # timed window steps (one lost at the cut)
     # the trainer's resume is not bitwise (without growth too: a resumed --epochs run's losses differ from
     # its first resumed step on), so the scores agree to a few tenths of a percent
     assert [c["loss"] for c in got["candidates"]] == pytest.approx([c["loss"] for c in ev["candidates"]], rel=2e-2)

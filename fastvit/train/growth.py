@@ -135,7 +135,7 @@ class Grower:
         self.depth: int | None = None           # the depth the model runs now
         self.res: int | None = None             # the resolution of the last step (auto: a boundary is a new one)
         self.window: dict | None = None         # auto: an open supernet window
-        self.speeds: dict = {}                  # auto: str(shape) -> images/s of the candidates (probe)
+        self.speeds: dict = {}                  # auto: str(shape) -> images/s of the candidates (window/probe)
         self.events: list[dict] = []            # growths and decisions, in order (plan.json, results)
         self.plan_changed = False
         if self.on and cfg.run.recipe == "baseline":
@@ -170,6 +170,8 @@ class Grower:
     def load_state_dict(self, d: dict | None) -> None:
         d = d or {}
         self.depth, self.res, self.window = d.get("depth"), d.get("res"), d.get("window")
+        if self.window:                      # the step in flight at the checkpoint: its end was not timed
+            self.window["last"] = None
         self.speeds, self.events = dict(d.get("speeds", {})), list(d.get("events", []))
 
     def record(self) -> dict:
@@ -200,7 +202,7 @@ class Grower:
         if self.window and st.step >= min(self.window["end"], st.plan.total_steps - 1):
             stage = self._close_window(st, stage, clock)
         elif self.window:
-            self._sample(st.step)
+            self._sample(st.step, clock.counted())
         elif self.mode == "manual" and stage.depth is not None and stage.depth > self.depth:
             new = stage.depth
             self._mogrow(new, st.step, clock)
@@ -210,7 +212,8 @@ class Grower:
             stage = _stage_at(st.plan, st.step)
         elif self.mode == "auto" and stage.res != self.res and self.depth < self.full:
             self._open_window(st, stage, clock)
-            self._sample(st.step)
+            stage = _stage_at(st.plan, st.step)
+            self._sample(st.step, clock.counted())
         self.res = stage.res
         return stage
 
@@ -240,47 +243,84 @@ class Grower:
         return ev
 
     # -- auto ---------------------------------------------------------------------------------------
-    def window_steps(self, plan: Plan) -> int:
+    def window_steps(self, plan: Plan, n_cands: int) -> int:
+        """The window of one boundary: --growth-window of the run's steps shared by its boundaries, and
+        at least two steps of every candidate (their step times are measured there)."""
         n = max(1, len({s.res for s in plan.stages}) - 1)
-        return max(2, int(round(self.cfg.schedule.growth_window * plan.total_steps / n)))
+        return max(2 * n_cands, int(round(self.cfg.schedule.growth_window * plan.total_steps / n)))
 
     def _open_window(self, st, stage: Stage, clock) -> None:
         cur = self.depth
         cands = candidate_depths(cur, self.full)
         top = cands[-1]
-        todo = [replace(stage, depth=d, steps=0) for d in cands if str(replace(stage, depth=d).shape) not in self.speeds]
-        if todo:                                              # the candidates' step times (counted)
-            self.speeds.update({str(k): v for k, v in self.probe(todo).items()})
         self._mogrow(top, st.step, clock)
         self.depth = cur                                      # the run's depth is chosen at the window's end
         left = st.plan.total_steps - st.step
-        self.window = {"start": st.step, "end": st.step + min(self.window_steps(st.plan), max(1, left - 1)),
+        self.window = {"start": st.step, "end": st.step + min(self.window_steps(st.plan, len(cands)), max(1, left - 1)),
                        "cur": cur, "top": top, "cands": cands, "res": stage.res, "keep": stage.keep,
-                       "batch": stage.batch_size, "patch_size": stage.patch_size}
+                       "batch": stage.batch_size, "patch_size": stage.patch_size, "speed": stage.speed,
+                       "times": {str(c): [] for c in cands}, "last": None}
         self.say(f"growth search at step {st.step}: supernet of depth {top}, candidates {cands}, window "
                  f"{self.window['end'] - st.step} steps")
+        # the growth's seconds are counted: the rest of the plan shares what is left
+        st.plan = plan_with_depth(st.plan, step=st.step, depth_for=lambda s: s.depth, speed_of=self.speed_of,
+                                  counted_s=clock.counted())
+        self.plan_changed = True
 
-    def _sample(self, step: int) -> None:
-        """The window's candidate for this step (seeded by the run's seed and the step: a resume draws
-        the same)."""
+    def _sample(self, step: int, now: float) -> None:
+        """The window's candidate for this step: every candidate once per round of len(cands) steps, in
+        an order drawn from the run's seed and the round (a resume draws the same). The counted seconds
+        since the previous step's start are that step's time, filed under its candidate."""
         w = self.window
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
-        c = w["cands"][int(torch.randint(len(w["cands"]), (1,), generator=g))]
+        self._time_last(now)
+        i = step - w["start"]
+        n = len(w["cands"])
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + w["start"] * 1009 + i // n)
+        c = w["cands"][int(torch.randperm(n, generator=g)[i % n])]
         self.step_fn.blocks_override = tuple(supernet_blocks(w["cur"], c, w["top"]))
+        w["last"] = [c, now]
+
+    def _time_last(self, now: float) -> None:
+        w = self.window
+        if w.get("last"):
+            c, t0 = w["last"]
+            w["times"][str(c)].append(round(now - t0, 6))
+            w["last"] = None
+
+    def _step_times(self, w: dict, stage: Stage) -> dict:
+        """Each candidate's step time: the fastest of its window steps after its first (which may have
+        compiled its graph or waited for the loader: a minimum is what a step costs without the other
+        jobs on the machine); the probe's for a candidate with fewer than two window steps."""
+        out, todo = {}, []
+        for c in w["cands"]:
+            ts = w["times"].get(str(c), [])
+            if len(ts) >= 2:
+                out[c] = min(ts[1:])
+            else:
+                todo.append(replace(stage, depth=c, steps=0))
+        if todo:
+            speeds = self.probe(todo)
+            for s in todo:
+                sp = speeds.get(s.shape) or speeds.get(replace(s, steps=0).shape) or 0.0
+                out[s.depth] = w["batch"] / sp if sp > 0 else float("nan")
+        return out
 
     def _close_window(self, st, stage: Stage, clock) -> Stage:
         w = self.window
+        self._time_last(clock.counted())
         self.step_fn.blocks_override = None
         t0 = time.perf_counter()
+        times = self._step_times(w, stage)
         losses = self._score_losses(w)
-        cands = []
-        for d, loss in zip(w["cands"], losses):
-            shape = Stage(res=w["res"], batch_size=w["batch"], keep=w["keep"], depth=d, patch_size=w["patch_size"])
-            sp = self.speeds.get(str(shape.shape)) or 0.0
-            cands.append({"depth": d, "loss": loss, "step_time": w["batch"] / sp if sp > 0 else float("nan")})
+        cands = [{"depth": d, "loss": loss, "step_time": times[d], "window_steps": len(w["times"].get(str(d), []))}
+                 for d, loss in zip(w["cands"], losses)]
         if any(not math.isfinite(c["step_time"]) for c in cands):
-            raise TrainError("growth search: a candidate has no probed step time (the probe missed its shape)", 1)
+            raise TrainError("growth search: a candidate has no step time (neither the window nor the probe)", 1)
         got = choose(cands)
+        for c in cands:                              # the rest of the plan runs at the measured speed
+            shape = Stage(res=w["res"], batch_size=w["batch"], keep=w["keep"], depth=c["depth"],
+                          patch_size=w["patch_size"]).shape
+            self.speeds[str(shape)] = w["batch"] / c["step_time"]
         best = cands[got["choice"]]["depth"]
         keep = supernet_blocks(w["cur"], best, w["top"])
         self._compact(keep)
@@ -318,6 +358,9 @@ class Grower:
 
         net = self.parts.ema.module if self.parts.ema is not None else self.parts.model
         n_img = self.cfg.schedule.growth_score_images
+        if self.cfg.budget_s and w.get("speed"):
+            # at most ~1% of the budget for the scoring (a forward is ~1/3 of a training step)
+            n_img = max(64, min(n_img, int(0.01 * self.cfg.budget_s * 3 * w["speed"] / len(w["cands"]))))
         bs = max(1, min(w["batch"], n_img))
         loader = make_loader(self.env.ds, split="train", res=w["res"], batch_size=bs, backend=self.env.backend,
                              device=str(self.env.device), train=False, seed=12345, drop_last=False,
