@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Progressive growth on Imagenette (CPU): --growth none / manual (fresh AdamW) / manual (moments kept) /
-# auto, one seed, run concurrently (OMP_NUM_THREADS=1 each) so the variants share the machine's load.
+# auto (and none_d2: a fixed depth-2 model, the control), one seed, run concurrently (OMP_NUM_THREADS=1
+# each) so the variants share the machine's load.
 #   bench/growth_evidence.sh DATA OUT SEED MINUTES
 # Writes OUT/s<SEED>_<variant>/ (run dirs), OUT/s<SEED>_<variant>.log and appends `uptime` samples
 # (before, every 30 s during, after) to OUT/load.txt. Summarize with bench/growth_table.py OUT.
@@ -9,7 +10,7 @@ DATA=$1; OUT=$2; SEED=$3; MIN=$4
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 declare -A ARGS=([none]="--growth none" [manual]="--growth manual" [manual_keep]="--growth manual --growth-opt keep"
-                 [auto]="--growth auto")
+                 [auto]="--growth auto" [none_d2]="--growth none --depth 2")
 VARIANTS=${VARIANTS:-"none manual manual_keep auto"}
 echo "# seed $SEED, $MIN min, variants $VARIANTS: before ($(date -u +%H:%M:%S))" >> "$OUT/load.txt"
 uptime >> "$OUT/load.txt"

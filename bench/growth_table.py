@@ -10,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-VARIANTS = ("none", "manual", "manual_keep", "auto")
+VARIANTS = ("none", "none_d2", "manual", "manual_keep", "auto")
 
 
 def load_runs(out: Path) -> list[dict]:
