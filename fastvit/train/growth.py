@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.models.grow import (grow_map, model_depth, remap_blocks_, remap_optimizer_state_, set_blocks,
-                                 set_depth, supernet_blocks)
+                                 supernet_blocks)
 from fastvit.stage import Stage
 
 from .errors import TrainError
@@ -189,7 +189,7 @@ class Grower:
         self._set_all(blocks)
 
     # -- the loop's hook --------------------------------------------------------------------------
-    def before_step(self, st, stage: Stage, now: float, clock) -> Stage:
+    def before_step(self, st, stage: Stage, clock) -> Stage:
         """Called before every step: a growth when the stage asks for more blocks than the model runs
         (manual: MoGrow; auto: open the window), the window's per-step candidate, its end (score,
         choose, re-plan). Returns the stage to train (its depth may have been chosen here);
@@ -404,10 +404,4 @@ def _stage_at(plan: Plan, step: int) -> Stage:
     return plan.stages[plan.stage_at(step)[0]]
 
 
-def depth_blocks(depth: int | None):
-    """The block positions a stage's depth runs (None: all)."""
-    return None if depth is None else range(depth)
-
-
-__all__ = ["Grower", "candidate_depths", "choose", "depth_schedule", "fit_power", "plan_with_depth",
-           "set_depth", "stage_depths"]
+__all__ = ["Grower", "candidate_depths", "choose", "depth_schedule", "fit_power", "plan_with_depth", "stage_depths"]

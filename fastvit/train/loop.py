@@ -152,7 +152,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                 images, labels, stage = _next_batch(loader, st.step, env)    # what this step trains on
                 # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
                 if grower.on:                                            # a growth, auto's window (counted)
-                    stage = grower.before_step(st, stage, clock.counted(), clock)
+                    stage = grower.before_step(st, stage, clock)
                     if grower.plan_changed:
                         loader = _take_plan(st, loader, cfg, env, bar, say)
                         grower.add_rates(drop_path_of, st.plan.stages)
