@@ -25,10 +25,21 @@ def load_runs(out: Path) -> list[dict]:
             "seed": int(seed), "variant": variant, "top1": r["top1"], "ema_top1": r.get("ema_top1"),
             "steps": r["steps"], "images_seen": r["images_seen"], "counted_s": r["counted_s"],
             "compile_s": r["compile_s"], "replans": r["replans"], "val_images": r["val_images"],
-            "depth_per_stage": [(s["res"], s["depth"], s["steps"]) for s in r["stages"]],
+            "depth_per_stage": _merged([(s["res"], s["depth"], s["steps"]) for s in r["stages"]]),
             "growth_events": g.get("events", []),
         })
     return runs
+
+
+def _merged(stages: list) -> list:
+    """Neighbouring stages of the same (res, depth) (cut by re-plans) as one: [(res, depth, steps)]."""
+    out: list = []
+    for res, depth, n in stages:
+        if out and out[-1][:2] == [res, depth]:
+            out[-1][2] += n
+        else:
+            out.append([res, depth, n])
+    return [tuple(x) for x in out]
 
 
 def _choices(run: dict) -> str:
@@ -44,10 +55,10 @@ def _choices(run: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| variant | seed | images seen | steps | top-1 (%) | EMA top-1 (%) | depth per stage (res:depth×steps) |",
+    lines = ["| variant | seed | images seen | steps | top-1 (%) | EMA top-1 (%) | stages: res, depth × steps |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(runs, key=lambda r: (VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 9, r["seed"])):
-        stages = ", ".join(f"{res}:{d}×{n}" for res, d, n in r["depth_per_stage"])
+        stages = ", ".join(f"{res}px {f'd{d}' if d else 'all blocks'} ×{n}" for res, d, n in r["depth_per_stage"])
         lines.append(f"| {r['variant']} | {r['seed']} | {r['images_seen']:,} | {r['steps']:,} | {r['top1']:.2f} | "
                      f"{r['ema_top1']:.2f} | {stages} |")
     lines += ["", "| variant | mean images seen | mean steps | mean top-1 (%) | mean EMA top-1 (%) | seeds |",
@@ -60,8 +71,8 @@ def table(runs: list[dict]) -> str:
                          f"{len(rs)} |")
     auto = [r for r in runs if r["variant"] == "auto"]
     if auto:
-        lines += ["", "AutoProg's choices (candidate: mean loss on the fixed training images × probed step time "
-                      "→ score):", ""]
+        lines += ["", "AutoProg's choices (candidate: mean loss on the fixed training images × step time "
+                      "(measured in the window)^w → score):", ""]
         lines += [f"- seed {r['seed']}: {_choices(r)}" for r in auto]
     return "\n".join(lines) + "\n"
 
