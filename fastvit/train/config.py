@@ -109,8 +109,9 @@ class ScheduleConfig:
                                               "the curriculum's stages)")
     growth_opt: str = setting("fresh", "optimizer at a growth: a fresh AdamW, or the old moments kept and "
                                        "duplicated with their blocks", choices=("fresh", "keep"))
-    growth_window: float = setting(0.04, "auto: share of the training steps spent in the supernet windows "
-                                         "(all boundaries together; real training)")
+    growth_window: float = setting(0.035, "auto: share of the training seconds (--epochs: steps) spent in the "
+                                          "supernet windows, all boundaries together (real training; at least "
+                                          "two steps per candidate)")
     growth_score_images: int = setting(512, "auto: fixed training images each candidate is scored on")
 
     def __post_init__(self):

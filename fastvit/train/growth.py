@@ -11,15 +11,18 @@ Learning for Efficient Training of Vision Transformers", CVPR 2022).
     auto    AutoProg at each curriculum boundary: candidates = the current depth and up to three larger
             ones; the model is grown (MoGrow) to the largest, an elastic supernet whose smaller candidates
             skip the duplicates they do not have (grow.supernet_blocks); its first steps in the new stage
-            (the window, --growth-window of the run's steps over all boundaries; real training) sample a
-            candidate per step. Then each candidate is scored on the EMA: mean loss over
-            --growth-score-images fixed training images × (its probed step time)^w, w = max(-a, 0) from
-            the fit loss = c·time^a over the candidates (`choose`); the lowest wins, the model keeps its
-            blocks, the rest of the plan takes its depth and is re-planned. Window, scoring and the
-            candidates' probe are counted in the budget. Every candidate's score goes to plan.json
-            ("growth") and the log.
+            (the window, --growth-window of the training seconds over all boundaries; real training)
+            run the candidates in turn (each once per round, seeded order) and time them. Then each
+            candidate is scored on the EMA: mean loss over --growth-score-images fixed training images
+            (capped at ~1% of the budget) × (its step time)^w, w = max(-a, 0) from the fit
+            loss = c·time^a over the candidates (`choose`); the lowest wins, the model keeps its blocks,
+            the rest of the plan takes its depth and is re-planned. Step times: the fastest window step of
+            each candidate after its first (not a separate probe: probing three more shapes cost 15% of a
+            6-minute CPU budget; the probe is the fallback for a candidate with < 2 window steps).
+            Window and scoring are counted in the budget. Every candidate's loss, step time and score go
+            to plan.json ("growth") and the log.
 
-The Grower's state (depth, an open window, decisions, the candidates' probed speeds) is in every
+The Grower's state (depth, an open window with its timed steps, decisions, measured speeds) is in every
 checkpoint, so a resume after a growth, or in a window, carries on where the run was.
 """
 from __future__ import annotations
@@ -243,11 +246,17 @@ class Grower:
         return ev
 
     # -- auto ---------------------------------------------------------------------------------------
-    def window_steps(self, plan: Plan, n_cands: int) -> int:
-        """The window of one boundary: --growth-window of the run's steps shared by its boundaries, and
-        at least two steps of every candidate (their step times are measured there)."""
+    def window_steps(self, plan: Plan, n_cands: int, stage: Stage) -> int:
+        """The window of one boundary: --growth-window of the training window's seconds (--epochs: of
+        its steps) shared by the run's boundaries, in steps of this stage at its planned speed; at least
+        two steps of every candidate (their step times are measured there)."""
         n = max(1, len({s.res for s in plan.stages}) - 1)
-        return max(2 * n_cands, int(round(self.cfg.schedule.growth_window * plan.total_steps / n)))
+        share = self.cfg.schedule.growth_window / n
+        if plan.mode == "time" and stage.speed > 0:
+            steps = share * plan.window_s * stage.speed / stage.batch_size
+        else:
+            steps = share * plan.total_steps
+        return max(2 * n_cands, int(round(steps)))
 
     def _open_window(self, st, stage: Stage, clock) -> None:
         cur = self.depth
@@ -256,7 +265,7 @@ class Grower:
         self._mogrow(top, st.step, clock)
         self.depth = cur                                      # the run's depth is chosen at the window's end
         left = st.plan.total_steps - st.step
-        self.window = {"start": st.step, "end": st.step + min(self.window_steps(st.plan, len(cands)), max(1, left - 1)),
+        self.window = {"start": st.step, "end": st.step + min(self.window_steps(st.plan, len(cands), stage), max(1, left - 1)),
                        "cur": cur, "top": top, "cands": cands, "res": stage.res, "keep": stage.keep,
                        "batch": stage.batch_size, "patch_size": stage.patch_size, "speed": stage.speed,
                        "times": {str(c): [] for c in cands}, "last": None}
