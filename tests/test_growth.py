@@ -153,7 +153,7 @@ def test_manual_growth_run_mogrow_ema_and_optimizer(tiny_prepped, tmp_path, monk
         return ev
 
     monkeypatch.setattr(G.Grower, "_mogrow", spy)
-    run = _run(tmp_path, tiny_prepped, "manual", "--epochs", "6", "--growth", "manual")
+    run = _run(tmp_path, tiny_prepped, "manual", "--epochs", "6", "--growth", "manual", "--growth-opt", "fresh")
     res = _load(run)
     assert [s["depth"] for s in res["stages"]] == [2, 4]
     assert seen["map"] == [0, 0, 1, 1]

@@ -107,8 +107,9 @@ class ScheduleConfig:
                           choices=("none", "manual", "auto"))
     growth_depth: tuple = setting((0.5, 1.0), "depth as a share of the model's, 'first,last' stage (linear over "
                                               "the curriculum's stages)")
-    growth_opt: str = setting("fresh", "optimizer at a growth: a fresh AdamW, or the old moments kept and "
-                                       "duplicated with their blocks", choices=("fresh", "keep"))
+    growth_opt: str = setting("keep", "optimizer at a growth: the moments kept and duplicated with their "
+                                      "blocks, or a fresh AdamW (the authors'; 0.2-0.4 points lower on "
+                                      "Imagenette, DEFAULTS.md)", choices=("keep", "fresh"))
     growth_window: float = setting(0.035, "auto: share of the training seconds (--epochs: steps) spent in the "
                                           "supernet windows, all boundaries together (real training; at least "
                                           "two steps per candidate)")
