@@ -22,10 +22,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _exported(model: nn.Module) -> nn.Module:
+    """The plain module, and a progressively grown one at the depth it runs (fastvit.models.grow.compact)."""
+    from .grow import compact
+
+    return compact(unwrap(model))
+
+
 def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write model's state dict to `path` atomically (tmp + fsync + rename); the config rides along
     in the metadata so load_safetensors(path) can rebuild the model by itself."""
-    model = unwrap(model)
+    model = _exported(model)
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": "pt"}
@@ -81,8 +88,8 @@ def export_timm(model: nn.Module) -> dict[str, torch.Tensor]:
     Names already match (we follow timm's); the only rewrites are the fixed sin-cos table, which timm
     stores as the pos_embed parameter. Locality models have no timm counterpart and are refused.
     """
-    cfg = _plain_cfg(model)
-    m = unwrap(model)
+    m = _exported(model)
+    cfg = _plain_cfg(m)
     out = {k: v.detach().clone() for k, v in m.state_dict().items()}
     if cfg.pos_embed == "sincos":
         out["pos_embed"] = m.pos_embed_fixed.detach().clone()                      # (1,N0,D)
@@ -90,7 +97,7 @@ def export_timm(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _plain_cfg(model: nn.Module) -> ViTConfig:
-    m = unwrap(model)
+    m = _exported(model)
     if not isinstance(m, LocalityViT):
         raise TypeError(f"expected a fastvit LocalityViT, got {type(m).__name__}")
     if m.cfg.local:

@@ -97,6 +97,9 @@ class LocalityViT(nn.Module):
         # stochastic depth: linear ramp 0 -> drop_path_rate over the blocks (plain floats: meta-device safe)
         dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        # progressive growth (fastvit.models.grow): the blocks a forward runs, in order; None: all of them.
+        # A plain attribute: torch.compile guards on it, so each block set is its own graph.
+        self.active_blocks: tuple[int, ...] | None = None
         # timm naming: "token" head -> final norm then class token; "gap" head -> pool then fc_norm.
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.head == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.head == "gap" else nn.Identity()
@@ -175,7 +178,8 @@ class LocalityViT(nn.Module):
         if (keep_idx is not None and keep_idx.shape[1] < N and self.cfg.local and self.cfg.sparse_locality
                 and use_triton(images)):
             nbr = build_neighbours(keep_idx, grid_hw)                                 # (B,K,9)
-        for blk in self.blocks:
+        blocks = self.blocks if self.active_blocks is None else [self.blocks[i] for i in self.active_blocks]
+        for blk in blocks:
             x = blk(x, grid_hw, keep_idx, self.num_prefix_tokens, nbr)
         return self.norm(x)
 

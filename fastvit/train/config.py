@@ -105,9 +105,21 @@ class ScheduleConfig:
     drop_path: tuple = setting((0.0, 0.1), "drop path rate, 'start,end'")
     ema: bool = setting(True, "keep an EMA of the weights (evaluated beside them)")
     ema_halflife: float = setting(0.02, "EMA half-life as a share of the first plan's images (fixed for the run)")
+    growth: str = setting("none", "progressive depth growth (fastvit.train.growth): none, manual (MoGrow at the "
+                                  "curriculum's stage ends) or auto (AutoProg's search at each)",
+                          choices=("none", "manual", "auto"))
+    growth_depth: tuple = setting((0.5, 1.0), "depth as a share of the model's, 'first,last' stage (linear over "
+                                              "the curriculum's stages)")
+    growth_opt: str = setting("keep", "optimizer at a growth: the moments kept and duplicated with their "
+                                      "blocks, or a fresh AdamW (the authors'; 0.2-0.4 points lower on "
+                                      "Imagenette, DEFAULTS.md)", choices=("keep", "fresh"))
+    growth_window: float = setting(0.035, "auto: share of the training seconds (--epochs: steps) spent in the "
+                                          "supernet windows, all boundaries together (real training; at least "
+                                          "two steps per candidate)")
+    growth_score_images: int = setting(512, "auto: fixed training images each candidate is scored on")
 
     def __post_init__(self):
-        for name in ("mix_prob", "randaug", "drop_path"):      # a scalar is (v, v); lists (JSON) are tuples
+        for name in ("mix_prob", "randaug", "drop_path", "growth_depth"):      # a scalar is (v, v); lists (JSON) are tuples
             v = getattr(self, name)
             v = (v, v) if isinstance(v, (int, float)) else v
             setattr(self, name, tuple(float(x) for x in v))
@@ -188,6 +200,10 @@ class TrainConfig:
              f"--device must be cpu or cuda, got {r.device!r}"),
             (r.ckpt_minutes > 0, "--ckpt-minutes must be > 0"),
             (s.tokens is None or r.recipe != "baseline", "--tokens needs --recipe fastvit (the baseline has one patch size)"),
+            (0 < s.growth_depth[0] <= s.growth_depth[-1] <= 1, "--growth-depth must be 'first,last' with "
+                                                               "0 < first <= last <= 1"),
+            (0 <= s.growth_window < 0.5 and s.growth_score_images >= 1,
+             "--growth-window must be in [0, 0.5) and --growth-score-images >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -41,6 +41,7 @@ from .checkpoint import CheckpointSchedule, checkpoint_paths, init_parts_from, r
 from .config import TrainConfig
 from .errors import CheckpointFailed, TrainError, is_oom
 from .evaluate import Evaluator
+from .growth import Grower
 from .metrics import MetricsWriter, StepMeter, StepTimer, plot_curves
 from .profile import BusyWindow
 from .planner import (BatchFallback, BudgetTooSmall, DriftMonitor, OutOfMemory, Plan, build_stages,
@@ -111,10 +112,15 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     if cfg.run.init_from and not ck:                      # a warmup-stable-decay branch (or trunk segment)
         init_parts_from(cfg.run.init_from, parts, say)
     step_fn = TrainStep(parts, cfg.schedule, env)
+    grower = Grower(cfg, parts, step_fn, env, say)       # --growth: the depth per stage (growth.py)
     stages = config_stages(cfg, env)
+    stages = grower.assign_depths(stages, list(dict.fromkeys(s.res for s in stages)))
     drop_path_of = drop_path_rates(cfg, stages)
     fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling, multiple=2 * denv.world)
     dist.check_batch(denv, cfg.schedule.batch_size)       # every rank an equal, even share of each batch
+    if denv.enabled and cfg.schedule.growth != "none":    # DDP needs every block in every step's graph
+        raise TrainError(f"--growth {cfg.schedule.growth} is not supported under torchrun yet (the ranks would "
+                         "need one growth decision and DDP a fixed parameter set): run it in one process", 2)
     for s in stages:
         dist.check_batch(denv, s.batch_size, f"the batch {s.batch_size} of the stage at res {s.res}")
     if main:
@@ -130,6 +136,10 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         st = RunState(plan=plan, compile_s=spent)
         if main:
             rundir.write_json(run_dir, "config.json", cfg.to_dict())
+    if grower.on:                                         # the model at the run's depth; auto's probe
+        grower.load_state_dict(ck.get("growth") if ck else None)
+        grower.probe = partial(_probe_more, st, cfg, step_fn, parts, drop_path_of, fallback, clock, say, grower)
+        grower.begin(st.plan, st.step)
     # the EMA's half-life in images: a share of the first plan's images, kept in every checkpoint (a
     # checkpoint of the first release has none: then the share of its plan's)
     st.ema_halflife_images = st.ema_halflife_images or \
@@ -138,11 +148,12 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     dist.seed_rank(denv, cfg.run.seed, st.step)           # torchrun: each rank its own patch draws, mixup
     for s in st.plan.stages:                              # a run resumed on another number of processes
         dist.check_batch(denv, s.batch_size, f"the planned batch {s.batch_size} (res {s.res})")
-    _save_plan(run_dir, st.plan, main)
+    _save_plan(run_dir, st.plan, main, grower)
     say(f"device {env.device} ({device_name(env)}), backend {env.backend}, recipe {cfg.run.recipe}, "
         f"model {cfg.model.name}, final res {env.final_res}" +
         (f", {denv.world} processes (global batch {cfg.schedule.batch_size})" if denv.enabled else ""))
-    say("plan: " + ", ".join(f"res {s.res} keep {s.keep:g} batch {s.batch_size} × {s.steps}" for s in st.plan.stages)
+    say("plan: " + ", ".join(f"res {s.res} keep {s.keep:g}{f' depth {s.depth}' if s.depth else ''} batch "
+                             f"{s.batch_size} × {s.steps}" for s in st.plan.stages)
         + f" = {st.plan.total_steps} steps")
     # ---- loop ----------------------------------------------------------------------------------------
     metrics = MetricsWriter(run_dir, resume_step=st.step if ck else None) if main else dist.NoMetrics()
@@ -155,7 +166,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     loader = _open_loader(st, cfg, env) if st.step < st.plan.total_steps else None
     ckpt = CheckpointSchedule(minutes=cfg.run.ckpt_minutes, every_steps=cfg.run.ckpt_every_steps,
                               budget_s=cfg.budget_s, step=st.step, now=clock.counted())
-    save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt, denv)
+    save = partial(_save, run_dir, cfg, parts, step_fn, st, clock, ckpt, grower, denv)
     agree = dist.StepAgreement(denv, env.device)          # world 1: no collective, the values as they are
     cur_shape = None
     busy = BusyWindow(cfg.run.profile_steps, skip=min(20, max(1, cfg.run.profile_steps // 4)), cuda=env.cuda)
@@ -165,6 +176,14 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
             while st.step < st.plan.total_steps:
                 images, labels, stage = _next_batch(loader, st.step, env)    # what this step trains on
                 # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
+                if grower.on:                                            # a growth, auto's window (counted)
+                    stage = grower.before_step(st, stage, clock)
+                    if grower.plan_changed:
+                        loader = _take_plan(st, loader, cfg, env, bar, say)
+                        grower.add_rates(drop_path_of, st.plan.stages)
+                        drift.restart(clock.counted())
+                        _save_plan(run_dir, st.plan, main, grower)
+                        cur_shape = None
                 if stage.shape != cur_shape:                             # a stage change: its drop-path rate
                     cur_shape = stage.shape
                     parts.drop_path.set(drop_path_of[stage.kind])
@@ -209,7 +228,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                 if ratio is not None:                                    # measured speed is off the plan
                     loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
                     drift.restart(now)
-                    _save_plan(run_dir, st.plan, main)
+                    _save_plan(run_dir, st.plan, main, grower)
                     cur_shape = None
                 if ag.ckpt:
                     save()                                               # counted
@@ -245,6 +264,8 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     with guard.deferring():                               # nothing left to lose: a SIGTERM lets it finish
         results = _results(cfg, env, st, step_fn, counted, final)
         results.update(dist.throughput(denv, train_images, train_s))
+        if grower.on:
+            results["growth"] = grower.record()
         if not main:
             return results
         rundir.write_json(run_dir, "results.json", results)
@@ -434,6 +455,12 @@ def _replan(st: RunState, loader, ratio: float, now: float, cfg, env, bar, say):
     st.plan = replan(st.plan, step=st.step, counted_s=now, speed_ratio=ratio)
     say(f"re-plan at step {st.step} ({now:.0f} s): running at {ratio:.2f}× the planned speed; "
         f"{old} → {st.plan.total_steps} steps")
+    return _take_plan(st, loader, cfg, env, bar, say)
+
+
+def _take_plan(st: RunState, loader, cfg, env, bar, say):
+    """The loader takes st.plan in place (same res and batch continue; a changed later stage is built in
+    the background), or is reopened at the same step."""
     bar.total = st.plan.total_steps
     bar.refresh()
     try:
@@ -443,6 +470,16 @@ def _replan(st: RunState, loader, ratio: float, now: float, cfg, env, bar, say):
         say(f"re-plan: the loader could not take the new plan in place ({e}); reopening it")
         loader.close()
         return _open_loader(st, cfg, env)
+
+
+def _probe_more(st: RunState, cfg, step_fn: TrainStep, parts: Parts, drop_path_of: dict, fallback: BatchFallback,
+                clock: BudgetClock, say, grower, stages: list[Stage]) -> dict:
+    """--growth auto: compile + time more shapes (a boundary's candidates; counted) -> {shape: images/s}."""
+    grower.add_rates(drop_path_of, stages)
+    (_, speeds), spent = _warm(stages, cfg, step_fn, parts, drop_path_of, fallback, clock, say,
+                               iters=max(3, cfg.budget.probe_iters))      # a choice rests on them
+    st.compile_s += spent
+    return speeds
 
 
 def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: BatchFallback, now: float, say):
@@ -471,7 +508,7 @@ def _log_profile(metrics, rec: dict | None, step: int) -> None:
 def _log_step(metrics, meter: StepMeter, bar, st: RunState, stage: Stage, now, p, lr, aug, loss, step_fn, cfg,
               drop_path: float):
     rec = {"kind": "train", "step": st.step, "counted_s": round(now, 3), "p": round(p, 5),
-           "stage": st.plan.stage_at(st.step - 1)[0], "res": stage.res, "keep": stage.keep,
+           "stage": st.plan.stage_at(st.step - 1)[0], "res": stage.res, "keep": stage.keep, "depth": stage.depth,
            "batch": stage.batch_size, "lr": lr, "loss": loss, "mix_prob": aug.mix_prob,
            "drop_path": drop_path, "nan_skipped": step_fn.nan_total, **meter.record(now, stage)}
     metrics.log(rec)
@@ -525,13 +562,14 @@ def _peak(env: RunEnv) -> float | None:
 # ------------------------------------------------------------------------------------------------------
 # checkpoints and results
 
-def _save_plan(run_dir: Path, plan: Plan, main: bool = True) -> None:
+def _save_plan(run_dir: Path, plan: Plan, main: bool = True, grower: Grower | None = None) -> None:
     if main:                                    # torchrun: rank 0 writes the run's files
-        rundir.write_json(run_dir, "plan.json", plan.to_dict())
+        extra = {"growth": grower.record()} if grower is not None and grower.on else {}
+        rundir.write_json(run_dir, "plan.json", {**plan.to_dict(), **extra})
 
 
 def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st: RunState, clock,
-          ckpt: CheckpointSchedule, denv: dist.DistEnv = dist.SINGLE) -> Path | None:
+          ckpt: CheckpointSchedule, grower: Grower, denv: dist.DistEnv = dist.SINGLE) -> Path | None:
     """A checkpoint at st.step (atomic), written by rank 0 (every rank holds the same weights). One that
     cannot be written (disk full) ends the run with one line; the previous checkpoint is untouched."""
     if not denv.is_main:
@@ -544,6 +582,7 @@ def _save(run_dir: Path, cfg: TrainConfig, parts: Parts, step_fn: TrainStep, st:
         "plan": st.plan.to_dict(), "step": st.step, "counted_s": clock.counted(), "rng": rng_state(),
         "evals_done": st.evals_done, "nan_total": step_fn.nan_total, "val_s": st.val_s,
         "compile_s": st.compile_s, "ema_halflife_images": st.ema_halflife_images, "world_size": denv.world,
+        "growth": grower.state_dict() if grower.on else None,
     }
     try:
         path = save_checkpoint(run_dir, st.step, state)

@@ -185,7 +185,8 @@ class MetricsWriter:
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """curves.png: training loss, val top-1, lr, res and keep against counted seconds (Agg backend)."""
+    """curves.png: training loss, val top-1, lr, res (and depth, with --growth) and keep against counted
+    seconds (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,6 +210,11 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
             ax.legend()
         elif key in ("res", "keep"):
             ax.step(xs, ys, where="post")
+            depth = [(r["counted_s"], r["depth"]) for r in src if r.get("depth") is not None]
+            if key == "res" and depth:                       # progressive growth: depth per stage
+                ax2 = ax.twinx()
+                ax2.step([t for t, _ in depth], [d for _, d in depth], where="post", color="tab:red")
+                ax2.set_ylabel("depth (blocks)", color="tab:red")
         else:
             ax.plot(xs, ys)
         ax.set_xlabel("counted seconds")

@@ -119,6 +119,7 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         d = dict(d)
         d.pop("total_steps", None)
+        d.pop("growth", None)                 # plan.json of a --growth run: the Grower's record
         d["stages"] = [Stage.from_dict(s) for s in d.pop("stages", None) or d.pop("segments")]
         return cls(**d)
 

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastvit.models.grow import set_blocks
 from fastvit.stage import Stage
 
 from .augment import mix_batch, randaugment_groups
@@ -65,16 +66,17 @@ class TrainStep:
             raise ValueError("deferred NaN checks need an optimizer with found_inf support (fused AdamW)")
         self.compile_s_by_shape: dict = {}      # Stage.shape -> seconds of its first step (the planner's)
         self._acc = None   # device: [skipped total, skipped run, finite loss sum, finite n, longest run since poll]
+        self.blocks_override: tuple | None = None  # growth search: the supernet blocks this step runs
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, lr: float,
                  aug: AugStrength, images_seen: int = 0, probe: bool = False) -> float | None:
         """images (B,3,r,r) uint8 on device, labels (B,). Returns the loss, or None when skipped.
         `images_seen`: training images before this step (the EMA's warm-up)."""
-        if stage.depth is not None:
-            raise ValueError(f"{stage}: per-stage depth is not applied by this trainer")
         # coarse-to-fine tokens: the stage's patch size (None: the model's) goes to the model's forward
         tok = {} if stage.patch_size is None else {"patch_size": stage.patch_size}
         p = self.p
+        if stage.depth is not None or self.blocks_override is not None:      # progressive growth
+            set_blocks(p.model, self.blocks_override if self.blocks_override is not None else range(stage.depth))
         for g in p.opt.param_groups:
             g["lr"] = lr
         if aug.randaug_mag > 0:
