@@ -69,8 +69,25 @@ def init(denv: DistEnv, device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                             **({"device_id": device} if device.type == "cuda" else {}))
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw, **_attempt_store(denv))
+
+
+def _attempt_store(denv: DistEnv) -> dict:
+    """Under torchrun the workers share the agent's TCPStore across restarts (torch's rendezvous shares
+    it by default), and the process group's keys carry no attempt number: after `--max-restarts`
+    restarted the group, a rank could read a peer's address from the attempt before (a dead port) and
+    time out in gloo's connect. Each attempt gets its own key prefix instead. Outside torchrun's agent
+    store (MASTER_ADDR/PORT set by hand): init_process_group's own env:// store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), denv.world,
+                          is_master=False, timeout=timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": tdist.PrefixStore(f"fastvit/attempt_{attempt}/", base), "rank": denv.rank,
+            "world_size": denv.world}
 
 
 def destroy(denv: DistEnv) -> None:
