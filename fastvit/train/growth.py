@@ -40,7 +40,7 @@ from fastvit.models.grow import (grow_map, model_depth, remap_blocks_, remap_opt
 from fastvit.stage import Stage
 
 from .errors import TrainError
-from .planner import Plan, replan
+from .planner import Plan, cut_at, replan
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -105,11 +105,7 @@ def plan_with_depth(plan: Plan, *, step: int, depth_for, speed_of, counted_s: fl
     """From `step` on, each stage at depth `depth_for(stage)` (the stage in progress cut at `step`), at
     the speed the probe measured for its new shape (`speed_of(stage)`: images/s, or None to keep its
     speed) times the re-plans' ratio so far; a time plan is then re-planned from the seconds left."""
-    k, j = plan.stage_at(step)
-    f_cur = plan.progress_at(step)
-    cur = plan.stages[k]
-    done = list(plan.stages[:k]) + ([replace(cur, f1=f_cur, steps=j)] if j > 0 else [])
-    rest = [replace(cur, f0=f_cur, steps=cur.steps - j)] + list(plan.stages[k + 1:])
+    done, rest = cut_at(plan, step)
     out = []
     for s in rest:
         new = replace(s, depth=depth_for(s))

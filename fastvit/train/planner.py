@@ -437,6 +437,17 @@ def halve_in_plan(plan: Plan, *, step: int, counted_s: float, fallback: BatchFal
                           fallback=fallback), old, new
 
 
+def cut_at(plan: Plan, step: int) -> tuple[list[Stage], list[Stage]]:
+    """The stages served before `step` and those from `step` on; the stage in progress is cut at `step`
+    (the steps served keep their batch and their share of the window)."""
+    k, j = plan.stage_at(step)
+    f_cur = plan.progress_at(step)
+    cur = plan.stages[k]
+    done = list(plan.stages[:k]) + ([replace(cur, f1=f_cur, steps=j)] if j > 0 else [])
+    rest = [replace(cur, f0=f_cur, steps=cur.steps - j)] + list(plan.stages[k + 1:])
+    return done, rest
+
+
 def shrink_batches(plan: Plan, *, step: int, counted_s: float, new_batch: dict, fallback: BatchFallback) -> Plan:
     """From `step` on, stages of a kind in `new_batch` {Stage.kind: batch} with a larger batch get that
     batch and its LR scale. The stage in progress is cut at `step` (the steps served keep their batch
@@ -446,11 +457,7 @@ def shrink_batches(plan: Plan, *, step: int, counted_s: float, new_batch: dict, 
     if plan.mode == "time":
         return replan(plan, step=step, counted_s=counted_s, speed_ratio=1.0, new_batch=new_batch,
                       base_batch=fallback.base_batch, lr_rule=fallback.lr_rule)
-    k, j = plan.stage_at(step)
-    f_cur = plan.progress_at(step)
-    cur = plan.stages[k]
-    done = list(plan.stages[:k]) + ([replace(cur, f1=f_cur, steps=j)] if j > 0 else [])
-    rest = [replace(cur, f0=f_cur, steps=cur.steps - j)] + list(plan.stages[k + 1:])
+    done, rest = cut_at(plan, step)
     out = []
     for s in rest:
         b = new_batch.get(s.kind)
