@@ -372,3 +372,38 @@ def test_an_out_of_memory_step_on_one_rank_only_stops_every_rank_with_one_line(t
     assert set(got) == {0, 1}, got
     for kind, msg in got.values():
         assert kind == "error" and "out of memory on 1 of 2 ranks only" in msg
+
+
+# ------------------------------------------------------------------------------------------------------
+# progressive growth under torchrun: rank 0's re-plan and choice on every rank, DDP over a changing depth
+
+GROW = ["--depth", "4", "--curriculum", "32:0.5,64:0.5", "--final-res", "64", "--evals", "0"]
+
+
+def test_manual_growth_on_two_processes_follows_one(tiny_prepped, tmp_path):
+    from fastvit.train.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--data", str(tiny_prepped), "--epochs", "6", "--growth", "manual", *TINY, *GROW]
+    assert main(["--out", str(one), *common]) == 0
+    proc = _torchrun(["--out", str(two), *common])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("growth at step") == 1                # rank 0 says it once
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert [s["depth"] for s in r2["stages"]] == [s["depth"] for s in r1["stages"]] == [2, 4]
+    assert r2["steps"] == r1["steps"]
+    l1 = [r["loss"] for r in _train_rows(one)]
+    l2 = [r["loss"] for r in _train_rows(two)]
+    np.testing.assert_allclose(l2, l1, rtol=5e-4, atol=5e-5)      # MoGrow from the same EMA on every rank
+
+
+def test_auto_growth_on_two_processes_takes_one_choice(tiny_prepped, tmp_path):
+    run = tmp_path / "auto"
+    proc = _torchrun(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "8", "--growth", "auto",
+                      "--growth-window", "0.2", "--growth-score-images", "16", *TINY, *GROW])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("growth search at step") == 2        # the window opens and closes, said once
+    assert proc.stderr.count(") -> depth") == 1
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == res["planned_steps"] and res["world_size"] == 2
+    assert [e["kind"] for e in res["growth"]["events"]].count("choose") == 1

@@ -131,8 +131,10 @@ def any_rank(flag: bool, denv: DistEnv, device: torch.device) -> bool:
     return all_sum([1.0 if flag else 0.0], denv, device)[0] > 0
 
 
-def wrap_model(model: torch.nn.Module, denv: DistEnv, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel over `model` (its parameters broadcast from rank 0 at construction)."""
+def wrap_model(model: torch.nn.Module, denv: DistEnv, device: torch.device,
+               find_unused: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel over `model` (its parameters broadcast from rank 0 at construction).
+    `find_unused`: a step may leave parameters out (progressive growth runs the first d blocks)."""
     if not denv.enabled:
         return model
     ids = [device] if device.type == "cuda" else None
@@ -140,7 +142,8 @@ def wrap_model(model: torch.nn.Module, denv: DistEnv, device: torch.device) -> t
     # weight (C,1,3,3) gets its grad with another stride on the size-1 dim: the same memory layout, which
     # DDP's stride check reports anyway. The models hold no buffers (nothing to broadcast per forward).
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                                     find_unused_parameters=find_unused)
 
 
 @dataclass

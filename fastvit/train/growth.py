@@ -39,6 +39,7 @@ from fastvit.models.grow import (grow_map, model_depth, remap_blocks_, remap_opt
                                  supernet_blocks)
 from fastvit.stage import Stage
 
+from . import dist
 from .errors import TrainError
 from .planner import Plan, cut_at, replan
 
@@ -322,6 +323,7 @@ class Grower:
                  for d, loss in zip(w["cands"], losses)]
         if any(not math.isfinite(c["step_time"]) for c in cands):
             raise TrainError("growth search: a candidate has no step time (neither the window nor the probe)", 1)
+        cands = dist.broadcast_object(cands, self.env.dist, self.env.device)   # torchrun: rank 0's scores
         got = choose(cands)
         for c in cands:                              # the rest of the plan runs at the measured speed
             shape = Stage(res=w["res"], batch_size=w["batch"], keep=w["keep"], depth=c["depth"],

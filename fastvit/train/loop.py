@@ -118,9 +118,6 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     drop_path_of = drop_path_rates(cfg, stages)
     fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling, multiple=2 * denv.world)
     dist.check_batch(denv, cfg.schedule.batch_size)       # every rank an equal, even share of each batch
-    if denv.enabled and cfg.schedule.growth != "none":    # DDP needs every block in every step's graph
-        raise TrainError(f"--growth {cfg.schedule.growth} is not supported under torchrun yet (the ranks would "
-                         "need one growth decision and DDP a fixed parameter set): run it in one process", 2)
     for s in stages:
         dist.check_batch(denv, s.batch_size, f"the batch {s.batch_size} of the stage at res {s.res}")
     if main:
@@ -178,7 +175,8 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                 # images (B,3,r,r) uint8, labels (B,) int64, B = stage.batch_size, r = stage.res
                 if grower.on:                                            # a growth, auto's window (counted)
                     stage = grower.before_step(st, stage, clock)
-                    if grower.plan_changed:
+                    if grower.plan_changed:                              # rank 0's re-plan on every rank
+                        st.plan = dist.broadcast_object(st.plan, denv, env.device)
                         loader = _take_plan(st, loader, cfg, env, bar, say)
                         grower.add_rates(drop_path_of, st.plan.stages)
                         drift.restart(clock.counted())

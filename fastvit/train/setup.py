@@ -148,7 +148,8 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
         ema = ModelEmaV3(model, decay=0.999, use_warmup=False)  # decay set per step (step.EmaRate)
     mixup = make_mixup(mixup=sc.mixup, cutmix=sc.cutmix, label_smoothing=sc.label_smoothing,
                        num_classes=num_classes)
-    step_model = wrap_model(model, env.dist, env.device)  # torchrun: DDP averages the gradients
+    # torchrun: DDP averages the gradients; with --growth a step runs only some blocks
+    step_model = wrap_model(model, env.dist, env.device, find_unused=sc.growth != "none")
     if env.compile:
         # one compiled module for the run, static shapes: every stage shape (and drop-path rate, a
         # guarded constant) is one graph, compiled at its first call: in the planner's probe (counted),
