@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.models import create_model
-from fastvit.models.flexi import pi_resize, resize_matrix
+from fastvit.models.flexi import pi_resize, pool_resize, resize_matrix
 from fastvit.train import schedules as S
 from fastvit.train.planner import build_stages
 
@@ -66,6 +66,39 @@ def test_model_token_at_the_original_size_and_at_a_resized_patch(monkeypatch):
         train_flops_per_image(m, 64, patch_size=8)
 
 
+def test_pool_resize_is_the_master_kernel_on_the_pooled_patch():
+    w = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    assert pool_resize(w, 16) is w
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    tok = lambda w_, x_: torch.einsum("dchw,bchw->bd", w_, x_)       # noqa: E731 (one patch -> one token)
+    torch.testing.assert_close(tok(pool_resize(w, 32), x), tok(w, F.avg_pool2d(x, 2)))
+    x8 = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(tok(pool_resize(w, 8), x8), tok(w, F.interpolate(x8, scale_factor=2, mode="nearest")))
+    with pytest.raises(ValueError, match="divide each other"):
+        pool_resize(w, 24)
+
+
+def test_model_pool_tokens_equal_the_plain_embedding_and_a_conv_on_the_pooled_image(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    kw = dict(num_classes=5, depth=1, embed_dim=16, num_heads=2)
+    m = create_model("vit_tiny_local", token_resize="pool", **kw).double()
+    ref = create_model("vit_tiny_local", **kw).double()
+    ref.load_state_dict(m.state_dict())                                 # same parameters, PI-resize mode
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(m(x, patch_size=16), ref(x), rtol=0, atol=0)     # the master size: exactly
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+    mean, std = m.norm_stats(x)
+    xn = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    idx = torch.arange(4).expand(2, 4)
+    pos = m.pos_embed_for_grid((2, 2))
+    # patch 32 = the master 16x16 kernel, stride 16, over the normalized image average-pooled by 2
+    conv = F.conv2d(F.avg_pool2d(xn, 2), m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=16)
+    want = conv.flatten(2).transpose(1, 2) + pos                         # (2,4,D)
+    torch.testing.assert_close(m.patch_embed(x, idx, pos, mean, std, patch_size=32), want)
+    assert m(x, patch_size=32).shape == (2, 5)
+
+
 def test_token_schedule_is_a_pure_function_of_progress():
     tokens = S.parse_tokens("32:0.3,16:0.7", model_patch=16)
     assert tokens == [(32, 0.3), (16, 1.0)]
@@ -87,14 +120,14 @@ def test_planner_cuts_at_token_stages_and_budgets_tokens():
     assert all(s.patch_size is None for s in build_stages(**kw))
 
 
-@pytest.mark.parametrize("patch", [32, 16, 8])
-def test_fused_kernel_and_sparse_locality_exact_at_patch(patch, monkeypatch):
+@pytest.mark.parametrize("patch,resize", [(32, "pi"), (16, "pi"), (8, "pi"), (32, "pool"), (8, "pool")])
+def test_fused_kernel_and_sparse_locality_exact_at_patch(patch, resize, monkeypatch):
     """Sampled tokens at a resized patch: the Triton path (fused embedding + sparse locality conv, under
     the interpreter) against the plain path (reference embedding + scatter -> dense conv -> gather)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (set by conftest without a GPU)")
     torch.manual_seed(0)
-    m = create_model("vit_tiny_local", num_classes=5, depth=1, embed_dim=32, num_heads=2)
+    m = create_model("vit_tiny_local", num_classes=5, depth=1, embed_dim=32, num_heads=2, token_resize=resize)
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     n = (64 // patch) ** 2
     keep_idx = torch.stack([torch.randperm(n)[: max(1, n // 2)] for _ in range(2)])   # (2,K) sampled
@@ -131,3 +164,21 @@ def test_training_run_switches_token_size(tiny_prepped, tmp_path, monkeypatch):
     assert main(["--data", str(tiny_prepped), "--out", str(tmp_path / "bad"), "--epochs", "1", "--tokens",
                  "32:0.5,16:0.5", "--final-res", "48", "--curriculum", "48:1", "--preset", "test",
                  "--device", "cpu", "--no-progress"]) == 2
+
+
+def test_training_run_with_pooled_coarse_tokens(tiny_prepped, tmp_path, monkeypatch):
+    from fastvit.train.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    run = tmp_path / "run"
+    common = ["--final-res", "64", "--curriculum", "64:1", "--preset", "test", "--device", "cpu", "--no-progress"]
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "2", "--tokens", "32:0.5,16:0.5",
+               "--token-resize", "pool", "--keep-schedule", "fixed", "--keep-min", "0.5", *common])
+    assert rc == 0
+    plan = json.loads((run / "plan.json").read_text())
+    first, last = plan["stages"][0], plan["stages"][-1]
+    assert first["patch_size"] == 32 and first["keep"] < 1 and last["patch_size"] is None   # sampled at 32
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == res["planned_steps"] and res["top1"] >= 0.0
+    assert main(["--data", str(tiny_prepped), "--out", str(tmp_path / "bad"), "--epochs", "1", "--tokens",
+                 "24:0.5,16:0.5", "--token-resize", "pool", *common]) == 2

@@ -1,7 +1,9 @@
 """One master patch-embedding weight at any patch size: FlexiViT's pseudo-inverse resize (PI-resize,
-Beyer et al., CVPR 2023; big_vision's flexi/vit.py and timm's resample_patch_embed do the same).
+Beyer et al., CVPR 2023; big_vision's flexi/vit.py and timm's resample_patch_embed do the same), or the
+same weights applied to a pooled patch (pool_resize, the stride alternative).
 
     w8 = pi_resize(w16, 8)        # (D,3,16,16) -> (D,3,8,8), differentiable in w16
+    w32 = pool_resize(w16, 32)    # (D,3,16,16) -> (D,3,32,32): the master kernel on the 2x2-mean patch
 
 Let B be the (q², p²) matrix of the image resize from p×p to q×q patches (bilinear, antialiased when
 shrinking, each column the resize of one basis pixel). PI-resize picks ŵ = pinv(Bᵀ)·w:
@@ -51,3 +53,31 @@ def pi_resize(weight: torch.Tensor, q: int) -> torch.Tensor:
                   weight.device)
     w = weight.reshape(D * C, p * p).to(m.dtype) @ m.T                          # (D*C,q²)
     return w.reshape(D, C, q, q).to(weight.dtype)
+
+
+def pool_resize(weight: torch.Tensor, q: int) -> torch.Tensor:
+    """(D,C,p,p) -> (D,C,q,q): the SAME master weights applied to the patch box-resized to p×p, folded
+    into one q×q kernel so the token layout (and every kernel after it) is unchanged. With k = q/p or p/q:
+
+      q = k·p: ŵ[c, k·i+a, k·j+b] = w[c,i,j] / k²   (a, b < k), i.e. ⟨x, ŵ⟩ = ⟨avgpool_k(x), w⟩: the
+               master kernel, stride p, over the image average-pooled by k (every pixel counts once);
+      q = p/k: ŵ[c,i,j] = Σ_{a,b<k} w[c, k·i+a, k·j+b], i.e. ⟨x, ŵ⟩ = ⟨nearest_up_k(x), w⟩;
+      q = p:   ŵ = w (the weight itself).
+
+    Plain dilation (ŵ = w on every k-th pixel, zeros between) was not chosen: it reads 1/k² of the
+    pixels, so a coarse token aliases and depends on the pixel phase; the pooled form costs the same."""
+    D, C, p, p2 = weight.shape
+    if p != p2:
+        raise ValueError(f"patch weights must be square, got {tuple(weight.shape)}")
+    if q == p:
+        return weight
+    if q < 1 or (q % p and p % q):
+        raise ValueError(f"pool resize needs patch sizes that divide each other, got {p} and {q}")
+    if q > p:
+        k = q // p
+        return weight.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3) / (k * k)
+    k = p // q
+    return weight.reshape(D, C, q, k, q, k).sum(dim=(3, 5))
+
+
+RESIZES = {"pi": pi_resize, "pool": pool_resize}

@@ -10,7 +10,8 @@ Forward, for an input with an (H/p) x (W/p) patch grid:
      the input's grid inside forward -- the same nn.Parameter trains at every curriculum resolution.
   3. fastvit.kernels.embed_kept_patches: normalize + patchify + project only the kept patches + pos.
      `patch_size=q` (coarse-to-fine tokens) tokenizes with q x q patches: the master (D,3,p,p) weight
-     PI-resized to q (fastvit.models.flexi) and the positional embedding resampled to the (H/q)x(W/q) grid.
+     resized to q (cfg.token_resize: PI-resize or pooled, fastvit.models.flexi) and the positional embedding
+     resampled to the (H/q)x(W/q) grid.
   4. blocks: pre-norm attention + pre-norm MLP (locality MLP for `_local`, timm's GELU Mlp for `_plain`).
      Sampled tokens where the Triton kernels run (CUDA, or TRITON_INTERPRET=1): the locality conv
      works on the kept tokens through one neighbour table built here per forward
@@ -33,7 +34,7 @@ from fastvit.kernels import build_neighbours, embed_kept_patches, sample_keep_in
 from fastvit.stage import num_kept as num_kept_patches   # the one rounding rule (half up), shared with the planner
 
 from .configs import ViTConfig
-from .flexi import pi_resize
+from .flexi import RESIZES
 from .layers import Attention, LocalityMlp
 
 
@@ -65,16 +66,18 @@ class Block(nn.Module):
 class KeptPatchEmbed(nn.Module):
     """Thin module over fastvit.kernels.embed_kept_patches. The nn.Conv2d holds the projection in
     timm's PatchEmbed layout (patch_embed.proj.weight (D,3,p,p)) and init; it is never run as a conv.
-    At another patch size q (coarse-to-fine tokens) the one master weight is PI-resized to (D,3,q,q)
-    on the fly (fastvit.models.flexi), so every patch size trains the same parameter."""
+    At another patch size q (coarse-to-fine tokens) the one master weight is resized to (D,3,q,q) on
+    the fly (`resize`: "pi" PI-resize or "pool" the same weights on the pooled patch, fastvit.models.flexi),
+    so every patch size trains the same parameter and gives the same token layout."""
 
-    def __init__(self, patch_size: int, embed_dim: int):
+    def __init__(self, patch_size: int, embed_dim: int, resize: str = "pi"):
         super().__init__()
         self.patch_size = patch_size
+        self.resize = resize
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images, keep_idx, pos_embed, mean, std, patch_size: int | None = None) -> torch.Tensor:
-        weight = self.proj.weight if patch_size in (None, self.patch_size) else pi_resize(self.proj.weight, patch_size)
+        weight = self.proj.weight if patch_size in (None, self.patch_size) else RESIZES[self.resize](self.proj.weight, patch_size)
         return embed_kept_patches(images, keep_idx, weight, self.proj.bias, pos_embed, mean, std)
 
 
@@ -85,7 +88,7 @@ class LocalityViT(nn.Module):
         D = cfg.embed_dim
         gh, gw = cfg.base_grid
         self.num_prefix_tokens = cfg.num_prefix_tokens
-        self.patch_embed = KeptPatchEmbed(cfg.patch_size, D)
+        self.patch_embed = KeptPatchEmbed(cfg.patch_size, D, cfg.token_resize)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, D))              # (1,N0,D), base grid
@@ -143,7 +146,7 @@ class LocalityViT(nn.Module):
                          generator: torch.Generator | None = None,
                          patch_size: int | None = None) -> torch.Tensor:
         """(B,3,H,W) -> (B,P+K,D) tokens after the blocks (and the final norm for the token head).
-        patch_size: tokenize with this patch (the master weight PI-resized; None: cfg.patch_size)."""
+        patch_size: tokenize with this patch (the master weight resized by cfg.token_resize; None: cfg.patch_size)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B,3,H,W), got {tuple(images.shape)}")
         B, _, H, W = images.shape

@@ -325,6 +325,11 @@ def token_schedule(cfg: TrainConfig, curriculum) -> list[tuple[int, float]] | No
         tokens = S.parse_tokens(cfg.schedule.tokens, cfg.model.patch_size)
     except ValueError as e:
         raise TrainError(f"--tokens {cfg.schedule.tokens!r}: {e}", 2) from None
+    p = cfg.model.patch_size
+    odd = [q for q, _ in tokens if q % p and p % q]
+    if cfg.model.token_resize == "pool" and odd:
+        raise TrainError(f"--tokens {cfg.schedule.tokens!r}: --token-resize pool needs patch sizes that divide or "
+                         f"are multiples of {p}, got {odd[0]}", 2)
     cuts = sorted({0.0, *(e for _, e in tokens), *(e for _, e in curriculum)})
     bad = sorted({(S.res_at(m, curriculum), S.patch_at(m, tokens)) for m in
                   (0.5 * (a + b) for a, b in zip(cuts[:-1], cuts[1:]))
