@@ -30,7 +30,8 @@ class ViTConfig:
     sparse_locality: bool = setting(True, "sampled tokens: locality conv over kept tokens by the Triton kernel "
                                     "where it runs (CUDA); False: always scatter -> dense conv -> gather")
     token_resize: str = setting("pi", "the master patch weight at another patch size (--tokens): pi = FlexiViT "
-                                      "PI-resize, pool = the same weights on the k×k-mean patch (fastvit.models.flexi)",
+                                      "PI-resize, pool = the same weights on the k×k-mean patch "
+                                      "(fastvit.models.flexi)",
                                 choices=("pi", "pool"))
     class_token: bool = setting(False, "prepend a class token")
     head: str = setting("gap", "gap: mean over kept tokens + fc_norm; token: norm + class token",

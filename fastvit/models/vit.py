@@ -77,7 +77,8 @@ class KeptPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images, keep_idx, pos_embed, mean, std, patch_size: int | None = None) -> torch.Tensor:
-        weight = self.proj.weight if patch_size in (None, self.patch_size) else RESIZES[self.resize](self.proj.weight, patch_size)
+        weight = self.proj.weight if patch_size in (None, self.patch_size) else \
+            RESIZES[self.resize](self.proj.weight, patch_size)
         return embed_kept_patches(images, keep_idx, weight, self.proj.bias, pos_embed, mean, std)
 
 

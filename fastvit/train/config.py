@@ -84,7 +84,8 @@ class ScheduleConfig:
     keep_step: float = setting(0.125, "keep rates are quantized to this step (one compiled shape per level)")
     keep_splits: int = setting(2, "stages per curriculum resolution for a changing keep rate")
     tokens: str | None = setting(None, "token-size schedule patch:share,... e.g. 32:0.3,16:0.7: coarse tokens "
-                                       "early, one PI-resized patch weight (default: the model's patch throughout)")
+                                       "early, one master patch weight resized by --token-resize (default: the model's patch "
+                                       "throughout)")
     batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
     const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
     max_batch: int = setting(1024, "largest batch of any stage")
