@@ -36,6 +36,10 @@ SPACES = {
     "gpu": dict(depths="6,9,12", widths="192,288,384,480", heads="6", mlp_ratios="4", patches="16", locality="on,off"),
 }
 MIN_EPOCHS = {"cpu": 1.0, "gpu": 10.0, "test": 1.0}   # a "sensible number of images": epochs of the train split
+# what the ranking is worth, said with every result (the tool claims no more than its evidence)
+EVIDENCE = ("note: on Imagenette CPU runs, κ and L did not predict accuracy (Kendall τ 0.25, p 0.32, 10 nets; "
+            "README 'fastvit-search'): the choice leans on measured speed; treat κ/L as a tie-break, not a forecast")
+
 # rank-sum weight of the images-in-budget rank: 2.0 = as much as κ and L together. The README's evidence:
 # κ and L alone predicted 2-minute CPU top-1 weakly (Kendall τ ≈ 0.25, not significant) while the images a
 # run saw predicted it strongly (τ 0.91); the probe's own speed, taken under a different load than the
@@ -332,6 +336,7 @@ def run_search(args) -> dict:
     write_json_atomic(ctx.out / "search.json", result)
     print(text)
     print(f"best: {chosen['key']} -> {ctx.out / 'best.yaml'} (fastvit-train --config {ctx.out / 'best.yaml'})")
+    print(EVIDENCE)
     return result
 
 
