@@ -25,6 +25,20 @@ def variants(tokens: str, final_res: int) -> dict[str, list[str]]:
             "both": ["--tokens", tokens]}
 
 
+def train_cmd(a, run: Path, seed: int, extra: list[str]) -> list[str]:
+    """One evidence run: fastvit-train on the cpu preset at a's budget, seed `seed`, into `run`."""
+    return [sys.executable, "-m", "fastvit.train.cli", "--data", a.data, "--out", str(run),
+            "--minutes", f"{a.minutes:g}", "--device", "cpu", "--preset", "cpu", "--seed", str(seed),
+            "--no-progress", "--overwrite", *extra]
+
+
+def result_row(run: Path, seed: int) -> dict:
+    """The numbers the tables show, from a finished run's results.json."""
+    res = json.loads((run / "results.json").read_text())
+    return {"seed": seed, "top1": res["top1"], "ema_top1": res.get("ema_top1"),
+            "images_seen": res["images_seen"], "steps": res["steps"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -40,18 +54,13 @@ def main(argv=None) -> int:
         for name, extra in variants(a.tokens, a.final_res).items():
             run = out / name / f"s{seed}"
             if not (run / "results.json").is_file():
-                cmd = [sys.executable, "-m", "fastvit.train.cli", "--data", a.data, "--out", str(run),
-                       "--minutes", f"{a.minutes:g}", "--device", "cpu", "--preset", "cpu", "--seed", str(seed),
-                       "--no-progress", "--overwrite", *extra]
                 run.parent.mkdir(parents=True, exist_ok=True)
                 with open(out / f"{name}_s{seed}.log", "w") as f:
-                    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+                    rc = subprocess.run(train_cmd(a, run, seed, extra), stdout=f, stderr=subprocess.STDOUT).returncode
                 print(f"{name} s{seed}: exit {rc}", flush=True)
                 if rc:
                     continue
-            res = json.loads((run / "results.json").read_text())
-            results.setdefault(name, []).append({"seed": seed, "top1": res["top1"], "ema_top1": res.get("ema_top1"),
-                                                 "images_seen": res["images_seen"], "steps": res["steps"]})
+            results.setdefault(name, []).append(result_row(run, seed))
     lines = [f"{a.minutes:g}-minute budget, cpu preset, tokens {a.tokens}\n",
              "| variant | top-1 (%) mean | per seed | EMA top-1 per seed | images seen per seed |",
              "|---|---:|---|---|---|"]

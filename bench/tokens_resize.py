@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from tokens_compare import result_row, train_cmd   # bench/ is on sys.path when run as a script
+
 MODES = ("pi", "pool")
 
 
@@ -27,10 +29,7 @@ def uptime() -> str:
 def launch(a, mode: str, seed: int, out: Path) -> subprocess.Popen:
     run = out / mode / f"s{seed}"
     run.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "fastvit.train.cli", "--data", a.data, "--out", str(run),
-           "--minutes", f"{a.minutes:g}", "--device", "cpu", "--preset", "cpu", "--seed", str(seed),
-           "--no-progress", "--overwrite", "--curriculum", f"{a.final_res}:1", "--tokens", a.tokens,
-           "--token-resize", mode]
+    cmd = train_cmd(a, run, seed, ["--curriculum", f"{a.final_res}:1", "--tokens", a.tokens, "--token-resize", mode])
     return subprocess.Popen(cmd, stdout=open(out / f"{mode}_s{seed}.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -73,12 +72,10 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {}
     for (mode, seed), p in procs.items():
         print(f"{mode} s{seed}: exit {p.returncode}", flush=True)
-        res_file = out / mode / f"s{seed}" / "results.json"
-        if p.returncode or not res_file.is_file():
+        run = out / mode / f"s{seed}"
+        if p.returncode or not (run / "results.json").is_file():
             continue
-        res = json.loads(res_file.read_text())
-        results.setdefault(mode, []).append({"seed": seed, "top1": res["top1"], "ema_top1": res.get("ema_top1"),
-                                             "images_seen": res["images_seen"], "steps": res["steps"]})
+        results.setdefault(mode, []).append(result_row(run, seed))
     results = {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in sorted(results.items())}
     lines = table(a, results)
     (out / "table.md").write_text("\n".join(lines) + "\n")
