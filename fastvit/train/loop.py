@@ -113,6 +113,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
         init_parts_from(cfg.run.init_from, parts, say)
     step_fn = TrainStep(parts, cfg.schedule, env)
     grower = Grower(cfg, parts, step_fn, env, say)       # --growth: the depth per stage (growth.py)
+    save_plan = partial(_save_plan, run_dir, main=main, grower=grower)   # plan.json (rank 0), growth record
     stages = config_stages(cfg, env)
     stages = grower.assign_depths(stages, list(dict.fromkeys(s.res for s in stages)))
     drop_path_of = drop_path_rates(cfg, stages)
@@ -145,7 +146,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
     dist.seed_rank(denv, cfg.run.seed, st.step)           # torchrun: each rank its own patch draws, mixup
     for s in st.plan.stages:                              # a run resumed on another number of processes
         dist.check_batch(denv, s.batch_size, f"the planned batch {s.batch_size} (res {s.res})")
-    _save_plan(run_dir, st.plan, main, grower)
+    save_plan(st.plan)
     say(f"device {env.device} ({device_name(env)}), backend {env.backend}, recipe {cfg.run.recipe}, "
         f"model {cfg.model.name}, final res {env.final_res}" +
         (f", {denv.world} processes (global batch {cfg.schedule.batch_size})" if denv.enabled else ""))
@@ -180,7 +181,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                         loader = _take_plan(st, loader, cfg, env, bar, say)
                         grower.add_rates(drop_path_of, st.plan.stages)
                         drift.restart(clock.counted())
-                        _save_plan(run_dir, st.plan, main, grower)
+                        save_plan(st.plan)
                         cur_shape = None
                 if stage.shape != cur_shape:                             # a stage change: its drop-path rate
                     cur_shape = stage.shape
@@ -201,6 +202,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                         raise
                     now = agree(loss=None, oom=True, term=False, ratio=None, now=clock.counted(), ckpt=False).now
                     loader = _out_of_memory(st, loader, cfg, env, parts, fallback, now, say)
+                    save_plan(st.plan)
                     cur_shape = None
                     continue
                 meter.timer.stop()                                       # the EMA update is inside the span
@@ -226,7 +228,7 @@ def _run(cfg: TrainConfig, lock, guard: TermGuard, *, resume: bool, overwrite: b
                 if ratio is not None:                                    # measured speed is off the plan
                     loader = _replan(st, loader, ratio, now, cfg, env, bar, say)
                     drift.restart(now)
-                    _save_plan(run_dir, st.plan, main, grower)
+                    save_plan(st.plan)
                     cur_shape = None
                 if ag.ckpt:
                     save()                                               # counted
@@ -497,7 +499,6 @@ def _out_of_memory(st: RunState, loader, cfg, env, parts: Parts, fallback: Batch
     except OutOfMemory as e:
         raise TrainError(str(e), 1) from None
     say(fallback.describe(old, new))
-    _save_plan(Path(cfg.run.out), st.plan, env.dist.is_main)
     loader.close()
     return _open_loader(st, cfg, env)
 
@@ -565,7 +566,7 @@ def _peak(env: RunEnv) -> float | None:
 # ------------------------------------------------------------------------------------------------------
 # checkpoints and results
 
-def _save_plan(run_dir: Path, plan: Plan, main: bool = True, grower: Grower | None = None) -> None:
+def _save_plan(run_dir: Path, plan: Plan, *, main: bool, grower: Grower) -> None:
     if main:                                    # torchrun: rank 0 writes the run's files
         extra = {"growth": grower.record()} if grower is not None and grower.on else {}
         rundir.write_json(run_dir, "plan.json", {**plan.to_dict(), **extra})
