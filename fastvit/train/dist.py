@@ -127,10 +127,6 @@ def all_sum(values, denv: DistEnv, device: torch.device) -> list[float]:
     return t.tolist()                                                                    # SYNC
 
 
-def any_rank(flag: bool, denv: DistEnv, device: torch.device) -> bool:
-    return all_sum([1.0 if flag else 0.0], denv, device)[0] > 0
-
-
 def wrap_model(model: torch.nn.Module, denv: DistEnv, device: torch.device,
                find_unused: bool = False) -> torch.nn.Module:
     """DistributedDataParallel over `model` (its parameters broadcast from rank 0 at construction).
