@@ -95,6 +95,9 @@ def test_forecast_cli_and_refusal(tiny_prepped, tmp_path, monkeypatch, capsys):
     (["--variants", "lr_typo=3"], "unknown config key(s) lr_typo"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--forecast", "3ep"], "'3ep' must be a time"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--wsd-variants", "fastvit"], "--wsd-variants goes with --schedule both"),
+    (["--schedule", "both", "--variants", "fastvit", "--wsd-variants", "no-pss"], "--wsd-variants no-pss: not in"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_prepped, tmp_path, capsys, argv, msg):
     assert sweep_main(["--data", str(tiny_prepped), "--out", str(tmp_path / "s"), *argv]) == 2
@@ -154,3 +157,123 @@ def test_variants_resolve_against_the_preset():
                                                        "keep_min": 1.0}
     assert check("add-pss+lr=3e-3", "cpu", {}, res)["keep_min"] == 0.5
     assert check("baseline+warmup=0.1", "cpu", {}, res) == {"recipe": "baseline", "warmup": 0.1}
+    assert check("all", "cpu", {}, res) == {"model": "vit_tiny_local", "curriculum": "64:0.5,96:0.5", "keep_min": 0.5}
+    assert check("all", "cpu", {"model": "vit_tiny_plain"}, res)["model"] == "vit_tiny_local"
+    assert check("growth", "cpu", {}, res) == {"growth": "manual"}
+
+
+def test_jobs_run_at_once_with_a_share_of_the_cores_each(tiny_prepped, tmp_path, monkeypatch):
+    """--jobs 3: never more than 3 runs at once, and more than one; each gets threads/workers = cores // 3."""
+    import threading
+    import time
+
+    lock, live, peak, seen = threading.Lock(), [0], [0], []
+
+    def fake(job, cmd, env=None):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            seen.append((cmd, env))
+        time.sleep(0.05)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "results.json").write_text(json.dumps(
+            {"top1": 50.0, "images_seen": 10, "counted_s": 1.0, "steps": 1}))
+        with lock:
+            live[0] -= 1
+        return 0
+
+    monkeypatch.setattr(runner, "subprocess_runner", fake)
+    monkeypatch.setattr("fastvit.sysinfo.default_workers", lambda w=None: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = tmp_path / "sw"
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS, "--jobs", "3"]) == 0
+    assert len(seen) == 24 and 1 < peak[0] <= 3
+    for cmd, env in seen:
+        assert env["OMP_NUM_THREADS"] == "2" and cmd[cmd.index("--workers") + 1] == "2"
+    assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 24
+
+
+def test_slot_env_gives_each_slot_one_gpu_round_robin():
+    env, flags = runner.slot_env(3, 4, "cuda", base={"CUDA_VISIBLE_DEVICES": "4,5", "OMP_NUM_THREADS": "3"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and flags == ["--workers", "3"]
+    env, flags = runner.slot_env(0, 1, "cuda", base={"CUDA_VISIBLE_DEVICES": "4,5"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5" and flags == []          # one at a time: nothing changed
+    env, _ = runner.slot_env(1, 2, "cpu", base={})
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_parallel_wsd_waits_for_the_segment_it_continues_and_skips_after_a_failure(tiny_prepped, tmp_path, monkeypatch,
+                                                                                capsys):
+    """--schedule both --jobs 4: a trunk segment or branch never starts before the run it continues has
+    finished; when a trunk segment fails, what continues it is not run and the independent runs still are."""
+    import threading
+    import time
+
+    order, lock = [], threading.Lock()
+
+    def fake(job, cmd, env=None):
+        if "--init-from" in cmd:                          # what it continues has finished (else the sweep fails)
+            assert (runner.Path(cmd[cmd.index("--init-from") + 1]) / "results.json").is_file()
+        time.sleep(0.02)
+        with lock:
+            order.append(job)
+        if job.kind == "trunk" and job.budget.label == "4m":
+            return 1                                      # a crashed segment: no results.json
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "results.json").write_text(json.dumps(
+            {"top1": 50.0, "images_seen": 10, "counted_s": 1.0, "steps": 1}))
+        return 0
+
+    monkeypatch.setattr(runner, "subprocess_runner", fake)
+    out = tmp_path / "sw"
+    rc = sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "1m,2m,4m,8m", "--variants",
+                     "fastvit,no-pss", "--seeds", "1", "--device", "cpu", "--no-progress", "--schedule", "both",
+                     "--wsd-variants", "fastvit", "--jobs", "4"])
+    assert rc == 1
+    ran = {(j.kind, j.variant, j.budget.label) for j in order}
+    assert {("run", v, b) for v in ("fastvit", "no-pss") for b in ("1m", "2m", "4m", "8m")} <= ran
+    assert ("trunk", "fastvit", "2m") in ran and ("branch", "fastvit", "2m") in ran
+    assert ("branch", "fastvit", "4m") not in ran and ("trunk", "fastvit", "8m") not in ran
+    assert not any(j.variant == "no-pss" and j.kind != "run" for j in order)       # WSD only for fastvit
+    err = capsys.readouterr().err
+    assert "fastvit 8m seed 0 not run: the run it continues failed" in err
+    assert "| fastvit (wsd) |" in (out / "table.md").read_text()
+
+
+def test_sigterm_stops_the_sweep_and_its_runs(tiny_prepped, tmp_path):
+    """SIGTERM to a sweep with --jobs 2 stops the runs it started (they would otherwise live on unowned) and
+    exits 130 with the one-line 'run again' message."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = f"""
+import sys
+from fastvit.sweep import runner
+from fastvit.sweep.cli import sweep_main
+runner.train_command = lambda job, *a: [sys.executable, "-c",
+    "import os, time, pathlib; pathlib.Path({str(pids)!r}, str(os.getpid())).touch(); time.sleep(120)"]
+sys.exit(sweep_main(["--data", {str(tiny_prepped)!r}, "--out", {str(tmp_path / 'sw')!r}, "--budgets", "1m",
+                     "--variants", "fastvit,no-pss", "--device", "cpu", "--no-progress", "--jobs", "2"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    children = [int(p.name) for p in pids.iterdir()]
+    assert len(children) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to continue" in err
+    time.sleep(0.2)
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, f"run {pid} outlived its sweep"

@@ -50,9 +50,14 @@ def sweep_parser() -> argparse.ArgumentParser:
     a("--preset", help="fastvit-train preset (default: cpu on CPU, gpu on CUDA)")
     a("--device", help="cpu or cuda")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="a fastvit-train setting for every run")
-    a("--schedule", choices=("independent", "wsd"), default="independent", help="independent: one complete run per "
-      "point; wsd: one constant-LR trunk per (variant, seed) with a decay branch per budget (warmup-stable-decay)")
+    a("--schedule", choices=("independent", "wsd", "both"), default="independent", help="independent: one complete "
+      "run per point; wsd: one constant-LR trunk per (variant, seed) with a decay branch per budget "
+      "(warmup-stable-decay); both: the two, to compare them")
+    a("--wsd-variants", help="with --schedule both: the variants that also get WSD points (default: all)")
     a("--wsd-decay", type=float, default=0.2, help="the WSD branch's share of its budget")
+    a("--jobs", type=int, default=1, help="runs at once (default 1). CPU: the cores are shared out (threads "
+      "and loader workers = cores // jobs each); CUDA: run k sees GPU k mod the visible GPUs. Runs at once share "
+      "the machine, so a time budget buys each of them less: compare runs made with the same --jobs")
     a("--forecast", metavar="TIME", help="after the sweep: BNSL forecast at this budget, e.g. 24h")
     a("--max-factor", type=float, default=bnsl.DEFAULT_MAX_FACTOR, help="refuse forecasts further than this "
       "factor beyond the largest budget")
@@ -71,6 +76,8 @@ def sweep_main(argv=None) -> int:
             raise ConfigError("give --data OUT and --out DIR")
         if args.seeds < 1:
             raise ConfigError("--seeds must be >= 1")
+        if args.jobs < 1:
+            raise ConfigError("--jobs must be >= 1")
         if not 0 < args.wsd_decay < 1:
             raise ConfigError("--wsd-decay must be in (0, 1)")
         budgets = [runner.parse_budget(b) for b in args.budgets.split(",") if b.strip()]
@@ -85,12 +92,20 @@ def sweep_main(argv=None) -> int:
         res = _data_resolutions(args.data)
         per_variant = {v: {**common, **variants.check(v, preset, common, res)} for v in names}
         out = Path(args.out)
+        wsd_names = names
+        if args.wsd_variants:
+            if args.schedule != "both":
+                raise ConfigError("--wsd-variants goes with --schedule both")
+            wsd_names = [v.strip() for v in args.wsd_variants.split(",") if v.strip()]
+            if not set(wsd_names) <= set(names):
+                raise ConfigError(f"--wsd-variants {', '.join(sorted(set(wsd_names) - set(names)))}: not in --variants")
         independent = runner.plan_jobs(out, names, budgets, args.seeds)
-        wsd = runner.plan_wsd_jobs(out, names, budgets, args.seeds, args.wsd_decay)
+        wsd = runner.plan_wsd_jobs(out, wsd_names, budgets, args.seeds, args.wsd_decay)
     except ConfigError as e:
         print(f"fastvit-sweep: error: {e}", file=sys.stderr)
         return 2
-    jobs = wsd if args.schedule == "wsd" else independent
+    # both: the WSD chains first, so their trunks are not the sweep's tail (with --jobs > 1 they run beside it)
+    jobs = {"wsd": wsd, "independent": independent, "both": wsd + independent}[args.schedule]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     import yaml
 
@@ -100,17 +115,26 @@ def sweep_main(argv=None) -> int:
     (out / "sweep.json").write_text(json.dumps({"data": args.data, "preset": preset, "device": args.device,
                                                 "budgets": [b.label for b in budgets], "variants": per_variant,
                                                 "seeds": args.seeds}, indent=1))
+    import signal
+
+    def _term(signum, frame):           # SIGTERM: stop the runs like Ctrl-C (each is re-run whole next time)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
     try:
         failed = runner.run_jobs(jobs, args.data, preset, args.device, progress=args.progress,
-                                 say=lambda m: print(m, file=sys.stderr, flush=True))
+                                 say=lambda m: print(m, file=sys.stderr, flush=True), jobs_at_once=args.jobs,
+                                 user_set=common)
     except KeyboardInterrupt:
         print("fastvit-sweep: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
     rows = runner.collect(independent) + runner.collect(wsd)     # both kinds when both were run: compared
     report.write_all(rows, out)
     print(report.table(rows), end="")
     print(f"wrote {out}/sweep.csv, {out}/table.md, {out}/top1_vs_budget.png")
-    if args.schedule == "wsd":
+    if args.schedule != "independent":
         (out / "wsd.md").write_text(report.wsd_md(rows, runner.wsd_saving(wsd, args.wsd_decay), args.wsd_decay))
         print((out / "wsd.md").read_text(), end="")
     rc = 1 if failed else 0

@@ -76,6 +76,7 @@ class Job:
     kind: str = "run"       # run (independent), trunk (WSD stable segment) or branch (WSD decay)
     parents: tuple = ()     # WSD branch: the trunk segments' run dirs it continues
     weight_s: float = 0.0   # its own budget (progress bar); 0: the budget's
+    after: tuple = ()       # run dirs that must be finished before it starts (WSD: the segment it continues)
 
     @property
     def finished(self) -> bool:
@@ -119,11 +120,12 @@ def plan_wsd_jobs(out: Path, variants: list[str], budgets: list[Budget], seeds: 
                 if trunks:
                     tflags += ["--warmup", "0", "--init-from", str(trunks[-1])]
                 trunk = _job(out, v, b, s, f"wsd-trunk-{slug(b.label)}", tflags, kind="trunk",
-                             weight_s=seg * (b.seconds or 0.0))
+                             weight_s=seg * (b.seconds or 0.0), after=trunks[-1:])
                 branch = _job(out, v, b, s, f"{slug(b.label)}-wsd",
                               [*b.flags(share), "--seed", str(s), "--lr-decay", "linear", "--warmup", "0",
                                "--init-from", str(trunk.run_dir)], kind="branch",
-                              parents=(*trunks, trunk.run_dir), weight_s=share * (b.seconds or 0.0))
+                              parents=(*trunks, trunk.run_dir), weight_s=share * (b.seconds or 0.0),
+                              after=(trunk.run_dir,))
                 jobs += [trunk, branch]
                 prev_b[(v, s)] = (b, (*trunks, trunk.run_dir))
     return jobs
@@ -139,44 +141,148 @@ def train_command(job: Job, data: str, preset: str, device: str | None) -> list[
     return cmd
 
 
-def subprocess_runner(job: Job, cmd: list[str]) -> int:
+_LIVE: set = set()          # the training processes running now (a stopped sweep stops them)
+
+
+def subprocess_runner(job: Job, cmd: list[str], env: dict | None = None) -> int:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _LIVE.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            _LIVE.discard(proc)
+
+
+def _stop_live(timeout: float = 30.0) -> None:
+    """SIGTERM to every training still running (each checkpoints and exits; the sweep re-runs it whole)."""
+    import time
+
+    for p in list(_LIVE):
+        p.terminate()
+    end = time.monotonic() + timeout
+    for p in list(_LIVE):
+        try:
+            p.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def slot_env(slot: int, jobs_at_once: int, device: str | None, base: dict | None = None) -> tuple[dict, list[str]]:
+    """The environment and extra fastvit-train flags of parallel slot `slot` of `jobs_at_once`.
+
+    CPU: the cores this process may use are shared out: OMP_NUM_THREADS (unless already set) and loader
+    workers (unless --set workers=) = max(1, cores // jobs), so N runs don't each start a thread per core.
+    CUDA: slot k sees one GPU, k mod the GPUs visible (CUDA_VISIBLE_DEVICES), so N runs on N GPUs run one
+    per GPU and more runs than GPUs share them round-robin."""
+    import os
+
+    from fastvit.sysinfo import default_workers
+
+    env = dict(os.environ if base is None else base)
+    if jobs_at_once <= 1:
+        return env, []
+    cpus = default_workers()
+    threads = int(env.get("OMP_NUM_THREADS") or max(1, cpus // jobs_at_once))
+    env["OMP_NUM_THREADS"] = str(threads)
+    flags = ["--workers", str(threads)]
+    if device is None or str(device).startswith("cuda"):
+        visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if not visible:
+            try:
+                import torch
+
+                visible = [str(i) for i in range(torch.cuda.device_count())]
+            except Exception:               # noqa: BLE001 - no torch CUDA: CPU runs
+                visible = []
+        if visible:
+            env["CUDA_VISIBLE_DEVICES"] = visible[slot % len(visible)]
+    return env, flags
 
 
 def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
-             runner: Callable[[Job, list[str]], int] | None = None, progress: bool = True, say=print) -> list[Job]:
-    """Runs the unfinished jobs; returns the failed ones. One bar over the whole sweep, weighted by budget
-    seconds; its ETA is the budgets still to run plus, per run, the mean overhead measured so far (start-up,
-    final validation: a run takes longer than its budget)."""
+             runner: Callable[..., int] | None = None, progress: bool = True, say=print,
+             jobs_at_once: int = 1, user_set: dict | None = None) -> list[Job]:
+    """Runs the unfinished jobs, `jobs_at_once` at a time, each when the runs it continues have finished
+    (WSD); returns the failed ones (and those whose WSD parent failed). One bar over the whole sweep,
+    weighted by budget seconds; its ETA is the budgets still to run plus, per run, the mean overhead
+    measured so far (start-up, final validation: a run takes longer than its budget), over the slots."""
     import time
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm import tqdm
 
     runner = runner or subprocess_runner
+    n = max(1, int(jobs_at_once))
     done = sum(j.weight for j in jobs if j.finished)
     todo = [j for j in jobs if not j.finished]
-    say(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    say(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run"
+        + (f", {n} at a time" if n > 1 else ""))
     failed, overheads = [], []
+    bad_dirs: set = set()
     bar = tqdm(total=sum(j.weight for j in jobs), initial=done, disable=not progress, unit="budget-s",
                dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} budget-s "
                "[{elapsed}] {postfix}")
+    skip_workers = "workers" in (user_set or {})
+
+    def start(pool, j, slot):
+        env, flags = slot_env(slot, n, device)
+        if skip_workers:
+            flags = []
+        left = [j2 for j2 in todo if j2 not in running.values()]
+        over = sum(overheads) / len(overheads) if overheads else 0
+        eta = (sum(j2.weight for j2 in left) + len(left) * over) / n
+        bar.set_postfix_str(f"ETA {eta / 60:.0f} min{'' if overheads else ' + overheads'}: "
+                            f"{j.variant} {j.budget.label} seed {j.seed}")
+        cmd = train_command(j, data, preset, device) + flags
+        args = (j, cmd) if n == 1 else (j, cmd, env)
+        return pool.submit(lambda: (time.monotonic(), runner(*args), time.monotonic()))
+
+    running: dict = {}          # future -> job
+    slots: dict = {}            # future -> slot
     try:
-        for i, j in enumerate(todo):
-            left = todo[i:]
-            eta = sum(j2.weight for j2 in left) + len(left) * (sum(overheads) / len(overheads) if overheads else 0)
-            bar.set_postfix_str(f"ETA {eta / 60:.0f} min{'' if overheads else ' + overheads'}: "
-                                f"{j.variant} {j.budget.label} seed {j.seed}")
-            t0 = time.monotonic()
-            rc = runner(j, train_command(j, data, preset, device))
-            if j.budget.seconds:
-                overheads.append(max(0.0, time.monotonic() - t0 - j.weight))
-            if rc != 0 or not j.finished:
-                failed.append(j)
-                tail = j.log.read_text().strip().splitlines()[-1:] if j.log.is_file() else []
-                say(f"sweep: {j.variant} {j.budget.label} seed {j.seed} failed (exit {rc}): {' '.join(tail)}")
-            bar.update(j.weight)
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            try:
+                while todo or running:
+                    for j in list(todo):
+                        if len(running) >= n:
+                            break
+                        if j in running.values():
+                            continue
+                        if any(a in bad_dirs for a in j.after):
+                            todo.remove(j)
+                            bad_dirs.add(j.run_dir)
+                            failed.append(j)
+                            say(f"sweep: {j.variant} {j.budget.label} seed {j.seed} not run: the run it continues failed")
+                            continue
+                        if not all((a / "results.json").is_file() for a in j.after):
+                            continue
+                        slot = min(set(range(n)) - set(slots.values()))
+                        fut = start(pool, j, slot)
+                        running[fut], slots[fut] = j, slot
+                    if not running:
+                        for j in todo:              # waits on a run that is not in this sweep
+                            failed.append(j)
+                            say(f"sweep: {j.variant} {j.budget.label} seed {j.seed} not run: what it continues is missing")
+                        break
+                    finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        j = running.pop(fut)
+                        slots.pop(fut)
+                        todo.remove(j)
+                        t0, rc, t1 = fut.result()
+                        if j.budget.seconds:
+                            overheads.append(max(0.0, t1 - t0 - j.weight))
+                        if rc != 0 or not j.finished:
+                            failed.append(j)
+                            bad_dirs.add(j.run_dir)
+                            tail = j.log.read_text().strip().splitlines()[-1:] if j.log.is_file() else []
+                            say(f"sweep: {j.variant} {j.budget.label} seed {j.seed} failed (exit {rc}): {' '.join(tail)}")
+                        bar.update(j.weight)
+            except KeyboardInterrupt:
+                _stop_live()       # before the pool waits for its threads
+                raise
     finally:
         bar.close()
     return failed

@@ -19,6 +19,10 @@ def _plain(base: TrainConfig, data_res) -> dict:
     return {"model": name.rsplit("_", 1)[0] + "_plain"}
 
 
+def _local(base: TrainConfig) -> str:
+    return base.model.name.rsplit("_", 1)[0] + "_local"
+
+
 def _plain_shards(base: TrainConfig, data_res) -> dict:
     return {**_plain(base, data_res), "curriculum": f"{_final_res(base, data_res)}:1", "keep_min": 1.0}
 
@@ -40,6 +44,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainConfig, list], dict]]] = {
     "add-curriculum": ("plain-shards with the preset's curriculum",
                        lambda b, r: {**_plain_shards(b, r), "curriculum": b.data.curriculum}),
     "add-pss": ("plain-shards with patch sampling (keep_min=0.5)", lambda b, r: {**_plain_shards(b, r), "keep_min": 0.5}),
+    "all": ("locality + curriculum + patch sampling (keep_min=0.5): the seed paper's last row",
+            lambda b, r: {"model": _local(b), "curriculum": b.data.curriculum, "keep_min": 0.5}),
+    # the later papers' methods on top of the recipe
+    "growth": ("the recipe with MoGrow's manual depth growth at the curriculum's stage ends", lambda b, r: {"growth": "manual"}),
 }
 
 
