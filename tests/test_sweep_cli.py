@@ -277,3 +277,27 @@ sys.exit(sweep_main(["--data", {str(tiny_prepped)!r}, "--out", {str(tmp_path / '
         except ProcessLookupError:
             alive = False
         assert not alive, f"run {pid} outlived its sweep"
+
+
+def test_a_yaml_variant_takes_the_files_settings_but_not_the_runs(tiny_prepped, tmp_path, monkeypatch, capsys):
+    """search=best.yaml: fastvit-search's config as a variant named 'search', less its data/budget/out/seed."""
+    from fastvit.sweep.variants import check, label
+
+    best = tmp_path / "best.yaml"
+    best.write_text("data: /elsewhere\nhours: 0.25\nout: runs/x\nseed: 3\nmodel: vit_tiny_plain\ndepth: 2\n"
+                    "embed_dim: 128\nnum_heads: 4\n")
+    assert label(f"search={best}") == "search" and label(f"search={best}+lr=3e-3") == "search+lr=3e-3"
+    assert check(f"search={best}", "cpu", {}, [64, 96]) == {"model": "vit_tiny_plain", "depth": 2, "embed_dim": 128,
+                                                            "num_heads": 4}
+    calls = _fake_training(monkeypatch)
+    out = tmp_path / "sw"
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "1m", "--variants",
+                       f"fastvit,search={best}", "--device", "cpu", "--no-progress"]) == 0
+    assert [c[0].variant for c in calls] == ["fastvit", "search"]
+    assert "depth: 2" in (out / "configs" / "search.yaml").read_text()
+    assert "| search |" in (out / "table.md").read_text()
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--variants", f"s={tmp_path}/bad.yaml"]) == 2
+    assert "must hold a mapping of settings" in capsys.readouterr().err
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--variants", f"s={tmp_path}/none.yaml"]) == 2
+    assert "variant file" in capsys.readouterr().err

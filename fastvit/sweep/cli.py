@@ -44,7 +44,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     a("--data", help="fastvit-prep output dir")
     a("--budgets", default="2m,4m,8m,16m", help="comma list: 30s, 2m, 1.5h (wall clock) or 3ep (epochs)")
     a("--variants", default=DEFAULT_VARIANTS, help="comma list of variant names (--list-variants), key=value "
-      "overrides, or both joined by '+' (no-pss+lr=3e-3)")
+      "overrides, NAME=FILE.yaml (a file's settings, e.g. fastvit-search's best.yaml), or these joined by '+' "
+      "(no-pss+lr=3e-3)")
     a("--seeds", type=int, default=1, help="seeds 0..N-1 per (variant, budget)")
     a("--out", help="sweep dir (resumable: finished runs are never re-run)")
     a("--preset", help="fastvit-train preset (default: cpu on CPU, gpu on CUDA)")
@@ -81,16 +82,18 @@ def sweep_main(argv=None) -> int:
         if not 0 < args.wsd_decay < 1:
             raise ConfigError("--wsd-decay must be in (0, 1)")
         budgets = [runner.parse_budget(b) for b in args.budgets.split(",") if b.strip()]
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        raw = [v.strip() for v in args.variants.split(",") if v.strip()]
+        items = {variants.label(v): v for v in raw}        # label -> item
+        names = list(items)
         if not budgets or not names:
             raise ConfigError("give at least one budget and one variant")
-        if len({b.label for b in budgets}) < len(budgets) or len(set(names)) < len(names):
+        if len({b.label for b in budgets}) < len(budgets) or len(names) < len(raw):
             raise ConfigError("budgets and variants must not repeat")
         target = runner.parse_seconds(args.forecast) if args.forecast else None
         preset = args.preset or _default_preset(args.device)
         common = variants.parse_overrides(args.set)
         res = _data_resolutions(args.data)
-        per_variant = {v: {**common, **variants.check(v, preset, common, res)} for v in names}
+        per_variant = {v: {**common, **variants.check(items[v], preset, common, res)} for v in names}
         out = Path(args.out)
         wsd_names = names
         if args.wsd_variants:

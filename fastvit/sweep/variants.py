@@ -1,7 +1,8 @@
 """Named variants of a sweep: config overrides of fastvit-train, resolved against the base config.
 
-A variant item is NAME, key=value, or several joined by '+' (e.g. `no-pss+lr=3e-3`); its label is the
-item as written. The seed paper's ablations switch one trick off at a time from the full recipe.
+A variant item is NAME, key=value, NAME=FILE.yaml (the settings of a file, e.g. fastvit-search's
+best.yaml, less the run's own: budget, seed, data, out), or several joined by '+' (e.g. `no-pss+lr=3e-3`);
+its label is the item as written, a file by its NAME. The seed paper's ablations switch one trick off at a time from the full recipe.
 """
 from __future__ import annotations
 
@@ -83,12 +84,50 @@ def parse_overrides(items) -> dict:
     return out
 
 
+# settings a sweep sets per run: a variant's YAML file (e.g. fastvit-search's best.yaml) does not
+RUN_KEYS = ("data", "out", "minutes", "hours", "epochs", "seed", "device", "resume", "overwrite", "init_from")
+
+
+def yaml_variant(part: str) -> str | None:
+    """'NAME=FILE.yaml' (NAME not a setting) → FILE: a variant whose settings are that YAML file's."""
+    key, eq, val = part.partition("=")
+    if eq and val.strip().lower().endswith((".yaml", ".yml")) and key.strip().replace("-", "_") not in \
+            TrainConfig.leaf_keys():
+        return val.strip()
+    return None
+
+
+def label(item: str) -> str:
+    """How a variant item is named in the sweep's dirs and tables: as written, a YAML part by its NAME."""
+    return "+".join(p.strip().partition("=")[0].strip() if yaml_variant(p.strip()) else p.strip() for p in item.split("+"))
+
+
+def _yaml_overrides(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            y = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"variant file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"variant file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(y, dict):
+        raise ConfigError(f"variant file {path} must hold a mapping of settings")
+    flat = {}
+    for k, v in y.items():                 # flat keys or fastvit-train's nested sections
+        flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()} if isinstance(v, dict) else {k.replace("-", "_"): v})
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat.items() if k not in RUN_KEYS}
+
+
 def resolve(item: str, base: TrainConfig, data_res: list[int]) -> dict:
     """The overrides of one variant item (checked: unknown names and keys are ConfigErrors)."""
     out: dict = {}
     for part in item.split("+"):
         part = part.strip()
-        if "=" in part:
+        if yaml_variant(part):
+            out.update(_yaml_overrides(yaml_variant(part)))
+        elif "=" in part:
             out.update(parse_overrides([part]))
         elif part in VARIANTS:
             out.update(VARIANTS[part][1](base, data_res))
