@@ -287,6 +287,11 @@ def test_a_yaml_variant_takes_the_files_settings_but_not_the_runs(tiny_prepped, 
     best.write_text("data: /elsewhere\nhours: 0.25\nout: runs/x\nseed: 3\nmodel: vit_tiny_plain\ndepth: 2\n"
                     "embed_dim: 128\nnum_heads: 4\n")
     assert label(f"search={best}") == "search" and label(f"search={best}+lr=3e-3") == "search+lr=3e-3"
+    nested = tmp_path / "nested.yaml"                      # fastvit-search writes fastvit-train's sections
+    nested.write_text("data:\n  root: /elsewhere\nbudget:\n  hours: 0.25\nrun:\n  device: cpu\nmodel:\n"
+                      "  name: vit_tiny_plain\n  depth: 2\n  embed_dim: 440\n  patch_size: 16\n")
+    assert check(f"s={nested}", "cpu", {}, [64, 96]) == {"model": "vit_tiny_plain", "depth": 2, "embed_dim": 440,
+                                                         "patch_size": 16}
     assert check(f"search={best}", "cpu", {}, [64, 96]) == {"model": "vit_tiny_plain", "depth": 2, "embed_dim": 128,
                                                             "num_heads": 4}
     calls = _fake_training(monkeypatch)

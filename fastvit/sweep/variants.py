@@ -114,10 +114,31 @@ def _yaml_overrides(path: str) -> dict:
         raise ConfigError(f"variant file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(y, dict):
         raise ConfigError(f"variant file {path} must hold a mapping of settings")
-    flat = {}
-    for k, v in y.items():                 # flat keys or fastvit-train's nested sections
-        flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()} if isinstance(v, dict) else {k.replace("-", "_"): v})
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat.items() if k not in RUN_KEYS}
+    leaves = TrainConfig.leaf_keys()
+    by_path: dict = {}
+    for key, path in sorted(leaves.items()):       # aliases (model/name, data/root): the section's name wins
+        if path not in by_path or key == path[0]:
+            by_path[path] = key
+    run_paths = {leaves[k] for k in RUN_KEYS if k in leaves}
+    flat: dict = {}
+
+    def walk(d: dict, path: tuple) -> None:        # flat keys or fastvit-train's nested sections
+        for k, v in d.items():
+            p = (*path, str(k).replace("-", "_"))
+            if p in run_paths or (len(p) == 1 and p[0] in leaves and leaves[p[0]] in run_paths):
+                continue                           # the run's own (budget, seed, data, out, ...)
+            if p in by_path:
+                flat[by_path[p]] = tuple(v) if isinstance(v, list) else v
+            elif isinstance(v, dict):
+                walk(v, p)
+            elif len(p) == 1:
+                flat[p[0]] = v                     # an unknown key: make_config names it
+            else:
+                raise ConfigError(f"variant file {path_}: unknown setting {'.'.join(p)}")
+
+    path_ = path
+    walk(y, ())
+    return flat
 
 
 def resolve(item: str, base: TrainConfig, data_res: list[int]) -> dict:
