@@ -238,6 +238,8 @@ def test_parallel_wsd_waits_for_the_segment_it_continues_and_skips_after_a_failu
     err = capsys.readouterr().err
     assert "fastvit 8m seed 0 not run: the run it continues failed" in err
     assert "| fastvit (wsd) |" in (out / "table.md").read_text()
+    wsd = (out / "wsd.md").read_text()
+    assert "| fastvit | 2m | 50.00 (1) | 50.00 (1) | +0.00 | – |" in wsd and "| fastvit | 4m |" not in wsd
 
 
 def test_sigterm_stops_the_sweep_and_its_runs(tiny_prepped, tmp_path):

@@ -114,15 +114,23 @@ def wsd_md(rows: list[dict], saving: dict, share: float) -> str:
              f"each budget. Planned budget: {saving['wsd_budget']:g} {u} against {saving['independent_budget']:g} {u} "
              f"for independent runs of the same points (saving {saving['saving']:.0%}); counted so far "
              f"{saving['wsd_counted_s']:.0f} s.", "",
-             "| variant | budget | independent top-1 | WSD top-1 | WSD − independent |", "|---|---|---:|---:|---:|"]
+             "Top-1 (%) as mean ± sd over seeds (n); the last column is the independent runs' own seed spread "
+             "(max − min), the noise a WSD point's difference is to be read against.", "",
+             "| variant | budget | independent top-1 | WSD top-1 | WSD − independent | independent seed spread |",
+             "|---|---|---:|---:|---:|---:|"]
+
+    def ms(v):
+        return f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "") + f" ({len(v)})"
+
     for v in [x for x in _order(rows, "variant") if x.endswith(" (wsd)")]:
         base = v[: -len(" (wsd)")]
         for b in _order([r for r in rows if r["variant"] == v], "budget"):
             w = [r["top1"] for r in rows if r["variant"] == v and r["budget"] == b]
             i = [r["top1"] for r in rows if r["variant"] == base and r["budget"] == b]
-            iv = f"{statistics.mean(i):.2f}" if i else "–"
+            iv = ms(i) if i else "–"
             d = f"{statistics.mean(w) - statistics.mean(i):+.2f}" if i else "–"
-            lines.append(f"| {base} | {b} | {iv} | {statistics.mean(w):.2f} | {d} |")
+            spread = f"{max(i) - min(i):.2f}" if len(i) > 1 else "–"
+            lines.append(f"| {base} | {b} | {iv} | {ms(w)} | {d} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
