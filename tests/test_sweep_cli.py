@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fastvit.sweep import bnsl, runner
+from fastvit.train.config import ConfigError
 from fastvit.sweep.cli import forecast_main, sweep_main
 
 
@@ -98,6 +99,8 @@ def test_forecast_cli_and_refusal(tiny_prepped, tmp_path, monkeypatch, capsys):
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--wsd-variants", "fastvit"], "--wsd-variants goes with --schedule both"),
     (["--schedule", "both", "--variants", "fastvit", "--wsd-variants", "no-pss"], "--wsd-variants no-pss: not in"),
+    (["--schedule", "both", "--wsd-variants", ","], "--wsd-variants is empty"),
+    (["--jobs", "2", "--device", "cuda:1"], "--device cuda:1 with --jobs: give --device cuda"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_prepped, tmp_path, capsys, argv, msg):
     assert sweep_main(["--data", str(tiny_prepped), "--out", str(tmp_path / "s"), *argv]) == 2
@@ -193,9 +196,11 @@ def test_jobs_run_at_once_with_a_share_of_the_cores_each(tiny_prepped, tmp_path,
     assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 24
 
 
-def test_slot_env_gives_each_slot_one_gpu_round_robin():
-    env, flags = runner.slot_env(3, 4, "cuda", base={"CUDA_VISIBLE_DEVICES": "4,5", "OMP_NUM_THREADS": "3"})
-    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and flags == ["--workers", "3"]
+def test_slot_env_gives_each_slot_one_gpu_round_robin(monkeypatch):
+    monkeypatch.setattr("fastvit.sysinfo.default_workers", lambda w=None: 8)
+    env, flags = runner.slot_env(3, 4, "cuda", base={"CUDA_VISIBLE_DEVICES": "4,5", "OMP_NUM_THREADS": "1"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "1"     # a set OMP_NUM_THREADS is kept
+    assert flags == ["--workers", "2"]                                               # workers: 8 cores // 4
     env, flags = runner.slot_env(0, 1, "cuda", base={"CUDA_VISIBLE_DEVICES": "4,5"})
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5" and flags == []          # one at a time: nothing changed
     env, _ = runner.slot_env(1, 2, "cpu", base={})
@@ -290,10 +295,13 @@ def test_a_yaml_variant_takes_the_files_settings_but_not_the_runs(tiny_prepped, 
                     "embed_dim: 128\nnum_heads: 4\n")
     assert label(f"search={best}") == "search" and label(f"search={best}+lr=3e-3") == "search+lr=3e-3"
     nested = tmp_path / "nested.yaml"                      # fastvit-search writes fastvit-train's sections
-    nested.write_text("data:\n  root: /elsewhere\nbudget:\n  hours: 0.25\nrun:\n  device: cpu\nmodel:\n"
-                      "  name: vit_tiny_plain\n  depth: 2\n  embed_dim: 440\n  patch_size: 16\n")
+    nested.write_text("data:\n  root: /elsewhere\n  curriculum: '64:1'\nbudget:\n  hours: 0.25\nrun:\n  device: cpu\n"
+                      "model:\n  name: vit_tiny_plain\n  depth: 2\n  embed_dim: 440\n  patch_size: 16\n")
     assert check(f"s={nested}", "cpu", {}, [64, 96]) == {"model": "vit_tiny_plain", "depth": 2, "embed_dim": 440,
-                                                         "patch_size": 16}
+                                                         "patch_size": 16, "curriculum": "64:1"}
+    (tmp_path / "typo.yaml").write_text("model:\n  dept: 2\n")
+    with pytest.raises(ConfigError, match=f"variant file {tmp_path}/typo.yaml: unknown setting model.dept"):
+        check(f"s={tmp_path}/typo.yaml", "cpu", {}, [64, 96])
     assert check(f"search={best}", "cpu", {}, [64, 96]) == {"model": "vit_tiny_plain", "depth": 2, "embed_dim": 128,
                                                             "num_heads": 4}
     calls = _fake_training(monkeypatch)
@@ -308,3 +316,9 @@ def test_a_yaml_variant_takes_the_files_settings_but_not_the_runs(tiny_prepped, 
     assert "must hold a mapping of settings" in capsys.readouterr().err
     assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--variants", f"s={tmp_path}/none.yaml"]) == 2
     assert "variant file" in capsys.readouterr().err
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    for variants_arg, msg in ((f"s={tmp_path}/bin.yaml", "not a text file"), (f"={best}", "needs a NAME"),
+                              (f"fastvit,fastvit={best}", "variant 'fastvit' is given twice")):
+        assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--variants", variants_arg]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err

@@ -83,12 +83,19 @@ def sweep_main(argv=None) -> int:
             raise ConfigError("--wsd-decay must be in (0, 1)")
         budgets = [runner.parse_budget(b) for b in args.budgets.split(",") if b.strip()]
         raw = [v.strip() for v in args.variants.split(",") if v.strip()]
-        items = {variants.label(v): v for v in raw}        # label -> item
+        items: dict = {}                                    # label -> item
+        for v in raw:
+            if variants.label(v) in items:
+                raise ConfigError(f"variant {variants.label(v)!r} is given twice")
+            items[variants.label(v)] = v
         names = list(items)
         if not budgets or not names:
             raise ConfigError("give at least one budget and one variant")
-        if len({b.label for b in budgets}) < len(budgets) or len(names) < len(raw):
-            raise ConfigError("budgets and variants must not repeat")
+        if len({b.label for b in budgets}) < len(budgets):
+            raise ConfigError("budgets must not repeat")
+        if args.jobs > 1 and args.device and args.device.startswith("cuda:"):
+            raise ConfigError(f"--device {args.device} with --jobs: give --device cuda (run k gets GPU k mod the "
+                              "visible GPUs; CUDA_VISIBLE_DEVICES picks them)")
         target = runner.parse_seconds(args.forecast) if args.forecast else None
         preset = args.preset or _default_preset(args.device)
         common = variants.parse_overrides(args.set)
@@ -99,7 +106,9 @@ def sweep_main(argv=None) -> int:
         if args.wsd_variants:
             if args.schedule != "both":
                 raise ConfigError("--wsd-variants goes with --schedule both")
-            wsd_names = [v.strip() for v in args.wsd_variants.split(",") if v.strip()]
+            wsd_names = list(dict.fromkeys(variants.label(v.strip()) for v in args.wsd_variants.split(",") if v.strip()))
+            if not wsd_names:
+                raise ConfigError("--wsd-variants is empty")
             if not set(wsd_names) <= set(names):
                 raise ConfigError(f"--wsd-variants {', '.join(sorted(set(wsd_names) - set(names)))}: not in --variants")
         independent = runner.plan_jobs(out, names, budgets, args.seeds)
@@ -127,7 +136,7 @@ def sweep_main(argv=None) -> int:
     try:
         failed = runner.run_jobs(jobs, args.data, preset, args.device, progress=args.progress,
                                  say=lambda m: print(m, file=sys.stderr, flush=True), jobs_at_once=args.jobs,
-                                 user_set=common)
+                                 own_workers={v for v, ov in per_variant.items() if "workers" in ov})
     except KeyboardInterrupt:
         print("fastvit-sweep: interrupted; run the same command again to continue", file=sys.stderr)
         return 130

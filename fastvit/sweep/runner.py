@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,13 +143,18 @@ def train_command(job: Job, data: str, preset: str, device: str | None) -> list[
 
 
 _LIVE: set = set()          # the training processes running now (a stopped sweep stops them)
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 def subprocess_runner(job: Job, cmd: list[str], env: dict | None = None) -> int:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _LIVE.add(proc)
+        with _LIVE_LOCK:                    # a sweep being stopped starts nothing more
+            if _STOPPING.is_set():
+                return 130
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            _LIVE.add(proc)
         try:
             return proc.wait()
         finally:
@@ -159,7 +165,10 @@ def _stop_live(timeout: float = 30.0) -> None:
     """SIGTERM to every training still running (each checkpoints and exits; the sweep re-runs it whole)."""
     import time
 
-    for p in list(_LIVE):
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        live = list(_LIVE)
+    for p in live:
         p.terminate()
     end = time.monotonic() + timeout
     for p in list(_LIVE):
@@ -172,8 +181,8 @@ def _stop_live(timeout: float = 30.0) -> None:
 def slot_env(slot: int, jobs_at_once: int, device: str | None, base: dict | None = None) -> tuple[dict, list[str]]:
     """The environment and extra fastvit-train flags of parallel slot `slot` of `jobs_at_once`.
 
-    CPU: the cores this process may use are shared out: OMP_NUM_THREADS (unless already set) and loader
-    workers (unless --set workers=) = max(1, cores // jobs), so N runs don't each start a thread per core.
+    The cores this process may use are shared out: OMP_NUM_THREADS (unless already set) and loader workers
+    = max(1, cores // jobs), so N runs don't each start a thread per core.
     CUDA: slot k sees one GPU, k mod the GPUs visible (CUDA_VISIBLE_DEVICES), so N runs on N GPUs run one
     per GPU and more runs than GPUs share them round-robin."""
     import os
@@ -183,10 +192,10 @@ def slot_env(slot: int, jobs_at_once: int, device: str | None, base: dict | None
     env = dict(os.environ if base is None else base)
     if jobs_at_once <= 1:
         return env, []
-    cpus = default_workers()
-    threads = int(env.get("OMP_NUM_THREADS") or max(1, cpus // jobs_at_once))
-    env["OMP_NUM_THREADS"] = str(threads)
-    flags = ["--workers", str(threads)]
+    share = max(1, default_workers() // jobs_at_once)
+    if not env.get("OMP_NUM_THREADS"):          # one already set (e.g. OMP_NUM_THREADS=1 on a cluster) is kept
+        env["OMP_NUM_THREADS"] = str(share)
+    flags = ["--workers", str(share)]
     if device is None or str(device).startswith("cuda"):
         visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         if not visible:
@@ -203,7 +212,7 @@ def slot_env(slot: int, jobs_at_once: int, device: str | None, base: dict | None
 
 def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
              runner: Callable[..., int] | None = None, progress: bool = True, say=print,
-             jobs_at_once: int = 1, user_set: dict | None = None) -> list[Job]:
+             jobs_at_once: int = 1, own_workers: set = frozenset()) -> list[Job]:
     """Runs the unfinished jobs, `jobs_at_once` at a time, each when the runs it continues have finished
     (WSD); returns the failed ones (and those whose WSD parent failed). One bar over the whole sweep,
     weighted by budget seconds; its ETA is the budgets still to run plus, per run, the mean overhead
@@ -224,11 +233,11 @@ def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
     bar = tqdm(total=sum(j.weight for j in jobs), initial=done, disable=not progress, unit="budget-s",
                dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} budget-s "
                "[{elapsed}] {postfix}")
-    skip_workers = "workers" in (user_set or {})
+    _STOPPING.clear()
 
     def start(pool, j, slot):
         env, flags = slot_env(slot, n, device)
-        if skip_workers:
+        if j.variant in own_workers:        # the variant (or --set) chose its loader workers
             flags = []
         left = [j2 for j2 in todo if j2 not in running.values()]
         over = sum(overheads) / len(overheads) if overheads else 0

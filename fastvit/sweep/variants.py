@@ -98,22 +98,36 @@ def yaml_variant(part: str) -> str | None:
 
 
 def label(item: str) -> str:
-    """How a variant item is named in the sweep's dirs and tables: as written, a YAML part by its NAME."""
-    return "+".join(p.strip().partition("=")[0].strip() if yaml_variant(p.strip()) else p.strip() for p in item.split("+"))
+    """How a variant item is named in the sweep's dirs and tables: as written, a YAML part by its NAME
+    (letters, digits, '.', '_', '-'; a ConfigError otherwise)."""
+    import re
+
+    parts = []
+    for p in item.split("+"):
+        p = p.strip()
+        if yaml_variant(p):
+            name = p.partition("=")[0].strip()
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ConfigError(f"variant {p!r}: NAME=FILE.yaml needs a NAME of letters, digits, '.', '_' or '-'")
+            p = name
+        parts.append(p)
+    return "+".join(parts)
 
 
-def _yaml_overrides(path: str) -> dict:
+def _yaml_overrides(file: str) -> dict:
     import yaml
 
     try:
-        with open(path) as f:
+        with open(file) as f:
             y = yaml.safe_load(f) or {}
     except OSError as e:
-        raise ConfigError(f"variant file {path}: {e.strerror}") from None
+        raise ConfigError(f"variant file {file}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"variant file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"variant file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except ValueError as e:                         # not text (UnicodeDecodeError)
+        raise ConfigError(f"variant file {file} is not a text file: {e}") from None
     if not isinstance(y, dict):
-        raise ConfigError(f"variant file {path} must hold a mapping of settings")
+        raise ConfigError(f"variant file {file} must hold a mapping of settings")
     leaves = TrainConfig.leaf_keys()
     by_path: dict = {}
     for key, path in sorted(leaves.items()):       # aliases (model/name, data/root): the section's name wins
@@ -125,18 +139,19 @@ def _yaml_overrides(path: str) -> dict:
     def walk(d: dict, path: tuple) -> None:        # flat keys or fastvit-train's nested sections
         for k, v in d.items():
             p = (*path, str(k).replace("-", "_"))
-            if p in run_paths or (len(p) == 1 and p[0] in leaves and leaves[p[0]] in run_paths):
+            if isinstance(v, dict) and p not in by_path:
+                walk(v, p)                         # a section (data:, model:, ...)
+                continue
+            leaf = leaves[p[0]] if len(p) == 1 and p[0] in leaves else p
+            if leaf in run_paths:
                 continue                           # the run's own (budget, seed, data, out, ...)
-            if p in by_path:
-                flat[by_path[p]] = tuple(v) if isinstance(v, list) else v
-            elif isinstance(v, dict):
-                walk(v, p)
+            if leaf in by_path:
+                flat[by_path[leaf]] = tuple(v) if isinstance(v, list) else v
             elif len(p) == 1:
                 flat[p[0]] = v                     # an unknown key: make_config names it
             else:
-                raise ConfigError(f"variant file {path_}: unknown setting {'.'.join(p)}")
+                raise ConfigError(f"variant file {file}: unknown setting {'.'.join(p)}")
 
-    path_ = path
     walk(y, ())
     return flat
 
