@@ -175,6 +175,10 @@ def test_manual_growth_run_mogrow_ema_and_optimizer(tiny_prepped, tmp_path, monk
     assert plan["growth"]["events"][0]["from"] == 2 and plan["growth"]["events"][0]["to"] == 4
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["depth"] for r in rows if r["kind"] == "train"} == {2, 4}
+    import csv
+
+    with open(run / "metrics.csv") as f:                               # the CSV carries the depth too
+        assert {r["depth"] for r in csv.DictReader(f) if r["kind"] == "train"} == {"2", "4"}
 
 
 def test_resume_across_a_growth_reproduces_the_stage_sequence(tiny_prepped, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..fileio import write_bytes_atomic
 
-CSV_COLUMNS = ["kind", "step", "counted_s", "p", "stage", "res", "keep", "batch", "lr", "loss",
+CSV_COLUMNS = ["kind", "step", "counted_s", "p", "stage", "res", "keep", "depth", "batch", "lr", "loss",
                "images_per_s", "mfu", "data_wait", "mix_prob", "drop_path", "nan_skipped",
                "top1", "top5", "ema_top1", "ema_top5", "val_s", "interval_s", "interval_wait_s",
                "interval_images", "interval_compute_s"]
