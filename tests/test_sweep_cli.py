@@ -62,6 +62,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tiny_prepped, tmp_
     assert lines[0].startswith("variant,budget,budget_s,seed,top1") and len(lines) == 1 + 24
     table = (out / "table.md").read_text()
     assert "| lr=2e-3 |" in table and "(n=2)" in table
+    assert "Training images seen per run" in table and "| fastvit | 6,000 | 12,000 | 24,000 | 48,000 |" in table
     for png in ("top1_vs_budget.png", "forecast.png"):
         assert (out / png).stat().st_size > 10_000
     fc = json.loads((out / "forecast.json").read_text())["variants"]["fastvit"]

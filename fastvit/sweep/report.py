@@ -67,6 +67,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def images_table(rows: list[dict]) -> str:
+    """Markdown: training images each run saw (mean over seeds): at an equal time budget, top-1 is as much
+    about how many images a variant gets through as about what it learns from each."""
+    budgets = sorted(_order(rows, "budget"), key=lambda b: min(_x(r) for r in rows if r["budget"] == b))
+    lines = ["| variant | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for v in _order(rows, "variant"):
+        cells = []
+        for b in budgets:
+            t = [r["images_seen"] for r in rows if r["variant"] == v and r["budget"] == b]
+            cells.append(f"{statistics.mean(t):,.0f}" if t else "–")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path, forecasts: dict | None = None) -> None:
     """Top-1 against budget per variant (log x): runs as points, mean as a line; with forecasts, each
     variant's BNSL fit (dashed) and its forecast with the interval."""
@@ -74,13 +88,14 @@ def plot(rows: list[dict], path: Path, forecasts: dict | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, v in enumerate(_order(rows, "variant")):
-        c = f"C{i}"
+        c = f"C{i % 10}"                 # past ten variants the colours repeat with another line and marker
         rv = [r for r in rows if r["variant"] == v]
         xs = sorted({_x(r) for r in rv})
-        ax.plot([_x(r) for r in rv], [r["top1"] for r in rv], "o", color=c, alpha=0.6)
-        ax.plot(xs, [statistics.mean(r["top1"] for r in rv if _x(r) == x) for x in xs], "-", color=c, label=v)
+        ax.plot([_x(r) for r in rv], [r["top1"] for r in rv], "os^"[i // 10 % 3], color=c, alpha=0.6)
+        ax.plot(xs, [statistics.mean(r["top1"] for r in rv if _x(r) == x) for x in xs], "-" if i < 10 else "-.",
+                color=c, label=v)
         fc = (forecasts or {}).get(v)
         if fc and "seconds" in fc and "fit" in fc["seconds"]:
             f = fc["seconds"]
@@ -102,7 +117,8 @@ def plot(rows: list[dict], path: Path, forecasts: dict | None = None) -> None:
 
 def write_all(rows: list[dict], out: Path) -> None:
     write_csv(rows, out / "sweep.csv")
-    (out / "table.md").write_text(table(rows))
+    (out / "table.md").write_text("Top-1 (%), mean ± sd over seeds (n):\n\n" + table(rows)
+                                  + "\nTraining images seen per run (mean over seeds):\n\n" + images_table(rows))
     if rows:
         plot(rows, out / "top1_vs_budget.png")
 
