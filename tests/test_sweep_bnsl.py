@@ -67,3 +67,17 @@ def test_too_few_budgets_or_bad_values():
         bnsl.fit_bnsl(X[:5], bnsl.bnsl(X[:5], 0.2, 3.0, 0.3), breaks=1)
     with pytest.raises(bnsl.BNSLError, match="y > 0"):
         bnsl.fit_bnsl(X[:4], [0.5, 0.4, 0.0, 0.3])
+
+
+def test_seeds_of_one_budget_are_one_budget_and_an_impossible_limit_is_refused():
+    """Images axis: each seed's run has its own x; 4 budgets × 2 seeds are 4 budgets (zero breaks), not 8.
+    A fit whose limit a is below zero (error < 0 ahead) is refused, not forecast as top-1 > 100%."""
+    x = np.array([3968, 4192, 8384, 8672, 17088, 17536, 35392, 35872], float)
+    assert bnsl.distinct_budgets(x) == 4 and bnsl.distinct_budgets([1, 2, 4, 8, 16, 32, 64]) == 7
+    assert bnsl.fit_bnsl(x, bnsl.bnsl(x, 0.2, 5.0, 0.3)).breaks == 0
+    xs = np.array([120, 240, 480, 960], float)
+    y = np.array([0.66, 0.60, 0.52, 0.42])         # still falling faster in log-log: the limit fits below 0
+    fit = bnsl.fit_bnsl(xs, y)
+    assert fit.params["a"] < 0
+    with pytest.raises(bnsl.BNSLError, match="limit a=.* is below zero"):
+        bnsl.forecast(xs, y, 86400.0)

@@ -99,6 +99,13 @@ def _grid_search(xs, y, breaks: int):
     return best_p, best
 
 
+def distinct_budgets(x) -> int:
+    """Distinct budgets among x, counting values within 10% of each other as one: on the images axis every
+    seed's run has its own x, but two seeds of one budget are not two budgets a break can be fitted to."""
+    xs = np.sort(np.asarray(x, dtype=float))
+    return int(1 + np.sum(xs[1:] > 1.1 * xs[:-1])) if len(xs) else 0
+
+
 def fit_bnsl(x, y, *, breaks: int | str = "auto") -> Fit:
     """Grid + Levenberg-Marquardt fit of y against x (x > 0, y > 0; repeated x, e.g. seeds, allowed).
 
@@ -111,7 +118,7 @@ def fit_bnsl(x, y, *, breaks: int | str = "auto") -> Fit:
         raise BNSLError("x and y must be 1-d and of the same length")
     if np.any(x <= 0) or np.any(y <= 0) or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
         raise BNSLError("BNSL needs x > 0 and y > 0")
-    distinct = len(np.unique(x))
+    distinct = distinct_budgets(x)
     if breaks == "auto":
         breaks = 1 if distinct >= len(PARAMS[1]) + 1 else 0
     if breaks not in PARAMS:
@@ -157,6 +164,9 @@ def check_extrapolation(fit: Fit, x_target: float, max_factor: float = DEFAULT_M
     if x_target > max_factor * fit.x_max:
         raise BNSLError(f"refusing to extrapolate {x_target / fit.x_max:.0f}x beyond the largest fitted budget "
                         f"(the limit is {max_factor:g}x)")
+    if fit.params["a"] < 0:
+        raise BNSLError(f"refusing to extrapolate: the fitted limit a={fit.params['a']:.3g} is below zero (an error "
+                        "cannot be), so the points do not pin down where the curve levels off")
     if fit.breaks and fit.params["d1"] > fit.x_max:
         raise BNSLError(f"refusing to extrapolate: the fitted break d1={fit.params['d1']:.3g} lies beyond the "
                         f"largest fitted budget {fit.x_max:.3g}, so where it bends cannot be known from the data")
@@ -171,6 +181,8 @@ def forecast(x, y, x_target: float, *, breaks="auto", max_factor: float = DEFAUL
     fit = fit_bnsl(x, y, breaks=breaks)
     check_extrapolation(fit, x_target, max_factor)
     point = float(fit.predict(x_target))
+    if not np.isfinite(point) or point < 0:
+        raise BNSLError(f"refusing to forecast: the fit gives {point:.3g} at the target (not a possible error)")
     others = []
     for xv in np.unique(x):                       # leave one budget out
         keep = x != xv
@@ -188,7 +200,8 @@ def forecast(x, y, x_target: float, *, breaks="auto", max_factor: float = DEFAUL
                 others.append(float(fit_bnsl(x[idx], y[idx], breaks=fit.breaks).predict(x_target)))
             except BNSLError:
                 pass
-    vals = [v for v in [point, *others] if np.isfinite(v)]
+    vals = [v for v in [point, *others] if np.isfinite(v) and v >= 0]   # a refit predicting a negative
+    # error (top-1 > 100%) says nothing about where the curve ends: not part of the interval
     return {"fit": fit.to_dict(), "x_target": float(x_target), "y": point,
             "lo": min(vals) if len(vals) > 1 else None, "hi": max(vals) if len(vals) > 1 else None,
             "loo_fits": loo, "boot_fits": len(others) - loo}
