@@ -49,36 +49,29 @@ def _order(rows, key):
     return seen
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: one row per variant, one column per budget, mean ± sd of top-1 (%) over seeds (n)."""
+def _grid(rows: list[dict], cell) -> str:
+    """Markdown: one row per variant, one column per budget, cell(values of its runs) in each."""
     budgets = sorted(_order(rows, "budget"), key=lambda b: min(_x(r) for r in rows if r["budget"] == b))
     lines = ["| variant | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for v in _order(rows, "variant"):
-        cells = []
-        for b in budgets:
-            t = [r["top1"] for r in rows if r["variant"] == v and r["budget"] == b]
-            if not t:
-                cells.append("–")
-            elif len(t) == 1:
-                cells.append(f"{t[0]:.2f}")
-            else:
-                cells.append(f"{statistics.mean(t):.2f} ± {statistics.stdev(t):.2f} (n={len(t)})")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        runs = [[r for r in rows if r["variant"] == v and r["budget"] == b] for b in budgets]
+        lines.append(f"| {v} | " + " | ".join(cell(rs) if rs else "–" for rs in runs) + " |")
     return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per variant, one column per budget, mean ± sd of top-1 (%) over seeds (n)."""
+    def cell(rs):
+        t = [r["top1"] for r in rs]
+        return f"{t[0]:.2f}" if len(t) == 1 else f"{statistics.mean(t):.2f} ± {statistics.stdev(t):.2f} (n={len(t)})"
+
+    return _grid(rows, cell)
 
 
 def images_table(rows: list[dict]) -> str:
     """Markdown: training images each run saw (mean over seeds): at an equal time budget, top-1 is as much
     about how many images a variant gets through as about what it learns from each."""
-    budgets = sorted(_order(rows, "budget"), key=lambda b: min(_x(r) for r in rows if r["budget"] == b))
-    lines = ["| variant | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
-    for v in _order(rows, "variant"):
-        cells = []
-        for b in budgets:
-            t = [r["images_seen"] for r in rows if r["variant"] == v and r["budget"] == b]
-            cells.append(f"{statistics.mean(t):,.0f}" if t else "–")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _grid(rows, lambda rs: f"{statistics.mean(r['images_seen'] for r in rs):,.0f}")
 
 
 def plot(rows: list[dict], path: Path, forecasts: dict | None = None) -> None:

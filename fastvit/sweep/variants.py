@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastvit.train.config import ConfigError, TrainConfig, make_config
+from fastvit.train.config import ConfigError, TrainConfig, make_config, read_settings_yaml
 
 
 def _final_res(base: TrainConfig, data_res: list[int]) -> int:
@@ -115,19 +115,7 @@ def label(item: str) -> str:
 
 
 def _yaml_overrides(file: str) -> dict:
-    import yaml
-
-    try:
-        with open(file) as f:
-            y = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"variant file {file}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"variant file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except ValueError as e:                         # not text (UnicodeDecodeError)
-        raise ConfigError(f"variant file {file} is not a text file: {e}") from None
-    if not isinstance(y, dict):
-        raise ConfigError(f"variant file {file} must hold a mapping of settings")
+    y = read_settings_yaml(file, f"variant file {file}")
     leaves = TrainConfig.leaf_keys()
     by_path: dict = {}
     for key, path in sorted(leaves.items()):       # aliases (model/name, data/root): the section's name wins

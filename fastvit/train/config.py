@@ -291,22 +291,29 @@ def make_config(preset: str | None, overrides: dict, yaml_path: str | None = Non
     return TrainConfig.from_dict(d)
 
 
+def read_settings_yaml(path: str, name: str) -> dict:
+    """A YAML file of settings (a mapping), or a one-line ConfigError naming it as `name`."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            y = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {name}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except ValueError as e:                         # not text (UnicodeDecodeError)
+        raise ConfigError(f"{name} is not a text file: {e}") from None
+    if not isinstance(y, dict):
+        raise ConfigError(f"{name} must hold a mapping of settings")
+    return y
+
+
 def given_settings(overrides: dict, yaml_path: str | None = None) -> dict:
     """What the user set, nested: the YAML file (nested or flat) under the explicit overrides (None
     values are 'not given'). Presets not included."""
     d: dict = {}
     if yaml_path:
-        import yaml
-
-        try:
-            with open(yaml_path) as f:
-                y = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read --config {yaml_path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(y, dict):
-            raise ConfigError(f"--config {yaml_path} must hold a mapping of settings")
-        _merge_into(d, TrainConfig.nest(y))
+        _merge_into(d, TrainConfig.nest(read_settings_yaml(yaml_path, f"--config {yaml_path}")))
     _merge_into(d, TrainConfig.nest({k: v for k, v in overrides.items() if v is not None}))
     return d
