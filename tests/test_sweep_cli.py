@@ -23,7 +23,7 @@ def _fake_training(monkeypatch, kill_at=None):
     budget; the kill_at-th call leaves a half-written run dir and raises KeyboardInterrupt (a kill)."""
     calls = []
 
-    def fake(job, cmd):
+    def fake(job, cmd, env=None):
         calls.append((job, cmd))
         job.run_dir.mkdir(parents=True, exist_ok=True)
         if kill_at is not None and len(calls) == kill_at:

@@ -85,9 +85,10 @@ def sweep_main(argv=None) -> int:
         raw = [v.strip() for v in args.variants.split(",") if v.strip()]
         items: dict = {}                                    # label -> item
         for v in raw:
-            if variants.label(v) in items:
-                raise ConfigError(f"variant {variants.label(v)!r} is given twice")
-            items[variants.label(v)] = v
+            lab = variants.label(v)
+            if lab in items:
+                raise ConfigError(f"variant {lab!r} is given twice")
+            items[lab] = v
         names = list(items)
         if not budgets or not names:
             raise ConfigError("give at least one budget and one variant")

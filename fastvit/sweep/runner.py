@@ -211,7 +211,7 @@ def slot_env(slot: int, jobs_at_once: int, device: str | None, base: dict | None
 
 
 def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
-             runner: Callable[..., int] | None = None, progress: bool = True, say=print,
+             runner: Callable[[Job, list[str], dict], int] | None = None, progress: bool = True, say=print,
              jobs_at_once: int = 1, own_workers: set = frozenset()) -> list[Job]:
     """Runs the unfinished jobs, `jobs_at_once` at a time, each when the runs it continues have finished
     (WSD); returns the failed ones (and those whose WSD parent failed). One bar over the whole sweep,
@@ -245,8 +245,7 @@ def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
         bar.set_postfix_str(f"ETA {eta / 60:.0f} min{'' if overheads else ' + overheads'}: "
                             f"{j.variant} {j.budget.label} seed {j.seed}")
         cmd = train_command(j, data, preset, device) + flags
-        args = (j, cmd) if n == 1 else (j, cmd, env)
-        return pool.submit(lambda: (time.monotonic(), runner(*args), time.monotonic()))
+        return pool.submit(lambda: (time.monotonic(), runner(j, cmd, env), time.monotonic()))
 
     running: dict = {}          # future -> job
     slots: dict = {}            # future -> slot

@@ -149,8 +149,8 @@ def resolve(item: str, base: TrainConfig, data_res: list[int]) -> dict:
     out: dict = {}
     for part in item.split("+"):
         part = part.strip()
-        if yaml_variant(part):
-            out.update(_yaml_overrides(yaml_variant(part)))
+        if file := yaml_variant(part):
+            out.update(_yaml_overrides(file))
         elif "=" in part:
             out.update(parse_overrides([part]))
         elif part in VARIANTS:
