@@ -39,6 +39,13 @@ def result_row(run: Path, seed: int) -> dict:
             "images_seen": res["images_seen"], "steps": res["steps"]}
 
 
+def write_results(out: Path, lines: list[str], results: dict, json_name: str) -> None:
+    """table.md, the JSON of every run's row, and the table on stdout (shared with tokens_resize.py)."""
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / json_name).write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -70,9 +77,7 @@ def main(argv=None) -> int:
         ema = ", ".join("–" if r["ema_top1"] is None else f"{r['ema_top1']:.2f}" for r in rs)
         seen = ", ".join(str(r["images_seen"]) for r in rs)
         lines.append(f"| {name} | {statistics.mean(t):.2f}{sd} | {', '.join(f'{x:.2f}' for x in t)} | {ema} | {seen} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "tokens.json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_results(out, lines, results, "tokens.json")
     return 0
 
 

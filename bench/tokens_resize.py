@@ -10,14 +10,13 @@ Writes DIR/table.md, DIR/tokens_resize.json and DIR/load.txt (`uptime` before, e
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tokens_compare import result_row, train_cmd   # bench/ is on sys.path when run as a script
+from tokens_compare import result_row, train_cmd, write_results   # bench/ is on sys.path when run as a script
 
 MODES = ("pi", "pool")
 
@@ -77,10 +76,7 @@ def main(argv=None) -> int:
             continue
         results.setdefault(mode, []).append(result_row(run, seed))
     results = {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in sorted(results.items())}
-    lines = table(a, results)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "tokens_resize.json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_results(out, table(a, results), results, "tokens_resize.json")
     return 0
 
 
