@@ -63,9 +63,9 @@ elif hook == "val":                       # the first periodic validation
 
     Evaluator.__call__ = lambda self, *a, **k: block("val")
 elif hook == "probe":                     # compile + probe, before any training
-    import fastvit.train.loop as L
+    import fastvit.train.run_planner as P
 
-    L.fit_and_probe = lambda *a, **k: block("probe")
+    P.fit_and_probe = lambda *a, **k: block("probe")
 from fastvit.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
