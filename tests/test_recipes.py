@@ -98,3 +98,32 @@ def test_recipes_ship_with_the_package_and_the_checkout_links_them():
     assert "fastvit.recipes" in tool["packages"]
     globs = tool["package-data"]["fastvit.recipes"]
     assert all(any(p.match(g) for g in globs) for p in FILES)
+
+
+def test_augmentation_strength_is_a_pure_monotone_function_of_the_planned_epochs():
+    from fastvit.settings import ConfigError
+    from fastvit.train.recipe_scale import randaug_magnitude, strength, strength_for_epochs
+
+    epochs = [0.5, 1, 3, 5, 10, 20, 45, 90, 150, 300, 500]
+    got = [strength_for_epochs(e) for e in epochs]
+    assert got == [strength_for_epochs(e) for e in epochs]                            # pure
+    for key in ("randaug", "mix_prob", "drop_path"):
+        ends = [g[key][1] for g in got]
+        assert ends == sorted(ends), key                                               # never weaker with more epochs
+        assert all(g[key][0] == 0.0 for g in got)                                      # ramps from 0, as aug_at does
+    # <= 3 epochs: off (the CPU recipe's regime)
+    assert all(g["randaug"][1] == g["mix_prob"][1] == g["drop_path"][1] == 0.0 for g in got[:3])
+    # >= 90 epochs: big_vision's ViT-S/16 (randaug(2,10) = full range, mixup p 0.2 on every batch, no cutmix)
+    full = {"randaug": (0.0, 30.0), "randaug_ops": 2, "mixup": 0.2, "cutmix": 0.0, "mix_prob": (0.0, 1.0),
+            "drop_path": (0.0, 0.0)}
+    assert got[7:] == [full] * 4
+    assert 0 < strength(20) < 1 and strength(20) == pytest.approx(0.5578, abs=1e-4)   # log-linear between
+    assert strength_for_epochs(300, embed_dim=768)["drop_path"] == (0.0, 0.1)          # ViT-B: AugReg's stochastic depth
+    assert randaug_magnitude(10) == 30.0 and randaug_magnitude(15) == 30.0 and randaug_magnitude(5) == 15.0
+    # the dict is settings a config takes as they are
+    for g in got:
+        cfg = make_config("gpu", g)
+        assert cfg.schedule.randaug == g["randaug"] and cfg.schedule.mix_prob == g["mix_prob"]
+    for bad in (0, -1, float("nan"), float("inf"), "20"):
+        with pytest.raises(ConfigError, match="planned epochs"):
+            strength_for_epochs(bad)
