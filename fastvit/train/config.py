@@ -8,8 +8,9 @@
 
 Leaf names are unique across sections, so a flat key (`lr`, an old config.json, a preset) and a flag
 (`--lr`) name one setting; `data` / `model` as strings mean data.root / model.name. Unknown keys raise
-one ConfigError (fastvit.settings); presets are partial configs applied before the user's own
-settings. The resolved config (to_dict) is saved in the run dir and in every checkpoint.
+one ConfigError (fastvit.settings). A preset is a recipe file (fastvit/recipes/NAME.yaml, every setting
+written out); a --config file goes over it and flags over both, setting by setting (a budget in any unit
+replaces the budget below it). The resolved config (to_dict) is saved in the run dir and in every checkpoint.
 """
 from __future__ import annotations
 
