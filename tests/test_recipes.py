@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,6 +93,7 @@ def test_recipes_ship_with_the_package_and_the_checkout_links_them():
         pytest.skip("an installed fastvit: no checkout around it")
     assert (ROOT / "recipes").resolve() == RECIPES_DIR.resolve()                      # recipes/ -> fastvit/recipes
     assert RECIPES_DIR.resolve() == (ROOT / "fastvit" / "recipes").resolve()
+    tomllib = pytest.importorskip("tomllib")                                          # Python >= 3.11
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "fastvit.recipes" in tool["packages"]
     globs = tool["package-data"]["fastvit.recipes"]
