@@ -72,8 +72,7 @@ def ignored_on_resume(args: argparse.Namespace) -> list[str]:
 
 def print_expected(spec: str, budget_s: float | None) -> None:
     """One line on stderr: the sweep's BNSL forecast of top-1 at this budget, or why there is none."""
-    from fastvit.sweep.bnsl import BNSLError
-    from fastvit.sweep.report import expected_top1
+    from fastvit.forecast import BNSLError, expected_top1
 
     sweep_dir, _, variant = spec.partition(":")
     try:
