@@ -1,4 +1,4 @@
-"""The trainer's fault matrix (README "Faults: training"): for each fault, the outcome (a one-line error
+"""The trainer's fault matrix (docs/faults.md "Faults: training"): for each fault, the outcome (a one-line error
 with its exit code, or a recovery) and the work lost, on the tiny prepped data (CPU).
 
 kill -9 and SIGTERM hit a real fastvit-train process: `RUNNER` patches one place of the trainer to
