@@ -1,0 +1,169 @@
+"""The joint scaling law: it recovers known parameters from synthetic points, refuses points that cannot
+determine it, leaves one budget out, chooses as a pure function, and scaling.json round-trips and rejects
+malformed files with one line; the shipped priors load and say what data they were fitted on."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from fastvit import scaling
+from fastvit.scaling import ScalingError, choose, fit_law, law_error, load_law, load_prior, save_law
+
+TRUE = {"E": 0.15, "A": 8.0, "alpha": 0.35, "B": 6.0, "beta": 0.4}
+SIZES = (5e5, 1e6, 2e6, 4e6, 8e6)
+BUDGETS = {"1m": 3e3, "2m": 1e4, "4m": 3e4, "8m": 1e5}
+
+
+def _points(params=TRUE, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"shape": f"n{int(n)}", "params": n, "images": d, "budget": b, "seed": 0,
+             "top1": 100 * (1 - float(law_error(params, n, d))) + noise * rng.normal()}
+            for n in SIZES for b, d in BUDGETS.items()]
+
+
+@pytest.fixture(scope="module")
+def law():
+    return fit_law(_points(), data={"name": "synthetic", "classes": 10, "resolution": 96}, provenance="test")
+
+
+def test_recovers_known_parameters(law):
+    for k, v in TRUE.items():
+        assert law.params[k] == pytest.approx(v, rel=0.01), k
+    assert law.fit_info["rmse_top1"] < 0.01
+    assert law.loo["rmse"] < 0.05 and len(law.loo["refits"]) == len(BUDGETS)      # one refit per budget left out
+    assert {b["budget"] for b in law.loo["by_budget"]} == set(BUDGETS)
+
+
+def test_recovers_another_law_with_one_exponent_fixed():
+    other = {"E": 0.3, "A": 3.0, "alpha": 0.2, "B": 20.0, "beta": 0.6}
+    got = fit_law(_points(other), fixed={"alpha": 0.2}, loo=False)
+    assert got.fixed == ("alpha",) and got.params["alpha"] == 0.2
+    for k in ("E", "A", "B", "beta"):
+        assert got.params[k] == pytest.approx(other[k], rel=0.01), k
+
+
+def test_noisy_points_still_forecast_within_noise():
+    noisy = fit_law(_points(noise=0.3, seed=1))
+    held = 100 * (1 - float(law_error(TRUE, 3e6, 5e4)))
+    assert abs(noisy.predict(3e6, 5e4) - held) < 1.0
+    lo, hi = noisy.interval(3e6, 5e4)
+    assert lo <= noisy.predict(3e6, 5e4) <= hi and hi - lo > 0
+
+
+def test_predict_interval_and_extrapolation(law):
+    assert law.predict(1e6, 1e4) == pytest.approx(100 * (1 - float(law_error(TRUE, 1e6, 1e4))), abs=0.02)
+    assert law.extrapolates(1e6, 1e4) is False
+    far = law.extrapolates(2e7, 1e4)
+    assert far == "N 2e+07 is 2.5x the largest fitted (8e+06)"
+    both = law.extrapolates(1e5, 1e6)
+    assert "N 1e+05 is 5.0x below the smallest fitted" in both and "D 1e+06 is 10.0x the largest" in both
+
+
+@pytest.mark.parametrize("pts, fixed, msg", [
+    ([{"params": 1e6, "images": d, "top1": 50 + i, "budget": str(i)} for i, d in enumerate((1e3, 1e4, 1e5, 1e6, 1e7, 1e8))],
+     None, "one model size"),
+    ([{"params": n, "images": 1e4, "top1": 50 + i} for i, n in enumerate((1e5, 1e6, 1e7, 1e8, 1e9, 1e10))],
+     None, "about one number of images"),
+    (_points()[:4], None, "needs at least 6 points, got 4"),
+    ([p for p in _points() if p["params"] in (5e5, 1e6)], None, "2 distinct model sizes cannot determine alpha"),
+    ([{"params": 1e6, "images": 1e4, "top1": 120.0}] * 6, None, "top1 in (0, 100)"),
+    ([{"params": 1e6, "top1": 50}] * 6, None, "needs numbers params, images and top1"),
+    (_points(), {"gamma": 1.0}, "unknown fixed parameter(s) gamma"),
+])
+def test_points_that_cannot_determine_the_law_are_refused(pts, fixed, msg):
+    with pytest.raises(ScalingError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+        fit_law(pts, fixed=fixed)
+    assert "\n" not in str(e.value)
+
+
+def test_one_model_size_fits_when_its_terms_are_fixed():
+    pts = [p for p in _points() if p["params"] == 1e6]
+    got = fit_law(pts, fixed={"A": 8.0, "alpha": 0.35}, loo=False)
+    assert got.params["beta"] == pytest.approx(0.4, rel=0.02)
+
+
+def test_choose_is_pure_best_first_ties_to_fewer_params(law):
+    cands = [{"shape": "big", "params": 8e6, "images": 1e4}, {"shape": "small", "params": 1e6, "images": 3e4},
+             {"shape": "twin", "params": 2e6, "images": 3e4}, {"shape": "twin-small", "params": 2e6, "images": 3e4},
+             {"shape": "slow", "params": 4e6, "images": 0}, {"shape": "huge", "params": 1e8, "images": 1e3}]
+    before = copy.deepcopy(cands)
+    rows = choose(law, cands)
+    assert cands == before                                        # inputs untouched
+    assert rows == choose(law, cands)                             # the same answer again
+    tops = [r["top1"] for r in rows if r["top1"] is not None]
+    assert tops == sorted(tops, reverse=True)
+    assert rows[-1]["shape"] == "slow" and rows[-1]["top1"] is None
+    assert "N 1e+08 is 12.5x the largest fitted" in next(r for r in rows if r["shape"] == "huge")["extrapolates"]
+    for r in rows[:-1]:
+        assert r["interval"][0] <= r["top1"] <= r["interval"][1]
+    # equal predictions: the one with fewer parameters first, whatever the input order
+    tie = [{"shape": "a", "params": 3e6, "images": 2e4}, {"shape": "b", "params": 2e6, "images": 2e4}]
+    flat = scaling.ScalingLaw(**{**law.__dict__, "params": {**law.params, "A": 0.0}})
+    assert [r["shape"] for r in choose(flat, tie)] == ["b", "a"]
+    assert [r["shape"] for r in choose(flat, tie[::-1])] == ["b", "a"]
+
+
+def test_save_load_round_trip(law, tmp_path):
+    path = save_law(law, tmp_path / "scaling.json")
+    back = load_law(path)
+    assert back.params == pytest.approx(law.params) and back.n_range == law.n_range and back.d_range == law.d_range
+    assert back.predict(2e6, 2e4) == pytest.approx(law.predict(2e6, 2e4))
+    assert back.interval(2e6, 2e4) == pytest.approx(law.interval(2e6, 2e4))
+    assert len(back.points) == len(law.points) and back.data == law.data
+    assert json.loads(path.read_text())["form"] == scaling.FORM
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda d: "not json{", "not JSON"),
+    (lambda d: {**d, "format": "other"}, "not a scaling law"),
+    (lambda d: {**d, "version": 9}, "version 9 is not 1"),
+    (lambda d: {**d, "params": {**d["params"], "alpha": "x"}}, "params: alpha must be a number"),
+    (lambda d: {**d, "params": {k: v for k, v in d["params"].items() if k != "B"}}, "params: B must be a number"),
+    (lambda d: {**d, "n_range": [5, 1]}, "n_range must be [smallest, largest]"),
+    (lambda d: {**d, "data": {"classes": "ten"}}, "data.classes must be a positive integer"),
+    (lambda d: {**d, "leave_one_budget_out": {"refits": [{"E": 1}]}}, "refits[0]: A must be a number"),
+    (lambda d: [1, 2], "not a JSON object"),
+])
+def test_load_rejects_a_malformed_file_with_one_line(law, tmp_path, edit, msg):
+    good = json.loads(save_law(law, tmp_path / "good.json").read_text())
+    bad = edit(good)
+    path = tmp_path / "bad.json"
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ScalingError) as e:
+        load_law(path)
+    assert msg in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_load_missing_file_is_one_line(tmp_path):
+    with pytest.raises(ScalingError, match="No such file"):
+        load_law(tmp_path / "none.json")
+
+
+def test_other_data_or_resolution_is_one_warning_line(law):
+    assert law.mismatch(10, 96) is None
+    w = law.mismatch(1000, 224)
+    assert w.startswith("warning:") and "10 classes (this run: 1000)" in w and "96 px (this run: 224)" in w
+    assert "\n" not in w
+    assert "96 px" in law.mismatch(10, 128) and "classes" not in law.mismatch(10, 128)
+
+
+@pytest.mark.parametrize("name, classes", [("cpu", 10), ("gpu", 1000)])
+def test_shipped_priors_load_with_provenance(name, classes):
+    prior = load_prior(name)
+    assert prior.data["classes"] == classes and prior.provenance
+    assert len(prior.points) >= 6 and all(p.get("source") for p in prior.points)
+    assert prior.loo["rmse"] is not None
+    # more images never hurt a fixed model, and the law reproduces its own points: within 2 top-1 points for
+    # the median point (the worst are the tiny-image 2-minute nets of the search study, 6.5 points off)
+    n = prior.n_range[0]
+    assert prior.predict(n, prior.d_range[1]) > prior.predict(n, prior.d_range[0])
+    resid = sorted(abs(prior.predict(p["params"], p["images"]) - p["top1"]) for p in prior.points)
+    assert resid[len(resid) // 2] < 2.0 and resid[-1] < 8.0
+
+
+def test_unknown_prior_names_the_known_ones():
+    with pytest.raises(ScalingError, match="no shipped scaling prior 'tpu'; known: cpu, gpu"):
+        load_prior("tpu")
