@@ -96,7 +96,8 @@ def summary(name: str, law) -> str:
     for b in lo.get("by_budget", []):
         lines.append(f"  without {b['budget']} ({b['n']} points): "
                      + (f"refused: {b['refused']}" if "refused" in b else
-                        f"RMSE {b['rmse']:.2f}, mean error {b['mean_error']:+.2f}"))
+                        f"RMSE {b['rmse']:.2f}, mean error {b['mean_error']:+.2f}"
+                        + (f" (held at the full fit: {', '.join(b['held'])})" if b.get("held") else "")))
     return "\n".join(lines)
 
 

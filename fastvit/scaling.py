@@ -243,7 +243,25 @@ def _budget_key(p: dict):
     return str(p["budget"]) if p.get("budget") not in (None, "") else f"{p['images']} images"
 
 
-def _leave_one_budget_out(pts: list[dict], fixed: dict) -> dict:
+def _held_for(rest: list[dict], fixed: dict, full: dict) -> tuple | None:
+    """The fewest free parameters to hold at the full fit's values so that `rest` determines the others:
+    () when it determines them all; None when even one free parameter cannot be fitted."""
+    from itertools import combinations
+
+    free = [k for k in PARAMS if k not in fixed]
+    for size in range(len(free)):
+        for hold in combinations(free, size):
+            try:
+                _check_determined(rest, {**fixed, **{k: full[k] for k in hold}})
+                return hold
+            except ScalingError:
+                continue
+    return None
+
+
+def _leave_one_budget_out(pts: list[dict], fixed: dict, full: dict) -> dict:
+    """Refit without each budget's points and predict them. Where the other budgets cannot determine every free
+    parameter, the fewest are held at the full fit's values ("held": a weaker test, said in the result)."""
     groups: dict = {}
     for p in pts:
         groups.setdefault(_budget_key(p), []).append(p)
@@ -253,17 +271,18 @@ def _leave_one_budget_out(pts: list[dict], fixed: dict) -> dict:
                 "note": "one budget: nothing to leave out"}
     for key, held in groups.items():
         rest = [p for p in pts if _budget_key(p) != key]
-        try:
-            _check_determined(rest, fixed)
-            params, _ = _fit_params(rest, fixed)
-        except ScalingError as e:
-            by_budget.append({"budget": key, "n": len(held), "refused": str(e)})
+        hold = _held_for(rest, fixed, full)
+        if hold is None:
+            by_budget.append({"budget": key, "n": len(held), "refused": "the other budgets' points cannot "
+                              "determine any parameter of the law"})
             continue
+        params, _ = _fit_params(rest, {**fixed, **{k: full[k] for k in hold}})
         r = [_top1(params, p["params"], p["images"]) - p["top1"] for p in held]
         resid += r
         refits.append(params)
         by_budget.append({"budget": key, "n": len(held), "rmse": float(np.sqrt(np.mean(np.square(r)))),
-                          "mean_error": float(np.mean(r)), "max_abs": float(np.max(np.abs(r)))})
+                          "mean_error": float(np.mean(r)), "max_abs": float(np.max(np.abs(r))),
+                          "held": list(hold)})
     return {"by_budget": by_budget, "refits": refits,
             "rmse": float(np.sqrt(np.mean(np.square(resid)))) if resid else None,
             "max_abs": float(np.max(np.abs(resid))) if resid else None,
@@ -287,7 +306,7 @@ def fit_law(points, *, fixed: dict | None = None, data: dict | None = None, prov
     info = {"loss": "huber(log predicted error - log error)", "delta": HUBER_DELTA, "objective": obj,
             "rmse_top1": float(np.sqrt(np.mean(np.square(fit_resid)))), "n_points": len(pts),
             "interval": INTERVAL_METHOD}
-    lo = _leave_one_budget_out(pts, fixed) if loo else {"by_budget": [], "refits": [], "rmse": None,
+    lo = _leave_one_budget_out(pts, fixed, params) if loo else {"by_budget": [], "refits": [], "rmse": None,
                                                          "max_abs": None, "note": "not computed"}
     ns = [p["params"] for p in pts]
     ds = [p["images"] for p in pts]

@@ -35,6 +35,15 @@ def test_recovers_known_parameters(law):
     assert law.fit_info["rmse_top1"] < 0.01
     assert law.loo["rmse"] < 0.05 and len(law.loo["refits"]) == len(BUDGETS)      # one refit per budget left out
     assert {b["budget"] for b in law.loo["by_budget"]} == set(BUDGETS)
+    assert all(b["held"] == [] for b in law.loo["by_budget"])           # each refit fitted all five
+
+
+def test_leave_one_budget_out_holds_what_the_other_budgets_cannot_determine():
+    pts = [p for p in _points() if p["budget"] != "1m"]                    # 3 budgets: without one, 2 remain
+    got = fit_law(pts)
+    assert len(got.loo["refits"]) == 3
+    assert all(b["held"] and set(b["held"]) <= {"B", "beta"} for b in got.loo["by_budget"])
+    assert got.loo["rmse"] < 0.1
 
 
 def test_recovers_another_law_with_one_exponent_fixed():
