@@ -324,3 +324,104 @@ def test_a_yaml_variant_takes_the_files_settings_but_not_the_runs(tiny_prepped, 
         assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--variants", variants_arg]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_a_refused_forecast_is_an_answer_the_sweep_exits_0(tiny_prepped, tmp_path, monkeypatch, capsys):
+    """Every run succeeded, every fit refused to extrapolate 180x: the tables are written and the exit is 0."""
+    out = tmp_path / "sw"
+    _fake_training(monkeypatch)
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), *ARGS, "--forecast", "24h"]) == 0
+    err = capsys.readouterr().err
+    assert "fastvit-forecast: fastvit: refusing to extrapolate 180x" in err
+    assert (out / "forecast.md").is_file() and (out / "table.md").is_file()
+
+
+SCALING_TRUE = {"E": 0.1, "A": 60.0, "alpha": 0.5, "B": 30.0, "beta": 0.5}
+
+
+def _fake_shaped_training(monkeypatch, classes):
+    """Runs whose top-1 follows a known joint law in N (the shape's parameters) and D (images seen, fewer for
+    bigger nets: 2e9 images per budget-second over N)."""
+    from fastvit.models.shapes import param_count
+    from fastvit.scaling import law_error
+    from fastvit.sweep.scaling_fit import split_shape
+
+    calls = []
+
+    def fake(job, cmd, env=None):
+        calls.append((job, cmd))
+        _, shape = split_shape(job.variant)
+        n = param_count(shape, classes)
+        d = int(2e4 * job.budget.seconds * 1e5 / n)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "results.json").write_text(json.dumps(
+            {"top1": 100 * (1 - float(law_error(SCALING_TRUE, n, d))), "images_seen": d,
+             "counted_s": job.budget.seconds, "steps": 10}))
+        return 0
+
+    monkeypatch.setattr(runner, "subprocess_runner", fake)
+    return calls
+
+
+def test_shapes_axis_and_fit_scaling(tiny_prepped, tmp_path, monkeypatch, capsys):
+    """--shapes crosses the variant with each shape (fastvit-train gets the shape's depth/width/heads/MLP
+    through the variant's config); --fit-scaling fits the law on the runs, recovers it and writes scaling.json."""
+    import yaml
+
+    from fastvit import manifest
+    from fastvit.models.shapes import param_count
+    from fastvit.scaling import load_law
+
+    classes = len(manifest.read(tiny_prepped)["classes"])
+    calls = _fake_shaped_training(monkeypatch, classes)
+    out = tmp_path / "sw"
+    shapes = ["d1-w64", "d2-w64", "d2-w128", "d4-w128", "d3-w96-h2"]
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "1m,2m,4m,8m", "--variants",
+                       "fastvit", "--shapes", ",".join(shapes), "--device", "cpu", "--no-progress",
+                       "--fit-scaling"]) == 0
+    assert len(calls) == 20
+    cfg = yaml.safe_load((out / "configs" / "fastvit_shape=d3-w96-h2.yaml").read_text())
+    assert cfg == {"depth": 3, "embed_dim": 96, "num_heads": 2, "mlp_ratio": 4.0}
+    job, cmd = next(c for c in calls if c[0].variant == "fastvit+shape=d3-w96-h2")
+    assert cmd[cmd.index("--config") + 1] == str(out / "configs" / "fastvit_shape=d3-w96-h2.yaml")
+    law = load_law(out / "scaling.json")
+    assert len(law.points) == 20 and {p["shape"] for p in law.points} == set(shapes)
+    assert {p["params"] for p in law.points} == {param_count(s, classes) for s in shapes}
+    for k, v in SCALING_TRUE.items():
+        assert law.params[k] == pytest.approx(v, rel=0.02), k
+    assert law.loo["rmse"] < 0.1 and {b["budget"] for b in law.loo["by_budget"]} == {"1m", "2m", "4m", "8m"}
+    assert law.data["classes"] == classes and law.data["resolution"] == 96     # the cpu preset's final res
+    printed = capsys.readouterr().out
+    assert "Scaling law of fastvit: err = " in printed and f"wrote {out}/scaling.json" in printed
+    assert "| d3-w96-h2 |" in (out / "scaling.md").read_text()
+
+
+def test_fit_scaling_refusal_is_one_line_and_exit_0(tiny_prepped, tmp_path, monkeypatch, capsys):
+    classes = len(__import__("fastvit.manifest", fromlist=["read"]).read(tiny_prepped)["classes"])
+    _fake_shaped_training(monkeypatch, classes)
+    out = tmp_path / "sw"
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "1m,2m,4m", "--variants",
+                       "fastvit+shape=d2-w64", "--device", "cpu", "--no-progress", "--fit-scaling"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "scaling fit" in ln]
+    assert err == ["fastvit-sweep: scaling fit of fastvit refused: the law has 5 free parameters (E, A, alpha, B, "
+                   "beta): it needs at least 6 points, got 3"]
+    assert not (out / "scaling.json").exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--shapes", "d2-x"], "--shapes: shape 'd2-x' is not d<depth>-w<width>"),
+    (["--shapes", ","], "--shapes is empty"),
+    (["--variants", "fastvit+shape=d2-w100-h3"], "3 heads do not divide width 100"),
+])
+def test_bad_shapes_are_one_line_exit_2(tiny_prepped, tmp_path, capsys, argv, msg):
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(tmp_path / "s"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_shape_variant_resolves_to_model_overrides():
+    from fastvit.sweep.variants import check
+
+    assert check("fastvit+shape=d2-w192", "cpu", {}, [64, 96]) == {"depth": 2, "embed_dim": 192, "num_heads": 3,
+                                                                  "mlp_ratio": 4.0}
+    assert check("no-pss+shape=d6-w384-h6-m2", "cpu", {}, [64, 96])["mlp_ratio"] == 2.0

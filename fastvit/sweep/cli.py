@@ -2,11 +2,13 @@
 
     fastvit-sweep --data OUT --budgets 2m,4m,8m,16m --variants fastvit,baseline,no-locality,no-curriculum,no-pss \
                   --seeds 2 --out DIR [--forecast 24h]
+    fastvit-sweep --data OUT --budgets 2m,4m --variants fastvit --shapes d2-w192,d4-w192,d4-w256 --fit-scaling --out DIR
     fastvit-sweep --list-variants
     fastvit-forecast DIR --at 24h
 
-Errors the user can fix are one line on stderr, exit 2; a forecast refused (too far, or a break beyond
-the data) is one line, exit 1.
+Errors the user can fix are one line on stderr, exit 2. A forecast or scaling fit that is refused (too far, a
+break beyond the data, points that cannot determine the law) is one line and an answer: fastvit-sweep still
+exits 0 when its runs succeeded; fastvit-forecast, whose only answer it is, exits 1.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from pathlib import Path
 from fastvit.train.config import ConfigError
 
 from fastvit.forecast import bnsl
+
+from fastvit.models.shapes import parse_shape
 
 from . import report, runner, variants
 
@@ -48,6 +52,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     a("--variants", default=DEFAULT_VARIANTS, help="comma list of variant names (--list-variants), key=value "
       "overrides, NAME=FILE.yaml (a file's settings, e.g. fastvit-search's best.yaml), or these joined by '+' "
       "(no-pss+lr=3e-3)")
+    a("--shapes", help="comma list of model shapes d<depth>-w<width>[-h<heads>][-m<mlp ratio>] (e.g. d2-w192,d4-w192): "
+      "every variant is run at each (as the variant '<variant>+shape=<shape>')")
+    a("--fit-scaling", action="store_true", help="after the sweep: fit the joint law err = E + A/N^alpha + B/D^beta "
+      "(N parameters, D images seen) on the runs and write scaling.json (fastvit-train --scaling takes it) and scaling.md")
     a("--seeds", type=int, default=1, help="seeds 0..N-1 per (variant, budget)")
     a("--out", help="sweep dir (resumable: finished runs are never re-run)")
     a("--preset", help="fastvit-train preset (default: cpu on CPU, gpu on CUDA)")
@@ -85,6 +93,16 @@ def sweep_main(argv=None) -> int:
             raise ConfigError("--wsd-decay must be in (0, 1)")
         budgets = [runner.parse_budget(b) for b in args.budgets.split(",") if b.strip()]
         raw = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.shapes is not None:
+            shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+            if not shapes:
+                raise ConfigError("--shapes is empty")
+            for s in shapes:
+                try:
+                    parse_shape(s)
+                except ValueError as e:
+                    raise ConfigError(f"--shapes: {e}") from None
+            raw = [f"{v}+shape={s}" for v in raw for s in shapes]
         items: dict = {}                                    # label -> item
         for v in raw:
             lab = variants.label(v)
@@ -152,10 +170,24 @@ def sweep_main(argv=None) -> int:
     if args.schedule != "independent":
         (out / "wsd.md").write_text(report.wsd_md(rows, runner.wsd_saving(wsd, args.wsd_decay), args.wsd_decay))
         print((out / "wsd.md").read_text(), end="")
-    rc = 1 if failed else 0
     if target is not None and rows:
-        rc = max(rc, _forecast(rows, out, target, args.forecast, args.max_factor))
-    return rc
+        _forecast(rows, out, target, args.forecast, args.max_factor)   # a refusal is an answer, not a failure
+    if args.fit_scaling and rows:
+        _fit_scaling(rows, out, per_variant, preset, args.data, res)
+    return 1 if failed else 0
+
+
+def _fit_scaling(rows, out: Path, per_variant: dict, preset: str, data: str, data_res: list[int]) -> None:
+    from fastvit import manifest
+
+    from . import scaling_fit
+
+    classes = len(manifest.read(data)["classes"])
+    for path in scaling_fit.write_scaling(rows, out, per_variant, preset, data, classes, data_res,
+                                         say=lambda m: print(m, file=sys.stderr)):
+        if path.suffix == ".md":
+            print(path.read_text(), end="")
+        print(f"wrote {path}")
 
 
 def _forecast(rows, out: Path, target_s: float, label: str, max_factor: float) -> int:

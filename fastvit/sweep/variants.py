@@ -2,12 +2,14 @@
 
 A variant item is NAME, key=value, NAME=FILE.yaml (the settings of a file, e.g. fastvit-search's
 best.yaml, less the run's own: budget, seed, data, out), or several joined by '+' (e.g. `no-pss+lr=3e-3`);
-its label is the item as written, a file by its NAME. The seed paper's ablations switch one trick off at a time from the full recipe.
+its label is the item as written, a file by its NAME. A part `shape=d4-w192` (fastvit.models.shapes) sets depth,
+embed_dim, num_heads and mlp_ratio. The seed paper's ablations switch one trick off at a time from the full recipe.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from fastvit.models.shapes import parse_shape
 from fastvit.train.config import ConfigError, TrainConfig, make_config, read_settings_yaml
 
 
@@ -151,6 +153,11 @@ def resolve(item: str, base: TrainConfig, data_res: list[int]) -> dict:
         part = part.strip()
         if file := yaml_variant(part):
             out.update(_yaml_overrides(file))
+        elif part.startswith("shape="):
+            try:
+                out.update(parse_shape(part[len("shape="):]))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         elif "=" in part:
             out.update(parse_overrides([part]))
         elif part in VARIANTS:
