@@ -60,7 +60,7 @@ def _key_shape(key: str) -> tuple[str, bool] | None:
                        "mlp_ratio": float(m.group(4))}), True
 
 
-def cpu_points(results: Path) -> list[dict]:
+def cpu_points(results: Path, search: bool = True) -> list[dict]:
     pts = []
     n = lambda shape: param_count(shape, 10)                                              # noqa: E731
     with open(results / "sweep-imagenette" / "sweep.csv", newline="") as f:
@@ -76,7 +76,7 @@ def cpu_points(results: Path) -> list[dict]:
                 pts.append({"shape": shape, "params": n(shape), "images": int(r["images_seen"]),
                             "top1": float(r["top1"]), "budget": minutes.replace("min", "m"), "seed": int(r["seed"]),
                             "source": f"bench/results/growth/{minutes}/growth.json (variant {r['variant']})"})
-    for name, budget in (("tau_time", "2m"), ("tau_epoch", "0.5ep")):
+    for name, budget in (("tau_time", "2m"), ("tau_epoch", "0.5ep")) if search else ():
         for net in json.loads((results / "search" / f"{name}.json").read_text())["nets"]:
             got = _key_shape(net["key"])
             if not got:
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "fastvit" / "priors"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--without-search", metavar="FILE", help="also write a cpu law fitted without the search "
+                    "study's runs (alpha fixed at the gpu prior's: two shapes remain), to score the law's Kendall "
+                    "τ on those nets out of sample (bench/search_tau.py --scaling FILE)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     gpu = fit_law(gpu_points(), data={"name": "ImageNet-1k", "classes": 1000, "resolution": 224},
@@ -134,6 +137,12 @@ def main(argv=None) -> int:
     cpu = min(fits, key=lambda f: f.loo["rmse"] if f.loo.get("rmse") is not None else float("inf"))
     save_law(cpu, out / "cpu.json")
     print(summary("cpu", cpu))
+    if a.without_search:
+        held = fit_law(cpu_points(Path(a.results), search=False), data=data, fixed={"alpha": round(gpu.params["alpha"], 4)},
+                       provenance=prov.replace(" and bench/results/search (patch-16 local nets)", "") + " Without the "
+                       "search study's runs (to score the law on them out of sample); alpha fixed at the gpu prior's.")
+        save_law(held, a.without_search)
+        print(summary("cpu without the search study", held))
     return 0
 
 

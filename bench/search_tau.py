@@ -2,13 +2,17 @@
 top-1 of nets trained for equal budgets.
 
     python bench/search_tau.py --runs DIR [DIR ...] --data OUT --minutes 2 --out bench/results/search
+    python bench/search_tau.py --from-json bench/results/search/tau_time.json --scaling cpu --out DIR
 
 DIR: fastvit-sweep dirs (or any folder) holding finished fastvit-train runs (config.json + results.json);
 each run's net becomes a fastvit.search Candidate (from its resolved model config) and is measured by the
 search's own code (κ, L over 5 initialisations, probed speed at the preset's stages -> images in a budget
 of --minutes). Top-1 is averaged over the seeds of a net. Writes OUT/tau.json and OUT/table.md.
 τ > 0 means the measure orders the nets as their accuracy does (κ and the rank sums are negated: lower
-is better for them).
+is better for them). With --scaling (a scaling.json or a shipped prior's name: cpu, gpu) the scaling law's
+forecast of top-1 is a measure too, at the probe's images in budget (training-free: what fastvit-search
+ranks by by default) and at the images the runs saw. --from-json re-scores a previous tau.json's nets
+without measuring anything.
 """
 from __future__ import annotations
 
@@ -42,16 +46,8 @@ def tau(xs, ys) -> dict:
     return {"tau": None if math.isnan(t) else round(float(t), 3), "p": None if math.isnan(p) else round(float(p), 4)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--minutes", type=float, required=True, help="the runs' budget (images in budget at it)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", help="fastvit-search dir for the measured candidates (default: OUT/search)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--label", help="how the runs' budgets are named in the table (default: N-minute budgets)")
-    a = ap.parse_args(argv)
+def measure_nets(a) -> list[dict]:
+    """Each distinct net of the finished runs under --runs, measured by fastvit-search's own code."""
     runs = finished_runs(a.runs)
     top1 = defaultdict(list)
     seen = defaultdict(list)
@@ -60,17 +56,21 @@ def main(argv=None) -> int:
         c = candidate_of(r)
         top1[c].append(res["top1"])
         seen[c].append(res["images_seen"])
-    if len(top1) < 3:
-        print(f"search_tau: {len(top1)} distinct nets among {len(runs)} finished runs; need >= 3", file=sys.stderr)
-        return 2
     args = cli.build_parser().parse_args(["--data", a.data, "--hours", str(a.minutes / 60), "--device", a.device,
                                           "--out", a.cache or str(Path(a.out) / "search"), "--min-epochs", "0"])
     args.min_epochs = 0.0
     ctx = cli.setup(args)
     cands = sorted(top1, key=lambda c: c.key)
     rows = cli.measure_all(cands, ctx, 0.0, "measure")
-    acc = [sum(top1[c]) / len(top1[c]) for c in cands]
-    k, ln, im = [r["kappa"] for r in rows], [r["length"] for r in rows], [r["images"] for r in rows]
+    return [{"key": c.key, "top1": top1[c], "images_seen": seen[c], "kappa": r["kappa"], "length": r["length"],
+             "params": r["params"], "images_in_budget": r["images"], "img_s": r["img_s"]} for c, r in zip(cands, rows)]
+
+
+def measures_tau(nets: list[dict], law=None) -> dict:
+    """{measure: {tau, p}} of every predictor against the nets' mean top-1."""
+    acc = [sum(n["top1"]) / len(n["top1"]) for n in nets]
+    k, ln, im = [n["kappa"] for n in nets], [n["length"] for n in nets], [n["images_in_budget"] for n in nets]
+    seen = [sum(n["images_seen"]) / len(n["images_seen"]) for n in nets]
     rs = rank.rank_sum(k, ln)
     measures = {
         "κ alone (lower better)": [-x for x in k],
@@ -78,19 +78,59 @@ def main(argv=None) -> int:
         "rank sum κ+L (As-ViT)": [-x for x in rs],
         "images in budget (probe) alone": im,
         "rank sum κ+L+1·speed": [-x for x in rank.rank_sum(k, ln, im, 1.0)],
-        "rank sum κ+L+2·speed (the default weight)": [-x for x in rank.rank_sum(k, ln, im, 2.0)],
-        "images seen in training (not training-free)": [sum(seen[c]) / len(seen[c]) for c in cands],
-        "params (fewer better)": [-r["params"] for r in rows],
+        "rank sum κ+L+2·speed (fastvit-search --rank asvit's default weight)":
+            [-x for x in rank.rank_sum(k, ln, im, 2.0)],
+        "images seen in training (not training-free)": seen,
+        "params (fewer better)": [-n["params"] for n in nets],
     }
-    taus = {name: tau(v, acc) for name, v in measures.items()}
-    nets = [{"key": c.key, "top1": top1[c], "images_seen": seen[c], "kappa": r["kappa"], "length": r["length"],
-             "params": r["params"], "images_in_budget": r["images"], "img_s": r["img_s"]} for c, r in zip(cands, rows)]
+    if law is not None:
+        measures["scaling law at the probe's images in budget (fastvit-search --rank law)"] = [
+            law.predict(n["params"], max(1, n["images_in_budget"])) for n in nets]
+        measures["scaling law at the images seen (not training-free)"] = [
+            law.predict(n["params"], s) for n, s in zip(nets, seen)]
+    return {name: tau(v, acc) for name, v in measures.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+")
+    ap.add_argument("--data")
+    ap.add_argument("--minutes", type=float, help="the runs' budget (images in budget at it)")
+    ap.add_argument("--from-json", help="a previous tau.json: its nets' measures, nothing measured again")
+    ap.add_argument("--scaling", help="scaling.json, or a shipped prior (cpu, gpu): the law's forecast as a measure")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cache", help="fastvit-search dir for the measured candidates (default: OUT/search)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--label", help="how the runs' budgets are named in the table (default: N-minute budgets)")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        prev = json.loads(Path(a.from_json).read_text())
+        nets, minutes = prev["nets"], prev["minutes"]
+    elif a.runs and a.data and a.minutes:
+        nets, minutes = measure_nets(a), a.minutes
+    else:
+        ap.error("give --runs, --data and --minutes, or --from-json")
+    if len(nets) < 3:
+        print(f"search_tau: {len(nets)} distinct nets; need >= 3", file=sys.stderr)
+        return 2
+    law = None
+    if a.scaling:
+        from fastvit.scaling import ScalingError, load_law, load_prior
+
+        try:
+            law = load_law(a.scaling) if a.scaling.endswith(".json") else load_prior(a.scaling)
+        except ScalingError as e:
+            print(f"search_tau: {e}", file=sys.stderr)
+            return 2
+    taus = measures_tau(nets, law)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tau.json").write_text(json.dumps({"minutes": a.minutes, "nets": nets, "tau": taus}, indent=1))
-    label = a.label or f"{a.minutes:g}-minute budgets"
-    lines = [f"Kendall τ against mean top-1 over {len(cands)} nets ({len(runs)} runs, {label}; images in budget "
-             f"from the probe at {a.minutes:g} minutes)\n",
+    (out / "tau.json").write_text(json.dumps({"minutes": minutes, "nets": nets, "tau": taus,
+                                              "law": None if law is None else law.describe()}, indent=1))
+    label = a.label or f"{minutes:g}-minute budgets"
+    runs = sum(len(n["top1"]) for n in nets)
+    lines = [f"Kendall τ against mean top-1 over {len(nets)} nets ({runs} runs, {label}; images in budget "
+             f"from the probe at {minutes:g} minutes)" + (f"; law: {law.describe()}" if law else "") + "\n",
              "| measure | τ | p |", "|---|---:|---:|"]
     lines += [f"| {n} | {t['tau']} | {t['p']} |" for n, t in taus.items()]
     lines += ["", "| net | top-1 (%) per seed | images seen | κ | L | params (M) | probe img/s |",

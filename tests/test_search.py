@@ -143,6 +143,17 @@ def test_growth_step_is_a_pure_function_of_the_measures():
     assert all(p.embed_dim % p.num_heads == 0 and p.embed_dim >= 192 for p in props)
 
 
+def test_forecast_ranking_and_growth_step_are_pure():
+    top1s, params = [40.0, None, 45.0, 45.0], [2e6, 1e6, 3e6, 2.5e6]
+    frozen = (list(top1s), list(params))
+    assert rank.forecast_order(top1s, params) == [3, 2, 0, 1]            # ties to fewer params, None last
+    assert (top1s, params) == frozen
+    images = [900, 900, 100, 900]
+    assert rank.forecast_choice(top1s, images, params, min_images=500) == 3
+    assert rank.forecast_choice(top1s, images, params, min_images=500, beat=46.0) is None   # no better forecast
+    assert rank.forecast_choice(top1s, [100] * 4, params, min_images=500) is None
+
+
 def test_search_space_keeps_only_valid_nets():
     cands = search_space(depths=(2,), widths=(96, 100), heads=(3, 4), mlp_ratios=(4,), patches=(16, 20),
                          locality=(True, False), res=96)
@@ -185,9 +196,16 @@ def test_cli_end_to_end_and_resumes(tiny_prepped, tmp_path, monkeypatch, capsys)
     argv = ["--data", str(tiny_prepped), "--hours", "0.02", "--out", str(out), *SPACE]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| # | candidate | score |" in printed and "best: " in printed
+    assert "| # | candidate | score | law top-1 (%) [interval] |" in printed and "best: " in printed
+    assert "the scaling law's top-1 forecast" in printed and "ranked by the scaling law's forecast" in printed
+    # the shipped cpu prior was fitted on Imagenette at 96 px: the tiny data says so in one line
+    assert sum("warning: the scaling law was fitted on" in ln for ln in printed.splitlines()) == 1
     res = json.loads((out / "search.json").read_text())
+    assert res["rank"] == "law" and res["law"]["data"]["classes"] == 10
     assert len(res["ranked"]) == 4 and res["growth"][0]["key"] == res["ranked"][0]["key"]
+    kept = [r for r in res["ranked"] if r["score"] is not None]
+    assert [r["score"] for r in kept] == sorted((r["score"] for r in kept), reverse=True)   # best forecast first
+    assert all(r["score"] == r["predicted_top1"] and r["interval"][0] <= r["score"] <= r["interval"][1] for r in kept)
     for r in res["ranked"]:
         assert {"kappa", "length", "params", "img_s", "images", "score"} <= set(r)
         assert r["images"] > 0 and r["length"] > 0
@@ -203,6 +221,11 @@ def test_cli_end_to_end_and_resumes(tiny_prepped, tmp_path, monkeypatch, capsys)
     assert json.loads((out / "search.json").read_text())["ranked"] == res["ranked"]
     assert cli.main([*argv[:3], "0.04", *argv[4:]]) == 0
     assert sorted(p.name for p in (out / "candidates").iterdir())[:len(files)] == files
+    # As-ViT's rank sum on request, from the same files (no growth: it would measure new nets); the law still reported
+    assert cli.main([*argv, "--rank", "asvit", "--grow-steps", "0"]) == 0
+    res = json.loads((out / "search.json").read_text())
+    assert res["rank"] == "asvit" and all(isinstance(r["score"], float) for r in res["ranked"] if r["fits"])
+    assert all("predicted_top1" in r for r in res["ranked"])
 
 
 def test_cli_errors_are_one_line(tiny_prepped, tmp_path, capsys):
@@ -217,3 +240,8 @@ def test_cli_errors_are_one_line(tiny_prepped, tmp_path, capsys):
                      "--min-epochs", "1e6"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no candidate sees" in err[0]
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli.main(["--data", str(tiny_prepped), "--hours", "1", "--out", out, *SPACE, "--scaling",
+                     str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastvit-search: --scaling: ") and "not a scaling law" in err[0]

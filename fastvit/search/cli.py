@@ -7,9 +7,17 @@ For every candidate of the space (depth × width × heads × MLP ratio × patch 
 training-free κ (NTK condition number) and L (length distortion) at initialisation on training images
 of the prepped shards (fastvit.search.measures), and its measured training speed at the stages
 fastvit-train would plan (fastvit.search.probe) -> the images it would see in the budget. Candidates
-that cannot see --min-epochs epochs are dropped; the rest are ranked by the rank sum (κ ascending, L
-descending, plus --speed-weight × images in budget descending), and the best is grown As-ViT's way
-(+0/+1 block × width +0..20 %, the best proposal by the same rank sum) while the grown net still fits.
+that cannot see --min-epochs epochs are dropped; the rest are ranked (--rank) by
+
+- law (the default): the top-1 the scaling law (fastvit.scaling: err = E + A/N^alpha + B/D^beta, --scaling
+  FILE or the shipped prior of the device) predicts from the net's parameters and its images in the budget.
+  The evidence behind the default: on Imagenette the images a run saw ranked the nets' top-1 with Kendall
+  τ 0.91, κ and L with 0.24 (bench/results/search); the law turns images and size into one forecast;
+- asvit: As-ViT's rank sum (κ ascending, L descending, plus --speed-weight × images in budget descending),
+
+and the best is grown As-ViT's way (+0/+1 block × width +0..20 %; the best proposal by the same ranking, and
+with the law only while the forecast improves) while the grown net still fits. κ, L and the law's forecast
+are reported for every net whichever ranks.
 
 Writes DIR/candidates/<key>.json (one per measured net; a rerun reuses them: resumable), DIR/table.md,
 DIR/search.json and DIR/best.yaml (a config fastvit-train --config takes). Errors are one line
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvit.fileio import write_bytes_atomic, write_json_atomic
+from fastvit.scaling import INTERVAL_METHOD
 
 from . import rank
 from .space import Candidate, grow_proposals, search_space
@@ -37,8 +46,14 @@ SPACES = {
 }
 MIN_EPOCHS = {"cpu": 1.0, "gpu": 10.0, "test": 1.0}   # a "sensible number of images": epochs of the train split
 # what the ranking is worth, said with every result (the tool claims no more than its evidence)
-EVIDENCE = ("note: on Imagenette CPU runs, κ and L did not predict accuracy (Kendall τ 0.25, p 0.32, 10 nets; "
-            "README 'fastvit-search'): the choice leans on measured speed; treat κ/L as a tie-break, not a forecast")
+EVIDENCE = {
+    "law": ("note: ranked by the scaling law's forecast from parameters and images in budget. On Imagenette CPU runs "
+            "(10 nets, 2 min): images actually seen ranked top-1 with Kendall τ 0.91, κ and L with 0.24 (not "
+            "significant); the law's τ beside them is in bench/results/search/tau_law.md. The forecast is only as "
+            "good as the probe's speed: measured under another load it ranked with τ 0.02 there"),
+    "asvit": ("note: on Imagenette CPU runs, κ and L did not predict accuracy (Kendall τ 0.25, p 0.32, 10 nets; "
+              "README 'fastvit-search'): the choice leans on measured speed; treat κ/L as a tie-break, not a forecast"),
+}
 
 # rank-sum weight of the images-in-budget rank: 2.0 = as much as κ and L together. The README's evidence:
 # κ and L alone predicted 2-minute CPU top-1 weakly (Kendall τ ≈ 0.25, not significant) while the images a
@@ -69,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-epochs", type=float, help="drop candidates that see fewer epochs of the train split in the budget "
       "(default: 10 gpu, 1 cpu)")
     a("--grow-steps", type=int, default=3, help="As-ViT growth steps from the best candidate (0: none)")
-    a("--speed-weight", type=float, default=SPEED_WEIGHT, help="weight of the images-in-budget rank in the rank sum")
+    a("--rank", choices=("law", "asvit"), default="law", help="law: the scaling law's forecast of top-1 (the default: "
+      "the best measured predictor); asvit: As-ViT's rank sum of κ, L and images in budget")
+    a("--scaling", metavar="FILE", help="scaling.json (fastvit-sweep --fit-scaling) for the forecast (default: the "
+      "shipped prior, cpu or gpu by preset)")
+    a("--speed-weight", type=float, default=SPEED_WEIGHT, help="asvit ranking: weight of the images-in-budget rank")
     a("--inits", type=int, default=5, help="fresh initialisations per measure")
     a("--seed", type=int, default=0, help="seed of the initialisations, the circle planes and the images")
     a("--compile", action="store_true", help="probe speeds with torch.compile (slower search, the trainer's speed on GPU)")
@@ -90,6 +109,8 @@ class Context:
     images: object            # (16,3,res,res) uint8 training images on the device
     fingerprint: dict         # what a candidate's result depends on (a file with another is re-measured)
     out: Path
+    law: object = None        # fastvit.scaling.ScalingLaw: the forecast of every candidate
+    law_warning: str | None = None   # the law was fitted on other data / another resolution (one line)
 
     @property
     def res(self) -> int:
@@ -167,11 +188,25 @@ def setup(args) -> Context:
             loader.close()
     except (DataError, StopIteration) as e:
         raise SearchError(f"--data {args.data}: cannot read 16 training images at {env.final_res} px ({e})", 2) from None
+    law, warning = load_scaling(args.scaling, preset, env.ds.num_classes, env.final_res)
     fingerprint = {"data": str(Path(args.data).resolve()), "res": env.final_res, "device": str(env.device),
                    "preset": preset, "inits": args.inits, "seed": args.seed, "compile": bool(args.compile),
                    "set": sorted(args.set), "torch": torch.__version__}
     return Context(args=args, preset=preset, common=common, env=env, images=images.to(env.device),
-                   fingerprint=fingerprint, out=Path(args.out))
+                   fingerprint=fingerprint, out=Path(args.out), law=law,
+                   law_warning=warning)
+
+
+def load_scaling(path: str | None, preset: str, classes: int, res: int):
+    """The law of --scaling FILE, else the shipped prior of the preset's device (cpu for cpu/test, gpu else);
+    returns (law, the one warning line when it was fitted on other data or another resolution, else None)."""
+    from fastvit.scaling import ScalingError, load_law, load_prior
+
+    try:
+        law = load_law(path) if path else load_prior("gpu" if preset == "gpu" else "cpu")
+    except ScalingError as e:
+        raise SearchError(f"--scaling: {e}" if path else str(e), 2) from None
+    return law, law.mismatch(classes, res)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -223,9 +258,15 @@ def row(d: dict, ctx: Context, min_images: float) -> dict:
     images = probe.images_in_budget(stages, speeds, ctx.budget_s)
     window = ctx.budget_s - min(120.0, 0.005 * ctx.budget_s)
     kappa = d["kappa"] if d["kappa"] is not None else math.inf
-    return {"key": d["key"], "candidate": Candidate.from_dict(d["candidate"]), "kappa": kappa, "length": d["length"],
-            "params": d["params"], "img_s": images / window, "images": images,
-            "epochs": images / max(1, ctx.env.ds.count("train")), "fits": rank.fits(images, min_images)}
+    out = {"key": d["key"], "candidate": Candidate.from_dict(d["candidate"]), "kappa": kappa, "length": d["length"],
+           "params": d["params"], "img_s": images / window, "images": images,
+           "epochs": images / max(1, ctx.env.ds.count("train")), "fits": rank.fits(images, min_images)}
+    if ctx.law is not None:
+        from fastvit.scaling import choose
+
+        (f,) = choose(ctx.law, [{"params": d["params"], "images": images}])
+        out.update(predicted_top1=f["top1"], interval=f["interval"], extrapolates=f["extrapolates"])
+    return out
 
 
 def measure_all(cands: list[Candidate], ctx: Context, min_images: float, what: str) -> list[dict]:
@@ -243,9 +284,17 @@ def measure_all(cands: list[Candidate], ctx: Context, min_images: float, what: s
 # ------------------------------------------------------------------------------------------------------
 # search: rank, grow, report
 
-def ranked(rows: list[dict], speed_weight: float) -> list[dict]:
-    """The fitting rows best first, each with its score; the dropped ones after them (score None)."""
+def ranked(rows: list[dict], speed_weight: float, by: str = "asvit") -> list[dict]:
+    """The fitting rows best first, each with its score; the dropped ones after them (score None). by "law":
+    the score is the law's predicted top-1 (higher first, ties to fewer parameters, as fastvit.scaling.choose
+    orders); "asvit": the rank sum (lower first)."""
     kept = [r for r in rows if r["fits"]]
+    if by == "law":
+        for r in rows:
+            r["score"] = r["predicted_top1"] if r["fits"] else None
+        best_first = [kept[i] for i in rank.forecast_order([r["predicted_top1"] for r in kept],
+                                                            [r["params"] for r in kept])]
+        return best_first + [r for r in rows if not r["fits"]]
     k, ln, im = [r["kappa"] for r in kept], [r["length"] for r in kept], [r["images"] for r in kept]
     scores = rank.rank_sum(k, ln, im, speed_weight)
     for r, s in zip(kept, scores):
@@ -265,7 +314,11 @@ def grow(start: dict, ctx: Context, min_images: float) -> list[dict]:
         if rank.growth_done(cur["images"], min_images):
             break
         props = measure_all(grow_proposals(cur["candidate"]), ctx, min_images, f"grow {step + 1}")
-        i = rank.grow_choice(props, min_images=min_images, speed_weight=ctx.args.speed_weight)
+        if ctx.args.rank == "law":
+            i = rank.forecast_choice([p["predicted_top1"] for p in props], [p["images"] for p in props],
+                                     [p["params"] for p in props], min_images=min_images, beat=cur["predicted_top1"])
+        else:
+            i = rank.grow_choice(props, min_images=min_images, speed_weight=ctx.args.speed_weight)
         if i is None:
             break
         cur = props[i]
@@ -282,21 +335,37 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: list[dict], ctx: Context, min_images: float, path: list[dict]) -> str:
-    head = ("| # | candidate | score | κ (NTK cond.) ↓ | L (length) ↑ | params (M) | img/s | images in budget | "
-            "epochs | |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| # | candidate | score | law top-1 (%) [interval] | κ (NTK cond.) ↓ | L (length) ↑ | params (M) | img/s | "
+            "images in budget | epochs | |\n|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
     body = ""
     for i, r in enumerate(rows):
         status = "kept" if r["fits"] else "dropped: too slow"
-        body += (f"| {i + 1 if r['fits'] else ''} | {r['key']} | {_fmt(r['score'], 'g')} | {_fmt(r['kappa'], '.4g')} | "
+        body += (f"| {i + 1 if r['fits'] else ''} | {r['key']} | {_fmt(r['score'], '.4g')} | {_forecast_cell(r)} | "
+                 f"{_fmt(r['kappa'], '.4g')} | "
                  f"{_fmt(r['length'], '.4g')} | {r['params'] / 1e6:.2f} | {r['img_s']:.1f} | {r['images']:,} | "
                  f"{r['epochs']:.2f} | {status} |\n")
     grown = "\n".join(f"{j}. {r['key']} (κ {_fmt(r['kappa'], '.4g')}, L {_fmt(r['length'], '.4g')}, "
-                      f"{r['images']:,} images)" for j, r in enumerate(path))
+                      f"{r['images']:,} images, law {_forecast_cell(r)})" for j, r in enumerate(path))
+    if ctx.args.rank == "law":
+        how = (f"score = the scaling law's top-1 forecast at (params, images in budget), higher is better "
+               f"({ctx.law.describe()}; interval: {INTERVAL_METHOD})")
+    else:
+        how = f"score = rank(κ) + rank(L) + {ctx.args.speed_weight:g}·rank(images), lower is better"
+    far = [r["key"] for r in rows if r.get("extrapolates")]
+    if far:
+        how += f"; the law extrapolates for {len(far)} of {len(rows)} nets (* in the table)"
     return (f"fastvit-search: {ctx.args.hours:g} h on {ctx.fingerprint['device']}, preset {ctx.preset}, final res "
             f"{ctx.res}; kept: at least {ctx.args.min_epochs:g} epochs ({int(min_images):,} images) in the budget; "
-            f"score = rank(κ) + rank(L) + {ctx.args.speed_weight:g}·rank(images), lower is better; speeds "
+            f"{how}; speeds "
             f"{'compiled' if ctx.args.compile else 'eager (no torch.compile)'}, set-up and evaluation not counted\n\n"
-            + head + body + "\nGrowth (As-ViT's rule, measured time as the size limit):\n\n" + grown + "\n")
+            + (f"{ctx.law_warning}\n\n" if ctx.law_warning else "") + head + body + "\nGrowth (As-ViT's proposals, measured time as the size limit):\n\n" + grown + "\n")
+
+
+def _forecast_cell(r: dict) -> str:
+    if r.get("predicted_top1") is None:
+        return "–"
+    lo, hi = r["interval"]
+    return f"{r['predicted_top1']:.1f} [{lo:.1f}–{hi:.1f}]" + ("*" if r.get("extrapolates") else "")
 
 
 def best_yaml(r: dict, ctx: Context) -> str:
@@ -320,7 +389,7 @@ def run_search(args) -> dict:
         args.min_epochs = MIN_EPOCHS[ctx.preset]
     min_images = args.min_epochs * ctx.env.ds.count("train")
     cands = candidates_from_args(args, ctx.preset, ctx.res)
-    rows = ranked(measure_all(cands, ctx, min_images, "search"), args.speed_weight)
+    rows = ranked(measure_all(cands, ctx, min_images, "search"), args.speed_weight, args.rank)
     if not rows[0]["fits"]:
         most = max(rows, key=lambda r: r["images"])
         raise SearchError(f"no candidate sees {args.min_epochs:g} epochs ({int(min_images):,} images) in {args.hours:g} h; "
@@ -331,12 +400,14 @@ def run_search(args) -> dict:
     write_bytes_atomic(ctx.out / "table.md", text.encode())
     write_bytes_atomic(ctx.out / "best.yaml", best_yaml(chosen, ctx).encode())
     result = {"settings": ctx.fingerprint, "hours": args.hours, "min_images": min_images,
-              "speed_weight": args.speed_weight,
+              "speed_weight": args.speed_weight, "rank": args.rank,
+              "law": None if ctx.law is None else {"params": ctx.law.params, "data": ctx.law.data,
+                                                   "provenance": ctx.law.provenance},
               "ranked": [_public(r) for r in rows], "growth": [_public(r) for r in path], "best": _public(chosen)}
     write_json_atomic(ctx.out / "search.json", result)
     print(text)
     print(f"best: {chosen['key']} -> {ctx.out / 'best.yaml'} (fastvit-train --config {ctx.out / 'best.yaml'})")
-    print(EVIDENCE)
+    print(EVIDENCE[args.rank])
     return result
 
 

@@ -3,6 +3,7 @@
     scores = rank_sum(kappas, lengths, images, speed_weight=1.0)   # lower is better
     i = best(scores, kappas, lengths)                              # ties: the measure with the larger range
     g = grow_choice(proposals, rows, min_images=...)               # one growth step, or None
+    forecast_order(top1s, params); forecast_choice(...)           # the same by a scaling law's forecast
 
 Ranks are dense and 0-based (equal values share a rank, the next value gets the next rank), as in
 As-ViT. κ ascends (lower is better), L descends, images-in-budget descends. A NaN counts as the worst
@@ -96,3 +97,20 @@ def grow_choice(rows: Sequence[dict], *, min_images: float, speed_weight: float 
 def growth_done(images: float, min_images: float, slack: float = LIMIT_SLACK) -> bool:
     """The grown net is as big as the budget affords: it sees fewer than slack × min_images images."""
     return images < slack * min_images
+
+
+def forecast_order(top1s: Sequence[float | None], params: Sequence[float]) -> list[int]:
+    """Indices best first by a forecast top-1 (higher first; None last), ties toward fewer parameters, then the
+    first: the order fastvit.scaling.choose gives."""
+    return sorted(range(len(top1s)), key=lambda i: (top1s[i] is None, -(top1s[i] or 0.0), params[i], i))
+
+
+def forecast_choice(top1s: Sequence[float | None], images: Sequence[float], params: Sequence[float], *,
+                    min_images: float, beat: float | None = None) -> int | None:
+    """One growth step by forecast: the proposal that fits the budget with the best forecast, if it beats `beat`
+    (the current net's forecast; a bigger net the law does not expect to do better is no step); else None."""
+    keep = [i for i in range(len(top1s)) if fits(images[i], min_images) and top1s[i] is not None]
+    if not keep:
+        return None
+    i = keep[forecast_order([top1s[j] for j in keep], [params[j] for j in keep])[0]]
+    return i if beat is None or top1s[i] > beat else None
