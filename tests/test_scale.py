@@ -134,7 +134,7 @@ def test_thousand_class_labels_survive_ordering_and_ddp_sharding(thousand):
     for g in range(one.batches_per_epoch()):  # rank r's batch g is every 8th sample of global batch g
         glob = one.batch(g).indices
         assert sorted(np.concatenate([p.batch(g).indices for p in ranks]).tolist()) == sorted(glob.tolist())
-    val = BatchPlan(1000, [Stage(res=32, batch_size=96, steps=1)], [0], drop_last=False, shuffle="fixed",
+    val = BatchPlan(1000, [Stage(res=32, batch_size=96, steps=100)], [0], drop_last=False, shuffle="fixed",
                     rank=5, world=8)
     assert sum(len(val.batch(g).indices) for g in range(val.batches_per_epoch())) == 125
 

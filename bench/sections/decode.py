@@ -8,13 +8,15 @@ Metrics:
       machine is. fastvit.data.feed reads these (the planner multiplies by the workers it will have).
   decode/{ffcv,dali_cpu}_images_per_s@{res}: the same run's images per wall second (one worker).
 
-Data: ctx.data when it stores every resolution of RES, else ../shared/data/imagenet-sample (real
-full-size ImageNet JPEGs) prepared into ctx.workdir at RES (cached), else a generated demo tree with
+Data: ctx.data (--data) when it stores every resolution of RES, else ctx.src (--src, a JPEG tree) or
+../shared/data/imagenet-sample (real full-size ImageNet JPEGs) prepared into ctx.workdir at RES (cached;
+the cache is reused only for the same source), else a generated demo tree with
 256-500 px images (so the 224 px shard, stored at 256 px, is a real downscale).
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from . import SHARED_DATA, SectionSkipped
 
@@ -35,9 +37,9 @@ def _dataset(ctx):
             raise SectionSkipped(f"--data {ctx.data} stores no shards at {missing} px (prep it with --res "
                                  f"{','.join(map(str, RES))})")
         return ds, str(ctx.data)
-    real = SHARED_DATA / "imagenet-sample"
+    real = Path(ctx.src) if ctx.src else SHARED_DATA / "imagenet-sample"
     if real.is_dir():
-        src, desc, out = real, f"{real} (full-size ImageNet JPEGs)", ctx.workdir("decode-data")
+        src, desc, out = real, f"{real} (JPEG tree)", ctx.workdir("decode-data")
     else:
         from fastvit.data_prep.demo import make_demo_dataset
 
@@ -47,7 +49,7 @@ def _dataset(ctx):
     if manifest.path_of(out).is_file():
         try:
             ds = open_dataset(out)
-            if set(RES) <= set(ds.resolutions):
+            if set(RES) <= set(ds.resolutions) and ds.src is not None and ds.src.resolve() == Path(src).resolve():
                 return ds, desc
         except DataError:
             pass
