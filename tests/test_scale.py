@@ -257,3 +257,25 @@ def test_committed_decode_table_is_readable():
     assert all({64, 96, 128, 160, 224} <= set(rates) for rates in table.values())
     for rates in table.values():  # decode gets cheaper with fewer pixels
         assert rates[64] > rates[224]
+
+
+def test_torchvision_sample_table_is_packed(tmp_path):
+    """The torchvision backend keeps its n-sample table in numpy arrays, not a list of (Path, int): forked
+    DataLoader workers would otherwise copy it page by page (bench/scale.py step fork_copy)."""
+    from PIL import Image
+
+    from fastvit.data.backend_torchvision import SourceImages, pack_samples
+
+    files = []
+    for i, name in enumerate(["ä.JPEG", "b c.JPEG", "dir/e.JPEG"]):
+        f = tmp_path / name
+        f.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8 + i, 8), (i * 60, 0, 0)).save(f, format="JPEG")
+        files.append((f, 2 - i))
+    ds = SourceImages(tmp_path, files, ["a", "b", "c", "d"])
+    assert len(ds) == 3
+    assert [ds.sample(i) for i in range(3)] == [(str(p), label) for p, label in files]
+    assert [ds[i][1] for i in range(3)] == [2, 1, 0] and ds[1][0].size == (9, 8)
+    assert not any(isinstance(v, list) and len(v) == 3 for v in vars(ds).values())
+    buf, offsets, labels = pack_samples([])
+    assert len(buf) == 0 and offsets.tolist() == [0] and len(labels) == 0
