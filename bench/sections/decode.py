@@ -26,9 +26,9 @@ BATCH = 64
 
 
 def _dataset(ctx):
-    from fastvit import manifest
-    from fastvit.data import DataError, open_dataset
-    from fastvit.data_prep import prep_dataset
+    from fastvit.data import open_dataset
+
+    from .loader import prepped
 
     if ctx.data:
         ds = open_dataset(ctx.data)
@@ -46,16 +46,7 @@ def _dataset(ctx):
         src = make_demo_dataset(ctx.workdir("decode-demo-src"), num_classes=10, train_per_class=40 if ctx.quick else 100,
                                 val_per_class=0, min_side=256, max_side=500)
         desc, out = "synthetic demo tree (256-500 px)", ctx.workdir("decode-data-demo")
-    if manifest.path_of(out).is_file():
-        try:
-            ds = open_dataset(out)
-            if set(RES) <= set(ds.resolutions) and ds.src is not None and ds.src.resolve() == Path(src).resolve():
-                return ds, desc
-        except DataError:
-            pass
-    prep_dataset(src, out, resolutions=list(RES), formats=("ffcv", "dali"), splits=("train",), quality=90,
-                 workers=ctx.workers, progress=False, max_bad=1.0, overwrite=True)
-    return open_dataset(out), desc
+    return prepped(src, out, RES, ctx.workers), desc
 
 
 def run(ctx) -> dict[str, float]:
