@@ -561,7 +561,55 @@ def tables(paths: list[str]) -> str:
         for label, path in rows:
             lines.append(f"| {label} | " + " | ".join(_fmt(_get(r, *path)) for r in runs) + " |")
         parts.append("\n".join(lines))
+    if len(runs) >= 2:
+        parts.append(growth_table(runs[0], runs[-1]))
     return "\n\n".join(parts) + "\n"
+
+
+GROWTH = [  # (component, path into a run's JSON); exponent k of cost ~ n^k between the smallest and largest F
+    ("prep CPU seconds", ("steps", "prep", "cpu_s")),
+    ("prep peak RSS, main process", ("steps", "prep", "peak_parent_rss_mb")),
+    ("prep peak RSS, one worker", ("steps", "prep", "peak_worker_rss_mb")),
+    ("prep output bytes", ("steps", "prep", "output_bytes")),
+    ("manifest bytes", ("steps", "prep", "manifest_bytes")),
+    ("prep rerun on a complete OUT (verify)", ("steps", "prep", "complete_rerun", "wall_s")),
+    *[(f"loader {b}: time to first batch", ("steps", "loader", b, "result", "first_batch_s")) for b in BACKENDS],
+    *[(f"loader {b}: peak RSS parent", ("steps", "loader", b, "parent_peak_rss_mb")) for b in BACKENDS],
+    *[(f"loader {b}: peak RSS workers (sum)", ("steps", "loader", b, "workers_sum_peak_rss_mb")) for b in BACKENDS],
+    ("epoch_order (one epoch's permutation)", ("steps", "order", "result", "epoch_order_s")),
+    ("BatchPlan.batch over one epoch", ("steps", "order", "result", "epoch_batches_s")),
+    ("DDP world 8, every rank's epoch", ("steps", "order", "result", "ddp8_all_ranks_s")),
+    ("curriculum switch: next stage build", ("steps", "switch", "result", "build_s", "1")),
+    ("evaluation seconds (val n)", ("steps", "eval", "result", "s")),
+    ("checkpoint bytes", ("steps", "checkpoint", "result", "bytes")),
+    ("torchvision table copied per worker, list", ("steps", "fork_copy", "result", "list_worker_copied_mb")),
+    ("torchvision table copied per worker, packed", ("steps", "fork_copy", "result", "packed_worker_copied_mb")),
+]
+
+
+def growth_table(small: dict, large: dict) -> str:
+    """cost ~ n^k: k = log(cost ratio) / log(n ratio) between two runs (n: train images; val images for
+    evaluation). k <= 1: no faster than n; k ~ 0: flat (a fixed cost); k > 1 grows faster than n."""
+    import math
+
+    lines = [f"### growth between F={small['scale']:g} and F={large['scale']:g}: cost ~ n^k, and the straight line "
+             f"through both extended to F=1 (n = 1,281,167 train / 50,000 val)", "",
+             f"| component | F={small['scale']:g} | F={large['scale']:g} | k | slope per 1k images | F=1 (line) |",
+             "|---|---|---|---|---|---|"]
+    for name, path in GROWTH:
+        a, b = _get(small, *path), _get(large, *path)
+        evaluation = path[1] == "eval"
+        n0, n1 = (small["n_val"], large["n_val"]) if evaluation else (small["n_train"], large["n_train"])
+        full = 50_000 if evaluation else 1_281_167
+        k = slope = at_full = None
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and n1 != n0:
+            if a > 0 and b > 0:
+                k = round(math.log(b / a) / math.log(n1 / n0), 2)
+            slope = (b - a) / (n1 - n0)
+            at_full = b + slope * (full - n1)
+            slope = slope * 1000
+        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {_fmt(k)} | {_fmt(slope)} | {_fmt(at_full)} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
