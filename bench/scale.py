@@ -614,6 +614,36 @@ def growth_table(small: dict, large: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 
+VIT_S_224_IMG_S = 8000.0  # published ViT-S/16 step rate at 224 px on one H100 (compiled, bf16): an assumption here
+
+
+def decode_table(path: str, cores: int = 16, trainer_cores: int = 1) -> str:
+    """The per-core decode table of a `bench/throughput.py --section decode` JSON, and what fastvit.data.feed
+    makes of it for a `cores`-core machine training ViT-S at the published 224 px rate scaled by tokens
+    ((224 / res)^2: an ASSUMED step rate, not a measurement)."""
+    from fastvit.data.feed import feed_verdict, load_decode_table, resident_bytes
+
+    data = json.loads(Path(path).read_text())
+    table = load_decode_table(path)
+    res = sorted({r for rates in table.values() for r in rates})
+    lines = [f"machine: {_get(data, 'machine', 'cpu')}, {_get(data, 'machine', 'cores')} cores; one loader worker, "
+             f"images per CPU second", "", "| backend | " + " | ".join(f"{r} px" for r in res) + " |",
+             "|---|" + "---|" * len(res)]
+    for b, rates in sorted(table.items()):
+        lines.append(f"| {b} | " + " | ".join(_fmt(rates.get(r)) for r in res) + " |")
+    lines += ["", f"feed_verdict on {cores} cores ({trainer_cores} kept by the trainer), step rate ASSUMED = "
+              f"{VIT_S_224_IMG_S:,.0f} x (224/res)^2 img/s (ViT-S/16, H100, published 224 px rate scaled by tokens):", "",
+              "| res | step img/s (assumed) | " + " | ".join(f"{b} feed img/s" for b in sorted(table)) +
+              " | data-bound | raw uint8 resident, 1.28 M images |", "|---|---|" + "---|" * len(table) + "---|---|"]
+    for r in res:
+        step = VIT_S_224_IMG_S * (224 / r) ** 2
+        vs = {b: feed_verdict(b, r, step, cores, table, trainer_cores) for b in sorted(table)}
+        bound = ", ".join(b for b, v in vs.items() if v["data_bound"]) or "no"
+        lines.append(f"| {r} | {step:,.0f} | " + " | ".join(f"{v['feed_img_s']:,.0f}" for v in vs.values()) +
+                     f" | {bound} | {resident_bytes(1_281_167, r) / 1e9:.1f} GB |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=float, default=0.01, help="fraction F of ImageNet's size (default 0.01)")
@@ -623,6 +653,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--json", default=None)
     p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the Markdown tables of these runs")
+    p.add_argument("--decode-table", default=None, metavar="JSON", help="print the per-core decode table of a "
+                   "bench/throughput.py --section decode JSON and the feed verdicts it gives on 16 cores")
     p.add_argument("--child", choices=sorted(CHILDREN), default=None, help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -644,6 +676,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.table:
         print(tables(a.table), end="")
+        return 0
+    if a.decode_table:
+        print(decode_table(a.decode_table), end="")
         return 0
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)), flush=True)
