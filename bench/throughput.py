@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast every stage of fastvit is, next to the baselines, in one run.
 
-    python bench/throughput.py [--quick] [--section prep,loader,kernel,model,e2e]
+    python bench/throughput.py [--quick] [--section prep,loader,decode,kernel,model,e2e]
                                [--data OUT] [--src DIR] [--json FILE] [--section-timeout S]
 
 Each section lives in bench/sections/<name>.py and exposes `run(ctx) -> dict[str, float]`.
@@ -30,7 +30,7 @@ from sections import SectionSkipped, Context  # noqa: E402
 from fastvit.fileio import write_json_atomic  # noqa: E402
 from fastvit.sysinfo import cpu_model  # noqa: E402
 
-SECTIONS = ["prep", "loader", "kernel", "model", "e2e"]
+SECTIONS = ["prep", "loader", "decode", "kernel", "model", "e2e"]
 SECTION_TIMEOUT_S = 3600.0  # the full sections take minutes; an hour means hung
 
 

@@ -12,18 +12,26 @@ Image sides are 200-500 px with ImageNet-like aspect ratios, and a few images ar
 Generation is deterministic in (seed, class, split, index), so two runs write identical files, and it
 resumes: finished files are kept, each file is written under a temporary name and then renamed, and a
 marker records the settings of a complete tree.
+
+The ImageNet-shaped variant (`imagenet_demo_kwargs(scale)`, `fastvit-prep --demo --demo-size imagenet
+[--demo-scale F]`) has 1,000 classes with sorted ImageNet-like wnids, ImageNet's split sizes (train
+1,281,167 images, 732-1,300 per class; val 50 per class) and small images (sides 80-112 px, ~4 KB), so
+the full tree is ~5 GB and about one CPU-hour to draw: it exists to measure how prep, loaders,
+ordering, sharding and evaluation scale with n, not to train on.
 """
 from __future__ import annotations
 
 import colorsys
 import json
 import math
+import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..fileio import commit, remove_stale_tmp, tmp_name, write_json_atomic
+from ..fileio import remove_stale_tmp, tmp_name, write_json_atomic
 from ..sysinfo import default_workers
 
 SHAPES = ("disc", "square", "triangle", "star", "ring")
@@ -41,6 +49,57 @@ def demo_classes(num_classes: int = MAX_CLASSES) -> list[tuple[str, str, str]]:
         shape, texture = SHAPES[i % len(SHAPES)], TEXTURES[(i // len(SHAPES)) % len(TEXTURES)]
         out.append((f"n9{i:07d}", shape, texture))
     return out
+
+
+IMAGENET_CLASSES = 1000
+IMAGENET_TRAIN = 1_281_167
+IMAGENET_TRAIN_MIN, IMAGENET_TRAIN_MAX = 732, 1300
+IMAGENET_VAL_PER_CLASS = 50
+IMAGENET_SIDES = (80, 112)  # small JPEGs: the 32 and 64 px shards are real resizes, the tree stays ~5 GB
+
+
+def imagenet_classes(num_classes: int = IMAGENET_CLASSES) -> list[tuple[str, str, str]]:
+    """[(wnid, shape, texture)] of the ImageNet-shaped demo: 'n' + 8 digits like ImageNet's wnids, sorted
+    (label i is the i-th), the first one ImageNet's own first wnid. Shapes and textures cycle; the class
+    hue (label / num_classes) tells classes apart."""
+    if not 1 <= num_classes <= 10 * IMAGENET_CLASSES:
+        raise ValueError(f"num_classes must be in 1..{10 * IMAGENET_CLASSES}, got {num_classes}")
+    return [(f"n{1440764 + 9973 * i:08d}", SHAPES[i % len(SHAPES)], TEXTURES[(i // len(SHAPES)) % len(TEXTURES)])
+            for i in range(num_classes)]
+
+
+def imagenet_train_counts() -> list[int]:
+    """Train images per class of the ImageNet-shaped demo (1,000 ints, label order).
+
+    The real per-class counts are not shipped here, so this is a documented deterministic stand-in with
+    ImageNet-1k's total (1,281,167), minimum (732) and maximum (1,300): most classes hold 1,300, and 66
+    classes (every 15th label from 7 on) hold counts spaced evenly from 732 up to 1,299; the remaining
+    56 images come off the 56 largest of those short classes, one each."""
+    counts = [IMAGENET_TRAIN_MAX] * IMAGENET_CLASSES
+    short = list(range(7, IMAGENET_CLASSES, 15))[:66]
+    span = IMAGENET_TRAIN_MAX - 1 - IMAGENET_TRAIN_MIN
+    for k, label in enumerate(short):
+        counts[label] = IMAGENET_TRAIN_MIN + round(span * k / (len(short) - 1))
+    extra = sum(counts) - IMAGENET_TRAIN
+    for label in sorted(short, key=lambda c: -counts[c])[:extra]:
+        counts[label] -= 1
+    assert sum(counts) == IMAGENET_TRAIN and min(counts) == IMAGENET_TRAIN_MIN and max(counts) == IMAGENET_TRAIN_MAX
+    return counts
+
+
+def scaled_counts(counts: Sequence[int], scale: float) -> list[int]:
+    """round(scale x count) per class (halves round up), at least 1: every class survives any scale."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    return [max(1, int(math.floor(scale * c + 0.5))) for c in counts]
+
+
+def imagenet_demo_kwargs(scale: float = 1.0) -> dict:
+    """make_demo_dataset keyword arguments of the ImageNet-shaped tree, a fraction `scale` of it."""
+    return {"num_classes": IMAGENET_CLASSES, "imagenet_like": True,
+            "train_per_class": scaled_counts(imagenet_train_counts(), scale),
+            "val_per_class": scaled_counts([IMAGENET_VAL_PER_CLASS] * IMAGENET_CLASSES, scale),
+            "min_side": IMAGENET_SIDES[0], "max_side": IMAGENET_SIDES[1]}
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
@@ -143,9 +202,12 @@ def render_demo_image(shape: str, texture: str, class_hue: float, rng: np.random
 
 
 def _write_jpeg_atomic(img: Image.Image, path: Path, quality: int) -> None:
+    """tmp name + rename: a killed run leaves only *.tmp-* files (removed by the rerun). No fsync: the
+    tree is regenerated bit for bit from its settings, and two fsyncs per file dominated the cost of a
+    million small files; the completion marker is written durably at the end."""
     tmp = tmp_name(path)
     img.save(tmp, format="JPEG", quality=quality)
-    commit(tmp, path)
+    os.replace(tmp, path)
 
 
 def _file_name(job) -> str:
@@ -163,19 +225,44 @@ def _render_one(arg) -> None:
     _write_jpeg_atomic(img, Path(out) / split / wnid / _file_name(job), quality=int(rng.integers(75, 96)))
 
 
-def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: int = 300, val_per_class: int = 50,
-                      seed: int = 0, min_side: int = 200, max_side: int = 500, grayscale_every: int = 53,
-                      progress: bool = False, workers: int | None = None) -> Path:
+def _per_class(v, num_classes: int, what: str) -> list[int]:
+    counts = [int(v)] * num_classes if isinstance(v, (int, np.integer)) else [int(c) for c in v]
+    if len(counts) != num_classes or any(c < 0 for c in counts):
+        raise ValueError(f"{what} must be a count >= 0 or one per class ({num_classes}), got {v!r:.80}")
+    return counts
+
+
+def _jobs(classes, train_counts, val_counts):
+    """(split, split_id, label, wnid, shape, texture, i) of every image, in the one fixed order."""
+    for split, counts, split_id in (("train", train_counts, 0), ("val", val_counts, 1)):
+        for label, (wnid, shape, texture) in enumerate(classes):
+            for i in range(counts[label]):
+                yield (split, split_id, label, wnid, shape, texture, i)
+
+
+def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: int | Sequence[int] = 300,
+                      val_per_class: int | Sequence[int] = 50, seed: int = 0, min_side: int = 200,
+                      max_side: int = 500, grayscale_every: int = 53, progress: bool = False,
+                      workers: int | None = None, imagenet_like: bool = False) -> Path:
     """Write the synthetic demo tree under `out` (see the module docstring) and return `out`.
 
-    Deterministic in all arguments; reruns skip finished files, and a complete tree with the same
-    settings is recognised by its marker and left untouched.
+    train_per_class / val_per_class: one count for every class, or a list with one per class.
+    imagenet_like: ImageNet-like wnids (imagenet_classes) and up to 10,000 classes instead of the
+    10 shape x texture classes. Deterministic in all arguments; reruns skip finished files (one
+    directory listing per class), and a complete tree with the same settings is recognised by its
+    marker and left untouched. Writes on `workers` processes (default: all cores) with a progress bar
+    when `progress`.
     """
     out = Path(out)
     if min_side < 16 or max_side < min_side:
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    classes = imagenet_classes(num_classes) if imagenet_like else demo_classes(num_classes)
+    train_counts = _per_class(train_per_class, num_classes, "train_per_class")
+    val_counts = _per_class(val_per_class, num_classes, "val_per_class")
     settings = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
                     seed=seed, min_side=min_side, max_side=max_side, grayscale_every=grayscale_every)
+    if not isinstance(train_per_class, int) or not isinstance(val_per_class, int) or imagenet_like:
+        settings.update(train_per_class=train_counts, val_per_class=val_counts, imagenet_like=bool(imagenet_like))
     marker = out / _MARKER
     if marker.exists():
         try:
@@ -183,24 +270,24 @@ def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: i
                 return out
         except (OSError, ValueError):
             pass
-    classes = demo_classes(num_classes)
-    jobs = []
-    for split, per_class, split_id in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        for label, (wnid, shape, texture) in enumerate(classes):
-            (out / split / wnid).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                jobs.append((split, split_id, label, wnid, shape, texture, i))
-
+    present = {}
+    for split, counts in (("train", train_counts), ("val", val_counts)):
+        for (wnid, _, _), c in zip(classes, counts):
+            d = out / split / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            present[(split, wnid)] = set(os.listdir(d))
     remove_stale_tmp(out)  # left by a killed run
-    todo = [(n, job) for n, job in enumerate(jobs)
-            if not (out / job[0] / job[3] / _file_name(job)).exists()]
-    args = [(str(out), seed, num_classes, min_side, max_side, grayscale_every, n, job) for n, job in todo]
-    workers = max(1, min(default_workers(workers), len(args) // 64 or 1))
+    total = sum(train_counts) + sum(val_counts)
+    todo = [(n, job) for n, job in enumerate(_jobs(classes, train_counts, val_counts))
+            if _file_name(job) not in present[(job[0], job[3])]]
+    del present
+    args = ((str(out), seed, num_classes, min_side, max_side, grayscale_every, n, job) for n, job in todo)
+    workers = max(1, min(default_workers(workers), len(todo) // 64 or 1))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="demo images", unit="img")
+        bar = tqdm(total=total, initial=total - len(todo), desc="demo images", unit="img", smoothing=0.05)
     if workers == 1:
         for a in args:
             _render_one(a)
@@ -209,8 +296,9 @@ def make_demo_dataset(out, *, num_classes: int = MAX_CLASSES, train_per_class: i
     else:
         import multiprocessing as mp
 
+        chunk = max(1, min(64, len(todo) // (workers * 8)))
         with mp.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_render_one, args, chunksize=16):
+            for _ in pool.imap_unordered(_render_one, args, chunksize=chunk):
                 if bar is not None:
                     bar.update(1)
     if bar is not None:

@@ -52,9 +52,7 @@ def _subset_tree(src: Path, root: Path, n: int) -> Path:
 
 def _dataset(ctx):
     """(PreppedDataset, description)."""
-    from fastvit import manifest
-    from fastvit.data import DataError, open_dataset
-    from fastvit.data_prep import prep_dataset
+    from fastvit.data import open_dataset
 
     if ctx.data:
         return open_dataset(ctx.data), ctx.data
@@ -71,17 +69,27 @@ def _dataset(ctx):
         src = ctx.workdir("loader-demo-src")
         make_demo_dataset(src, num_classes=10, train_per_class=100 if ctx.quick else 300, val_per_class=10)
         desc, out = "synthetic demo tree", ctx.workdir("loader-data-demo")
+    return prepped(src, out, RES, ctx.workers), desc
+
+
+def prepped(src: Path, out: Path, resolutions, workers: int):
+    """open_dataset(out) of SRC's train split prepared at `resolutions` (ffcv + dali): a complete earlier
+    prep of the same source with those resolutions is reused as is; anything else there (an older
+    format, other settings, an interrupted run) is replaced."""
+    from fastvit import manifest
+    from fastvit.data import DataError, open_dataset
+    from fastvit.data_prep import prep_dataset
+
     if manifest.path_of(out).is_file():
-        try:  # a complete earlier prep of this section is reused as is
+        try:
             ds = open_dataset(out)
-            if set(RES) <= set(ds.resolutions):
-                return ds, desc
+            if set(resolutions) <= set(ds.resolutions) and (ds.src is None or ds.src.resolve() == Path(src).resolve()):
+                return ds
         except DataError:
             pass
-    # Anything else there (an older format, other settings, an interrupted run) is replaced.
-    prep_dataset(src, out, resolutions=list(RES), formats=("ffcv", "dali"), splits=("train",), quality=90,
-                 workers=ctx.workers, progress=False, max_bad=1.0, overwrite=True)
-    return open_dataset(out), desc
+    prep_dataset(src, out, resolutions=list(resolutions), formats=("ffcv", "dali"), splits=("train",), quality=90,
+                 workers=workers, progress=False, max_bad=1.0, overwrite=True)
+    return open_dataset(out)
 
 
 def _cpu_seconds() -> float:
