@@ -20,6 +20,7 @@ import sys
 from fastvit.settings import add_dataclass_flags
 
 from .config import PRESETS, ConfigError, TrainConfig, given_settings, preset_under
+from .rules import preset_for_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", default=False, help="start over in an --out that holds a run (finished or not), replacing its files")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: gpu on CUDA, cpu otherwise)")
     a("--config", help="YAML file of settings: nested sections (schedule: {lr: ...}) or flat keys (lr: ...)")
+    a("--dry-run", action="store_true", default=False, help="print the plan (stages, images, epochs, the loader's "
+      "feed rate against the step rate; --model auto's choice) and exit: nothing is trained or written")
+    a("--assume-speed", metavar="FILE", help="with --dry-run: plan for a machine you are not on, from a speed table "
+      "or a bench/gpu-check JSON (fastvit.train.speeds)")
     a("--expect-from", metavar="SWEEP_DIR[:VARIANT]", help="print at start the top-1 a fastvit-sweep's BNSL fit "
       "expects at this budget (variant default: fastvit)")
     add_dataclass_flags(p, TrainConfig, exclusive=[("hours", "minutes", "epochs")])
@@ -47,13 +52,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     known = TrainConfig.leaf_keys()
     given = given_settings({k: v for k, v in vars(args).items() if k in known}, args.config)
     run = given.get("run", {})
-    preset = args.preset
-    if preset is None:
-        from fastvit.data.backends import default_device
-
-        dev = run.get("device") or default_device()
-        preset = "cpu" if dev == "cpu" else "gpu"
-    cfg = preset_under(preset, given)
+    cfg = preset_under(args.preset or preset_for_device(run.get("device")), given)
     if not run.get("out"):
         cfg.run.out = f"runs/{cfg.run.recipe}"
     return cfg
@@ -95,7 +94,16 @@ def main(argv=None) -> int:
     try:
         if args.resume and not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
+        if args.assume_speed and not args.dry_run:
+            raise ConfigError("--assume-speed needs --dry-run (a plan for a machine you are not on)")
+        if args.dry_run and args.resume:
+            raise ConfigError("--dry-run plans a new run; it does not take --resume")
         cfg = config_from_args(args)          # with --resume: used when there is no checkpoint to continue
+        if args.dry_run:
+            from .dry_run import dry_run
+
+            dry_run(cfg, args.assume_speed, say=print)
+            return 0
         ignored = ignored_on_resume(args) if args.resume else []
         if args.expect_from and not args.resume:
             print_expected(args.expect_from, cfg.budget_s)

@@ -49,6 +49,7 @@ class DataConfig:
         return to_dict(self.loader)
 
 
+_NOT_SHAPE = ("name", "scaling", "auto_probe_share")          # model settings that are not ViTConfig's
 _TRAINER_SET = ("img_size", "num_classes", "drop_path_rate", "mean", "std")   # the trainer's, not the user's
 
 
@@ -56,12 +57,18 @@ _TRAINER_SET = ("img_size", "num_classes", "drop_path_rate", "mean", "std")   # 
 class _ModelBase:
     """the model variant and its overrides (None: the variant's value)"""
 
-    name: str = setting("vit_small_local", "vit_{tiny,small,base}_{local,plain}", flag="--model")
+    name: str = setting("vit_small_local", "vit_{tiny,small,base}_{local,plain}, or auto: the shape this budget "
+                                           "trains best here, from measured speed and a scaling law "
+                                           "(fastvit.train.auto)", flag="--model")
     patch_size: int = setting(16, "patch side in pixels")
+    scaling: str | None = setting(None, "--model auto: the scaling law (fastvit-sweep --fit-scaling's scaling.json; "
+                                        "default: the shipped prior of the device)")
+    auto_probe_share: float = setting(0.03, "--model auto: share of the budget the candidates' speed probes may "
+                                            "take (counted; cached per machine and shape)")
 
     def overrides(self) -> dict:
         """The ViTConfig fields given (patch_size always): create_model(name, **overrides())."""
-        return {f.name: v for f in dataclasses.fields(self) if f.name != "name"
+        return {f.name: v for f in dataclasses.fields(self) if f.name not in _NOT_SHAPE
                 for v in [getattr(self, f.name)] if v is not None}
 
 

@@ -1,0 +1,342 @@
+"""`--model auto`: the model this budget can train best on this machine, chosen before the run.
+
+    candidates  fastvit.models.shapes.candidate_family(device): widths × depths (heads width/64, MLP 4,
+                locality on), each with its parameter count N
+    speed       each candidate's training images/s at every stage of the curriculum the config asks
+                for: measured by the planner's own probe (RunPlanner.probe: compile + timed synthetic
+                steps, counted in the budget), or from the probe cache (keyed by machine + shape: a
+                second run on the same machine pays nothing), or -- for the candidates the probe's cap
+                (--auto-probe-share, 3% of the budget) leaves unmeasured -- scaled from a measured one
+                by FLOPs per image (said in the table), or from --assume-speed FILE (a machine you are
+                not on)
+    images      plan_budget at those speeds: the images D each candidate sees in this budget
+    law         fastvit.scaling: top-1 error = E + A/N^α + B/D^β, from --scaling FILE (fastvit-sweep
+                --fit-scaling) or the shipped prior for the device (fastvit/priors)
+    choice      the argmax of predicted top-1 (fastvit.scaling.choose, a pure function of law, sizes
+                and images); measured first where the cap allows: the candidate ranked first is probed
+                until the first is a measured one or the cap is spent
+
+The choice, its forecast with an interval, the runner-up and every candidate's row go to the log,
+plan.json and results.json ("model_auto", "predicted_top1"), and into the run's config (the chosen
+depth, width, heads and MLP ratio), so --resume keeps the shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fastvit.stage import Stage
+
+from .errors import TrainError
+
+AUTO = "auto"
+SHAPE_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the probe cache: machine + shape + stage shape -> images/s
+
+def machine_key(env) -> str:
+    """What a measured speed depends on besides the shape: the device, the software, compile and the
+    threads. A change of any of them is another machine for the cache."""
+    import torch
+
+    from .setup import device_name
+
+    parts = [device_name(env), torch.__version__, f"compile={env.compile}", f"amp={env.amp}",
+             f"threads={torch.get_num_threads()}", f"world={env.dist.world}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """FASTVIT_CACHE_DIR, else $XDG_CACHE_HOME/fastvit, else ~/.cache/fastvit."""
+    if os.environ.get("FASTVIT_CACHE_DIR"):
+        return Path(os.environ["FASTVIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastvit"
+
+
+class ProbeCache:
+    """Measured training images/s per (shape spec, stage shape) for one machine, in one JSON file
+    (cache_dir()/probe-<machine key>.json). Reads tolerate a missing or broken file (an empty cache);
+    writes are atomic and best effort (a read-only home never stops a run)."""
+
+    def __init__(self, key: str, root: Path | None = None):
+        self.path = (root or cache_dir()) / f"probe-{key}.json"
+        try:
+            self.data = json.loads(self.path.read_text())
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (OSError, ValueError):
+            self.data = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _key(spec: str, stage: Stage) -> str:
+        res, keep, batch, depth, patch = stage.shape
+        return f"{spec}|{res}|{keep:g}|{batch}|{depth}|{patch}"
+
+    def get(self, spec: str, stages: list[Stage]) -> dict | None:
+        """{Stage.shape: images/s} when every stage shape of `spec` is cached, else None."""
+        got = {}
+        for s in stages:
+            v = self.data.get(self._key(spec, s))
+            if v is None:
+                self.misses += 1
+                return None
+            got[s.shape] = float(v)
+        self.hits += 1
+        return got
+
+    def put(self, spec: str, stages: list[Stage], speeds: dict) -> None:
+        for s in stages:
+            if s.shape in speeds:
+                self.data[self._key(spec, s)] = round(float(speeds[s.shape]), 4)
+        try:
+            from fastvit.fileio import write_bytes_atomic
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True).encode())
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------------
+# candidates
+
+@dataclass
+class Candidate:
+    spec: str                                  # "d4-w192" (fastvit.models.shapes)
+    overrides: dict                            # depth, embed_dim, num_heads, mlp_ratio
+    params: int
+    stages: list[Stage] = field(default_factory=list)
+    speeds: dict = field(default_factory=dict)  # Stage.shape -> images/s
+    speed_from: str = ""                       # "probe", "cache", "flops", "assumed"
+    images: int = 0
+
+    def row(self) -> dict:
+        img_s = {f"{s.res}/{s.keep:g}": round(self.speeds[s.shape], 2) for s in self.stages if s.shape in self.speeds}
+        return {"shape": self.spec, "params": self.params, "images": self.images, "speed_from": self.speed_from,
+                "img_s": img_s}
+
+
+def base_variant(cfg) -> str:
+    """The variant a shape overrides: the one named, or for auto shapes.SHAPE_MODEL (locality on)."""
+    from fastvit.models.shapes import SHAPE_MODEL
+
+    return SHAPE_MODEL if cfg.model.name == AUTO else cfg.model.name
+
+
+def shaped(cfg, overrides: dict):
+    """A copy of cfg whose model is its base variant at this shape (name and the four shape settings)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.model.name = base_variant(cfg)
+    for k in SHAPE_KEYS:
+        setattr(out.model, k, overrides.get(k))
+    return out
+
+
+def candidates(cfg, env) -> list[Candidate]:
+    """Every candidate shape of the device's family (fastvit.models.shapes.candidate_family) with its
+    parameter count and the stages the config asks for at its shape."""
+    from fastvit.models import shapes
+
+    from .run_planner import config_stages
+
+    candidate_family, param_count, parse_shape = shapes.candidate_family, shapes.param_count, shapes.parse_shape
+    specs = candidate_family(env.device.type)
+    out = []
+    for spec in specs:
+        over = parse_shape(spec)
+        c = shaped(cfg, over)
+        out.append(Candidate(spec=spec, overrides=over, params=param_count(spec, env.ds.num_classes,
+                                                                           patch_size=cfg.model.patch_size),
+                             stages=config_stages(c, env)))
+    return out
+
+
+def flops_of(cfg, cand: Candidate, stage: Stage, gpu: bool) -> float:
+    from fastvit.models import model_config
+    from fastvit.models.vit import train_flops
+
+    over = {**cfg.model.overrides(), **cand.overrides}
+    vcfg = model_config(base_variant(cfg), **over)
+    if stage.patch_size:
+        vcfg = replace(vcfg, patch_size=stage.patch_size)
+    return train_flops(vcfg, stage.res, stage.keep, sparse_locality=gpu and vcfg.sparse_locality)
+
+
+def images_in(stages: list[Stage], speeds: dict, budget_s: float | None, budget_images: int | None) -> int:
+    """The images a candidate sees: plan_budget's at these speeds (an image budget: the budget)."""
+    from .planner import BudgetTooSmall, plan_budget
+    from .rules import reserve_s
+
+    if budget_s is None:
+        return int(budget_images)
+    try:
+        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
+    except BudgetTooSmall:
+        return 0
+    return plan.images_until(plan.total_steps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the choice
+
+@dataclass
+class Choice:
+    pick: dict                                 # the chosen row (scaling.choose's, with the candidate's)
+    rows: list[dict]                           # every candidate, best first
+    law: dict                                  # the law's summary (provenance, fitted on)
+    warnings: list[str]
+    probe_s: float                             # seconds spent probing (counted in the budget)
+    cache: dict                                # hits / misses
+
+    def to_dict(self) -> dict:
+        return {"pick": self.pick, "rows": self.rows, "law": self.law, "warnings": self.warnings,
+                "probe_s": round(self.probe_s, 3), "cache": self.cache}
+
+    def lines(self) -> list[str]:
+        """The few lines printed at the start of the run."""
+        def one(r):
+            return (f"{r['shape']} ({r['params'] / 1e6:.2f} M params, {r['images']:,} images, speed: "
+                    f"{r['speed_from']}) predicted top-1 {r['top1']:.1f}% "
+                    f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]")
+        out = [f"model auto: {one(self.pick)}"]
+        if len(self.rows) > 1 and self.rows[1]["top1"] is not None:
+            out.append(f"model auto: runner-up {one(self.rows[1])}")
+        ext = self.pick.get("extrapolates")
+        out.append(f"model auto: law {self.law['name']} ({self.law['form']})"
+                   + (f"; extrapolating: {ext}" if ext else "") + f"; {len(self.rows)} candidates, probe "
+                   f"{self.probe_s:.1f} s counted, cache {self.cache['hits']} hit(s) / {self.cache['misses']} miss(es)")
+        return out + [f"warning: {w}" for w in self.warnings]
+
+
+def law_for(cfg, env, scaling_file: str | None):
+    """The law to choose with: --scaling FILE, else the shipped prior of the device (cpu or gpu), and
+    the warning when it was fitted on other data (classes) or another resolution."""
+    from fastvit import scaling
+
+    try:
+        law = scaling.load_law(scaling_file) if scaling_file else \
+            scaling.load_prior("cpu" if env.device.type == "cpu" else "gpu")
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--scaling {scaling_file or '(prior)'}: {str(e).splitlines()[0]}", 2) from None
+    warning = law.mismatch(env.ds.num_classes, env.final_res)
+    return law, [warning.removeprefix("warning: ")] if warning else []
+
+
+def decide(law, cands: list[Candidate]) -> list[dict]:
+    """scaling.choose over the candidates (pure), each row with its candidate's speed source."""
+    from fastvit import scaling
+
+    rows = scaling.choose(law, [{"shape": c.spec, "params": c.params, "images": c.images} for c in cands])
+    by = {c.spec: c for c in cands}
+    return [{**r, **{k: v for k, v in by[r["shape"]].row().items() if k not in r}} for r in rows]
+
+
+def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, assumed=None) -> Choice:
+    """The choice for cfg's budget. `measure(cfg_shaped, stages) -> (stages, speeds, seconds)` is the
+    planner's probe of one candidate (at most --auto-probe-share of the budget in all); `assumed`
+    (speeds.AssumedSpeeds) replaces every measurement (the dry run on a machine you are not on)."""
+    budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.model.auto_probe_share)
+    budget_images = None if budget_s is not None else int(round(cfg.budget.epochs * env.ds.count("train")))
+    cands = candidates(cfg, env)
+    gpu = env.device.type == "cuda"
+    spent = 0.0
+
+    def probe(c: Candidate) -> None:
+        nonlocal spent
+        # the stages' batches may come back halved (out of memory): the probed stages replace them
+        c.stages, speeds, secs = measure(shaped(cfg, c.overrides), c.stages)
+        spent += secs
+        c.speeds, c.speed_from = speeds, "probe"
+        if cache is not None:
+            cache.put(c.spec, c.stages, speeds)
+
+    if assumed is not None:
+        for c in cands:
+            c.speeds = {s.shape: assumed.img_s(flops_of(cfg, c, s, gpu), s.res, s.keep) for s in c.stages}
+            c.speed_from = "assumed"
+    else:
+        for c in cands:
+            hit = cache.get(c.spec, c.stages) if cache is not None else None
+            if hit:
+                c.speeds, c.speed_from = hit, "cache"
+        if not any(c.speed_from for c in cands):          # nothing known: measure the cheapest candidate
+            probe(min(cands, key=lambda c: c.params))
+        _scale_unmeasured(cfg, cands, gpu)
+    while True:
+        for c in cands:
+            c.images = images_in(c.stages, c.speeds, budget_s, budget_images)
+        rows = decide(law, cands)
+        top = next(c for c in cands if c.spec == rows[0]["shape"])
+        if top.speed_from != "flops" or spent >= cap_s:
+            break
+        probe(top)                                        # the best is measured before it is chosen
+        _scale_unmeasured(cfg, cands, gpu)
+    if rows[0]["top1"] is None:
+        raise TrainError("--model auto: the budget leaves no time to train any candidate after set-up "
+                         "(raise --minutes/--hours)", 2)
+    return Choice(pick=rows[0], rows=rows, law=_law_summary(law), warnings=[], probe_s=spent,
+                  cache={"hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0})
+
+
+def _scale_unmeasured(cfg, cands: list[Candidate], gpu: bool) -> None:
+    """Candidates without a measured speed: the achieved FLOP rate of the measured ones (per stage
+    resolution and keep, averaged) over their own FLOPs per image."""
+    known = [c for c in cands if c.speed_from in ("probe", "cache")]
+    for c in cands:
+        if c.speed_from in ("probe", "cache"):
+            continue
+        speeds = {}
+        for s in c.stages:
+            rates = [k.speeds[t.shape] * flops_of(cfg, k, t, gpu) for k in known for t in k.stages
+                     if (t.res, t.keep) == (s.res, s.keep) and t.shape in k.speeds]
+            if rates:
+                speeds[s.shape] = (sum(rates) / len(rates)) / flops_of(cfg, c, s, gpu)
+        c.speeds, c.speed_from = speeds, "flops"
+
+
+def _law_summary(law) -> dict:
+    """What results.json and plan.json keep of the law: its data, form, parameters and held-out error."""
+    return {"name": law.data.get("name") or "unnamed", "data": dict(law.data), "form": law.describe(),
+            "params": dict(law.params), "provenance": law.provenance,
+            "leave_one_budget_out_rmse": law.loo.get("rmse"), "n_range": list(law.n_range),
+            "d_range": list(law.d_range)}
+
+
+def apply(cfg, choice: Choice):
+    """The run's config at the chosen shape (the name becomes base variant)."""
+    from fastvit.models.shapes import parse_shape
+
+    return shaped(cfg, parse_shape(choice.pick["shape"]))
+
+
+def probe_cap_s(budget_s: float | None, share: float) -> float:
+    """Seconds the candidates' probes may take: `share` of a time budget (an image budget: 60 s)."""
+    return share * budget_s if budget_s else 60.0
+
+
+def measure_with(env, clock, say):
+    """The planner's probe of one candidate, as choose_model's `measure`: build its parts (as the run
+    would), compile + time its stages, seconds counted by the run's clock."""
+    def measure(cfg_c, stages: list[Stage]) -> tuple[list[Stage], dict, float]:
+        from .run_planner import RunPlanner
+        from .setup import build_parts
+        from .step import TrainStep
+
+        t0 = time.perf_counter()
+        parts = build_parts(cfg_c, env, env.ds.num_classes)
+        step_fn = TrainStep(parts, cfg_c.schedule, env)
+        planner = RunPlanner(cfg_c, env, step_fn, clock, lambda m: None)
+        planner.stages()
+        (fitted, speeds), _ = planner.probe(stages, iters=max(1, cfg_c.budget.probe_iters))
+        del parts, step_fn
+        return fitted, speeds, time.perf_counter() - t0
+    return measure

@@ -1,0 +1,131 @@
+"""--model auto: candidates probed (cached per machine and shape), the law's argmax, the forecast in
+results.json, the shape kept on --resume; a too-small budget and a law fitted elsewhere said in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastvit.train.cli import main
+
+TINY = ["--preset", "test", "--device", "cpu", "--backend", "dali", "--no-progress"]
+FAMILY = ["d1-w32", "d2-w32"]
+
+
+@pytest.fixture
+def small_family(monkeypatch, tmp_path):
+    """Two tiny candidate shapes, a law fitted on this data's class count at 32 px, a private cache."""
+    from fastvit import scaling
+    from fastvit.models import shapes
+
+    monkeypatch.setattr(shapes, "candidate_family", lambda device: list(FAMILY))
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path / "cache"))
+    law = _law(classes=4, resolution=32)
+    return scaling.save_law(law, tmp_path / "scaling.json")
+
+
+def _law(classes, resolution):
+    """A law with known parameters fitted from its own exact points (3 sizes x 3 budgets)."""
+    from fastvit import scaling
+
+    true = {"E": 0.2, "A": 30.0, "alpha": 0.5, "B": 5.0, "beta": 0.45}
+    pts = [{"shape": f"s{n}", "params": n, "images": d, "budget": d, "seed": 0,
+            "top1": 100 * (1 - scaling.law_error(true, n, d))}
+           for n in (2e4, 6e4, 2e5) for d in (2e3, 8e3, 3.2e4)]
+    return scaling.fit_law(pts, data={"name": "synthetic", "classes": classes, "resolution": resolution},
+                           provenance="test")
+
+
+def test_choice_is_a_pure_function_and_measures_the_pick(small_family, tiny_prepped, tmp_path):
+    from fastvit import scaling
+    from fastvit.train import auto
+    from fastvit.train.config import make_config
+    from fastvit.train.setup import open_env
+
+    cfg = make_config("test", {"data": str(tiny_prepped), "minutes": 2.0, "device": "cpu", "backend": "dali",
+                               "model": "auto", "scaling": str(small_family)})
+    env = open_env(cfg)
+    law = scaling.load_law(small_family)
+    calls = []
+
+    def measure(c, stages):                  # a fake probe: the deeper shape is half as fast
+        calls.append(c.model.depth)
+        return stages, {s.shape: 1000.0 / c.model.depth for s in stages}, 0.5
+
+    cache = auto.ProbeCache(auto.machine_key(env))
+    a = auto.choose_model(cfg, env, measure, law, cache=cache)
+    b = auto.choose_model(cfg, env, measure, law, cache=auto.ProbeCache(auto.machine_key(env)))
+    def table(c):
+        return [{k: v for k, v in r.items() if k != "speed_from"} for r in c.rows]
+    assert table(a) == table(b)                            # same law, speeds and budget: the same table
+    assert a.pick["speed_from"] == "probe" and b.pick["speed_from"] == "cache"
+    assert len(calls) == len(set(calls)) >= 1              # the second choice measured nothing
+    assert b.cache["hits"] >= 1 and a.cache["misses"] >= 1
+    assert a.pick["top1"] == max(r["top1"] for r in a.rows)       # the argmax of the law's forecast
+
+
+def test_run_with_model_auto_records_the_forecast_and_resume_keeps_the_shape(small_family, tiny_prepped, tmp_path,
+                                                                            capsys):
+    run = tmp_path / "run"
+    rc = main(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "4", "--evals", "0", "--model", "auto",
+               "--scaling", str(small_family), "--ckpt-every-steps", "2", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("model auto: ") >= 2 and "predicted top-1" in err
+    res = json.loads((run / "results.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    pick = res["model_auto"]["pick"]
+    assert pick["shape"] in FAMILY and plan["model_auto"]["pick"] == pick
+    assert res["predicted_top1"]["top1"] == pick["top1"] and len(res["predicted_top1"]["interval"]) == 2
+    from fastvit.models.shapes import parse_shape
+    assert {k: cfg["model"][k] for k in ("depth", "embed_dim", "num_heads")} == \
+        {k: parse_shape(pick["shape"])[k] for k in ("depth", "embed_dim", "num_heads")}
+    assert cfg["model"]["name"] != "auto"
+    # --resume: the saved config (the chosen shape) wins; no second choice
+    from fastvit.train import checkpoint as C
+    ckpts = C.checkpoint_paths(run)
+    (run / "results.json").unlink()
+    for p in ckpts[:1]:
+        p.unlink()                                          # back to an earlier checkpoint
+    rc = main(["--out", str(run), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "model auto: " not in err
+    res2 = json.loads((run / "results.json").read_text())
+    assert res2["model_auto"]["pick"] == pick
+
+
+def test_too_small_a_budget_is_one_line(small_family, tiny_prepped, tmp_path, capsys):
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "0.001", "--model", "auto",
+               "--scaling", str(small_family), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "error" in err[-1] and ("no time" in err[-1] or "raise --minutes" in err[-1])
+
+
+def test_a_law_from_other_data_is_one_warning_line(small_family, tiny_prepped, tmp_path, capsys, monkeypatch):
+    from fastvit import scaling
+
+    other = scaling.save_law(_law(classes=1000, resolution=224), tmp_path / "other.json")
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "5", "--model", "auto",
+               "--scaling", str(other), "--dry-run", *TINY])
+    out = capsys.readouterr().out
+    warn = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert rc == 0 and len(warn) == 1 and "1000 classes" in warn[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_model_auto_on_an_assumed_gpu_picks_without_probing(tiny_prepped, tmp_path, capsys, monkeypatch):
+    from fastvit.train import auto
+
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "measure_with", lambda *a: pytest.fail("probed on an assumed machine"))
+    speed = tmp_path / "s.json"
+    speed.write_text(json.dumps({"device": "GPU", "cores": 16, "memory_gb": 80, "points": [
+        {"model": "vit_small_plain", "class_token": True, "head": "token", "res": 224, "keep": 1.0, "img_s": 8003}]}))
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--hours", "6", "--model", "auto",
+               "--dry-run", "--assume-speed", str(speed), "--preset", "gpu", "--final-res", "64",
+               "--curriculum", "32:0.5,64:0.5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "model auto: " in out and "speed: assumed" in out
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
