@@ -340,7 +340,7 @@ def choose_backend(want: str | None, ds, device: torch.device, reads, run_backen
             return want, f"backend {want}"
         first = [run_backend] if run_backend in BACKENDS else []
         name, why = choose_auto(ds, device, reads, order=tuple(dict.fromkeys(first + list(AUTO_ORDER[device.type]))))
-        return name, why.replace("backend auto", "backend (the run's, else auto)" if first else "backend auto")
+        return name, f"backend {name} (the run's)" if first == [name] else why
     except DataError as e:
         raise TrainError(f"--backend: {e}", 2) from None
 

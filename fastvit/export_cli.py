@@ -141,7 +141,7 @@ def model_card(rm, config: dict, ds, fmt: str) -> str:
                       f"{rm.params_m:.2f} M parameters, trained from scratch by fastvit-train ({cfg.run.recipe} recipe)"),
             ("data", data), ("budget", _budget(cfg, res)), ("machine", machine), ("top-1", top1),
             ("weights", f"{rm.weights}, checkpoint step {rm.step} (`{rm.checkpoint.name}`)")]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if fmt == "timm":
         load = ("import json, timm\nfrom safetensors.torch import load_file\n\n"
                 "cfg = json.load(open(\"config.json\"))\n"
@@ -153,7 +153,7 @@ def model_card(rm, config: dict, ds, fmt: str) -> str:
         load = ("from fastvit.models.export import load_export\n\n"
                 "model = load_export(\".\").eval()     # fastvit.models (no trainer needed)\n"
                 "logits = model(uint8_images)          # (B,3,H,W) 0-255; the model normalizes itself\n"
-                "logits = model(uint8_images, keep_rate=0.5)   # half the patches: faster, a little less accurate")
+                "logits = model(uint8_images, keep_rate=0.5)   # half the patches (tokens): see eval.json for the cost")
     labels = ", ".join(config.get("label_names", [])[:5]) + (" ..." if len(config.get("label_names", [])) > 5 else "")
     return f"""# {cfg.model.name} ({Path(rm.run_dir).name})
 
@@ -172,7 +172,7 @@ RGB; resize the shorter side to {round(side / pre['crop_pct'])} px and center-cr
 ```
 
 Files: `model.safetensors` (weights), `config.json` (architecture, preprocessing, class names),
-`results.json` (the run's own results{', eval.json: fastvit-eval' if _this_checkpoint(rm, rm.run_dir / 'eval.json') else ''}).
+`results.json` (the run's own results){' and `eval.json` (fastvit-eval: top-1 and speed per res x keep)' if _this_checkpoint(rm, rm.run_dir / 'eval.json') else ''}.
 """
 
 
