@@ -188,9 +188,9 @@ def check_classes(rm: RunModel, ds, flag: str = "--data") -> str | None:
         if tuple(ds.classes) != tuple(rm.classes):
             diff = next((i for i, (a, b) in enumerate(zip(ds.classes, rm.classes)) if a != b),
                         min(len(ds.classes), len(rm.classes)))
-            at = f"; first difference at label {diff}: {_at(ds.classes, diff)} vs the run's {_at(rm.classes, diff)}"
-            raise TrainError(f"{flag} {ds.root} has other classes than the run ({ds.num_classes} vs "
-                             f"{len(rm.classes)}{at})", 2)
+            raise TrainError(f"{flag} {ds.root} has other classes than the run: label {diff} is "
+                             f"{_at(ds.classes, diff)} here, {_at(rm.classes, diff)} in the run ({ds.num_classes} "
+                             f"classes here, {len(rm.classes)} in the run)", 2)
         return None
     if ds.num_classes != rm.num_classes:
         raise TrainError(f"{flag} {ds.root} has {ds.num_classes} classes, the model {rm.num_classes}", 2)

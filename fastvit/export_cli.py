@@ -130,9 +130,11 @@ def model_card(rm, config: dict, ds, fmt: str) -> str:
     data = f"`{cfg.data.root}`" + (f" ({ds.num_classes} classes, {ds.count('train'):,} train images)"
                                    if ds is not None and "train" in ds.splits else f" ({config['num_classes']} classes)")
     if res:
-        ema = f", EMA {res['ema_top1']:.2f}%" if res.get("ema_top1") is not None else ""
-        top1 = (f"**{res['top1']:.2f}%** (top-5 {res['top5']:.2f}%){ema} at {res['eval_res']} px on "
-                f"{res['val_images']:,} val images")
+        mine, other = ("ema_", "") if rm.weights == "ema" else ("", "ema_")     # these weights' number first
+        also = f"; {'EMA' if other else 'raw'} weights {res[other + 'top1']:.2f}%" \
+            if res.get(other + "top1") is not None else ""
+        top1 = (f"**{res[mine + 'top1']:.2f}%** (top-5 {res[mine + 'top5']:.2f}%) at {res['eval_res']} px on "
+                f"{res['val_images']:,} val images{also}")
         machine = f"{res['device_name']}, backend {res['backend']}"
     else:
         top1 = f"not measured yet: the run was still training (step {rm.step}); `fastvit-eval` measures it"
