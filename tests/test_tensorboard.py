@@ -83,3 +83,18 @@ def test_a_failing_writer_says_one_line_and_turns_off(tmp_path, capsys):
     assert not w.on and len(said) == 1
     w.log({"kind": "train", "step": 1, "loss": 1.0})
     w.close()
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
+    """metrics.jsonl is cut back to the checkpoint's step on resume; the event files say the same
+    (purge_step): TensorBoard shows each step once, from the run that continued."""
+    run = tmp_path / "run"
+    w = MetricsWriter(run, tensorboard=True)
+    for step in range(1, 6):
+        w.log({"kind": "train", "step": step, "loss": 10.0 + step})
+    w.close()
+    w = MetricsWriter(run, resume_step=3, tensorboard=True)       # killed after step 5, checkpoint at 3
+    for step in range(4, 7):
+        w.log({"kind": "train", "step": step, "loss": 20.0 + step})
+    w.close()
+    assert _scalars(run / "tb")["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
