@@ -55,7 +55,7 @@ def export_run(args) -> Path:
     from fastvit.fileio import write_bytes_atomic
     from fastvit.models.export import export_folder
 
-    rm = load_run(args.run, args.weights, "cpu")
+    rm = load_run(args.run, args.weights, "cpu", log=lambda s: print(f"[{PROG}] {s}", file=sys.stderr))
     if rm.cfg.run.recipe == "baseline":
         raise TrainError("the baseline recipe's model is timm's own VisionTransformer: its checkpoint's weights "
                          "(under model.*) load into timm directly; fastvit-export writes fastvit-recipe runs", 2)

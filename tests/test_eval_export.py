@@ -133,16 +133,19 @@ def test_export_round_trips_both_formats(plain_run, tmp_path, capsys):
 
 @pytest.fixture
 def grown_run(tiny_prepped, tmp_path) -> Path:
-    """A run dir as a --growth run in progress leaves it: one checkpoint of a 2-block locality model that
-    runs its first block (growth depth 1), no results.json, its lock held by the 'training'."""
+    """A run dir as a --growth run in progress leaves it: a checkpoint of a 2-block locality model that
+    runs its first block (growth depth 1) and a damaged newer one, no results.json."""
     cfg = make_config("test", {"data": str(tiny_prepped), "depth": 2, "epochs": 1.0})
     torch.manual_seed(0)
     from fastvit.models import create_model
 
     model = create_model(cfg.model.name, num_classes=4, **cfg.model.overrides())
     run = tmp_path / "run"
-    save_checkpoint(run, 7, {"config": cfg.to_dict(), "model": model.state_dict(), "ema": None, "step": 7,
-                             "counted_s": 3.0, "growth": {"depth": 1, "window": None}})
+    state = {"config": cfg.to_dict(), "model": model.state_dict(), "ema": None, "step": 7, "counted_s": 3.0,
+             "growth": {"depth": 1, "window": None}}
+    save_checkpoint(run, 7, state)
+    newer = save_checkpoint(run, 9, {**state, "step": 9})
+    newer.write_bytes(newer.read_bytes()[:-100])                 # damaged: the previous one is read
     return run
 
 
@@ -152,8 +155,9 @@ def test_in_progress_grown_run_evaluates_and_exports_at_its_depth(grown_run, tmp
 
     with RunLock(grown_run) as lock:                             # the training holds the run's lock
         lock.hold()
-        rc = eval_main([str(grown_run), "--keep", "1,0.5", "--device", "cpu", "--no-progress"])
+        rc = eval_main([str(grown_run), "--keep", "1,0.5", "--device", "cpu"])       # with the progress bar
         assert rc == 0
+        assert "ckpt_00000009.pt: truncated" in capsys.readouterr().err         # the damaged one, said once
         out = json.loads((grown_run / "eval.json").read_text())
         assert out["depth"] == 1 and out["finished"] is False and out["step"] == 7 and len(out["grid"]) == 2
         assert eval_main([str(grown_run), "--ema", "--device", "cpu"]) == 2           # no EMA kept
@@ -172,4 +176,23 @@ def test_in_progress_grown_run_evaluates_and_exports_at_its_depth(grown_run, tmp
         capsys.readouterr()
         rc = export_main([str(grown_run), "--out", str(tmp_path / "t"), "--format", "timm"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and "locality" in err[0] and "timm" in err[0]
+        assert rc == 2 and "[fastvit-export] checkpoint ckpt_00000009.pt" in err[0]
+        assert len(err) == 2 and "locality" in err[1] and "timm" in err[1]
+
+
+def test_eval_of_a_baseline_run(tiny_prepped, tmp_path, capsys):
+    """--recipe baseline (timm's ViT behind our forward): rebuilt at its own size, the trainer's number at
+    its resolution, another resolution through timm's pos-embed resampling; keep < 1 and export refused."""
+    run = tmp_path / "base"
+    rc = train_main(["--data", str(tiny_prepped), "--out", str(run), "--recipe", "baseline", "--epochs", "2",
+                     "--evals", "0", "--no-tensorboard", *TINY[:-3], "--no-progress"])
+    assert rc == 0
+    res = json.loads((run / "results.json").read_text())
+    assert eval_main([str(run), "--res", f"{res['eval_res']},64", "--device", "cpu", "--no-progress"]) == 0
+    grid = _grid(run / "eval.json")
+    assert set(grid) == {(res["eval_res"], 1.0), (64, 1.0)}                  # keep defaults to 1 for the baseline
+    assert grid[(res["eval_res"], 1.0)]["top1"] == res["top1"]
+    capsys.readouterr()
+    assert eval_main([str(run), "--keep", "0.5", "--device", "cpu"]) == 2
+    assert export_main([str(run), "--out", str(tmp_path / "x")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2             # one line each
