@@ -78,10 +78,10 @@ def _head(model: nn.Module) -> nn.Linear:
     return getattr(model, "model", model).head
 
 
-def read_checkpoint(path, log) -> tuple[dict, Path]:
-    """The newest intact checkpoint of a run dir (load_latest), or the checkpoint file itself. One-line
-    TrainError (exit 2) when there is none."""
-    from fastvit.train.checkpoint import CorruptCheckpoint, load_checkpoint, load_latest
+def read_checkpoint(path, log):
+    """(Checkpoint, its path): the newest intact checkpoint of a run dir (Checkpoint.latest), or the
+    checkpoint file itself. One-line TrainError (exit 2) when there is none."""
+    from fastvit.train.checkpoint import Checkpoint, CorruptCheckpoint
 
     path = Path(path)
     if not path.exists():
@@ -89,7 +89,7 @@ def read_checkpoint(path, log) -> tuple[dict, Path]:
     got = None
     for _ in range(3):     # a training run deletes an older checkpoint after writing a newer one: look again
         try:
-            got = load_latest(path, log) if path.is_dir() else (load_checkpoint(path), path)
+            got = Checkpoint.latest(path, log) if path.is_dir() else (Checkpoint.read(path), path)
             break
         except FileNotFoundError:
             continue
@@ -100,10 +100,7 @@ def read_checkpoint(path, log) -> tuple[dict, Path]:
     if got is None:
         raise TrainError(f"{path}: no readable checkpoint (ckpt_*.pt); a run writes its first one after "
                          "a few minutes", 2)
-    ck, src = got
-    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise TrainError(f"{src} is not a fastvit-train checkpoint (no config and model)", 2)
-    return ck, src
+    return got
 
 
 def build_model(cfg, state: dict) -> nn.Module:
@@ -133,11 +130,11 @@ def load_run(path, weights: str | None = None, device="cpu", log=None) -> RunMod
     log = log or (lambda s: print(f"[{PROG}] {s}", file=sys.stderr))
     ck, src = read_checkpoint(path, log)
     try:
-        cfg = TrainConfig.from_dict(ck["config"])
+        cfg = TrainConfig.from_dict(ck.config)
     except ValueError as e:                              # ConfigError: a config this version does not know
         raise TrainError(f"{src}: its config does not load ({e})", 2) from None
     weights = weights or RAW
-    state = ck["model"] if weights == RAW else ck.get("ema")
+    state = ck.model if weights == RAW else ck.ema
     if state is None:
         raise TrainError(f"{src}: the run kept no EMA of its weights (--no-ema); use --raw", 2)
     model = build_model(cfg, state)
@@ -145,22 +142,20 @@ def load_run(path, weights: str | None = None, device="cpu", log=None) -> RunMod
         model.load_state_dict(state)
     except RuntimeError as e:
         raise TrainError(f"{src}: the weights do not fit {cfg.model.name} ({str(e).splitlines()[0]})", 2) from None
-    growth = ck.get("growth") or {}
+    growth = ck.growth or {}
     if growth.get("depth"):                # the blocks a grown run runs now (its supernet inside auto's window)
         set_depth(model, (growth.get("window") or {}).get("top") or growth["depth"])
     model.to(device).eval()
     run_dir = src.parent
-    results = read_json(run_dir / "results.json")
-    if results is not None and results.get("steps") != ck.get("step"):
-        results = None                     # an older checkpoint than the one the results are of
+    results = _results(run_dir, ck.step)
     ds = run_data(cfg)
     run_res = (results or {}).get("eval_res")
     if run_res is None and ds is not None:
-        from fastvit.train.setup import final_resolution
+        from fastvit.train.rules import final_resolution
 
         run_res = final_resolution(cfg, ds.resolutions)
-    return RunModel(model=model, cfg=cfg, weights=weights, checkpoint=src, run_dir=run_dir, step=int(ck.get("step", 0)),
-                    counted_s=float(ck.get("counted_s", 0.0)), results=results,
+    return RunModel(model=model, cfg=cfg, weights=weights, checkpoint=src, run_dir=run_dir, step=int(ck.step),
+                    counted_s=float(ck.counted_s), results=results,
                     classes=ds.classes if ds is not None else None, run_res=run_res)
 
 
@@ -172,6 +167,17 @@ def run_data(cfg):
         return open_dataset(cfg.data.root) if cfg.data.root else None
     except (DataError, OSError):
         return None
+
+
+def _results(run_dir: Path, step: int) -> dict | None:
+    """The run's results.json when it is of this checkpoint (a finished run's last), else None."""
+    from fastvit.train.results import Results, ResultsError
+
+    try:
+        res = Results.read(run_dir).to_dict()
+    except ResultsError:
+        return None
+    return res if res.get("steps") == step else None
 
 
 def read_json(path: Path) -> dict | None:
@@ -371,7 +377,7 @@ def run_eval(args) -> dict:
     if args.res:
         resolutions = parse_list(args.res, int, "--res")
     else:
-        from fastvit.train.setup import final_resolution
+        from fastvit.train.rules import final_resolution
 
         resolutions = [rm.run_res or final_resolution(cfg, ds.resolutions)]
     bad = [r for r in resolutions if r <= 0 or r % patch]

@@ -13,7 +13,7 @@ import torch
 
 from fastvit.eval import load_run, main as eval_main
 from fastvit.export_cli import main as export_main
-from fastvit.train.checkpoint import save_checkpoint
+from fastvit.train.checkpoint import rng_state, save_checkpoint
 from fastvit.train.cli import main as train_main
 from fastvit.train.config import make_config
 
@@ -142,7 +142,7 @@ def grown_run(tiny_prepped, tmp_path) -> Path:
     model = create_model(cfg.model.name, num_classes=4, **cfg.model.overrides())
     run = tmp_path / "run"
     state = {"config": cfg.to_dict(), "model": model.state_dict(), "ema": None, "step": 7, "counted_s": 3.0,
-             "growth": {"depth": 1, "window": None}}
+             "opt": {}, "plan": {}, "rng": rng_state(), "growth": {"depth": 1, "window": None}}
     save_checkpoint(run, 7, state)
     newer = save_checkpoint(run, 9, {**state, "step": 9})
     newer.write_bytes(newer.read_bytes()[:-100])                 # damaged: the previous one is read
