@@ -22,7 +22,7 @@ esac
 # What decides whether installing is needed: the declared dependencies, this script, the DALI choice.
 STAMP_KEY=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)-$EXTRA
 STAMP="$VENV/.fastvit-installed"
-CHECK='import torch, torchvision, timm, ffcv, nvidia.dali, numba, triton, scipy, fastvit.kernels, fastvit.data_prep'
+CHECK='import torch, torchvision, timm, ffcv, nvidia.dali, numba, triton, scipy, tensorboard, fastvit.kernels, fastvit.data_prep'
 
 if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_KEY" ] && "$PY" -c "$CHECK" 2>/dev/null; then
   say "environment up to date ($VENV)"

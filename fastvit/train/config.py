@@ -181,6 +181,7 @@ class RunConfig:
     profile_steps: int = setting(0, "GPU-busy: a torch.profiler window over N steps of every stage, logged as "
                                     "kind=profile rows in metrics.jsonl (0: off)")
     progress: bool = setting(True, "progress bar")
+    tensorboard: bool = setting(True, "TensorBoard event files in RUN_DIR/tb (tensorboard --logdir runs/)")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Metrics: one record per log step / validation to JSONL and CSV (and TensorBoard when installed);
+"""Metrics: one record per log step / validation to JSONL and CSV and TensorBoard (RUN_DIR/tb, tensorboard.py);
 the curves plot (loss, val top-1, lr, res, keep against counted time).
 
 On resume the files are cut back to the checkpoint's step, so a crash never leaves duplicate rows.
@@ -118,7 +118,9 @@ class StepMeter:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool | None = None):
+        """tensorboard: write RUN_DIR/tb too (None: as the run's config.json says, run.tensorboard; on
+        when it does not say)."""
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
@@ -143,13 +145,15 @@ class MetricsWriter:
         self._jf = open(self.jsonl, "a")
         self._cf = open(self.csv, "a", newline="")
         self._cw = csv.DictWriter(self._cf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        self._tb = None
-        try:  # optional: TensorBoard when installed
-            from torch.utils.tensorboard import SummaryWriter
+        if tensorboard is None:
+            from .rundir import saved_config
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
-        except Exception:  # noqa: BLE001 - tensorboard missing or broken: JSONL/CSV are enough
-            self._tb = None
+            tensorboard = (saved_config(self.run_dir) or {}).get("run", {}).get("tensorboard", True)
+        self._tb = None
+        if tensorboard:
+            from .tensorboard import TensorBoardWriter
+
+            self._tb = TensorBoardWriter(self.run_dir, resume_step)
 
     def _write(self, rec: dict) -> None:
         self._jf.write(json.dumps(rec) + "\n")
@@ -164,9 +168,7 @@ class MetricsWriter:
         self._write(rec)
         self._flush()
         if self._tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec.get("step", 0))
+            self._tb.log(rec)
 
     @property
     def rows(self) -> list[dict]:
