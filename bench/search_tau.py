@@ -28,6 +28,7 @@ from scipy.stats import kendalltau
 from fastvit.models.configs import model_config
 from fastvit.search import cli, rank
 from fastvit.search.space import Candidate
+from fastvit.train.results import Results
 
 
 def finished_runs(dirs) -> list[Path]:
@@ -52,7 +53,7 @@ def measure_nets(a) -> list[dict]:
     top1 = defaultdict(list)
     seen = defaultdict(list)
     for r in runs:
-        res = json.loads((r / "results.json").read_text())
+        res = Results.read(r)
         c = candidate_of(r)
         top1[c].append(res["top1"])
         seen[c].append(res["images_seen"])

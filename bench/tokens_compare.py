@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     for seed in range(a.seeds):                       # seed-major: an interrupted run still has every variant
         for name, extra in variants(a.tokens, a.final_res).items():
             run = out / name / f"s{seed}"
-            if not (run / "results.json").is_file():
+            if not Results.exists(run):
                 run.parent.mkdir(parents=True, exist_ok=True)
                 with open(out / f"{name}_s{seed}.log", "w") as f:
                     rc = subprocess.run(train_cmd(a, run, seed, extra), stdout=f, stderr=subprocess.STDOUT).returncode

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvit.kernels import sparse_local_dwconv
-from fastvit.kernels.reference import DWCONV_IMPLS, dwconv_taps, local_dwconv, scatter_to_grid  # noqa: F401
+from fastvit.kernels.reference import local_dwconv
 
 
 class LocalityMlp(nn.Module):

@@ -164,11 +164,9 @@ def setup(args) -> Context:
         raise SearchError("--hours must be positive", 2)
     if args.inits < 1:
         raise SearchError("--inits must be >= 1", 2)
-    preset = args.preset
-    if preset is None:
-        from fastvit.data.backends import default_device
+    from fastvit.train.rules import preset_for_device
 
-        preset = "cpu" if (args.device or default_device()) == "cpu" else "gpu"
+    preset = args.preset or preset_for_device(args.device)
     try:
         common = {**parse_overrides(args.set), "data": args.data, "hours": args.hours, "progress": False,
                   "compile": bool(args.compile)}
@@ -256,7 +254,9 @@ def row(d: dict, ctx: Context, min_images: float) -> dict:
 
     stages, speeds = probe.speeds_from_json(d["probe"])
     images = probe.images_in_budget(stages, speeds, ctx.budget_s)
-    window = ctx.budget_s - min(120.0, 0.005 * ctx.budget_s)
+    from fastvit.train.rules import reserve_s
+
+    window = ctx.budget_s - reserve_s(ctx.budget_s)
     kappa = d["kappa"] if d["kappa"] is not None else math.inf
     out = {"key": d["key"], "candidate": Candidate.from_dict(d["candidate"]), "kappa": kappa, "length": d["length"],
            "params": d["params"], "img_s": images / window, "images": images,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from fastvit.train.config import ConfigError
+from fastvit.train.rules import preset_for_device
 
 from fastvit.forecast import bnsl
 
@@ -37,10 +38,6 @@ def _data_resolutions(data: str) -> list[int]:
         raise ConfigError(f"--data {data}: not a fastvit-prep output ({str(e).splitlines()[0]})") from None
 
 
-def _default_preset(device: str | None) -> str:
-    from fastvit.data.backends import default_device
-
-    return "cpu" if (device or default_device()) == "cpu" else "gpu"
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -118,7 +115,7 @@ def sweep_main(argv=None) -> int:
             raise ConfigError(f"--device {args.device} with --jobs: give --device cuda (run k gets GPU k mod the "
                               "visible GPUs; CUDA_VISIBLE_DEVICES picks them)")
         target = runner.parse_seconds(args.forecast) if args.forecast else None
-        preset = args.preset or _default_preset(args.device)
+        preset = args.preset or preset_for_device(args.device)
         common = variants.parse_overrides(args.set)
         res = _data_resolutions(args.data)
         per_variant = {v: {**common, **variants.check(items[v], preset, common, res)} for v in names}

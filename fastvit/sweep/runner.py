@@ -11,7 +11,6 @@ short still compares the variants.
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvit.train.config import ConfigError
+from fastvit.train.results import Results
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -81,7 +81,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / "results.json").is_file()
+        return Results.exists(self.run_dir)
 
     @property
     def weight(self) -> float:
@@ -264,7 +264,7 @@ def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
                             failed.append(j)
                             say(f"sweep: {j.variant} {j.budget.label} seed {j.seed} not run: the run it continues failed")
                             continue
-                        if not all((a / "results.json").is_file() for a in j.after):
+                        if not all(Results.exists(a) for a in j.after):
                             continue
                         slot = min(set(range(n)) - set(slots.values()))
                         fut = start(pool, j, slot)
@@ -296,8 +296,8 @@ def run_jobs(jobs: list[Job], data: str, preset: str, device: str | None, *,
     return failed
 
 
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
+def _results(run_dir: Path) -> Results:
+    return Results.read(run_dir)
 
 
 def collect(jobs: list[Job]) -> list[dict]:
@@ -305,7 +305,7 @@ def collect(jobs: list[Job]) -> list[dict]:
     and counts the images, steps and counted seconds of the trunk segments it continues."""
     rows = []
     for j in jobs:
-        if j.kind == "trunk" or not j.finished or not all((p / "results.json").is_file() for p in j.parents):
+        if j.kind == "trunk" or not j.finished or not all(Results.exists(p) for p in j.parents):
             continue
         r = _results(j.run_dir)
         chain = [_results(p) for p in j.parents] + [r]

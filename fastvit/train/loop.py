@@ -368,8 +368,8 @@ class Live:
     def __init__(self, run: Run, resumed: bool):
         cfg, env, st, clock = run.cfg, run.env, run.st, run.clock
         self.run = run
-        self.metrics = MetricsWriter(run.run_dir, resume_step=st.step if resumed else None) if run.main \
-            else dist.NoMetrics()
+        self.metrics = MetricsWriter(run.run_dir, resume_step=st.step if resumed else None,
+                                     tensorboard=cfg.run.tensorboard) if run.main else dist.NoMetrics()
         self.evaluator = Evaluator(env, batch_size=max(16, min(256, cfg.schedule.batch_size)),
                                    workers=cfg.data.workers, loader_kwargs=cfg.data.loader_kwargs())
         self.meter = StepMeter(StepTimer(env.cuda, clock.now), window=max(20, 2 * cfg.run.log_every),
