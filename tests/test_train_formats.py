@@ -49,7 +49,7 @@ def test_results_read_validates_in_one_line(tmp_path):
         Results.read(tmp_path)
     assert "\n" not in str(e.value) and "results.json" in str(e.value)
     (tmp_path / "results.json").write_text(json.dumps({"top1": 50.0}))
-    with pytest.raises(ResultsError, match="no top5, eval_res"):
+    with pytest.raises(ResultsError, match="no counted_s, steps, images_seen"):
         Results.read(tmp_path)
     (tmp_path / "results.json").write_text("{nope")
     with pytest.raises(ResultsError, match="not JSON"):

@@ -244,7 +244,7 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
     """The choice for cfg's budget. `measure(cfg_shaped, stages) -> (stages, speeds, seconds)` is the
     planner's probe of one candidate (at most --auto-probe-share of the budget in all); `assumed`
     (speeds.AssumedSpeeds) replaces every measurement (the dry run on a machine you are not on)."""
-    budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.model.auto_probe_share)
+    budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.budget.auto_probe_share)
     budget_images = None if budget_s is not None else int(round(cfg.budget.epochs * env.ds.count("train")))
     cands = candidates(cfg, env)
     gpu = env.device.type == "cuda"

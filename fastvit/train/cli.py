@@ -52,7 +52,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     known = TrainConfig.leaf_keys()
     given = given_settings({k: v for k, v in vars(args).items() if k in known}, args.config)
     run = given.get("run", {})
-    cfg = preset_under(args.preset or preset_for_device(run.get("device")), given)
+    # the default preset is the device's: the one asked for, else (--assume-speed: a GPU machine's) this one's
+    device = run.get("device") or ("cuda" if getattr(args, "assume_speed", None) else None)
+    cfg = preset_under(args.preset or preset_for_device(device), given)
     if not run.get("out"):
         cfg.run.out = f"runs/{cfg.run.recipe}"
     return cfg

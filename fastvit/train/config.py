@@ -49,7 +49,6 @@ class DataConfig:
         return to_dict(self.loader)
 
 
-_NOT_SHAPE = ("name", "scaling", "auto_probe_share")          # model settings that are not ViTConfig's
 _TRAINER_SET = ("img_size", "num_classes", "drop_path_rate", "mean", "std")   # the trainer's, not the user's
 
 
@@ -61,14 +60,10 @@ class _ModelBase:
                                            "trains best here, from measured speed and a scaling law "
                                            "(fastvit.train.auto)", flag="--model")
     patch_size: int = setting(16, "patch side in pixels")
-    scaling: str | None = setting(None, "--model auto: the scaling law (fastvit-sweep --fit-scaling's scaling.json; "
-                                        "default: the shipped prior of the device)")
-    auto_probe_share: float = setting(0.03, "--model auto: share of the budget the candidates' speed probes may "
-                                            "take (counted; cached per machine and shape)")
 
     def overrides(self) -> dict:
         """The ViTConfig fields given (patch_size always): create_model(name, **overrides())."""
-        return {f.name: v for f in dataclasses.fields(self) if f.name not in _NOT_SHAPE
+        return {f.name: v for f in dataclasses.fields(self) if f.name != "name"
                 for v in [getattr(self, f.name)] if v is not None}
 
 
@@ -144,6 +139,11 @@ class BudgetConfig:
     epochs: float | None = setting(None, "budget in images: N x train images (comparisons by epochs)")
     replan_tol: float = setting(0.10, "re-plan when the measured speed drifts by more than this share")
     probe_iters: int = setting(3, "timed steps per shape when probing speeds")
+    scaling: str | None = setting(None, "--model auto: the scaling law that turns the budget into a model "
+                                        "(fastvit-sweep --fit-scaling's scaling.json; default: the shipped prior "
+                                        "of the device)")
+    auto_probe_share: float = setting(0.03, "--model auto: share of the budget the candidates' speed probes may "
+                                            "take (counted; cached per machine and shape)")
 
     @property
     def given(self) -> bool:

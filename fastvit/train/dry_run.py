@@ -203,7 +203,7 @@ def _choose(cfg, env, assumed, say):
     from . import auto
     from .budget import BudgetClock
 
-    law, warnings = auto.law_for(cfg, env, cfg.model.scaling)
+    law, warnings = auto.law_for(cfg, env, cfg.budget.scaling)
     cache = None if assumed else auto.ProbeCache(auto.machine_key(env))
     measure = None if assumed else auto.measure_with(env, BudgetClock(cfg.budget_s), lambda m: None)
     choice = auto.choose_model(cfg, env, measure, law, cache=cache, assumed=assumed)

@@ -290,7 +290,7 @@ def _auto_model(cfg: TrainConfig, env: RunEnv, clock: BudgetClock, say) -> tuple
     if env.dist.enabled:
         raise TrainError("--model auto runs in one process: choose with `fastvit-train --model auto --dry-run` "
                          "(or one process) and pass the shape (--depth, --embed-dim, --num-heads) to torchrun", 2)
-    law, warnings = auto.law_for(cfg, env, cfg.model.scaling)
+    law, warnings = auto.law_for(cfg, env, cfg.budget.scaling)
     choice = auto.choose_model(cfg, env, auto.measure_with(env, clock, say), law,
                                cache=auto.ProbeCache(auto.machine_key(env)))
     choice.warnings += warnings
