@@ -10,16 +10,18 @@ import statistics
 import sys
 from pathlib import Path
 
+from fastvit.train.results import Results
+
 VARIANTS = ("none", "none_d2", "manual", "manual_keep", "auto")
 
 
 def load_runs(out: Path) -> list[dict]:
     runs = []
     for d in sorted(out.glob("s*_*")):
-        if not d.is_dir() or not (d / "results.json").is_file():
+        if not d.is_dir() or not Results.exists(d):
             continue
         seed, variant = d.name[1:].split("_", 1)
-        r = json.loads((d / "results.json").read_text())
+        r = Results.read(d)
         g = r.get("growth") or {}
         runs.append({
             "seed": int(seed), "variant": variant, "top1": r["top1"], "ema_top1": r.get("ema_top1"),

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastvit.train.results import Results
+
 
 def variants(tokens: str, final_res: int) -> dict[str, list[str]]:
     return {"curriculum": [],
@@ -34,7 +36,7 @@ def train_cmd(a, run: Path, seed: int, extra: list[str]) -> list[str]:
 
 def result_row(run: Path, seed: int) -> dict:
     """The numbers the tables show, from a finished run's results.json."""
-    res = json.loads((run / "results.json").read_text())
+    res = Results.read(run)
     return {"seed": seed, "top1": res["top1"], "ema_top1": res.get("ema_top1"),
             "images_seen": res["images_seen"], "steps": res["steps"]}
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokens_compare import result_row, train_cmd, write_results   # bench/ is on sys.path when run as a script
 
+from fastvit.train.results import Results
+
 MODES = ("pi", "pool")
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     for (mode, seed), p in procs.items():
         print(f"{mode} s{seed}: exit {p.returncode}", flush=True)
         run = out / mode / f"s{seed}"
-        if p.returncode or not (run / "results.json").is_file():
+        if p.returncode or not Results.exists(run):
             continue
         results.setdefault(mode, []).append(result_row(run, seed))
     results = {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in sorted(results.items())}

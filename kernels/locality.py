@@ -9,13 +9,15 @@ when that cell is outside the grid or not kept (the zeros of the reference's zer
 keep_idx rows must hold distinct indices (as local_dwconv requires). Built with a handful of small
 gather/scatter ops on (B, N) and (B, K, 9) int tensors, no host sync; every block of the step reuses it.
 
-The reference (the CPU path and the tests' oracle) is `fastvit.models.layers.local_dwconv`: scatter the
+The reference (the CPU path and the tests' oracle) is `fastvit.kernels.reference.local_dwconv`: scatter the
 kept tokens into a zero-filled grid, dense depthwise conv, gather back; then Hardswish if `act`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .reference import local_dwconv, scatter_to_grid
 
 # tap t = (dy+1)*3 + (dx+1): grid offsets of the 9 taps
 _DY = (-1, -1, -1, 0, 0, 0, 1, 1, 1)
@@ -44,8 +46,7 @@ def build_neighbours(keep_idx: torch.Tensor, grid_hw: tuple[int, int]) -> torch.
 
 
 def reference_forward(x, keep_idx, weight, bias, grid_hw, act: bool) -> torch.Tensor:
-    """scatter -> dense conv -> gather (fastvit.models.layers.local_dwconv, impl "conv"), + Hardswish."""
-    from fastvit.models.layers import local_dwconv   # models imports kernels: import at call time
+    """scatter -> dense conv -> gather (reference.local_dwconv, impl "conv"), + Hardswish."""
 
     with torch.autocast(x.device.type, enabled=False):
         y = local_dwconv(x, weight, bias, tuple(grid_hw), keep_idx, "conv")
@@ -62,7 +63,6 @@ def reference_backward(grad, x, keep_idx, weight, bias, grid_hw, act: bool,
         dw[c, i, j] = sum over kept tokens of dz * (zero-filled, padded x grid shifted by (i, j)); fp32
         db = sum of dz over tokens (fp32)
     """
-    from fastvit.models.layers import local_dwconv, scatter_to_grid
 
     B, K, C = x.shape
     gh, gw = grid_hw

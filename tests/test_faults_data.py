@@ -1,6 +1,6 @@
 """Fault matrix of the data side (issue #11): bad source images, kill -9 of fastvit-prep at several points,
 disk full, readers of the source tree, hung bench sections. Each test states the outcome and the work lost;
-the README's "Faults: data, prep, bench" table lists the same rows.
+docs/faults.md's "Faults: data, prep, bench" table lists the same rows.
 
 Covered elsewhere and listed in the table too: text file named .JPEG, zero-byte, truncated, PNG named .JPEG,
 CMYK and grayscale JPEGs (test_prep_inputs.py::test_awkward_inputs); kill -9 in the middle of a shard,

@@ -1,4 +1,4 @@
-"""The trainer's fault matrix (README "Faults: training"): for each fault, the outcome (a one-line error
+"""The trainer's fault matrix (docs/faults.md "Faults: training"): for each fault, the outcome (a one-line error
 with its exit code, or a recovery) and the work lost, on the tiny prepped data (CPU).
 
 kill -9 and SIGTERM hit a real fastvit-train process: `RUNNER` patches one place of the trainer to
@@ -63,9 +63,9 @@ elif hook == "val":                       # the first periodic validation
 
     Evaluator.__call__ = lambda self, *a, **k: block("val")
 elif hook == "probe":                     # compile + probe, before any training
-    import fastvit.train.loop as L
+    import fastvit.train.run_planner as P
 
-    L.fit_and_probe = lambda *a, **k: block("probe")
+    P.fit_and_probe = lambda *a, **k: block("probe")
 from fastvit.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -263,22 +263,22 @@ def test_kill_in_the_search_window_resumes_to_the_same_choice(tiny_prepped, tmp_
     cfg = TrainConfig.from_dict(json.loads((full / "config.json").read_text()))
     cfg.run.out = str(tmp_path / "cut")
     stop_at = ev["window"][0] + 2                                      # two steps into the window
-    real_save = L._save
+    real_save = L.Live.save
 
     class Stop(Exception):
         pass
 
-    def save_then_stop(*a, **k):
-        path = real_save(*a, **k)
-        if a[4].step == stop_at:                                       # a[4]: the RunState
+    def save_then_stop(live):
+        path = real_save(live)
+        if live.run.st.step == stop_at:                                # the run's state at the checkpoint
             raise Stop()
         return path
 
     cfg.run.ckpt_every_steps = 1
-    monkeypatch.setattr(L, "_save", save_then_stop)
+    monkeypatch.setattr(L.Live, "save", save_then_stop)
     with pytest.raises(Stop):
         train(cfg, log=lambda m: None)
-    monkeypatch.setattr(L, "_save", real_save)
+    monkeypatch.setattr(L.Live, "save", real_save)
     ck = C.load_checkpoint(C.checkpoint_paths(tmp_path / "cut")[0])
     assert ck["step"] == stop_at and ck["growth"]["window"] is not None
     assert sum(map(len, ck["growth"]["window"]["times"].values())) == 1     # the window's steps so far, timed

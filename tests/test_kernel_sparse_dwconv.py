@@ -278,13 +278,13 @@ def test_model_with_kernel_equals_model_with_reference(monkeypatch, kernel_devic
 
 
 def test_model_builds_one_neighbour_table_per_forward_and_none_at_keep_1(monkeypatch, kernel_device):
-    import fastvit.models.layers as layers
+    import fastvit.kernels.reference as reference
     import fastvit.models.vit as vit
 
     built, scattered = [], []
-    real_build, real_scatter = vit.build_neighbours, layers.scatter_to_grid
+    real_build, real_scatter = vit.build_neighbours, reference.scatter_to_grid
     monkeypatch.setattr(vit, "build_neighbours", lambda *a: built.append(1) or real_build(*a))
-    monkeypatch.setattr(layers, "scatter_to_grid", lambda *a: scattered.append(1) or real_scatter(*a))
+    monkeypatch.setattr(reference, "scatter_to_grid", lambda *a: scattered.append(1) or real_scatter(*a))
     m = _model(depth=3).to(kernel_device)
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8).to(kernel_device)
     m(x, keep_rate=0.5).sum().backward()

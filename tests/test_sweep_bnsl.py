@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastvit.sweep import bnsl
+from fastvit.forecast import bnsl
 
 X = 1e4 * 2.0 ** np.arange(10)            # images seen, 1e4 … 5.1e6
 

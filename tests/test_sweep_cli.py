@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fastvit.sweep import bnsl, runner
+from fastvit.forecast import bnsl
+from fastvit.sweep import runner
 from fastvit.train.config import ConfigError
 from fastvit.sweep.cli import forecast_main, sweep_main
 

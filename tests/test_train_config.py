@@ -11,7 +11,7 @@ from fastvit.data import DataError, LoaderOptions
 from fastvit.models.configs import ViTConfig, model_config
 from fastvit.settings import ConfigError
 from fastvit.train.cli import build_parser, config_from_args, main
-from fastvit.train.config import PRESETS, TrainConfig, make_config
+from fastvit.train.config import PRESETS, TrainConfig, given_settings, make_config
 
 # the 54 fields of the flat TrainConfig of 7688800 (keys of its config.json files), in order
 OLD_KEYS = ("data out recipe model depth embed_dim num_heads patch_size device backend workers seed hours minutes "
@@ -292,3 +292,65 @@ def test_yaml_out_and_device_are_honoured_by_the_cli(tmp_path, monkeypatch):
     assert cli.config_from_args(cli.build_parser().parse_args(["--config", str(flat), "--device", "cpu"])).run.out \
         == "runs/flat"
     assert cli.config_from_args(cli.build_parser().parse_args(["--config", str(flat), "--out", "x"])).run.out == "x"
+
+
+UNITS = ("hours", "minutes", "epochs")
+
+
+@pytest.mark.parametrize("file_unit", UNITS)
+@pytest.mark.parametrize("flag_unit", UNITS)
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "flat"])
+def test_a_budget_flag_replaces_the_files_budget_in_any_unit(tmp_path, file_unit, flag_unit, nested):
+    """fastvit-search's hint, tried with a shorter budget: `--config best.yaml --minutes 0.5` where best.yaml
+    carries `budget: hours:` (or any unit, nested or flat, as the sweep's variant configs are)."""
+    best = tmp_path / "best.yaml"
+    best.write_text(f"data:\n  root: {tmp_path}\nbudget:\n  {file_unit}: 0.26667\nrun:\n  device: cpu\n"
+                    "model:\n  name: vit_tiny_plain\n  depth: 2\n" if nested else
+                    f"data: {tmp_path}\n{file_unit}: 0.26667\ndevice: cpu\nmodel: vit_tiny_plain\ndepth: 2\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(best), f"--{flag_unit}", "0.5"]))
+    assert {u: getattr(cfg.budget, u) for u in UNITS} == {u: 0.5 if u == flag_unit else None for u in UNITS}
+    assert cfg.model.depth == 2 and cfg.model.name == "vit_tiny_plain" and cfg.data.root == str(tmp_path)
+    assert config_from_args(build_parser().parse_args(["--config", str(best)])).budget.__dict__[file_unit] == 0.26667
+    # the same rule between the file and the preset, and in make_config / given_settings directly
+    assert make_config("cpu", {flag_unit: 0.5}, str(best)).budget == cfg.budget
+    assert given_settings({flag_unit: 0.5}, str(best))["budget"] == {flag_unit: 0.5}
+    # two budgets in one layer are still refused (one line, exit 2 from the CLI)
+    two = tmp_path / "two.yaml"
+    two.write_text(f"budget: {{{file_unit}: 1, {UNITS[UNITS.index(file_unit) - 1]}: 2}}\n")
+    with pytest.raises(ConfigError, match="give one budget"):
+        make_config("test", {}, str(two))
+
+
+def test_cli_runs_config_with_a_shorter_budget_flag(tmp_path, capsys, monkeypatch):
+    """The whole command line as a user types it gets past the settings (it stops at the missing data)."""
+    best = tmp_path / "best.yaml"
+    best.write_text(f"data:\n  root: {tmp_path / 'nodata'}\nbudget:\n  hours: 0.26667\nrun:\n  device: cpu\n")
+    assert main(["--config", str(best), "--minutes", "0.5", "--preset", "test", "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err
+    assert "give one budget" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_flag_over_file_over_preset_for_every_setting(tmp_path):
+    """Three full recipes as the three layers: the preset (gpu), a --config file (cpu.yaml, every setting
+    written out) and a flag for every setting (the test recipe's values; None = not given)."""
+    from fastvit.settings import leaves
+    from fastvit.train.config import RECIPES_DIR
+
+    file_cfg = make_config("cpu", {})
+    test_cfg = make_config("test", {})
+    flags = {}
+    for path, f, _ in leaves(TrainConfig):
+        flags[".".join(path)] = _at(test_cfg, ".".join(path))
+    keys = TrainConfig.leaf_keys()
+    by_path = {".".join(p): k for k, p in sorted(keys.items(), key=lambda kv: kv[0] != kv[1][-1])}
+    got = make_config("gpu", {by_path[p]: v for p, v in flags.items()}, str(RECIPES_DIR / "cpu.yaml"))
+    for p, v in flags.items():
+        want = v if v is not None else _at(file_cfg, p)
+        assert _at(got, p) == want, p
+    # the file alone: every setting is the file's, none the preset's
+    assert make_config("gpu", {}, str(RECIPES_DIR / "cpu.yaml")) == file_cfg
+    # a partial file: what it gives over the preset, the rest the preset's
+    part = tmp_path / "part.yaml"
+    part.write_text("schedule: {lr: 0.007}\nmodel: {depth: 3}\n")
+    cfg = make_config("cpu", {"depth": 5}, str(part))
+    assert cfg.schedule.lr == 0.007 and cfg.model.depth == 5 and cfg.schedule.batch_size == file_cfg.schedule.batch_size

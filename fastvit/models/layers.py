@@ -10,78 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvit.kernels import sparse_local_dwconv
-
-
-DWCONV_IMPLS = ("conv", "taps")
-
-
-def dwconv_taps(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise kxk conv (zero padding k//2) on a channels-last (B,gh,gw,C) grid as k*k shifted
-    multiply-adds. Same maths as F.conv2d(groups=C); written in pointwise ops so torch.compile can fuse
-    it with the scatter, the gather and both Hardswishes into one kernel instead of calling cuDNN's
-    depthwise conv between them. Accumulates in fp32 (weights are fp32 masters); returns grid's dtype."""
-    B, gh, gw, C = grid.shape
-    k = weight.shape[-1]
-    r = k // 2
-    padded = F.pad(grid, (0, 0, r, r, r, r))                                    # (B,gh+2r,gw+2r,C)
-    taps = weight.reshape(C, k * k).t()                                         # (k*k,C)
-    y = bias.float() if bias is not None else grid.new_zeros((), dtype=torch.float32)
-    for i in range(k):
-        for j in range(k):
-            y = y + padded[:, i:i + gh, j:j + gw, :].float() * taps[i * k + j].float()
-    return y.to(grid.dtype)                                                     # (B,gh,gw,C)
-
-
-def _grid_rows(keep_idx: torch.Tensor, N: int) -> torch.Tensor:
-    """Row index into the (B*N, C) grid: one flat index serves scatter and gather, and rows are
-    contiguous C-vectors (cheaper than scatter/gather with an index expanded over C)."""
-    B = keep_idx.shape[0]
-    return (keep_idx + torch.arange(B, device=keep_idx.device).unsqueeze(1) * N).reshape(-1)
-
-
-def scatter_to_grid(x: torch.Tensor, keep_idx: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    """(B,K,C) kept tokens -> (B,gh,gw,C) zero-filled grid (what local_dwconv convolves)."""
-    B, K, C = x.shape
-    rows = _grid_rows(keep_idx, gh * gw)
-    return x.new_zeros(B * gh * gw, C).index_put((rows,), x.reshape(B * K, C)).view(B, gh, gw, C)
-
-
-def local_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 grid_hw: tuple[int, int], keep_idx: torch.Tensor | None = None,
-                 impl: str = "conv") -> torch.Tensor:
-    """Depthwise conv over the 2-D patch grid, seen only through the kept tokens.
-
-    x: (B,K,C) tokens of the kept patches, in the order of `keep_idx` (B,K) (distinct indices into the
-    row-major gh x gw grid); keep_idx None means all N = gh*gw patches in raster order (K == N).
-    weight: (C,1,k,k) (nn.Conv2d(C, C, k, groups=C) layout). Returns (B,K,C).
-
-    Dropped patches are zeros in the grid, so each kept token mixes only with kept neighbours (and the
-    image border is zero padding, as in the dense conv). With all patches kept this IS the dense conv,
-    so the model trains on sampled patches and evaluates on all of them with the same weights.
-    impl: "conv" (F.conv2d, cuDNN on the GPU) or "taps" (dwconv_taps, fusable by torch.compile).
-    """
-    B, K, C = x.shape
-    gh, gw = grid_hw
-    N = gh * gw
-    if keep_idx is None:
-        if K != N:
-            raise ValueError(f"without keep_idx x must hold all {gh}x{gw}={N} tokens, got {K}")
-        grid = x                                                              # (B,N,C)
-    else:
-        flat = _grid_rows(keep_idx, N)                                          # (B*K,)
-        grid = scatter_to_grid(x, keep_idx, gh, gw).view(B, N, C)               # zero-filled
-    if impl == "taps":
-        y = dwconv_taps(grid.view(B, gh, gw, C), weight, bias).reshape(B, N, C)   # (B,N,C)
-    elif impl == "conv":
-        k = weight.shape[-1]
-        # (B,N,C) viewed as NCHW with channels-last strides: no copy, what cuDNN likes for depthwise.
-        y = F.conv2d(grid.view(B, gh, gw, C).permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=C)
-        y = y.permute(0, 2, 3, 1).reshape(B, N, C)                               # (B,N,C)
-    else:
-        raise ValueError(f"impl must be one of {DWCONV_IMPLS}, got {impl!r}")
-    if keep_idx is None:
-        return y
-    return y.reshape(B * N, C)[flat].view(B, K, C)                               # gather back (B,K,C)
+from fastvit.kernels.reference import DWCONV_IMPLS, dwconv_taps, local_dwconv, scatter_to_grid  # noqa: F401
 
 
 class LocalityMlp(nn.Module):

@@ -232,15 +232,16 @@ def train_flops(cfg: ViTConfig, res: int, keep: float | None = None, sparse_loca
 
 
 def train_flops_per_image(model: nn.Module, res: int, keep: float | None = None, *, gpu: bool = True,
-                          patch_size: int | None = None) -> float:
+                          patch_size: int | None = None, depth: int | None = None) -> float:
     """train_flops of a LocalityViT (on a GPU its locality conv runs over the kept tokens when
-    cfg.sparse_locality; `patch_size`: tokenized with that patch, coarse-to-fine tokens), or of the timm
-    ViT inside a TimmBaseline (class token, plain MLP, all patches)."""
+    cfg.sparse_locality; `patch_size`: tokenized with that patch, coarse-to-fine tokens; `depth`: the
+    blocks a --growth stage runs, not the model's full depth), or of the timm ViT inside a TimmBaseline
+    (class token, plain MLP, all patches)."""
     cfg = getattr(model, "cfg", None)
-    if cfg is not None and patch_size not in (None, cfg.patch_size):
+    if cfg is not None and (patch_size not in (None, cfg.patch_size) or depth not in (None, cfg.depth)):
         import dataclasses
 
-        cfg = dataclasses.replace(cfg, patch_size=patch_size)
+        cfg = dataclasses.replace(cfg, patch_size=patch_size or cfg.patch_size, depth=depth or cfg.depth)
     if cfg is None:                                   # TimmBaseline: read the timm model's shape
         m = model.model
         cfg = ViTConfig(embed_dim=m.embed_dim, depth=len(m.blocks), num_heads=m.blocks[0].attn.num_heads,

@@ -6,7 +6,7 @@ speed buys in a budget -- the planner's own functions, so the search and the tra
 
 `probe_speeds` builds the candidate's model, optimizer and training step exactly as fastvit-train does
 (fastvit.train.setup.build_parts, step.TrainStep), takes the stages the config asks for
-(loop.config_stages: curriculum × keep schedule × batch rule) and times synthetic training steps per
+(run_planner.config_stages: curriculum × keep schedule × batch rule) and times synthetic training steps per
 stage shape with planner.fit_and_probe (its out-of-memory halving included). Set-up, compile and
 evaluation time are not in these speeds: images_in_budget is the training window's share of them.
 """
@@ -15,15 +15,15 @@ from __future__ import annotations
 import time
 
 from fastvit.stage import Stage
-from fastvit.train import schedules as S
 from fastvit.train.config import TrainConfig
 from fastvit.train.errors import TrainError, is_oom
+from fastvit.train.rules import reserve_s
 from fastvit.train.planner import BatchFallback, BudgetTooSmall, OutOfMemory, fit_and_probe, plan_budget
 
 
 def probe_speeds(cfg: TrainConfig, env, num_classes: int) -> tuple[list[Stage], dict]:
     """(stages with their fitted batches, {Stage.shape: training images/s}) of cfg's model."""
-    from fastvit.train.loop import config_stages, drop_path_rates
+    from fastvit.train.run_planner import config_stages, drop_path_rates, probe_aug
     from fastvit.train.setup import build_parts
     from fastvit.train.step import TrainStep
 
@@ -31,7 +31,7 @@ def probe_speeds(cfg: TrainConfig, env, num_classes: int) -> tuple[list[Stage], 
     step_fn = TrainStep(parts, cfg.schedule, env)
     stages = config_stages(cfg, env)
     drop_path_of = drop_path_rates(cfg, stages)
-    aug = S.aug_at(1.0, mix_prob=(max(cfg.schedule.mix_prob),) * 2, randaug=(max(cfg.schedule.randaug),) * 2)
+    aug = probe_aug(cfg)
 
     def run(stage: Stage) -> None:
         parts.drop_path.set(drop_path_of[stage.kind])
@@ -48,7 +48,7 @@ def probe_speeds(cfg: TrainConfig, env, num_classes: int) -> tuple[list[Stage], 
 def images_in_budget(stages: list[Stage], speeds: dict, budget_s: float) -> int:
     """Training images the planner would fit into `budget_s` seconds at these speeds (0 when none)."""
     try:
-        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=min(120.0, 0.005 * budget_s))
+        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
     except BudgetTooSmall:
         return 0
     return plan.images_until(plan.total_steps)

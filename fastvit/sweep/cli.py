@@ -17,7 +17,9 @@ from pathlib import Path
 
 from fastvit.train.config import ConfigError
 
-from . import bnsl, report, runner, variants
+from fastvit.forecast import bnsl
+
+from . import report, runner, variants
 
 DEFAULT_VARIANTS = "fastvit,baseline,no-locality,no-curriculum,no-pss"
 

@@ -2,38 +2,14 @@
 top1_vs_budget.png (log x), and the BNSL forecast (forecast.md / forecast.json / forecast.png)."""
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from . import bnsl
-
-COLUMNS = ["variant", "budget", "budget_s", "seed", "top1", "ema_top1", "top5", "images_seen", "counted_s",
-           "steps", "recipe", "model", "run_dir"]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in COLUMNS})
-
-
-def read_csv(path: Path) -> list[dict]:
-    def num(v):
-        if v in ("", "None", None):
-            return None
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    with open(path, newline="") as f:
-        return [{k: (num(v) if k not in ("variant", "budget", "recipe", "model", "run_dir") else v)
-                 for k, v in r.items()} for r in csv.DictReader(f)]
+from fastvit.forecast import bnsl
+from fastvit.forecast.sweep_csv import COLUMNS, read_csv, write_csv  # noqa: F401 (the sweep's file)
 
 
 def _x(r: dict) -> float:
@@ -227,14 +203,3 @@ def write_forecast(rows: list[dict], out: Path, target_s: float, target_label: s
     (out / "forecast.md").write_text(forecast_md(fc, target_label))
     plot(rows, out / "forecast.png", forecasts=fc)
     return fc
-
-
-def expected_top1(sweep_dir: Path, variant: str, budget_s: float) -> tuple[float, str]:
-    """The sweep's BNSL fit (seconds axis) of `variant`, evaluated at budget_s: (top-1 %, a one-line note)."""
-    rows = [r for r in read_csv(Path(sweep_dir) / "sweep.csv") if r["variant"] == variant and r.get("budget_s")]
-    if not rows:
-        raise bnsl.BNSLError(f"no runs of variant {variant!r} with a wall-clock budget in {sweep_dir}/sweep.csv")
-    x = np.array([r["budget_s"] for r in rows])
-    fit = bnsl.fit_bnsl(x, np.array([1 - r["top1"] / 100 for r in rows]))
-    bnsl.check_extrapolation(fit, budget_s)
-    return 100 * (1 - float(fit.predict(budget_s))), f"BNSL ({fit.breaks} break(s)) on {fit.n} runs of {variant}"

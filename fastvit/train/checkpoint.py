@@ -12,6 +12,7 @@ import io
 import math
 import random
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +70,78 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_latest(run_dir: Path, log=print) -> tuple[dict, Path] | None:
-    """The newest checkpoint that reads back intact (a corrupt newest one is reported and skipped)."""
+    """The newest checkpoint file that reads back intact, as its raw dict (a corrupt newest one is
+    reported and skipped). `Checkpoint.latest` is the same, validated and typed."""
+    return _newest(run_dir, log, load_checkpoint)
+
+
+def _newest(run_dir: Path, log, read):
     for path in checkpoint_paths(run_dir):
         try:
-            return load_checkpoint(path), path
+            return read(path), path
         except CorruptCheckpoint as e:
             log(f"checkpoint {e}; trying the previous one")
     return None
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds: the one owner of its keys. The loop writes one (`write`); resume, --init-from
+    and fastvit-eval read one (`read`, `latest`), validated: a file without the keys a run needs is
+    reported as corrupt (and `latest` falls back to the previous one)."""
+    config: dict                       # the resolved TrainConfig (to_dict)
+    model: dict                        # state_dict of the trained module
+    opt: dict                          # the optimizer's state_dict
+    plan: dict                         # planner.Plan.to_dict()
+    step: int                          # steps done
+    counted_s: float                   # counted seconds at the checkpoint (the budget's clock)
+    rng: dict                          # rng_state()
+    ema: dict | None = None            # the EMA's state_dict (None: no EMA)
+    evals_done: int = 0                # periodic validations done
+    nan_total: int = 0                 # steps skipped for a NaN/inf loss
+    val_s: float = 0.0                 # seconds of validation (not counted)
+    compile_s: float = 0.0             # seconds of compile + probe (counted)
+    ema_halflife_images: float = 0.0   # the EMA's time constant (0: a first-release checkpoint, use the plan's)
+    world_size: int = 1                # processes of the run that wrote it
+    growth: dict | None = None         # --growth: the Grower's state
+    model_auto: dict | None = None     # --model auto: the choice (shape, table, forecast)
+
+    REQUIRED = ("config", "model", "opt", "plan", "step", "counted_s", "rng")
+
+    def to_state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict, name: str = "checkpoint") -> "Checkpoint":
+        if not isinstance(state, dict):
+            raise CorruptCheckpoint(f"{name}: not a fastvit checkpoint")
+        missing = [k for k in cls.REQUIRED if k not in state]
+        if missing:
+            raise CorruptCheckpoint(f"{name}: not a fastvit checkpoint (no {', '.join(missing)})")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in state.items() if k in known and v is not None or k in cls.REQUIRED}
+        return cls(**kw)
+
+    def load_weights(self, parts) -> None:
+        """Model, optimizer and EMA (when both have one) into a run's parts (fastvit.train.setup.Parts)."""
+        parts.model.load_state_dict(self.model)
+        parts.opt.load_state_dict(self.opt)
+        if parts.ema is not None and self.ema is not None:
+            parts.ema.module.load_state_dict(self.ema)
+
+    def write(self, run_dir: Path, keep: int = 2) -> Path:
+        """ckpt_<step>.pt in run_dir, atomically (save_checkpoint); the newest `keep` are kept."""
+        return save_checkpoint(run_dir, self.step, self.to_state(), keep=keep)
+
+    @classmethod
+    def read(cls, path: Path) -> "Checkpoint":
+        return cls.from_state(load_checkpoint(path), Path(path).name)
+
+    @classmethod
+    def latest(cls, run_dir: Path, log=print) -> "tuple[Checkpoint, Path] | None":
+        """The newest checkpoint that reads back intact and complete (a bad newest one is reported and
+        skipped)."""
+        return _newest(run_dir, log, cls.read)
 
 
 def rng_state() -> dict:
@@ -127,18 +193,15 @@ def init_parts_from(path, parts, log=print) -> Path:
 
     path = Path(path)
     try:
-        got = load_latest(path, log) if path.is_dir() else (load_checkpoint(path), path)
+        got = Checkpoint.latest(path, log) if path.is_dir() else (Checkpoint.read(path), path)
     except (OSError, CorruptCheckpoint) as e:
         raise TrainError(f"--init-from {path}: {e}", 2) from None
     if got is None:
         raise TrainError(f"--init-from {path}: no readable checkpoint", 2)
     ck, src = got
     try:
-        parts.model.load_state_dict(ck["model"])
-        parts.opt.load_state_dict(ck["opt"])
-        if parts.ema is not None and ck.get("ema") is not None:
-            parts.ema.module.load_state_dict(ck["ema"])
+        ck.load_weights(parts)
     except (RuntimeError, ValueError, KeyError) as e:
         raise TrainError(f"--init-from {src}: does not fit this model ({str(e).splitlines()[0]})", 2) from None
-    log(f"init from {src} (step {ck['step']}, {ck['counted_s']:.1f} counted s)")
+    log(f"init from {src} (step {ck.step}, {ck.counted_s:.1f} counted s)")
     return src

@@ -19,7 +19,7 @@ import sys
 
 from fastvit.settings import add_dataclass_flags
 
-from .config import PRESETS, ConfigError, TrainConfig, given_settings, make_config
+from .config import PRESETS, ConfigError, TrainConfig, given_settings, preset_under
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,18 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """preset → --config YAML → flags. The default preset follows the device the flags or the YAML ask
-    for (else the machine's); the run dir defaults to runs/<recipe> when neither sets it."""
+    """preset → --config YAML → flags, each over the one before (config.given_settings: a budget flag
+    replaces the file's budget in any unit). The default preset follows the device the flags or the YAML
+    ask for (else the machine's); the run dir defaults to runs/<recipe> when neither sets it."""
     known = TrainConfig.leaf_keys()
-    overrides = {k: v for k, v in vars(args).items() if k in known}
-    run = given_settings(overrides, args.config).get("run", {})
+    given = given_settings({k: v for k, v in vars(args).items() if k in known}, args.config)
+    run = given.get("run", {})
     preset = args.preset
     if preset is None:
         from fastvit.data.backends import default_device
 
         dev = run.get("device") or default_device()
         preset = "cpu" if dev == "cpu" else "gpu"
-    cfg = make_config(preset, overrides, args.config)
+    cfg = preset_under(preset, given)
     if not run.get("out"):
         cfg.run.out = f"runs/{cfg.run.recipe}"
     return cfg
@@ -71,8 +72,7 @@ def ignored_on_resume(args: argparse.Namespace) -> list[str]:
 
 def print_expected(spec: str, budget_s: float | None) -> None:
     """One line on stderr: the sweep's BNSL forecast of top-1 at this budget, or why there is none."""
-    from fastvit.sweep.bnsl import BNSLError
-    from fastvit.sweep.report import expected_top1
+    from fastvit.forecast import BNSLError, expected_top1
 
     sweep_dir, _, variant = spec.partition(":")
     try:

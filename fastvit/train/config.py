@@ -8,8 +8,9 @@
 
 Leaf names are unique across sections, so a flat key (`lr`, an old config.json, a preset) and a flag
 (`--lr`) name one setting; `data` / `model` as strings mean data.root / model.name. Unknown keys raise
-one ConfigError (fastvit.settings); presets are partial configs applied before the user's own
-settings. The resolved config (to_dict) is saved in the run dir and in every checkpoint.
+one ConfigError (fastvit.settings). A preset is a recipe file (fastvit/recipes/NAME.yaml, every setting
+written out); a --config file goes over it and flags over both, setting by setting (a budget in any unit
+replaces the budget below it). The resolved config (to_dict) is saved in the run dir and in every checkpoint.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastvit.data.base import LoaderOptions
 from fastvit.models.configs import ViTConfig
 from fastvit.settings import ConfigError, check_choices, from_dict, leaf_paths, setting, to_dict
 
 __all__ = ["BudgetConfig", "ConfigError", "DataConfig", "ModelConfig", "PRESETS", "RunConfig", "ScheduleConfig",
-           "TrainConfig", "make_config"]
+           "TrainConfig", "make_config", "preset_under"]
 
 @dataclass
 class DataConfig:
@@ -264,31 +266,31 @@ def _merge_into(dst: dict, src: Mapping) -> dict:
     return dst
 
 
-# Named partial configs (flat keys). "gpu" is the ImageNet default; "cpu" is sized for a 2-core
-# laptop-class CPU (the demo); "test" is the smallest model that still learns (unit tests).
-PRESETS: dict[str, dict] = {
-    "gpu": {},
-    # cpu: measured best of six 3-minute runs on the demo data (fastvit/train/DEFAULTS.md): patch 16,
-    # all patches, 64 px for the first half then 96 px (the final and evaluation size); patch 8 and
-    # patch sampling cost more steps than they give back in a few CPU minutes
-    "cpu": dict(model="vit_tiny_local", depth=4, final_res=96, curriculum="64:0.5,96:0.5", keep_min=1.0, batch_size=64,
-                const_tokens=False, max_batch=256, lr=2e-3, lr_scaling="sqrt", evals=2, eval_images=1000,
-                ckpt_minutes=5.0, mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), warmup=0.05,
-                ema_halflife=0.05, probe_iters=1),
-    "test": dict(model="vit_tiny_local", depth=1, embed_dim=32, num_heads=2, final_res=32,
-                 curriculum_stages=1, batch_size=16, max_batch=64, lr=3e-3, evals=0, eval_images=64,
-                 mix_prob=(0.0, 0.0), drop_path=(0.0, 0.0), compile=False, probe_iters=2,
-                 log_every=1, ema_halflife=0.1, progress=False),
-}
-
-
 def make_config(preset: str | None, overrides: dict, yaml_path: str | None = None) -> TrainConfig:
     """preset → YAML file (nested or flat) → explicit overrides (None values are 'not given')."""
+    return preset_under(preset, given_settings(overrides, yaml_path))
+
+
+def preset_under(preset: str | None, given: Mapping) -> TrainConfig:
+    """The config of `preset` (default gpu) under what the user set (given_settings' nested dict)."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    d = TrainConfig.nest(PRESETS.get(preset or "gpu", {}))
-    _merge_into(d, given_settings(overrides, yaml_path))
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(_over(TrainConfig.nest(PRESETS.get(preset or "gpu", {})), given))
+
+
+BUDGET_UNITS = ("hours", "minutes", "epochs")
+
+
+def _over(below: dict, layer: Mapping) -> dict:
+    """One layer of settings over the layers below it (flag > file > preset), into `below`: every setting
+    the layer gives replaces the one below (mappings merge key by key); a budget, in any unit, replaces
+    the budget below in every unit (a --minutes flag over a file's `budget: hours:`)."""
+    budget = layer.get("budget")
+    if isinstance(budget, Mapping) and any(budget.get(u) is not None for u in BUDGET_UNITS) \
+            and isinstance(below.get("budget"), dict):
+        for u in BUDGET_UNITS:
+            below["budget"].pop(u, None)
+    return _merge_into(below, layer)
 
 
 def read_settings_yaml(path: str, name: str) -> dict:
@@ -310,10 +312,27 @@ def read_settings_yaml(path: str, name: str) -> dict:
 
 
 def given_settings(overrides: dict, yaml_path: str | None = None) -> dict:
-    """What the user set, nested: the YAML file (nested or flat) under the explicit overrides (None
-    values are 'not given'). Presets not included."""
+    """What the user set, nested: the explicit overrides (None values are 'not given') over the YAML file
+    (nested or flat), with `_over`'s rule. Presets not included."""
     d: dict = {}
     if yaml_path:
-        _merge_into(d, TrainConfig.nest(read_settings_yaml(yaml_path, f"--config {yaml_path}")))
-    _merge_into(d, TrainConfig.nest({k: v for k, v in overrides.items() if v is not None}))
-    return d
+        _over(d, TrainConfig.nest(read_settings_yaml(yaml_path, f"--config {yaml_path}")))
+    return _over(d, TrainConfig.nest({k: v for k, v in overrides.items() if v is not None}))
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"   # fastvit/recipes (repo root: recipes/)
+
+
+def read_recipe(path: str | Path) -> dict:
+    """One recipe file (fastvit/recipes/NAME.yaml: every setting, nested by section), nested."""
+    return TrainConfig.nest(read_settings_yaml(str(path), f"recipe {Path(path).name}"))
+
+
+def _load_presets() -> dict[str, dict]:
+    return {p.stem: read_recipe(p) for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+# Named configs, one recipe file each (fastvit/recipes/*.yaml, written out in full; README there):
+# "gpu" is the ImageNet default; "cpu" is sized for a 2-core laptop-class CPU (the demo); "test" is the
+# smallest model that still learns (unit tests); the others are the evidence's variants.
+PRESETS: dict[str, dict] = _load_presets()

@@ -217,17 +217,17 @@ class NoMetrics:
         pass
 
 
-def check_resume(denv: DistEnv, device: torch.device, ck: dict | None, say) -> None:
+def check_resume(denv: DistEnv, device: torch.device, ck, say) -> None:
     """Every rank resumes from the same checkpoint (the run dir is shared storage), and a run saved at
     another world size says so in one line: the data order is that of the global batches whatever the
     world size (fastvit.data.order), so it continues with the same batches split another way."""
-    step = ck["step"] if ck else -1
+    step = ck.step if ck else -1
     if denv.enabled:
         steps = all_sum([step, step * step], denv, device)
         if steps[0] * steps[0] != denv.world * steps[1]:          # not every rank read the same step
             raise TrainError("the ranks found different checkpoints in the run dir: --out must be on storage "
                              "every node reads (a shared file system)", 2)
-    saved = ck.get("world_size", 1) if ck else None
+    saved = ck.world_size if ck else None
     if saved is not None and saved != denv.world:
         say(f"resuming a run of {saved} process(es) on {denv.world}: the same global batches and plan, "
             f"split into {denv.world} rank batches")

@@ -42,6 +42,7 @@ from fastvit.stage import Stage
 from . import dist
 from .errors import TrainError
 from .planner import Plan, cut_at, replan
+from .run_planner import Proposal
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -138,7 +139,6 @@ class Grower:
         self.window: dict | None = None         # auto: an open supernet window
         self.speeds: dict = {}                  # auto: str(shape) -> images/s of the candidates (window/probe)
         self.events: list[dict] = []            # growths and decisions, in order (plan.json, results)
-        self.plan_changed = False
         if self.on and cfg.run.recipe == "baseline":
             raise TrainError("--growth needs --recipe fastvit (the baseline is timm's fixed-depth ViT)", 2)
 
@@ -151,14 +151,6 @@ class Grower:
         self.say(f"growth {self.mode}: depth {'/'.join(map(str, depths))} of {self.full} over the resolutions "
                  f"{'/'.join(map(str, curriculum_res))}")
         return stage_depths(stages, curriculum_res, depths)
-
-    def add_rates(self, drop_path_of: dict, stages: list[Stage]) -> None:
-        """The drop-path rate of a candidate shape: that of its stage (res and keep) at any depth."""
-        for s in stages:
-            for kind, rate in list(drop_path_of.items()):
-                if kind[:2] == s.kind[:2]:
-                    drop_path_of.setdefault(s.kind, rate)
-                    break
 
     def speed_of(self, stage: Stage) -> float | None:
         return self.speeds.get(str(stage.shape))
@@ -190,33 +182,30 @@ class Grower:
         self._set_all(blocks)
 
     # -- the loop's hook --------------------------------------------------------------------------
-    def before_step(self, st, stage: Stage, clock) -> Stage:
+    def before_step(self, plan: Plan, step: int, stage: Stage, clock) -> Proposal | None:
         """Called before every step: a growth when the stage asks for more blocks than the model runs
         (manual: MoGrow; auto: open the window), the window's per-step candidate, its end (score,
-        choose, re-plan). Returns the stage to train (its depth may have been chosen here);
-        `plan_changed` says whether the loader must take st.plan."""
-        self.plan_changed = False
+        choose, re-plan). Returns the plan it proposes (the rest at the new depth; the loop adopts it,
+        and the step trains the adopted plan's stage), or None."""
         if not self.on:
-            return stage
+            return None
+        got = None
         # the window closes at its end, or earlier when re-plans cut the run short (the last step is the
         # chosen model's)
-        if self.window and st.step >= min(self.window["end"], st.plan.total_steps - 1):
-            stage = self._close_window(st, stage, clock)
+        if self.window and step >= min(self.window["end"], plan.total_steps - 1):
+            got = self._close_window(plan, step, stage, clock)
         elif self.window:
-            self._sample(st.step, clock.counted())
+            self._sample(step, clock.counted())
         elif self.mode == "manual" and stage.depth is not None and stage.depth > self.depth:
             new = stage.depth
-            self._mogrow(new, st.step, clock)
-            st.plan = plan_with_depth(st.plan, step=st.step, depth_for=lambda s: max(s.depth or new, new),
-                                      speed_of=self.speed_of, counted_s=clock.counted())
-            self.plan_changed = True
-            stage = _stage_at(st.plan, st.step)
+            self._mogrow(new, step, clock)                      # says what it did
+            got = Proposal(plan_with_depth(plan, step=step, depth_for=lambda s: max(s.depth or new, new),
+                                           speed_of=self.speed_of, counted_s=clock.counted()), "")
         elif self.mode == "auto" and stage.res != self.res and self.depth < self.full:
-            self._open_window(st, stage, clock)
-            stage = _stage_at(st.plan, st.step)
-            self._sample(st.step, clock.counted())
+            got = self._open_window(plan, step, stage, clock)
+            self._sample(step, clock.counted())
         self.res = stage.res
-        return stage
+        return got
 
     # -- manual -------------------------------------------------------------------------------------
     def _mogrow(self, new: int, step: int, clock) -> dict:
@@ -256,23 +245,22 @@ class Grower:
             steps = share * plan.total_steps
         return max(2 * n_cands, int(round(steps)))
 
-    def _open_window(self, st, stage: Stage, clock) -> None:
+    def _open_window(self, plan: Plan, step: int, stage: Stage, clock) -> Proposal:
         cur = self.depth
         cands = candidate_depths(cur, self.full)
         top = cands[-1]
-        self._mogrow(top, st.step, clock)
+        self._mogrow(top, step, clock)
         self.depth = cur                                      # the run's depth is chosen at the window's end
-        left = st.plan.total_steps - st.step
-        self.window = {"start": st.step, "end": st.step + min(self.window_steps(st.plan, len(cands), stage), max(1, left - 1)),
+        left = plan.total_steps - step
+        self.window = {"start": step, "end": step + min(self.window_steps(plan, len(cands), stage), max(1, left - 1)),
                        "cur": cur, "top": top, "cands": cands, "res": stage.res, "keep": stage.keep,
                        "batch": stage.batch_size, "patch_size": stage.patch_size, "speed": stage.speed,
                        "times": {str(c): [] for c in cands}, "last": None}
-        self.say(f"growth search at step {st.step}: supernet of depth {top}, candidates {cands}, window "
-                 f"{self.window['end'] - st.step} steps")
+        self.say(f"growth search at step {step}: supernet of depth {top}, candidates {cands}, window "
+                 f"{self.window['end'] - step} steps")
         # the growth's seconds are counted: the rest of the plan shares what is left
-        st.plan = plan_with_depth(st.plan, step=st.step, depth_for=lambda s: s.depth, speed_of=self.speed_of,
-                                  counted_s=clock.counted())
-        self.plan_changed = True
+        return Proposal(plan_with_depth(plan, step=step, depth_for=lambda s: s.depth, speed_of=self.speed_of,
+                                        counted_s=clock.counted()), "")
 
     def _sample(self, step: int, now: float) -> None:
         """The window's candidate for this step: every candidate once per round of len(cands) steps, in
@@ -312,7 +300,7 @@ class Grower:
                 out[s.depth] = w["batch"] / sp if sp > 0 else float("nan")
         return out
 
-    def _close_window(self, st, stage: Stage, clock) -> Stage:
+    def _close_window(self, plan: Plan, step: int, stage: Stage, clock) -> Proposal:
         w = self.window
         self._time_last(clock.counted())
         self.step_fn.blocks_override = None
@@ -335,18 +323,17 @@ class Grower:
         self.depth, self.window = best, None
         for c, s in zip(cands, got["scores"]):
             c["score"] = s
-        ev = {"kind": "choose", "step": st.step, "counted_s": round(clock.counted(), 3), "from": w["cur"],
-              "window": [w["start"], st.step], "candidates": cands, "w": got["w"], "a": got["a"],
+        ev = {"kind": "choose", "step": step, "counted_s": round(clock.counted(), 3), "from": w["cur"],
+              "window": [w["start"], step], "candidates": cands, "w": got["w"], "a": got["a"],
               "depth": best, "blocks": keep, "seconds": round(time.perf_counter() - t0, 3)}
         self.events.append(ev)
-        self.say("growth search at step {}: ".format(st.step) + ", ".join(
+        self.say("growth search at step {}: ".format(step) + ", ".join(
             f"depth {c['depth']} loss {c['loss']:.4f} time {c['step_time'] * 1e3:.1f} ms score {c['score']:.4f}"
             for c in cands) + f" (w {got['w']:.3f}) -> depth {best}")
         # this resolution runs exactly `best` blocks from here; later ones at least as many
-        st.plan = plan_with_depth(st.plan, step=st.step, speed_of=self.speed_of, counted_s=clock.counted(),
-                                  depth_for=lambda s: best if s.res == w["res"] else max(s.depth or best, best))
-        self.plan_changed = True
-        return _stage_at(st.plan, st.step)
+        return Proposal(plan_with_depth(plan, step=step, speed_of=self.speed_of, counted_s=clock.counted(),
+                                        depth_for=lambda s: best if s.res == w["res"] else max(s.depth or best, best)),
+                        "")
 
     def _compact(self, blocks: list[int]) -> None:
         """Keep the chosen candidate's blocks (renumbered 0..d-1) in the online model, the EMA (each
@@ -406,10 +393,6 @@ class Grower:
         set_blocks(self.parts.model, blocks)
         if self.parts.ema is not None:
             set_blocks(self.parts.ema.module, blocks)
-
-
-def _stage_at(plan: Plan, step: int) -> Stage:
-    return plan.stages[plan.stage_at(step)[0]]
 
 
 __all__ = ["Grower", "candidate_depths", "choose", "depth_schedule", "fit_power", "plan_with_depth", "stage_depths"]

@@ -20,20 +20,20 @@ from pathlib import Path
 
 from fastvit.fileio import write_bytes_atomic
 
-from .checkpoint import checkpoint_paths, load_latest
+from .checkpoint import Checkpoint, checkpoint_paths
 from .errors import TrainError
 
 RUN_FILES = ("results.json", "plan.json", "curves.png", "config.json", "metrics.jsonl", "metrics.csv")
 
 
-def open_for_resume(run_dir: Path, log) -> dict | None:
+def open_for_resume(run_dir: Path, log) -> Checkpoint | None:
     """The newest checkpoint that reads back intact (a corrupt newest one is reported and skipped);
     None when there is none (`no_checkpoint` says what happens then)."""
-    got = load_latest(run_dir, log)
+    got = Checkpoint.latest(run_dir, log)
     if got is None:
         return None
     ck, path = got
-    log(f"resuming from {path.name}: step {ck['step']}, {ck['counted_s']:.1f} counted s")
+    log(f"resuming from {path.name}: step {ck.step}, {ck.counted_s:.1f} counted s")
     return ck
 
 

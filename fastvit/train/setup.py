@@ -13,6 +13,7 @@ from fastvit.data.dataset import DataError
 from .config import TrainConfig
 from .dist import SINGLE, DistEnv, local_device, wrap_model
 from .errors import TrainError
+from .rules import final_resolution
 
 
 @dataclass
@@ -82,19 +83,6 @@ def choose_backend(cfg: TrainConfig) -> str:
     if cfg.run.recipe == "baseline":
         return "torchvision"
     return cfg.data.backend or "auto"
-
-
-def final_resolution(cfg: TrainConfig, resolutions) -> int:
-    """The last curriculum (and the evaluation) resolution: --final-res, else the data's largest; the
-    baseline trains and evaluates at --baseline-res when given. A multiple of the patch size."""
-    res = cfg.data.final_res or max(resolutions)
-    flag = "--final-res" if cfg.data.final_res else "the data's largest resolution"
-    if cfg.run.recipe == "baseline" and cfg.data.baseline_res:
-        res, flag = cfg.data.baseline_res, "--baseline-res"
-    if res % cfg.model.patch_size:
-        raise TrainError(f"final resolution {res} ({flag}) is not a multiple of the patch size "
-                         f"{cfg.model.patch_size}", 2)
-    return res
 
 
 @dataclass
