@@ -143,7 +143,7 @@ REQUIRES = {"peak": ["torch"], "kernel": ["torch", "timm"], "compile": ["torch",
             "e2e": ["torch", "timm", "numpy", "PIL", ("nvidia.dali", "ffcv", "torchvision")]}
 OPTIONAL = {"matplotlib": "curves.png plots are skipped (one line each); the metrics files hold the curves",
             "psutil": "memory figures are skipped (the data tests check threads only; the GPU-resident "
-                      "loader's CPU memory cap cannot be read)"}
+                      "loader's CPU memory cap reads /proc/meminfo instead)"}
 GPU_REQUIRES = {"kernel": ["triton"], "compile": ["triton"], "model": ["triton"]}   # inductor emits C++ on a CPU
 
 # The numbers this check exists for (GPU keys): in the JSON under "named_targets", each with its value or
