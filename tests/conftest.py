@@ -1,8 +1,13 @@
 """Shared fixtures and markers.
 
 - `cuda` tests are skipped without a CUDA GPU; `realdata` tests without ../shared/data.
-- Triton kernels run under TRITON_INTERPRET=1 on CPU tensors when there is no GPU; it must be set
-  before triton is first imported, hence here.
+- `device_dependent`: a test whose code path changes when a GPU is present (it runs the GPU path there);
+  every test taking `kernel_device` gets the marker here. `make gpu-check` runs `-m "cuda or
+  device_dependent"` on the GPU machine.
+- `kernel_device`: where a kernel test runs the Triton kernels: "cuda" with a GPU (compiled kernels,
+  checked against the reference, TF32 off), else "cpu" with TRITON_INTERPRET=1 set for that test by the
+  fixture itself. The module-level default below only makes that possible: triton must be imported
+  in interpreter mode for the interpreter to work at all in the process.
 - `tiny_src`: a small deterministic demo tree (made once per session);
   `tiny_prepped`: that tree through fastvit-prep at 32 and 64 px, both formats (made once per session).
   Session scope keeps FFCV/DALI set-up cost (numba compiles) out of every test.
@@ -17,7 +22,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
+    # triton.language decides interpreted vs compiled when it is first imported (its own @triton.jit
+    # helpers, tl.zeros...): the interpreter cannot be switched on later in a process, so without a GPU it
+    # is on from here (unless the user set TRITON_INTERPRET=0: then the kernel-path tests skip, saying so)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER_ON_CPU = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -28,10 +37,32 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_real = pytest.mark.skip(reason=f"needs {SHARED_DATA} (real-data tier)")
     for item in items:
+        if "kernel_device" in getattr(item, "fixturenames", ()) and "device_dependent" not in item.keywords:
+            item.add_marker(pytest.mark.device_dependent)
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
         if "realdata" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(skip_real)
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """"cuda" (the compiled Triton kernels, TF32 off so fp32 references are exact) with a GPU; else "cpu"
+    with the Triton interpreter on for this test (TRITON_INTERPRET=1, set here, not by the environment)."""
+    if HAS_CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield "cuda"
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+    else:
+        if not INTERPRETER_ON_CPU:
+            pytest.skip("no GPU, and TRITON_INTERPRET=0 was set before triton was imported: the Triton "
+                        "interpreter cannot run the kernels in this process")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")    # whatever an earlier test or the environment did
+        yield "cpu"
 
 
 @pytest.fixture

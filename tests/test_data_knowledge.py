@@ -159,6 +159,7 @@ def test_installed_uses_a_cached_import_check(monkeypatch):
         B._importable.cache_clear()
 
 
+@pytest.mark.device_dependent
 def test_resolve_device():
     assert B.resolve_device("cpu") == torch.device("cpu")
     assert B.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

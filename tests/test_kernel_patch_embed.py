@@ -1,11 +1,12 @@
 """embed_kept_patches (fused Triton op) against the plain-PyTorch reference, forward and backward.
 
-On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes are tiny; the
-`cuda` tests repeat the cases on the GPU (plus a ViT-S-sized one) in fp32 and bf16.
+The kernel-path tests take `kernel_device` (conftest): with a GPU they run the compiled kernels on it
+against the reference; without one, on CPU under the Triton interpreter, which the fixture turns on for
+the test itself (TRITON_INTERPRET=1), so shapes are tiny. The `cuda` tests add the GPU-only cases (plus a
+ViT-S-sized one) in fp32 and bf16.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -138,9 +139,10 @@ def check_against_reference(case: Case, device: str):
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-def test_fused_matches_reference_cpu(case):
-    assert use_triton(torch.empty(0)) == (os.environ.get("TRITON_INTERPRET") == "1")
-    check_against_reference(case, "cpu")
+def test_fused_matches_reference(case, kernel_device, monkeypatch):
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")      # small D: one tiling each (the cuda cases autotune)
+    assert use_triton(torch.empty(0, device=kernel_device))      # the kernel path, never reference vs reference
+    check_against_reference(case, kernel_device)
 
 
 def test_reference_path_through_op_matches_autograd(monkeypatch):
@@ -151,25 +153,26 @@ def test_reference_path_through_op_matches_autograd(monkeypatch):
     check_against_reference(Case(16, (32, 32), B=1, K=2, param_dtype=torch.bfloat16, bias=False), "cpu")
 
 
-def test_duplicated_indices_accumulate():
+def test_duplicated_indices_accumulate(kernel_device):
     """Repeating one patch r times gives r identical tokens and r times its pos_embed gradient."""
+    dev = kernel_device
     case = Case(8, (16, 16), B=1, K=4, bias=True)
-    images, _, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
-    keep_idx = torch.tensor([[2, 2, 2, 1]])
+    images, _, weight, bias, pos, mean, std, _ = make_inputs(case, dev)
+    keep_idx = torch.tensor([[2, 2, 2, 1]], device=dev)
     pos = pos.clone().requires_grad_()
     bias = bias.clone().requires_grad_()
     out = embed_kept_patches(images, keep_idx, weight, bias, pos, mean, std)
     torch.testing.assert_close(out[0, 0], out[0, 1], rtol=0, atol=0)
     out.sum().backward()
-    torch.testing.assert_close(pos.grad[2], torch.full((case.D,), 3.0))
-    torch.testing.assert_close(pos.grad[1], torch.full((case.D,), 1.0))
-    torch.testing.assert_close(pos.grad[[0, 3]], torch.zeros(2, case.D))
-    torch.testing.assert_close(bias.grad, torch.full((case.D,), 4.0))
+    torch.testing.assert_close(pos.grad[2], torch.full((case.D,), 3.0, device=dev))
+    torch.testing.assert_close(pos.grad[1], torch.full((case.D,), 1.0, device=dev))
+    torch.testing.assert_close(pos.grad[[0, 3]], torch.zeros(2, case.D, device=dev))
+    torch.testing.assert_close(bias.grad, torch.full((case.D,), 4.0, device=dev))
 
 
-def test_images_and_indices_get_no_grad():
+def test_images_and_indices_get_no_grad(kernel_device):
     case = Case(8, (16, 16), B=1, K=2, image_dtype=torch.float32)
-    images, keep_idx, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
+    images, keep_idx, weight, bias, pos, mean, std, _ = make_inputs(case, kernel_device)
     images.requires_grad_()
     weight.requires_grad_()
     embed_kept_patches(images, keep_idx, weight, bias, pos, mean, std).sum().backward()
@@ -196,19 +199,20 @@ def test_unsupported_inputs_raise_one_clear_error(bad, msg):
             fn(images, keep_idx, weight, bias, pos, bad.get("mean", 0.0), 1.0)
 
 
-def test_int32_indices_and_tensor_mean_std():
+def test_int32_indices_and_tensor_mean_std(kernel_device):
     case = Case(8, (16, 16), B=2, K=3)
-    images, keep_idx, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
+    images, keep_idx, weight, bias, pos, mean, std, _ = make_inputs(case, kernel_device)
     ref = embed_kept_patches_reference(images, keep_idx, weight, bias, pos, mean, std)
-    out = embed_kept_patches(images, keep_idx.int(), weight, bias, pos, torch.tensor(mean), torch.tensor(std))
+    out = embed_kept_patches(images, keep_idx.int(), weight, bias, pos, torch.tensor(mean, device=kernel_device),
+                             torch.tensor(std, device=kernel_device))
     torch.testing.assert_close(out, ref, **tolerances(torch.float32))
 
 
-def test_one_keep_idx_shared_by_the_batch():
+def test_one_keep_idx_shared_by_the_batch(kernel_device):
     """keep_idx expanded over the batch (stride 0) works without a copy."""
     case = Case(8, (16, 24), B=3, K=2)
-    images, _, weight, bias, pos, mean, std, _ = make_inputs(case, "cpu")
-    keep_idx = torch.tensor([[5, 1]]).expand(3, 2)
+    images, _, weight, bias, pos, mean, std, _ = make_inputs(case, kernel_device)
+    keep_idx = torch.tensor([[5, 1]], device=kernel_device).expand(3, 2)
     ref = embed_kept_patches_reference(images, keep_idx, weight, bias, pos, mean, std)
     out = embed_kept_patches(images, keep_idx, weight, bias, pos, mean, std)
     torch.testing.assert_close(out, ref, **tolerances(torch.float32))
@@ -226,17 +230,17 @@ class _TinyEmbed(torch.nn.Module):
         return tokens.float().mean(1).square().sum()
 
 
-def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op):
-    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    keep_idx = sample_keep_indices(2, 4, 3, "cpu", generator=torch.Generator().manual_seed(0))
-    check_fullgraph_op(_TinyEmbed(), (images, keep_idx), "embed_kept_patches")
+def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op, kernel_device):
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8).to(kernel_device)
+    keep_idx = sample_keep_indices(2, 4, 3, "cpu", generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    check_fullgraph_op(_TinyEmbed().to(kernel_device), (images, keep_idx), "embed_kept_patches")
 
 
-def test_opcheck_registration():
+def test_opcheck_registration(kernel_device):
     """torch.library.opcheck: schema, fake kernels, autograd registration and AOT dispatch with
     dynamic shapes agree with the real ops (forward and backward)."""
     case = Case(8, (16, 16), B=2, K=3, duplicates=True)
-    images, keep_idx, weight, bias, pos, mean, std, grad = make_inputs(case, "cpu")
+    images, keep_idx, weight, bias, pos, mean, std, grad = make_inputs(case, kernel_device)
     fwd_args = (images, keep_idx, weight.requires_grad_(), bias.requires_grad_(), pos.requires_grad_(),
                 list(mean), list(std), torch.float32)
     torch.library.opcheck(torch.ops.fastvit.embed_kept_patches.default, fwd_args)
@@ -258,18 +262,9 @@ CUDA_CASES = CPU_CASES + [
 ]
 
 
-@pytest.fixture
-def exact_fp32_conv():
-    # the reference's conv2d would use TF32 for fp32; the fused fp32 path multiplies in full fp32
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-def test_fused_matches_reference_cuda(case, exact_fp32_conv, monkeypatch):
+def test_fused_matches_reference_cuda(case, kernel_device, monkeypatch):
     assert use_triton(torch.empty(0, device="cuda"))
     if case.D < 384:  # autotune only the ViT-sized cases: each tiling is a separate compile
         monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
@@ -278,7 +273,7 @@ def test_fused_matches_reference_cuda(case, exact_fp32_conv, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("row", range(6))
-def test_every_tiling_is_correct_cuda(row, exact_fp32_conv, monkeypatch):
+def test_every_tiling_is_correct_cuda(row, kernel_device, monkeypatch):
     """Whichever tiling the autotuner picks must be right: run each table row directly."""
     from fastvit.kernels import patch_embed
 

@@ -1,13 +1,13 @@
 """sparse_local_dwconv (the locality conv over kept tokens, Triton) against the scatter -> conv -> gather
 reference, forward and both gradients; the neighbour table; op registration; the model with the kernel.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (conftest): small grids, channel counts around the
+Kernel-path tests take `kernel_device` (conftest): the compiled kernels on a GPU when there is one, else
+the Triton interpreter on CPU (TRITON_INTERPRET=1, set by the fixture for the test): small grids, channel counts around the
 interpreter's 32-channel / 16-token tiles (so partial tiles and several tiles per axis both occur).
 The oracle is autograd through `fastvit.kernels.locality.reference_forward`, outside any custom op.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -125,17 +125,21 @@ def check_against_reference(case: Case, x, keep_idx, w, b, grad):
         torch.testing.assert_close(gr.double() / scale, rr.double() / scale, msg=lambda s, name=name: f"grad of {name}: {s}", **tol)
 
 
+def _on(dev, tensors):
+    return [t.to(dev) if t is not None else None for t in tensors]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_kernel_matches_reference(case):
-    assert use_triton(torch.empty(0)) == (os.environ.get("TRITON_INTERPRET") == "1")
-    check_against_reference(case, *make_inputs(case))
+def test_kernel_matches_reference(case, kernel_device):
+    assert use_triton(torch.empty(0, device=kernel_device))        # the kernel, never reference vs reference
+    check_against_reference(case, *_on(kernel_device, make_inputs(case)))
 
 
-def test_strided_tokens_after_a_prefix():
+def test_strided_tokens_after_a_prefix(kernel_device):
     """The MLP passes h[:, P:] (a strided view past the class token): no copy needed, same result."""
     case = Case((7, 7), "random", 24)
-    x, keep_idx, w, b, grad = make_inputs(case)
-    with_prefix = torch.cat([torch.randn(x.shape[0], 1, case.C), x], dim=1)
+    x, keep_idx, w, b, grad = _on(kernel_device, make_inputs(case))
+    with_prefix = torch.cat([torch.randn(x.shape[0], 1, case.C, device=kernel_device), x], dim=1)
     view = with_prefix[:, 1:]
     assert not view.is_contiguous()
     check_against_reference(case, view, keep_idx, w, b, grad)
@@ -172,13 +176,14 @@ def test_neighbour_table_is_the_kept_3x3_neighbourhood():
         assert torch.equal(back[has], torch.arange(11, dtype=torch.int32).expand(3, 11)[has])
 
 
-def test_empty_and_single_token_batches():
-    w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
-    x = torch.randn(0, 4, 8)
-    keep_idx = torch.zeros(0, 4, dtype=torch.long)
+def test_empty_and_single_token_batches(kernel_device):
+    dev = kernel_device
+    w, b = torch.randn(8, 1, 3, 3, device=dev), torch.randn(8, device=dev)
+    x = torch.randn(0, 4, 8, device=dev)
+    keep_idx = torch.zeros(0, 4, dtype=torch.long, device=dev)
     assert sparse_local_dwconv(x, build_neighbours(keep_idx, (3, 3)), keep_idx, w, b, (3, 3)).shape == (0, 4, 8)
-    x1 = torch.randn(1, 1, 8)
-    k1 = torch.tensor([[4]])
+    x1 = torch.randn(1, 1, 8, device=dev)
+    k1 = torch.tensor([[4]], device=dev)
     y = sparse_local_dwconv(x1, build_neighbours(k1, (3, 3)), k1, w, b, (3, 3))
     torch.testing.assert_close(y, x1 * w[:, 0, 1, 1] + b)    # alone: only the centre tap
 
@@ -192,16 +197,16 @@ def test_bad_shapes_raise():
         sparse_local_dwconv(x, nbr[:, :2], keep_idx, torch.randn(8, 1, 3, 3), None, (2, 2))
 
 
-def _op_args(case: Case):
-    x, keep_idx, w, b, grad = make_inputs(case)
+def _op_args(case: Case, dev: str = "cpu"):
+    x, keep_idx, w, b, grad = _on(dev, make_inputs(case))
     nbr = build_neighbours(keep_idx, case.grid)
     return x, nbr, keep_idx, w, b, grad
 
 
-def test_opcheck_registration():
+def test_opcheck_registration(kernel_device):
     """schema, fake kernels (shapes and strides), autograd registration, AOT dispatch with dynamic
     shapes, forward and backward ops."""
-    x, nbr, keep_idx, w, b, grad = _op_args(Case((4, 6), "random", 20))
+    x, nbr, keep_idx, w, b, grad = _op_args(Case((4, 6), "random", 20), kernel_device)
     gh, gw = 4, 6
     torch.library.opcheck(torch.ops.fastvit.sparse_dwconv3x3.default,
                           (x.requires_grad_(), nbr, keep_idx, w.requires_grad_(), b.requires_grad_(), gh, gw, True))
@@ -222,10 +227,10 @@ class _TinyLocal(torch.nn.Module):
         return sparse_local_dwconv(x, nbr, keep_idx, self.conv.weight, self.conv.bias, (4, 6), act=True).square().sum()
 
 
-def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op):
-    x, keep_idx, *_ = make_inputs(Case((4, 6), "random", 16))
+def test_torch_compile_fullgraph_traces_the_op(check_fullgraph_op, kernel_device):
+    x, keep_idx, *_ = _on(kernel_device, make_inputs(Case((4, 6), "random", 16)))
     x.requires_grad_()
-    check_fullgraph_op(_TinyLocal(), (x, keep_idx), "sparse_dwconv3x3", leaves=[x])
+    check_fullgraph_op(_TinyLocal().to(kernel_device), (x, keep_idx), "sparse_dwconv3x3", leaves=[x])
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -238,25 +243,32 @@ def _model(**kw):
 
 def _logits_and_grads(m, x, keep_idx, autocast=False):
     m.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = m(x, keep_idx=keep_idx)
     out.float().square().sum().backward()
     return out.detach().float(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
 @pytest.mark.parametrize("class_token, autocast", [(False, False), (True, False), (True, True)])
-def test_model_with_kernel_equals_model_with_reference(monkeypatch, class_token, autocast):
-    m = _model(class_token=class_token, head="token" if class_token else "gap")
-    x = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)                     # 4x6 grid
-    keep_idx = sample_keep_indices(2, 24, 12, generator=torch.Generator().manual_seed(3))
+def test_model_with_kernel_equals_model_with_reference(monkeypatch, kernel_device, class_token, autocast):
+    dev = kernel_device
+    kw = dict(class_token=class_token, head="token" if class_token else "gap")
+    m = _model(**kw).to(dev)
+    x = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8).to(dev)             # 4x6 grid
+    keep_idx = sample_keep_indices(2, 24, 12, generator=torch.Generator().manual_seed(3)).to(dev)
     import fastvit.models.layers as layers
 
     calls, real = [], layers.sparse_local_dwconv
     monkeypatch.setattr(layers, "sparse_local_dwconv", lambda *a, **k: calls.append(1) or real(*a, **k))
     out, grads = _logits_and_grads(m, x, keep_idx, autocast)
     assert len(calls) == 2                                                           # one kernel per block
-    monkeypatch.delenv("TRITON_INTERPRET")
-    ref, ref_grads = _logits_and_grads(m, x, keep_idx, autocast)
+    if dev == "cpu":       # the fixture turned the interpreter on: off, the same model takes the reference
+        monkeypatch.delenv("TRITON_INTERPRET")
+        ref_model = m
+    else:                  # a CUDA tensor always takes the kernel: the reference is the scatter->conv->gather model
+        ref_model = _model(**kw, sparse_locality=False).to(dev)
+        ref_model.load_state_dict(m.state_dict())
+    ref, ref_grads = _logits_and_grads(ref_model, x, keep_idx, autocast)
     assert len(calls) == 2                                                           # reference: no kernel
     tol = dict(rtol=1e-4, atol=1e-5) if not autocast else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(out, ref, **tol)
@@ -265,7 +277,7 @@ def test_model_with_kernel_equals_model_with_reference(monkeypatch, class_token,
         torch.testing.assert_close(grads[n] / scale, ref_grads[n] / scale, msg=lambda s, n=n: f"{n}: {s}", **tol)
 
 
-def test_model_builds_one_neighbour_table_per_forward_and_none_at_keep_1(monkeypatch):
+def test_model_builds_one_neighbour_table_per_forward_and_none_at_keep_1(monkeypatch, kernel_device):
     import fastvit.kernels.reference as reference
     import fastvit.models.vit as vit
 
@@ -273,14 +285,14 @@ def test_model_builds_one_neighbour_table_per_forward_and_none_at_keep_1(monkeyp
     real_build, real_scatter = vit.build_neighbours, reference.scatter_to_grid
     monkeypatch.setattr(vit, "build_neighbours", lambda *a: built.append(1) or real_build(*a))
     monkeypatch.setattr(reference, "scatter_to_grid", lambda *a: scattered.append(1) or real_scatter(*a))
-    m = _model(depth=3)
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    m = _model(depth=3).to(kernel_device)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8).to(kernel_device)
     m(x, keep_rate=0.5).sum().backward()
     assert (len(built), len(scattered)) == (1, 0)           # three blocks, one table, no scatter
     m(x, keep_rate=1.0).sum().backward()
     m(x).sum().backward()
     assert (len(built), len(scattered)) == (1, 0)           # keep 1: the plain dense conv
-    m2 = _model(depth=3, sparse_locality=False)
+    m2 = _model(depth=3, sparse_locality=False).to(kernel_device)
     m2(x, keep_rate=0.5)
     assert (len(built), len(scattered)) == (1, 3)           # opted out: scatter -> conv -> gather per block
 

@@ -4,7 +4,6 @@ and 8, and a training run that switches patch size."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -121,26 +120,27 @@ def test_planner_cuts_at_token_stages_and_budgets_tokens():
 
 
 @pytest.mark.parametrize("patch,resize", [(32, "pi"), (16, "pi"), (8, "pi"), (32, "pool"), (8, "pool")])
-def test_fused_kernel_and_sparse_locality_exact_at_patch(patch, resize, monkeypatch):
-    """Sampled tokens at a resized patch: the Triton path (fused embedding + sparse locality conv, under
-    the interpreter) against the plain path (reference embedding + scatter -> dense conv -> gather)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs the Triton interpreter (set by conftest without a GPU)")
+def test_fused_kernel_and_sparse_locality_exact_at_patch(patch, resize, monkeypatch, kernel_device):
+    """Sampled tokens at a resized patch: the Triton path (fused embedding + sparse locality conv: on the
+    GPU when there is one, else under the interpreter, which `kernel_device` turns on) against the plain
+    path on the CPU with the interpreter off (reference embedding + scatter -> dense conv -> gather)."""
+    import copy
+
     torch.manual_seed(0)
     m = create_model("vit_tiny_local", num_classes=5, depth=1, embed_dim=32, num_heads=2, token_resize=resize)
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     n = (64 // patch) ** 2
     keep_idx = torch.stack([torch.randperm(n)[: max(1, n // 2)] for _ in range(2)])   # (2,K) sampled
 
-    def run():
-        m.zero_grad()
-        out = m(x, keep_idx=keep_idx, patch_size=patch)
+    def run(model, dev):
+        model.zero_grad()
+        out = model(x.to(dev), keep_idx=keep_idx.to(dev), patch_size=patch)
         out.square().sum().backward()
-        return out.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        return out.detach().cpu(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}
 
-    fused, g_fused = run()
-    monkeypatch.delenv("TRITON_INTERPRET")
-    plain, g_plain = run()
+    fused, g_fused = run(copy.deepcopy(m).to(kernel_device), kernel_device)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # the CPU reference path
+    plain, g_plain = run(m, "cpu")
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert g_fused.keys() == g_plain.keys() and "patch_embed.proj.weight" in g_fused
     for k in g_fused:

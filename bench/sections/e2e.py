@@ -19,6 +19,15 @@ Runs `fastvit-train` in-process on a short time budget and reads its metrics bac
                                       rescaled by re-plans); below 1 = the real loop is slower than the
                                       bare step (data, logging), above 1 = the probe was pessimistic
   e2e/images_per_s@all                images seen / counted training time of the whole run
+  e2e/switch_wait_over_median_step    the curriculum switch's worst data wait over the run's real median
+                                      step: per resolution switch, the loader wait of the new stage's first
+                                      logged interval (all its steps' waits: an upper bound on the worst
+                                      single step's; the exact worst when the rows carry
+                                      interval_max_wait_s) over the median step time of the run's other
+                                      intervals (interval_s / steps); also e2e/switch_wait_s, e2e/median_step_s
+  e2e/train_window_s, e2e/setup_s     counted seconds of training (counted_s - setup_s) and before the first
+                                      step (data, model, compile + probe: the trainer counts them in its
+                                      budget, so gpu_check budgets window + an allowance for them)
 CPU: a tiny model at 32/64 px (a smoke run of the loop, not a performance claim); GPU: vit_small_local
 on the 112→224 curriculum.
 """
@@ -94,6 +103,29 @@ def profiled_busy(rows: list[dict]) -> dict[tuple[int, float], float]:
     return {k: b / w for k, (b, w) in acc.items() if w > 0}
 
 
+def switch_wait(rows: list[dict]) -> dict[str, float]:
+    """The curriculum switch's worst data wait over the run's median step (see the module docstring)."""
+    import statistics
+
+    train = [r for r in rows if r.get("kind") == "train" and r.get("interval_s") and r.get("batch")]
+    firsts, steady, prev = [], [], None
+    for r in train:
+        if prev is not None and r["res"] != prev:
+            firsts.append(r)
+        elif prev is not None:
+            steady.append(r)                      # (the run's first interval holds start-up: neither)
+        prev = r["res"]
+    steps = [(r, r["interval_images"] / r["batch"]) for r in steady]
+    per_step = [r["interval_s"] / n for r, n in steps if n > 0]
+    if not firsts or not per_step:
+        return {}
+    median = statistics.median(per_step)
+    worst = max(r.get("interval_max_wait_s", r["interval_wait_s"]) for r in firsts)
+    return {"e2e/switch_wait_s": worst, "e2e/median_step_s": median,
+            "e2e/switch_wait_over_median_step": worst / median if median > 0 else float("inf"),
+            "e2e/switch_wait_exact": float(all("interval_max_wait_s" in r for r in firsts))}
+
+
 def stage_metrics(rows: list[dict], plan: dict, cuda: bool) -> dict[str, float]:
     """Per-stage metrics of a finished run's metrics rows and plan (see the module docstring)."""
     probe = probe_speeds(plan)
@@ -109,6 +141,7 @@ def stage_metrics(rows: list[dict], plan: dict, cuda: bool) -> dict[str, float]:
             out[f"e2e/step_span_share@{tag}"] = a["compute"] / a["s"]
         if probe.get((r, k)):
             out[f"e2e/speed_over_probe@{tag}"] = ips / probe[(r, k)]
+    out.update(switch_wait(rows))
     return out
 
 
@@ -152,6 +185,7 @@ def run(ctx) -> dict:
     train_s = res["counted_s"] - plan["setup_s"]
     if train_s > 0:
         out["e2e/images_per_s@all"] = res["images_seen"] / train_s
+    out["e2e/train_window_s"], out["e2e/setup_s"] = train_s, plan["setup_s"]
     out["e2e/top1_smoke"] = res["top1"]
     if res.get("compile_s"):                      # ahead-of-time compile of every shape (counted)
         out["e2e/compile_s"] = res["compile_s"]

@@ -9,7 +9,7 @@ the keep-0.5 ratio divides by that: it is what sampling buys.
 
 GPU: ViT-S/16 (vit_small_local / vit_small_plain, timm vit_small_patch16_224), bf16 autocast, batch
 256, settings (224, keep 1.0), (224, 0.5), (128, 1.0), (64, 1.0); metrics `model/...`, MFU against
-PEAK_TFLOPS (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd). The full GPU
+peak_tflops() (explicit FLOP formula: fastvit.models.vit_forward_flops x 3 for fwd+bwd). The full GPU
 run also times vit_small_local with dwconv_impl="taps" (`fastvit_taps_over_fastvit@...` > 1 says the
 fusable taps beat cuDNN's depthwise conv and should become the default), and every GPU run times
 vit_small_local with sparse_locality=False (`fastvit_sparse_over_scatter_step@...`: the sparse
@@ -21,10 +21,15 @@ Locality MLP alone (`_locality`, fwd+bwd, ViT-S sizes on GPU, tiny on CPU throug
 CPU: a tiny config (dim 64, 2 heads, depth 2) at (64, 1.0), (64, 0.5), (32, 1.0), fp32, batch 16,
 one thread;
 metrics `model_cpu_tiny/...`.
-ctx.opts (bench/gpu_check.py): "batch", "settings" [(res, keep), ...], "variants" (subset of local,
-plain, local_scatter, local_taps), "timm_compiled" (bool), "compiled" (bool), "iters", "locality"
-(bool: the locality-MLP microbench). Shapes are compiled one at a time, each right before it is timed,
-and the metrics so far are saved after each (ctx.save_partial): a time box keeps what was measured.
+ctx.opts (bench/gpu_check.py): "batch", "settings" [(res, keep) or (res, keep, batch), ...], "variants"
+(subset of local, plain, local_scatter, local_taps), "timm_compiled" (bool or a list of resolutions),
+"compiled" (bool), "iters", "locality" (bool: the locality-MLP microbench), "compile_modes" ({"res",
+"keep", "batch", "modes"}: one shape trained under each torch.compile mode, `compile_mode_img_s@...:MODE`
+and `compile_mode_over_default@...:MODE`), "peak_tflops" (MFU base; default the H100/H200 table's).
+Shapes are compiled one at a time, each right before it is timed, and the metrics so far -- every ratio
+both sides of which are known included -- are saved after each (ctx.save_partial): a time box keeps
+what was measured. The graphs are built by `fastvit_graph` / `timm_graph`, which bench/sections/
+compile.py calls too: gpu_check compiles them ahead into the shared inductor cache.
 --quick on CPU runs everything eager (inductor takes ~30-70 s a shape on
 2 cores) and names the fastvit numbers `..._eager_...`; MFU is GPU-only.
 """
@@ -36,11 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.stage import num_kept
-from fastvit.sysinfo import PEAK_BF16_TFLOPS
+from fastvit.sysinfo import peak_flops
 
 from . import SectionSkipped, timeit
 
-PEAK_TFLOPS = PEAK_BF16_TFLOPS["H100"]   # MFU against the H100/H200 dense bf16 figure (fastvit.sysinfo)
+
+def peak_tflops(dev) -> float | None:
+    """MFU base of this GPU: FASTVIT_PEAK_TFLOPS (gpu_check sets it to its measured matmul peak), else
+    fastvit.sysinfo's figure for the GPU's name (the H200's measured one, the spec sheet's otherwise)."""
+    f = peak_flops(torch.cuda.get_device_name(dev)) if torch.cuda.is_available() else None
+    return f / 1e12 if f else None
 CPU_TINY = dict(embed_dim=64, num_heads=2, depth=2)
 
 
@@ -57,6 +67,30 @@ def _train_step(model, opt, x, y, amp_dtype, call):
         loss.backward()
         opt.step()
     return step
+
+
+def fastvit_graph(variant_kind: str, overrides: dict, dev, extra: dict | None = None):
+    """The fastvit model a shape is compiled for (seeded: the same graph wherever it is built)."""
+    from fastvit.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(f"vit_small_{variant_kind}", num_classes=1000, **overrides, **(extra or {})).to(dev).train()
+
+
+def timm_graph(overrides: dict, dev, compiled: bool, mode: str | None = None):
+    """(timm vit_small_patch16_224, the runner a step calls, its config, mean, std): what `_timm` times."""
+    import timm
+
+    from fastvit.models import model_config
+
+    timm_cfg = model_config("vit_small_plain", class_token=True, head="token", **overrides)
+    mean = torch.tensor(timm_cfg.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(timm_cfg.std, device=dev).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    t = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000,
+                          dynamic_img_size=True, **overrides).to(dev).train()
+    runner = torch.compile(t, fullgraph=True, dynamic=False, mode=mode) if compiled else t
+    return t, runner, timm_cfg, mean, std
 
 
 def _fastvit_call(keep):
@@ -167,7 +201,7 @@ def run(ctx) -> dict[str, float]:
 def _run(ctx) -> dict[str, float]:
     try:
         import timm  # noqa: F401 -- the section needs it: skipped without
-        from fastvit.models import compile_model, create_model, train_flops
+        from fastvit.models import compile_model, train_flops
     except ImportError as e:  # pragma: no cover - the venv has both
         raise SectionSkipped(f"needs timm and fastvit.models: {e}")
 
@@ -188,24 +222,27 @@ def _run(ctx) -> dict[str, float]:
                      "(inductor takes ~30-70 s a shape on 2 cores); fastvit numbers are eager")
         ctx.skip(f"{prefix}/*_mfu", "MFU is against an H100 peak: GPU only")
     o = ctx.opts
-    batch, settings = o.get("batch", batch), [tuple(x) for x in o.get("settings", settings)]
+    batch = o.get("batch", batch)
+    settings = [tuple(x) if len(x) == 3 else (x[0], x[1], batch) for x in o.get("settings", settings)]
     iters, compiled = o.get("iters", iters), o.get("compiled", compiled)
     sync = (lambda: torch.cuda.synchronize(dev)) if gpu else None
+    peak = o.get("peak_tflops") or (peak_tflops(dev) if gpu else None)
     out: dict[str, float] = _locality(ctx, prefix, dev, amp, sync) if o.get("locality", True) else {}
     ctx.save_partial(out)
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def batch_for(res):
-        x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g).to(dev)
-        y = torch.randint(0, 1000, (batch,), generator=g).to(dev)
+    def batch_for(res, b=batch):
+        x = torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, generator=g).to(dev)
+        y = torch.randint(0, 1000, (b,), generator=g).to(dev)
         return x, y
 
     def record(name, label, img_s, cfg, res, keep):
         out[f"{prefix}/{name}_img_s@{label}"] = img_s
         tflops = img_s * train_flops(cfg, res, keep, sparse_locality=gpu and cfg.sparse_locality) / 1e12
         out[f"{prefix}/{name}_tflops@{label}"] = tflops
-        if gpu:
-            out[f"{prefix}/{name}_mfu@{label}"] = tflops / PEAK_TFLOPS
+        if gpu and peak:
+            out[f"{prefix}/{name}_mfu@{label}"] = tflops / peak
+        _ratios(prefix, settings, compiled, out)          # every ratio both sides of which are known
         ctx.save_partial(out)
 
     # ---- fastvit: vit_small_local (the headline) and vit_small_plain
@@ -218,49 +255,82 @@ def _run(ctx) -> dict[str, float]:
         variants.append(("local_taps", "local", {"dwconv_impl": "taps"}))
     if "variants" in o:
         variants = [v for v in variants if v[0] in o["variants"]]
-    timm_modes = ["eager"] + (["compiled"] if o.get("timm_compiled", compiled) else [])
+    timm_compiled = o.get("timm_compiled", compiled)
+    timm_modes = ["eager"] + (["compiled"] if timm_compiled else [])
     if o.get("timm_first"):   # the baseline first: cheap, and a time box then cuts fastvit shapes, not it
-        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out)
+        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record,
+              out, timm_compiled)
     for variant, kind, extra in variants:
-        torch.manual_seed(0)
-        model = create_model(f"vit_small_{kind}", num_classes=1000, **overrides, **extra).to(dev).train()
+        model = fastvit_graph(kind, overrides, dev, extra)
         cfg = model.cfg
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
         runner, tag = model, (f"fastvit_{variant}" if compiled else f"fastvit_{variant}_eager")
-        for res, keep in settings:
+        for res, keep, b in settings:
             if compiled:   # this shape's graph now (one at a time: a time box keeps the shapes done)
-                runner = compile_model(model, shapes=[(res, keep, batch)], amp_dtype=amp)
+                runner = compile_model(model, shapes=[(res, keep, b)], amp_dtype=amp)
                 for (r, k, _, _), sec in runner.compile_seconds.items():
                     out[f"{prefix}/{tag}_compile_s@{_label(r, k)}"] = sec
-            x, y = batch_for(res)
+            x, y = batch_for(res, b)
             dt = timeit(_train_step(runner, opt, x, y, amp, _fastvit_call(keep)), warmup=warmup, iters=iters, sync=sync)
-            record(tag, _label(res, keep), batch / dt, cfg, res, keep)
+            record(tag, _label(res, keep), b / dt, cfg, res, keep)
         del model, runner, opt
         if gpu:
             torch.cuda.empty_cache()
     if not o.get("timm_first"):
-        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out)
+        _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record,
+              out, timm_compiled)
+    if o.get("compile_modes"):
+        _compile_modes(ctx, prefix, overrides, dev, amp, warmup, iters, sync, batch_for, out, o["compile_modes"])
     _ratios(prefix, settings, compiled, out)
     return out
 
 
-def _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out):
-    """timm vit_small_patch16_224, eager (AMP) and compiled, same batch, all patches."""
-    import timm
+def _compile_modes(ctx, prefix, overrides, dev, amp, warmup, iters, sync, batch_for, out, spec) -> None:
+    """One shape (the 64-px stage: the one most at risk of being host-bound) trained under each
+    torch.compile mode, a fresh model each: default, max-autotune-no-cudagraphs (Triton/cuBLAS GEMM
+    autotuning), reduce-overhead (CUDA graphs: one replay per step instead of hundreds of launches)."""
+    from fastvit.models import compile_model
 
-    from fastvit.models import model_config
+    res, keep, b = spec["res"], spec["keep"], spec["batch"]
+    lab = _label(res, keep)
+    for mode in spec.get("modes", ("default", "max-autotune-no-cudagraphs", "reduce-overhead")):
+        model = fastvit_graph("local", overrides, dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.cuda)
+        runner = compile_model(model, shapes=[(res, keep, b)], amp_dtype=amp,
+                               mode=None if mode == "default" else mode)
+        out[f"{prefix}/compile_mode_compile_s@{lab}:{mode}"] = sum(runner.compile_seconds.values())
+        x, y = batch_for(res, b)
+        step = _train_step(runner, opt, x, y, amp, _fastvit_call(keep))
+        if mode == "reduce-overhead":          # a new CUDA-graph tree step per training step
+            inner = step
 
-    timm_cfg = model_config("vit_small_plain", class_token=True, head="token", **overrides)
-    mean = torch.tensor(timm_cfg.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(timm_cfg.std, device=dev).view(1, 3, 1, 1)
+            def step():
+                torch.compiler.cudagraph_mark_step_begin()
+                inner()
+        out[f"{prefix}/compile_mode_img_s@{lab}:{mode}"] = b / timeit(step, warmup=warmup, iters=iters, sync=sync)
+        base = out.get(f"{prefix}/compile_mode_img_s@{lab}:default")
+        if base:
+            out[f"{prefix}/compile_mode_over_default@{lab}:{mode}"] = out[f"{prefix}/compile_mode_img_s@{lab}:{mode}"] / base
+        ctx.save_partial(out)
+        del model, runner, opt
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+def _timm(ctx, prefix, overrides, dev, gpu, amp, warmup, iters, sync, settings, timm_modes, batch_for, record, out,
+          timm_compiled=True):
+    """timm vit_small_patch16_224, eager (AMP) and compiled, all patches, at the batch of each resolution's
+    first setting; compiled only at the resolutions `timm_compiled` lists (True: all)."""
+    batches = {}
+    for res, _, b in settings:
+        batches.setdefault(res, b)
     for mode in timm_modes:
-        torch.manual_seed(0)
-        t = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000,
-                              dynamic_img_size=True, **overrides).to(dev).train()
+        t, runner, timm_cfg, mean, std = timm_graph(overrides, dev, compiled=mode == "compiled")
         opt = torch.optim.AdamW(t.parameters(), lr=1e-4, fused=gpu)
-        runner = torch.compile(t, fullgraph=True, dynamic=False) if mode == "compiled" else t
-        for res in dict.fromkeys(res for res, _ in settings):     # all patches: once per resolution
-            x, y = batch_for(res)
+        for res, b in batches.items():     # all patches: once per resolution
+            if mode == "compiled" and timm_compiled is not True and res not in timm_compiled:
+                continue
+            x, y = batch_for(res, b)
             step = _train_step(runner, opt, x, y, amp, _timm_call(mean, std))
             if mode == "compiled":
                 t0 = time.perf_counter()
@@ -286,7 +356,7 @@ def _ratios(prefix, settings, compiled, out) -> None:
         if a in out and b in out:
             out[name] = out[a] / out[b]
 
-    for res, keep in settings:
+    for res, keep, *_ in settings:
         lab, full = _label(res, keep), _label(res, 1.0)
         base = f"{prefix}/timm_eager_img_s@{full}"                     # timm keeps every patch
         ratio(f"{prefix}/{head}_over_timm_eager@{lab}", f"{prefix}/{fv}_img_s@{lab}", base)

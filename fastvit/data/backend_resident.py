@@ -23,9 +23,11 @@ reads) and crops its rows of each global batch with the global batch's crop para
 from __future__ import annotations
 
 import io
+import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -139,14 +141,27 @@ def resident_bytes(device: torch.device) -> int:
     return sum(s.data.numel() for s in list(_LIVE) if s.data.device == device)
 
 
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory: psutil when installed, else /proc/meminfo, else sysconf."""
+    try:
+        import psutil
+    except ImportError:                  # optional: the kernel's own figures
+        try:
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            return int(info["MemTotal"].split()[0]) * 1024, int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            page = os.sysconf("SC_PAGE_SIZE")
+            return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    vm = psutil.virtual_memory()
+    return vm.total, vm.available
+
+
 def memory_cap(device: torch.device, share: float) -> int:
     """The most all resident shards on `device` may hold together: `share` of its total memory."""
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)
     else:
-        import psutil
-
-        total = psutil.virtual_memory().total
+        total = host_memory()[0]
     return int(total * share)
 
 
@@ -156,9 +171,7 @@ def memory_budget(device: torch.device, share: float) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+        free = host_memory()[1]
     return max(0, min(memory_cap(device, share) - resident_bytes(device), int(free)))
 
 

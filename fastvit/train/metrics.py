@@ -186,10 +186,19 @@ class MetricsWriter:
             self._tb.close()
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+def plot_curves(rows: list[dict], path: Path, title: str = "", log=None) -> bool:
     """curves.png: training loss, val top-1, lr, res (and depth, with --growth) and keep against counted
-    seconds (Agg backend)."""
-    import matplotlib
+    seconds (Agg backend). matplotlib is optional: without it the plot is skipped with one line (`log`,
+    default stderr) and False is returned; the metrics files hold the same curves."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+            f"[fastvit-train] {Path(path).name} skipped: matplotlib is not installed (the curves are in "
+            "metrics.jsonl / metrics.csv)")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -229,3 +238,4 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     write_bytes_atomic(Path(path), buf.getvalue())
+    return True

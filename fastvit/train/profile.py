@@ -14,9 +14,14 @@ the stage ends first (then it closes at the stage change, over the steps it saw)
 
 On a CPU run the same window measures the share of wall time the host spent inside torch operators
 (`kind="cpu_ops"`): a CPU number, never a GPU one.
+
+The windows are quiet: libkineto logs `USDT: ... profiler_start` / `profiler_stop` (and STAGE lines) to
+stderr at every window otherwise; KINETO_LOG_LEVEL is set to QUIET_KINETO_LEVEL before the first window
+(kineto reads it when the profiler first starts) unless the user set it.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -24,6 +29,13 @@ import torch
 METHOD_CUDA = ("torch.profiler window per stage: union of CUDA kernel/memcpy/memset intervals / host wall "
                "time of the same steps (synchronized at both ends)")
 METHOD_CPU = "torch.profiler window per stage: union of CPU operator intervals / host wall time (CPU run)"
+# above every libkineto log level (VERBOSE 0 .. ERROR 3, STAGE 4, USDT 5): nothing is printed
+QUIET_KINETO_LEVEL = "6"
+
+
+def quiet_profiler() -> None:
+    """Silence libkineto's per-window log lines for this process (a user's KINETO_LOG_LEVEL wins)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", QUIET_KINETO_LEVEL)
 
 
 def union_seconds(intervals) -> float:
@@ -100,6 +112,7 @@ class BusyWindow:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CUDA] if self.cuda else [ProfilerActivity.CPU]
+        quiet_profiler()
         self._sync()
         self._prof = profile(activities=acts)
         self._prof.__enter__()
