@@ -631,7 +631,12 @@ def part_model(args, gpu: bool) -> dict:
 def part_e2e(args, gpu: bool) -> dict:
     res = _section("e2e", args, gpu)
     run_dir = Path(args.scratch) / "e2e" / ("run_gpu" if gpu else "run_cpu")
-    results = _read(run_dir / "results.json") or {}
+    from fastvit.train.results import Results, ResultsError
+
+    try:
+        results = Results.read(run_dir)
+    except ResultsError:
+        results = {}
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
         if (run_dir / "metrics.jsonl").is_file() else []
     train = (GPU_OPTS if gpu else CPU_OPTS)["e2e"]["train"]
