@@ -69,6 +69,7 @@ class TreeWatch:
         self.proc = psutil.Process(pid)
         self.every = every
         self.parent_peak = self.worker_peak = self.workers_sum_peak = 0
+        self.parent_anon_peak = 0  # RSS minus file-backed/shared pages (mmapped shards, page cache)
         self.max_workers = 0
         self.cpu: dict[int, float] = {}  # pid -> its last seen user+system seconds (the killed ones too)
         self._stop = threading.Event()
@@ -80,7 +81,9 @@ class TreeWatch:
 
         while not self._stop.is_set():
             try:
-                self.parent_peak = max(self.parent_peak, self.proc.memory_info().rss)
+                mi = self.proc.memory_info()
+                self.parent_peak = max(self.parent_peak, mi.rss)
+                self.parent_anon_peak = max(self.parent_anon_peak, mi.rss - getattr(mi, "shared", 0))
                 t = self.proc.cpu_times()
                 self.cpu[self.proc.pid] = t.user + t.system
                 rss = []
@@ -103,6 +106,7 @@ class TreeWatch:
         self._stop.set()
         self._t.join()
         return {"parent_peak_rss_mb": round(self.parent_peak / 2**20, 1),
+                "parent_peak_anon_mb": round(self.parent_anon_peak / 2**20, 1),
                 "worker_peak_rss_mb": round(self.worker_peak / 2**20, 1),
                 "workers_sum_peak_rss_mb": round(self.workers_sum_peak / 2**20, 1),
                 "workers_seen": self.max_workers, "cpu_tree_s": round(sum(self.cpu.values()), 3)}
@@ -521,6 +525,7 @@ def tables(paths: list[str]) -> str:
             ("  of which make_loader s", ("steps", "loader", b, "result", "build_s")),
             ("steady images/s", ("steps", "loader", b, "result", "steady_img_s")),
             ("peak RSS parent MB", ("steps", "loader", b, "parent_peak_rss_mb")),
+            ("  of which not file-backed (RSS - shared) MB", ("steps", "loader", b, "parent_peak_anon_mb")),
             ("peak RSS largest worker MB", ("steps", "loader", b, "worker_peak_rss_mb")),
             ("peak RSS workers sum MB", ("steps", "loader", b, "workers_sum_peak_rss_mb")),
             ("labels seen (of 1000)", ("steps", "loader", b, "result", "labels_seen")),
@@ -575,6 +580,7 @@ GROWTH = [  # (component, path into a run's JSON); exponent k of cost ~ n^k betw
     ("prep rerun on a complete OUT (verify)", ("steps", "prep", "complete_rerun", "wall_s")),
     *[(f"loader {b}: time to first batch", ("steps", "loader", b, "result", "first_batch_s")) for b in BACKENDS],
     *[(f"loader {b}: peak RSS parent", ("steps", "loader", b, "parent_peak_rss_mb")) for b in BACKENDS],
+    *[(f"loader {b}: peak RSS parent, not file-backed", ("steps", "loader", b, "parent_peak_anon_mb")) for b in BACKENDS],
     *[(f"loader {b}: peak RSS workers (sum)", ("steps", "loader", b, "workers_sum_peak_rss_mb")) for b in BACKENDS],
     ("epoch_order (one epoch's permutation)", ("steps", "order", "result", "epoch_order_s")),
     ("BatchPlan.batch over one epoch", ("steps", "order", "result", "epoch_batches_s")),
