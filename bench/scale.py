@@ -24,6 +24,8 @@ Steps:
   switch     CurriculumLoader 32 -> 64 px (dali): build time of each span, data wait at the switch
   eval       fastvit.train.evaluate over the whole val split (vit_small_local, 1,000 classes, 64 px, ffcv)
   checkpoint save_checkpoint + load_checkpoint of vit_small_local (1,000 classes) with its AdamW state
+  train      fastvit-train --minutes 2 --device cpu on OUT, SIGTERMed at 40 % (checkpoint, exit 143),
+             then --resume to the end; its results.json (final evaluation over the whole val split)
   fork_copy  memory a forked worker copies when it reads the torchvision backend's n-sample table: a list
              of (Path, int) (the old storage) vs fastvit.data.backend_torchvision.pack_samples
 """
@@ -45,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
-STEPS = ("gen", "prep", "loader", "order", "switch", "eval", "checkpoint", "fork_copy")
+STEPS = ("gen", "prep", "loader", "order", "switch", "eval", "checkpoint", "fork_copy", "train")
+TRAIN_MINUTES = 2.0
 RES = (32, 64)
 BATCH = 256
 BATCHES = 20        # steady-state batches after the first one
@@ -117,7 +120,7 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_watched(cmd: list[str], *, kill_when=None, env=None) -> dict:
+def run_watched(cmd: list[str], *, kill_when=None, term_when=None, env=None) -> dict:
     """Run cmd (its own process group); wall, CPU (cpu_s: it and all it waited for; cpu_tree_s: sampled
     per process every 0.1 s, which also counts workers killed with a SIGKILLed run), peak RSS, rc, its
     last stdout line as JSON (a child step's result) when it is one. kill_when(): SIGKILL the group once
@@ -127,10 +130,14 @@ def run_watched(cmd: list[str], *, kill_when=None, env=None) -> dict:
                          env=env)
     w = TreeWatch(p.pid)
     killed = False
-    if kill_when is not None:
+    if kill_when is not None or term_when is not None:
         while p.poll() is None:
-            if kill_when():
+            if kill_when is not None and kill_when():
                 os.killpg(p.pid, signal.SIGKILL)
+                killed = True
+                break
+            if term_when is not None and term_when():
+                p.send_signal(signal.SIGTERM)  # the process itself: it checkpoints and exits 143
                 killed = True
                 break
             time.sleep(0.05)
@@ -426,6 +433,27 @@ def step_prep(a, src: Path, out: Path, n_images: int) -> dict:
             "classes": len(man.get("classes", []))}
 
 
+def step_train(a, out: Path) -> dict:
+    """fastvit-train on the prepped tree for TRAIN_MINUTES on the CPU, SIGTERMed at 40 % of its budget (it
+    checkpoints and exits 143), then --resume to the end: the run's results.json (top-1 over the whole
+    val split, steps, stages)."""
+    import shutil
+
+    run = Path(a.root) / f"F{a.scale:g}" / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    cmd = _py() + ["-m", "fastvit.train", "--data", str(out), "--minutes", str(TRAIN_MINUTES), "--device", "cpu",
+                   "--out", str(run)]
+    t_term = time.perf_counter() + 0.4 * TRAIN_MINUTES * 60 + 30  # + start-up (imports, first compile)
+    first = run_watched(cmd, term_when=lambda: time.perf_counter() > t_term)
+    resumed = run_watched(cmd + ["--resume"])
+    res_file = run / "results.json"
+    r = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    keep = ("top1", "top5", "steps", "planned_steps", "images_seen", "budget_s", "counted_s", "stages", "num_classes")
+    return {"first_run": first, "resumed_run": resumed, "results": {k: r.get(k) for k in keep if k in r},
+            "ok": first["rc"] == 143 and resumed["rc"] == 0 and bool(r)}
+
+
 def run_scale(a) -> dict:
     from fastvit.data_prep.demo import imagenet_demo_kwargs
 
@@ -465,6 +493,8 @@ def run_scale(a) -> dict:
             r = {b: run_watched(_self("--child", "loader", "--backend", b, *common)) for b in a.backends}
         elif step == "switch":
             r = run_watched(_self("--child", "switch", "--backend", "dali", *common))
+        elif step == "train":
+            r = step_train(a, out)
         elif step == "fork_copy":
             r = run_watched(_self("--child", "fork_copy", "--n", n_train, *common))
         elif step == "eval":
@@ -555,6 +585,14 @@ def tables(paths: list[str]) -> str:
         ("bytes", ("steps", "checkpoint", "result", "bytes")),
         ("save s", ("steps", "checkpoint", "result", "save_s")),
         ("load s", ("steps", "checkpoint", "result", "load_s"))]
+    rows_of[f"training run (fastvit-train --minutes {TRAIN_MINUTES:g} --device cpu, SIGTERM at 40 %, --resume)"] = [
+        ("first run exit (143 = checkpointed)", ("steps", "train", "first_run", "rc")),
+        ("resumed run exit", ("steps", "train", "resumed_run", "rc")),
+        ("steps / planned", ("steps", "train", "results", "steps")),
+        ("images seen", ("steps", "train", "results", "images_seen")),
+        ("final top-1 % (whole val split)", ("steps", "train", "results", "top1")),
+        ("peak RSS parent MB (resumed run)", ("steps", "train", "resumed_run", "parent_peak_rss_mb")),
+        ("load before", ("steps", "train", "first_run", "load_before"))]
     rows_of["torchvision sample table copied by one forked worker (n = train)"] = [
         ("list of (Path, int) MB (before the fix)", ("steps", "fork_copy", "result", "list_worker_copied_mb")),
         ("packed numpy arrays MB (after)", ("steps", "fork_copy", "result", "packed_worker_copied_mb"))]
