@@ -449,7 +449,8 @@ def step_train(a, out: Path) -> dict:
     resumed = run_watched(cmd + ["--resume"])
     res_file = run / "results.json"
     r = json.loads(res_file.read_text()) if res_file.is_file() else {}
-    keep = ("top1", "top5", "steps", "planned_steps", "images_seen", "budget_s", "counted_s", "stages", "num_classes")
+    keep = ("top1", "top5", "steps", "planned_steps", "images_seen", "budget_s", "counted_s", "stages", "val_images",
+            "model", "backend", "eval_res")
     return {"first_run": first, "resumed_run": resumed, "results": {k: r.get(k) for k in keep if k in r},
             "ok": first["rc"] == 143 and resumed["rc"] == 0 and bool(r)}
 
@@ -590,7 +591,8 @@ def tables(paths: list[str]) -> str:
         ("resumed run exit", ("steps", "train", "resumed_run", "rc")),
         ("steps / planned", ("steps", "train", "results", "steps")),
         ("images seen", ("steps", "train", "results", "images_seen")),
-        ("final top-1 % (whole val split)", ("steps", "train", "results", "top1")),
+        ("final top-1 % (whole val split; chance 0.1)", ("steps", "train", "results", "top1")),
+        ("val images evaluated", ("steps", "train", "results", "val_images")),
         ("peak RSS parent MB (resumed run)", ("steps", "train", "resumed_run", "parent_peak_rss_mb")),
         ("load before", ("steps", "train", "first_run", "load_before"))]
     rows_of["torchvision sample table copied by one forked worker (n = train)"] = [
