@@ -24,6 +24,8 @@ Steps:
   switch     CurriculumLoader 32 -> 64 px (dali): build time of each span, data wait at the switch
   eval       fastvit.train.evaluate over the whole val split (vit_small_local, 1,000 classes, 64 px, ffcv)
   checkpoint save_checkpoint + load_checkpoint of vit_small_local (1,000 classes) with its AdamW state
+  train      fastvit-train --minutes 2 --device cpu on OUT, SIGTERMed at 40 % (checkpoint, exit 143),
+             then --resume to the end; its results.json (final evaluation over the whole val split)
   fork_copy  memory a forked worker copies when it reads the torchvision backend's n-sample table: a list
              of (Path, int) (the old storage) vs fastvit.data.backend_torchvision.pack_samples
 """
@@ -45,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BACKENDS = ("ffcv", "dali", "torchvision", "gpu_resident")
-STEPS = ("gen", "prep", "loader", "order", "switch", "eval", "checkpoint", "fork_copy")
+STEPS = ("gen", "prep", "loader", "order", "switch", "eval", "checkpoint", "fork_copy", "train")
+TRAIN_MINUTES = 2.0
 RES = (32, 64)
 BATCH = 256
 BATCHES = 20        # steady-state batches after the first one
@@ -69,6 +72,7 @@ class TreeWatch:
         self.proc = psutil.Process(pid)
         self.every = every
         self.parent_peak = self.worker_peak = self.workers_sum_peak = 0
+        self.parent_anon_peak = 0  # RSS minus file-backed/shared pages (mmapped shards, page cache)
         self.max_workers = 0
         self.cpu: dict[int, float] = {}  # pid -> its last seen user+system seconds (the killed ones too)
         self._stop = threading.Event()
@@ -80,7 +84,9 @@ class TreeWatch:
 
         while not self._stop.is_set():
             try:
-                self.parent_peak = max(self.parent_peak, self.proc.memory_info().rss)
+                mi = self.proc.memory_info()
+                self.parent_peak = max(self.parent_peak, mi.rss)
+                self.parent_anon_peak = max(self.parent_anon_peak, mi.rss - getattr(mi, "shared", 0))
                 t = self.proc.cpu_times()
                 self.cpu[self.proc.pid] = t.user + t.system
                 rss = []
@@ -103,6 +109,7 @@ class TreeWatch:
         self._stop.set()
         self._t.join()
         return {"parent_peak_rss_mb": round(self.parent_peak / 2**20, 1),
+                "parent_peak_anon_mb": round(self.parent_anon_peak / 2**20, 1),
                 "worker_peak_rss_mb": round(self.worker_peak / 2**20, 1),
                 "workers_sum_peak_rss_mb": round(self.workers_sum_peak / 2**20, 1),
                 "workers_seen": self.max_workers, "cpu_tree_s": round(sum(self.cpu.values()), 3)}
@@ -113,7 +120,7 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_watched(cmd: list[str], *, kill_when=None, env=None) -> dict:
+def run_watched(cmd: list[str], *, kill_when=None, term_when=None, env=None) -> dict:
     """Run cmd (its own process group); wall, CPU (cpu_s: it and all it waited for; cpu_tree_s: sampled
     per process every 0.1 s, which also counts workers killed with a SIGKILLed run), peak RSS, rc, its
     last stdout line as JSON (a child step's result) when it is one. kill_when(): SIGKILL the group once
@@ -123,10 +130,14 @@ def run_watched(cmd: list[str], *, kill_when=None, env=None) -> dict:
                          env=env)
     w = TreeWatch(p.pid)
     killed = False
-    if kill_when is not None:
+    if kill_when is not None or term_when is not None:
         while p.poll() is None:
-            if kill_when():
+            if kill_when is not None and kill_when():
                 os.killpg(p.pid, signal.SIGKILL)
+                killed = True
+                break
+            if term_when is not None and term_when():
+                p.send_signal(signal.SIGTERM)  # the process itself: it checkpoints and exits 143
                 killed = True
                 break
             time.sleep(0.05)
@@ -422,6 +433,28 @@ def step_prep(a, src: Path, out: Path, n_images: int) -> dict:
             "classes": len(man.get("classes", []))}
 
 
+def step_train(a, out: Path) -> dict:
+    """fastvit-train on the prepped tree for TRAIN_MINUTES on the CPU, SIGTERMed at 40 % of its budget (it
+    checkpoints and exits 143), then --resume to the end: the run's results.json (top-1 over the whole
+    val split, steps, stages)."""
+    import shutil
+
+    run = Path(a.root) / f"F{a.scale:g}" / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    cmd = _py() + ["-m", "fastvit.train", "--data", str(out), "--minutes", str(TRAIN_MINUTES), "--device", "cpu",
+                   "--out", str(run)]
+    t_term = time.perf_counter() + 0.4 * TRAIN_MINUTES * 60 + 30  # + start-up (imports, first compile)
+    first = run_watched(cmd, term_when=lambda: time.perf_counter() > t_term)
+    resumed = run_watched(cmd + ["--resume"])
+    res_file = run / "results.json"
+    r = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    keep = ("top1", "top5", "steps", "planned_steps", "images_seen", "budget_s", "counted_s", "stages", "val_images",
+            "model", "backend", "eval_res")
+    return {"first_run": first, "resumed_run": resumed, "results": {k: r.get(k) for k in keep if k in r},
+            "ok": first["rc"] == 143 and resumed["rc"] == 0 and bool(r)}
+
+
 def run_scale(a) -> dict:
     from fastvit.data_prep.demo import imagenet_demo_kwargs
 
@@ -461,6 +494,8 @@ def run_scale(a) -> dict:
             r = {b: run_watched(_self("--child", "loader", "--backend", b, *common)) for b in a.backends}
         elif step == "switch":
             r = run_watched(_self("--child", "switch", "--backend", "dali", *common))
+        elif step == "train":
+            r = step_train(a, out)
         elif step == "fork_copy":
             r = run_watched(_self("--child", "fork_copy", "--n", n_train, *common))
         elif step == "eval":
@@ -521,6 +556,7 @@ def tables(paths: list[str]) -> str:
             ("  of which make_loader s", ("steps", "loader", b, "result", "build_s")),
             ("steady images/s", ("steps", "loader", b, "result", "steady_img_s")),
             ("peak RSS parent MB", ("steps", "loader", b, "parent_peak_rss_mb")),
+            ("  of which not file-backed (RSS - shared) MB", ("steps", "loader", b, "parent_peak_anon_mb")),
             ("peak RSS largest worker MB", ("steps", "loader", b, "worker_peak_rss_mb")),
             ("peak RSS workers sum MB", ("steps", "loader", b, "workers_sum_peak_rss_mb")),
             ("labels seen (of 1000)", ("steps", "loader", b, "result", "labels_seen")),
@@ -550,6 +586,15 @@ def tables(paths: list[str]) -> str:
         ("bytes", ("steps", "checkpoint", "result", "bytes")),
         ("save s", ("steps", "checkpoint", "result", "save_s")),
         ("load s", ("steps", "checkpoint", "result", "load_s"))]
+    rows_of[f"training run (fastvit-train --minutes {TRAIN_MINUTES:g} --device cpu, SIGTERM at 40 %, --resume)"] = [
+        ("first run exit (143 = checkpointed)", ("steps", "train", "first_run", "rc")),
+        ("resumed run exit", ("steps", "train", "resumed_run", "rc")),
+        ("steps / planned", ("steps", "train", "results", "steps")),
+        ("images seen", ("steps", "train", "results", "images_seen")),
+        ("final top-1 % (whole val split; chance 0.1)", ("steps", "train", "results", "top1")),
+        ("val images evaluated", ("steps", "train", "results", "val_images")),
+        ("peak RSS parent MB (resumed run)", ("steps", "train", "resumed_run", "parent_peak_rss_mb")),
+        ("load before", ("steps", "train", "first_run", "load_before"))]
     rows_of["torchvision sample table copied by one forked worker (n = train)"] = [
         ("list of (Path, int) MB (before the fix)", ("steps", "fork_copy", "result", "list_worker_copied_mb")),
         ("packed numpy arrays MB (after)", ("steps", "fork_copy", "result", "packed_worker_copied_mb"))]
@@ -575,6 +620,7 @@ GROWTH = [  # (component, path into a run's JSON); exponent k of cost ~ n^k betw
     ("prep rerun on a complete OUT (verify)", ("steps", "prep", "complete_rerun", "wall_s")),
     *[(f"loader {b}: time to first batch", ("steps", "loader", b, "result", "first_batch_s")) for b in BACKENDS],
     *[(f"loader {b}: peak RSS parent", ("steps", "loader", b, "parent_peak_rss_mb")) for b in BACKENDS],
+    *[(f"loader {b}: peak RSS parent, not file-backed", ("steps", "loader", b, "parent_peak_anon_mb")) for b in BACKENDS],
     *[(f"loader {b}: peak RSS workers (sum)", ("steps", "loader", b, "workers_sum_peak_rss_mb")) for b in BACKENDS],
     ("epoch_order (one epoch's permutation)", ("steps", "order", "result", "epoch_order_s")),
     ("BatchPlan.batch over one epoch", ("steps", "order", "result", "epoch_batches_s")),

@@ -86,7 +86,11 @@ def per_core_rate(rates: dict[int, float], res: int) -> float:
 
 
 def resident_bytes(n: int, res: int) -> int:
-    """Raw uint8 bytes of n images at res x res x 3 (what a GPU-resident shard holds)."""
+    """Raw uint8 bytes of n images at res x res x 3: the floor of a GPU-resident shard. The resident
+    path (backend_resident) keeps each image at its *stored* size (shorter side res x 256/224, aspect
+    kept), so its real footprint is larger: ~1.5x at 64 px (measured on the CPU path: ~2.3 GB beyond an
+    idle loader's memory for 128 k images of the 64 px shard, vs 1.57 GB from this formula;
+    bench/results/scale/README.md)."""
     if n < 0 or res <= 0:
         raise FeedError(f"need n >= 0 and res > 0, got n={n}, res={res}")
     return int(n) * 3 * int(res) ** 2
