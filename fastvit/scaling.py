@@ -330,7 +330,13 @@ def choose(law: ScalingLaw, candidates) -> list[dict]:
             continue
         lo, hi = law.interval(n, d)
         rows.append({**c, "top1": law.predict(n, d), "interval": [lo, hi], "extrapolates": law.extrapolates(n, d)})
-    return sorted(rows, key=lambda r: (r["top1"] is None, -(r["top1"] or 0.0), float(r["params"])))
+    return [rows[i] for i in best_first([r["top1"] for r in rows], [float(r["params"]) for r in rows])]
+
+
+def best_first(top1s, params) -> list[int]:
+    """Indices by forecast top-1, highest first (None last), ties toward fewer parameters, then input order:
+    the one ordering of forecasts (choose, fastvit-search's ranking)."""
+    return sorted(range(len(top1s)), key=lambda i: (top1s[i] is None, -(top1s[i] or 0.0), params[i], i))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -459,5 +465,5 @@ def load_prior(name: str) -> ScalingLaw:
     return law_from_dict(d, f"prior {name}")
 
 
-__all__ = ["FORM", "INTERVAL_METHOD", "PARAMS", "ScalingError", "ScalingLaw", "choose", "fit_law", "law_error",
+__all__ = ["FORM", "INTERVAL_METHOD", "PARAMS", "ScalingError", "ScalingLaw", "best_first", "choose", "fit_law", "law_error",
            "law_from_dict", "law_to_dict", "load_law", "load_prior", "prior_names", "save_law"]

@@ -100,9 +100,11 @@ def growth_done(images: float, min_images: float, slack: float = LIMIT_SLACK) ->
 
 
 def forecast_order(top1s: Sequence[float | None], params: Sequence[float]) -> list[int]:
-    """Indices best first by a forecast top-1 (higher first; None last), ties toward fewer parameters, then the
-    first: the order fastvit.scaling.choose gives."""
-    return sorted(range(len(top1s)), key=lambda i: (top1s[i] is None, -(top1s[i] or 0.0), params[i], i))
+    """Indices best first by a forecast top-1 (higher first; None last), ties toward fewer parameters: the order
+    fastvit.scaling.choose gives (its best_first)."""
+    from fastvit.scaling import best_first
+
+    return best_first(list(top1s), list(params))
 
 
 def forecast_choice(top1s: Sequence[float | None], images: Sequence[float], params: Sequence[float], *,
