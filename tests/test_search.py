@@ -193,7 +193,10 @@ def test_cli_end_to_end_and_resumes(tiny_prepped, tmp_path, monkeypatch, capsys)
     from fastvit.train.config import make_config
 
     out = tmp_path / "search"
-    argv = ["--data", str(tiny_prepped), "--hours", "0.02", "--out", str(out), *SPACE]
+    # the default ranking is As-ViT's rank sum (the best measured training-free τ); the law on request
+    defaults = cli.build_parser().parse_args(["--data", "x", "--hours", "1"])
+    assert (defaults.rank, defaults.speed_weight) == ("asvit", 0.0)
+    argv = ["--data", str(tiny_prepped), "--hours", "0.02", "--out", str(out), *SPACE, "--rank", "law"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| # | candidate | score | law top-1 (%) [interval] |" in printed and "best: " in printed

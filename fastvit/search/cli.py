@@ -53,14 +53,16 @@ EVIDENCE = {
             "images the runs saw, but 0.07 at the probe's images (the probe ran under another load than training), "
             "κ+L 0.25: the forecast is only as good as the measured speed"),
     "asvit": ("note: on Imagenette CPU runs, κ and L did not predict accuracy (Kendall τ 0.25, p 0.32, 10 nets; "
-              "README 'fastvit-search'): the choice leans on measured speed; treat κ/L as a tie-break, not a forecast"),
+              "bench/results/search/tau_law.md): the best of the training-free rankings measured (the law at probed "
+              "images 0.07, κ+L+2·speed -0.16), which is not saying much; treat the ranking as a tie-break, not a forecast"),
 }
 
-# rank-sum weight of the images-in-budget rank: 2.0 = as much as κ and L together. The README's evidence:
-# κ and L alone predicted 2-minute CPU top-1 weakly (Kendall τ ≈ 0.25, not significant) while the images a
-# run saw predicted it strongly (τ 0.91); the probe's own speed, taken under a different load than the
-# training runs had, did not (τ ≈ 0), so this weight is a choice the evidence motivates, not one it proves.
-SPEED_WEIGHT = 2.0
+# The default ranking follows the measured Kendall τ of bench/results/search/tau_law.md (10 Imagenette nets,
+# 2-minute CPU budgets, every measure training-free except where said): κ+L's rank sum alone 0.25 (p 0.32), the
+# scaling law at the probe's images 0.07, κ+L+1·speed 0.05, κ+L+2·speed -0.16 (the old default weight). The
+# best training-free τ is κ+L alone, so the default is As-ViT's rank sum with the images-in-budget weight 0;
+# none of them is significant, and the images a run really saw (not known before training) reach 0.91.
+SPEED_WEIGHT = 0.0
 
 
 class SearchError(Exception):
@@ -85,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-epochs", type=float, help="drop candidates that see fewer epochs of the train split in the budget "
       "(default: 10 gpu, 1 cpu)")
     a("--grow-steps", type=int, default=3, help="As-ViT growth steps from the best candidate (0: none)")
-    a("--rank", choices=("law", "asvit"), default="law", help="law: the scaling law's forecast of top-1 (the default: "
-      "the best measured predictor); asvit: As-ViT's rank sum of κ, L and images in budget")
+    a("--rank", choices=("law", "asvit"), default="asvit", help="asvit (the default: the best measured training-free "
+      "Kendall τ, bench/results/search/tau_law.md): As-ViT's rank sum of κ, L (and --speed-weight × images in budget); "
+      "law: the scaling law's forecast of top-1 from parameters and probed images in budget")
     a("--scaling", metavar="FILE", help="scaling.json (fastvit-sweep --fit-scaling) for the forecast (default: the "
       "shipped prior, cpu or gpu by preset)")
     a("--speed-weight", type=float, default=SPEED_WEIGHT, help="asvit ranking: weight of the images-in-budget rank")
