@@ -279,3 +279,25 @@ def test_torchvision_sample_table_is_packed(tmp_path):
     assert not any(isinstance(v, list) and len(v) == 3 for v in vars(ds).values())
     buf, offsets, labels = pack_samples([])
     assert len(buf) == 0 and offsets.tolist() == [0] and len(labels) == 0
+
+
+def _frozen_objects(_task) -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_prep_workers_are_forked_with_the_parents_objects_frozen():
+    """ordered_map forks its workers under gc.freeze(): their GC never walks (and copies) the parent's
+    objects (prep's source list, the records of finished shards); the parent unfreezes right after."""
+    import gc
+    import sys
+
+    from fastvit.data_prep.workers import ordered_map
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    parent_objects = [[i] for i in range(1000)]  # noqa: F841 -- something to freeze
+    counts = list(ordered_map(_frozen_objects, range(6), workers=2, window=2))
+    assert len(counts) == 6 and min(counts) > 1000
+    assert gc.get_freeze_count() == 0
