@@ -699,7 +699,8 @@ def decode_table(path: str, cores: int = 16, trainer_cores: int = 1) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=float, default=0.01, help="fraction F of ImageNet's size (default 0.01)")
-    p.add_argument("--root", default="/work/scale_data", help="where the trees go (default /work/scale_data)")
+    p.add_argument("--root", default="/tmp/fastvit-scale", help="where the trees go, outside the repository "
+                   "(default /tmp/fastvit-scale; F=0.1 needs ~2.3 GB, F=1 ~22 GB)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--backends", default=",".join(BACKENDS))

@@ -301,3 +301,27 @@ def test_prep_workers_are_forked_with_the_parents_objects_frozen():
     counts = list(ordered_map(_frozen_objects, range(6), workers=2, window=2))
     assert len(counts) == 6 and min(counts) > 1000
     assert gc.get_freeze_count() == 0
+
+
+def test_scale_growth_table_exponent_and_line(tmp_path):
+    """bench/scale.py --table: k of cost ~ n^k and the straight line to F = 1 follow from the runs' numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).parents[1] / "bench" / "scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(scale, n, cpu, manifest):
+        return {"scale": scale, "n_train": n, "n_val": n // 10,
+                "steps": {"prep": {"cpu_s": cpu, "manifest_bytes": manifest}}}
+
+    small, large = run(0.01, 10_000, 5.0, 1000), run(0.1, 100_000, 50.0, 1000)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in mod.growth_table(small, large).splitlines() if line.startswith("| ")}
+    assert rows["prep CPU seconds"][2] == "1"                         # linear: k = 1
+    assert rows["prep CPU seconds"][4] == "641"                       # 1,281,167 x 5 / 10,000 s
+    assert rows["manifest bytes"][2] == "0" and rows["manifest bytes"][4] == "1,000"  # flat
+    for name, path in ((tmp_path / "a.json", small), (tmp_path / "b.json", large)):
+        name.write_text(json.dumps(path))
+    assert "### growth between F=0.01 and F=0.1" in mod.tables([str(tmp_path / "b.json"), str(tmp_path / "a.json")])
