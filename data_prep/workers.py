@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections import deque
@@ -45,7 +44,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_init(parent: int | None = None) -> None:
+    import gc
     import signal
+
+    # First: move every object inherited from the main process (its source list, the records of the
+    # shards done so far) out of this worker's garbage collection. Collecting them would write to their
+    # headers and copy their pages: measured 0.33 KB per image per worker (~0.4 GB per worker at
+    # ImageNet's size), bench/results/scale/README.md. freeze() splices lists, it touches no object.
+    gc.freeze()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (no worker tracebacks)
     if LOCK_FD is not None:  # a forked copy of the lock must not outlive the main process
@@ -85,10 +91,6 @@ def ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
     # and we start no thread before forking (our progress bar runs without tqdm's monitor thread).
     # An executor rather than mp.Pool: a worker killed by the OOM killer raises BrokenProcessPool here
     # instead of hanging the run forever.
-    # gc.freeze() while the workers are forked (the first submit starts them all): a forked worker's
-    # garbage collector then never walks the parent's objects (prep's source list and the records of
-    # the shards done so far), so it does not write to, and copy, their pages: measured 0.33 KB per
-    # image per worker before (~0.4 GB per worker at ImageNet's size), bench/results/scale/README.md.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     ex = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=worker_init,
                              initargs=(os.getpid(),))
@@ -96,14 +98,10 @@ def ordered_map(fn, tasks: Iterable, workers: int, window: int) -> Iterator:
     try:
         pending: deque = deque()
         it = iter(tasks)
-        gc.freeze()
-        try:
-            for t in it:
-                pending.append(ex.submit(fn, t))
-                if len(pending) >= window:
-                    break
-        finally:
-            gc.unfreeze()
+        for t in it:
+            pending.append(ex.submit(fn, t))
+            if len(pending) >= window:
+                break
         while pending:
             try:
                 r = pending.popleft().result()

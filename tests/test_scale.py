@@ -288,8 +288,9 @@ def _frozen_objects(_task) -> int:
 
 
 def test_prep_workers_are_forked_with_the_parents_objects_frozen():
-    """ordered_map forks its workers under gc.freeze(): their GC never walks (and copies) the parent's
-    objects (prep's source list, the records of finished shards); the parent unfreezes right after."""
+    """prep's workers freeze what they inherit first thing (worker_init): their GC never walks (and so
+    never copies) the parent's objects (prep's source list, the records of finished shards); the parent's
+    own collection is untouched."""
     import gc
     import sys
 
