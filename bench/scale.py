@@ -73,6 +73,7 @@ class TreeWatch:
         self.every = every
         self.parent_peak = self.worker_peak = self.workers_sum_peak = 0
         self.parent_anon_peak = 0  # RSS minus file-backed/shared pages (mmapped shards, page cache)
+        self.worker_uss_peak = 0   # a worker's own pages (not shared with the parent it was forked from)
         self.max_workers = 0
         self.cpu: dict[int, float] = {}  # pid -> its last seen user+system seconds (the killed ones too)
         self._stop = threading.Event()
@@ -93,6 +94,7 @@ class TreeWatch:
                 for c in self.proc.children(recursive=True):
                     try:
                         rss.append(c.memory_info().rss)
+                        self.worker_uss_peak = max(self.worker_uss_peak, c.memory_full_info().uss)
                         t = c.cpu_times()
                         self.cpu[c.pid] = t.user + t.system
                     except psutil.Error:
@@ -111,6 +113,7 @@ class TreeWatch:
         return {"parent_peak_rss_mb": round(self.parent_peak / 2**20, 1),
                 "parent_peak_anon_mb": round(self.parent_anon_peak / 2**20, 1),
                 "worker_peak_rss_mb": round(self.worker_peak / 2**20, 1),
+                "worker_peak_uss_mb": round(self.worker_uss_peak / 2**20, 1),
                 "workers_sum_peak_rss_mb": round(self.workers_sum_peak / 2**20, 1),
                 "workers_seen": self.max_workers, "cpu_tree_s": round(sum(self.cpu.values()), 3)}
 
@@ -428,6 +431,7 @@ def step_prep(a, src: Path, out: Path, n_images: int) -> dict:
             "wall_s": round(killed["wall_s"] + resumed["wall_s"], 2),
             "peak_parent_rss_mb": max(killed["parent_peak_rss_mb"], resumed["parent_peak_rss_mb"]),
             "peak_worker_rss_mb": max(killed["worker_peak_rss_mb"], resumed["worker_peak_rss_mb"]),
+            "peak_worker_uss_mb": max(killed["worker_peak_uss_mb"], resumed["worker_peak_uss_mb"]),
             "output_bytes": _du(out), "manifest_bytes": m.stat().st_size if m.is_file() else None,
             "counts": {s: e.get("count") for s, e in man.get("splits", {}).items()},
             "classes": len(man.get("classes", []))}
@@ -542,6 +546,7 @@ def tables(paths: list[str]) -> str:
             ("wall s (both runs)", ("steps", "prep", "wall_s")),
             ("peak RSS main MB", ("steps", "prep", "peak_parent_rss_mb")),
             ("peak RSS worker MB", ("steps", "prep", "peak_worker_rss_mb")),
+            ("  of which its own (USS) MB", ("steps", "prep", "peak_worker_uss_mb")),
             ("output bytes", ("steps", "prep", "output_bytes")),
             ("manifest bytes", ("steps", "prep", "manifest_bytes")),
             ("resume run s", ("steps", "prep", "resume_run", "wall_s")),
@@ -615,6 +620,7 @@ GROWTH = [  # (component, path into a run's JSON); exponent k of cost ~ n^k betw
     ("prep CPU seconds", ("steps", "prep", "cpu_s")),
     ("prep peak RSS, main process", ("steps", "prep", "peak_parent_rss_mb")),
     ("prep peak RSS, one worker", ("steps", "prep", "peak_worker_rss_mb")),
+    ("prep peak USS (own pages), one worker", ("steps", "prep", "peak_worker_uss_mb")),
     ("prep output bytes", ("steps", "prep", "output_bytes")),
     ("manifest bytes", ("steps", "prep", "manifest_bytes")),
     ("prep rerun on a complete OUT (verify)", ("steps", "prep", "complete_rerun", "wall_s")),
@@ -693,7 +699,8 @@ def decode_table(path: str, cores: int = 16, trainer_cores: int = 1) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=float, default=0.01, help="fraction F of ImageNet's size (default 0.01)")
-    p.add_argument("--root", default="/work/scale_data", help="where the trees go (default /work/scale_data)")
+    p.add_argument("--root", default="/tmp/fastvit-scale", help="where the trees go, outside the repository "
+                   "(default /tmp/fastvit-scale; F=0.1 needs ~2.3 GB, F=1 ~22 GB)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--backends", default=",".join(BACKENDS))

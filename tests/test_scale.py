@@ -279,3 +279,50 @@ def test_torchvision_sample_table_is_packed(tmp_path):
     assert not any(isinstance(v, list) and len(v) == 3 for v in vars(ds).values())
     buf, offsets, labels = pack_samples([])
     assert len(buf) == 0 and offsets.tolist() == [0] and len(labels) == 0
+
+
+def _frozen_objects(_task) -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_prep_workers_are_forked_with_the_parents_objects_frozen():
+    """prep's workers freeze what they inherit first thing (worker_init): their GC never walks (and so
+    never copies) the parent's objects (prep's source list, the records of finished shards); the parent's
+    own collection is untouched."""
+    import gc
+    import sys
+
+    from fastvit.data_prep.workers import ordered_map
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    parent_objects = [[i] for i in range(1000)]  # noqa: F841 -- something to freeze
+    counts = list(ordered_map(_frozen_objects, range(6), workers=2, window=2))
+    assert len(counts) == 6 and min(counts) > 1000
+    assert gc.get_freeze_count() == 0
+
+
+def test_scale_growth_table_exponent_and_line(tmp_path):
+    """bench/scale.py --table: k of cost ~ n^k and the straight line to F = 1 follow from the runs' numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).parents[1] / "bench" / "scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(scale, n, cpu, manifest):
+        return {"scale": scale, "n_train": n, "n_val": n // 10,
+                "steps": {"prep": {"cpu_s": cpu, "manifest_bytes": manifest}}}
+
+    small, large = run(0.01, 10_000, 5.0, 1000), run(0.1, 100_000, 50.0, 1000)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in mod.growth_table(small, large).splitlines() if line.startswith("| ")}
+    assert rows["prep CPU seconds"][2] == "1"                         # linear: k = 1
+    assert rows["prep CPU seconds"][4] == "641"                       # 1,281,167 x 5 / 10,000 s
+    assert rows["manifest bytes"][2] == "0" and rows["manifest bytes"][4] == "1,000"  # flat
+    for name, path in ((tmp_path / "a.json", small), (tmp_path / "b.json", large)):
+        name.write_text(json.dumps(path))
+    assert "### growth between F=0.01 and F=0.1" in mod.tables([str(tmp_path / "b.json"), str(tmp_path / "a.json")])
