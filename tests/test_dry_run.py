@@ -111,3 +111,16 @@ def test_data_bound_verdict_follows_from_the_rates(monkeypatch):
     res = stage_rows(plan, n_train=1000, backend="gpu_resident", cores=9, gpu_bytes=3 * 64 * 64 * 1000 * 1.5)
     assert [r["data_bound"] for r in res] == [False, None]            # 64 px fits the share, 128 px does not
     assert "does not fit resident" in res[1]["note"]
+
+
+def test_a_run_says_which_stages_its_loader_cannot_feed(tiny_prepped, tmp_path, monkeypatch, capsys):
+    """The real run's plan, like the dry run's, names a data-bound stage (here: a decode table that
+    says this machine decodes one image a second)."""
+    import fastvit.data.feed as feed
+
+    monkeypatch.setattr(feed, "load_decode_table", lambda path=None: {"dali": {32: 1.0, 64: 1.0}})
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "0.2", "--evals", "0", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    bound = [line for line in err.splitlines() if "data-bound: dali" in line]
+    assert bound and all(line.startswith("[fastvit-train] stage ") for line in bound)

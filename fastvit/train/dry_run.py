@@ -265,7 +265,8 @@ def data_bound_lines(plan, env, cfg) -> list[str]:
     cores, by the per-core decode table; none when every stage is fed (or nothing can be said)."""
     if plan.mode != "time":
         return []
-    rows = stage_rows(plan, env.ds.count("train"), env.backend, os.cpu_count() or 1, _gpu_bytes(cfg, env, None))
+    cores = cfg.data.workers + 1 if cfg.data.workers else len(os.sched_getaffinity(0))   # the loader's + the trainer's
+    rows = stage_rows(plan, env.ds.count("train"), env.backend, cores, _gpu_bytes(cfg, env, None))
     return [f"stage {r['stage']} (res {r['res']}): {r['note']}" for r in rows if r["data_bound"]]
 
 

@@ -347,6 +347,10 @@ def _plan(run: Run, ck: Checkpoint | None, stages: list[Stage]) -> None:
     say("plan: " + ", ".join(f"res {s.res} keep {s.keep:g}{f' depth {s.depth}' if s.depth else ''} batch "
                              f"{s.batch_size} × {s.steps}" for s in st.plan.stages)
         + f" = {st.plan.total_steps} steps")
+    from .dry_run import data_bound_lines
+
+    for line in data_bound_lines(st.plan, env, cfg):     # stages this machine's loader cannot feed
+        say(line)
 
 
 def _restore(ck: Checkpoint, parts: Parts, step_fn: TrainStep) -> RunState:
