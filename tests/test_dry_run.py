@@ -98,7 +98,7 @@ def test_data_bound_verdict_follows_from_the_rates(monkeypatch):
     gpu_resident: the shard's fit in the GPU share."""
     import fastvit.data.feed as feed
     from fastvit.stage import Stage
-    from fastvit.train.dry_run import stage_rows
+    from fastvit.train.run_planner import stage_rows
     from fastvit.train.planner import plan_budget
 
     monkeypatch.setattr(feed, "load_decode_table", lambda path=None: {"ffcv": {64: 1000.0, 128: 250.0}})

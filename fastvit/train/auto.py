@@ -160,29 +160,22 @@ def candidates(cfg, env) -> list[Candidate]:
     return out
 
 
-def flops_of(cfg, cand: Candidate, stage: Stage, gpu: bool) -> float:
+def stage_flops(cfg, stage: Stage, gpu: bool, shape: dict | None = None) -> float:
+    """Training FLOPs per image of cfg's model (at `shape`'s overrides when given) at one stage: its
+    resolution, keep rate, patch size and depth (fastvit.models.vit.train_flops)."""
     from fastvit.models import model_config
     from fastvit.models.vit import train_flops
 
-    over = {**cfg.model.overrides(), **cand.overrides}
-    vcfg = model_config(base_variant(cfg), **over)
-    if stage.patch_size:
-        vcfg = replace(vcfg, patch_size=stage.patch_size)
+    vcfg = model_config(base_variant(cfg), **{**cfg.model.overrides(), **(shape or {})})
+    vcfg = replace(vcfg, patch_size=stage.patch_size or vcfg.patch_size, depth=stage.depth or vcfg.depth)
     return train_flops(vcfg, stage.res, stage.keep, sparse_locality=gpu and vcfg.sparse_locality)
 
 
 def images_in(stages: list[Stage], speeds: dict, budget_s: float | None, budget_images: int | None) -> int:
     """The images a candidate sees: plan_budget's at these speeds (an image budget: the budget)."""
-    from .planner import BudgetTooSmall, plan_budget
-    from .rules import reserve_s
+    from .run_planner import images_in_budget
 
-    if budget_s is None:
-        return int(budget_images)
-    try:
-        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
-    except BudgetTooSmall:
-        return 0
-    return plan.images_until(plan.total_steps)
+    return int(budget_images) if budget_s is None else images_in_budget(stages, speeds, budget_s)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -244,8 +237,10 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
     """The choice for cfg's budget. `measure(cfg_shaped, stages) -> (stages, speeds, seconds)` is the
     planner's probe of one candidate (at most --auto-probe-share of the budget in all); `assumed`
     (speeds.AssumedSpeeds) replaces every measurement (the dry run on a machine you are not on)."""
+    from .rules import budget_images
+
     budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.budget.auto_probe_share)
-    budget_images = None if budget_s is not None else int(round(cfg.budget.epochs * env.ds.count("train")))
+    images = budget_images(cfg, env.ds.count("train"))
     cands = candidates(cfg, env)
     gpu = env.device.type == "cuda"
     spent = 0.0
@@ -261,7 +256,7 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
 
     if assumed is not None:
         for c in cands:
-            c.speeds = {s.shape: assumed.img_s(flops_of(cfg, c, s, gpu), s.res, s.keep) for s in c.stages}
+            c.speeds = {s.shape: assumed.img_s(stage_flops(cfg, s, gpu, c.overrides), s.res, s.keep) for s in c.stages}
             c.speed_from = "assumed"
     else:
         for c in cands:
@@ -273,7 +268,7 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
         _scale_unmeasured(cfg, cands, gpu)
     while True:
         for c in cands:
-            c.images = images_in(c.stages, c.speeds, budget_s, budget_images)
+            c.images = images_in(c.stages, c.speeds, budget_s, images)
         rows = decide(law, cands)
         top = next(c for c in cands if c.spec == rows[0]["shape"])
         if top.speed_from != "flops" or spent >= cap_s:
@@ -296,10 +291,10 @@ def _scale_unmeasured(cfg, cands: list[Candidate], gpu: bool) -> None:
             continue
         speeds = {}
         for s in c.stages:
-            rates = [k.speeds[t.shape] * flops_of(cfg, k, t, gpu) for k in known for t in k.stages
+            rates = [k.speeds[t.shape] * stage_flops(cfg, t, gpu, k.overrides) for k in known for t in k.stages
                      if (t.res, t.keep) == (s.res, s.keep) and t.shape in k.speeds]
             if rates:
-                speeds[s.shape] = (sum(rates) / len(rates)) / flops_of(cfg, c, s, gpu)
+                speeds[s.shape] = (sum(rates) / len(rates)) / stage_flops(cfg, s, gpu, c.overrides)
         c.speeds, c.speed_from = speeds, "flops"
 
 
@@ -323,20 +318,34 @@ def probe_cap_s(budget_s: float | None, share: float) -> float:
     return share * budget_s if budget_s else 60.0
 
 
-def measure_with(env, clock, say):
-    """The planner's probe of one candidate, as choose_model's `measure`: build its parts (as the run
-    would), compile + time its stages, seconds counted by the run's clock."""
+def measure_with(env, clock):
+    """The planner's probe of one candidate, as choose_model's `measure` (run_planner.probe_config: its
+    parts built as the run would, its stages compiled and timed); the seconds are the whole of it, the
+    build included, on the run's clock."""
     def measure(cfg_c, stages: list[Stage]) -> tuple[list[Stage], dict, float]:
-        from .run_planner import RunPlanner
-        from .setup import build_parts
-        from .step import TrainStep
+        from .run_planner import probe_config
 
         t0 = time.perf_counter()
-        parts = build_parts(cfg_c, env, env.ds.num_classes)
-        step_fn = TrainStep(parts, cfg_c.schedule, env)
-        planner = RunPlanner(cfg_c, env, step_fn, clock, lambda m: None)
-        planner.stages()
-        (fitted, speeds), _ = planner.probe(stages, iters=max(1, cfg_c.budget.probe_iters))
-        del parts, step_fn
+        fitted, speeds, _ = probe_config(cfg_c, env, stages, clock=clock)
         return fitted, speeds, time.perf_counter() - t0
     return measure
+
+
+def choose_for_run(cfg, env, clock, say, assumed=None) -> Choice:
+    """--model auto for a run (or its dry run): refused for the baseline recipe and under torchrun;
+    the law (--scaling or the device's prior), the probe cache of this machine (none for an assumed
+    one), the choice, its lines said."""
+    if cfg.run.recipe == "baseline":
+        raise TrainError("--model auto needs --recipe fastvit (the baseline is timm's ViT at its named size)", 2)
+    if env.dist.enabled:
+        raise TrainError("--model auto runs in one process: choose with `fastvit-train --model auto --dry-run` "
+                         "(or one process) and pass the shape (--depth, --embed-dim, --num-heads) to torchrun", 2)
+    law, warnings = law_for(cfg, env, cfg.budget.scaling)
+    if assumed is None:
+        choice = choose_model(cfg, env, measure_with(env, clock), law, cache=ProbeCache(machine_key(env)))
+    else:
+        choice = choose_model(cfg, env, None, law, assumed=assumed)
+    choice.warnings += warnings
+    for line in choice.lines():
+        say(line)
+    return choice

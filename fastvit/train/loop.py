@@ -285,17 +285,7 @@ def _auto_model(cfg: TrainConfig, env: RunEnv, clock: BudgetClock, say) -> tuple
     the law's argmax, its lines printed; the config at the chosen shape and the choice's record."""
     from . import auto
 
-    if cfg.run.recipe == "baseline":
-        raise TrainError("--model auto needs --recipe fastvit (the baseline is timm's ViT at its named size)", 2)
-    if env.dist.enabled:
-        raise TrainError("--model auto runs in one process: choose with `fastvit-train --model auto --dry-run` "
-                         "(or one process) and pass the shape (--depth, --embed-dim, --num-heads) to torchrun", 2)
-    law, warnings = auto.law_for(cfg, env, cfg.budget.scaling)
-    choice = auto.choose_model(cfg, env, auto.measure_with(env, clock, say), law,
-                               cache=auto.ProbeCache(auto.machine_key(env)))
-    choice.warnings += warnings
-    for line in choice.lines():
-        say(line)
+    choice = auto.choose_for_run(cfg, env, clock, say)
     return auto.apply(cfg, choice), choice.to_dict()
 
 
@@ -347,7 +337,7 @@ def _plan(run: Run, ck: Checkpoint | None, stages: list[Stage]) -> None:
     say("plan: " + ", ".join(f"res {s.res} keep {s.keep:g}{f' depth {s.depth}' if s.depth else ''} batch "
                              f"{s.batch_size} × {s.steps}" for s in st.plan.stages)
         + f" = {st.plan.total_steps} steps")
-    from .dry_run import data_bound_lines
+    from .run_planner import data_bound_lines
 
     for line in data_bound_lines(st.plan, env, cfg):     # stages this machine's loader cannot feed
         say(line)

@@ -3,6 +3,7 @@
     preset_for_device(device)          the preset a run gets when none is named (cpu on a CPU, else gpu)
     reserve_s(budget_s)                the seconds kept back from the training window for the final checkpoint
     final_resolution(cfg, resolutions) the last curriculum resolution, which is also the evaluation one
+    budget_images(cfg, n_train)        an --epochs budget in images
 
 fastvit-train, fastvit-search, fastvit-sweep and the planner read them here (they were written three
 times: the reserve in the trainer, the search's window and its probe; the preset in each CLI)."""
@@ -25,6 +26,11 @@ def preset_for_device(device: str | None) -> str:
 def reserve_s(budget_s: float) -> float:
     """Seconds of a time budget kept for the final checkpoint (the end of the counted time)."""
     return min(RESERVE_MAX_S, RESERVE_SHARE * budget_s)
+
+
+def budget_images(cfg, n_train: int) -> int | None:
+    """An --epochs budget in images (epochs × the train split); None for a time budget."""
+    return None if cfg.budget.epochs is None else int(round(cfg.budget.epochs * n_train))
 
 
 def final_resolution(cfg, resolutions) -> int:

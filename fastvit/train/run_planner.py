@@ -18,7 +18,7 @@ from . import schedules as S
 from .errors import TrainError, is_oom
 from .planner import (BatchFallback, BudgetTooSmall, OutOfMemory, Plan, build_stages, fit_and_probe, halve_in_plan,
                       plan_budget, replan, shrink_batches)
-from .rules import reserve_s
+from .rules import budget_images, reserve_s
 
 
 class Proposal(NamedTuple):
@@ -135,8 +135,7 @@ class RunPlanner:
         timed = cfg.budget_s is not None
         (stages, speeds), spent = self.probe(stages, iters=cfg.budget.probe_iters if timed else 0)
         if not timed:
-            images = int(round(cfg.budget.epochs * self.env.ds.count("train")))
-            return plan_budget(stages, budget_images=images), spent
+            return plan_budget(stages, budget_images=budget_images(cfg, self.env.ds.count("train"))), spent
         # the first loader stage is built after planning; its start-up is measured on the first steps
         # and handled by the drift check
         try:
@@ -210,3 +209,96 @@ class RunPlanner:
                  "step): " + ", ".join(f"res {sh[0]} keep {sh[1]:g} batch {sh[2]} {t:.1f} s"
                                       for sh, t in first_step_s.items()))
         return got, spent
+
+
+# ------------------------------------------------------------------------------------------------------
+# speeds and images of a config without a run: fastvit-search, --model auto and --dry-run
+
+def probe_config(cfg, env, stages: list[Stage] | None = None, *, clock=None, num_classes: int | None = None,
+                 say=lambda m: None):
+    """The planner's probe of cfg's model, built as a run builds it (setup.build_parts, step.TrainStep):
+    `stages` (default: the ones the config asks for) compiled and timed on synthetic steps, weights
+    restored. Returns (the stages with their fitted batches, {Stage.shape: images/s}, seconds)."""
+    from .budget import BudgetClock
+    from .setup import build_parts
+    from .step import TrainStep
+
+    clock = clock or BudgetClock(cfg.budget_s)
+    parts = build_parts(cfg, env, num_classes or env.ds.num_classes)
+    planner = RunPlanner(cfg, env, TrainStep(parts, cfg.schedule, env), clock, say)
+    asked = planner.stages()
+    (fitted, speeds), spent = planner.probe(asked if stages is None else stages,
+                                            iters=max(1, cfg.budget.probe_iters))
+    return fitted, speeds, spent
+
+
+def images_in_budget(stages: list[Stage], speeds: dict, budget_s: float) -> int:
+    """Training images the planner would fit into `budget_s` seconds at these speeds (0 when none)."""
+    try:
+        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
+    except BudgetTooSmall:
+        return 0
+    return plan.images_until(plan.total_steps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# can the loader feed the plan? (fastvit.data.feed's per-core decode table)
+
+def stage_rows(plan: Plan, n_train: int, backend: str, cores: int, gpu_bytes: float | None) -> list[dict]:
+    """Per stage: its shape, steps, images and epochs, the step rate, and the loader against it: the feed
+    rate of `backend` on `cores` cores from the per-core decode table (fastvit.data.feed; the training
+    process keeps one core) and the data-bound verdict, or for gpu_resident whether the stage's shard
+    fits in `gpu_bytes` (the --gpu-mem-share of the GPU's memory) and how long filling it takes."""
+    from fastvit.data.feed import FeedError, feed_verdict, load_decode_table, per_core_rate, resident_bytes
+
+    try:
+        table = load_decode_table()
+    except FeedError as e:
+        table, table_err = {}, str(e)
+    rows = []
+    for k, s in enumerate(plan.stages):
+        images = s.steps * s.batch_size
+        step = s.speed if s.speed > 0 else None
+        rb = resident_bytes(n_train, s.res)
+        row = {"stage": k + 1, "res": s.res, "keep": s.keep, "depth": s.depth, "batch": s.batch_size,
+               "steps": s.steps, "images": images, "epochs": images / max(1, n_train), "step_img_s": step,
+               "resident_gb": rb / 1e9, "feed_img_s": None, "data_bound": None}
+        try:
+            if not table:
+                raise FeedError(table_err)
+            if backend == "gpu_resident":
+                fill = per_core_rate(table.get("ffcv") or next(iter(table.values())), s.res) * max(1, cores - 1)
+                fits = gpu_bytes is not None and rb <= gpu_bytes
+                row["data_bound"] = False if fits else None
+                row["note"] = (f"resident: {rb / 1e9:.1f} GB of the {gpu_bytes / 1e9:.0f} GB share, filled once in "
+                               f"~{n_train / fill:,.0f} s by {max(1, cores - 1)} decode workers" if fits else
+                               f"does not fit resident ({rb / 1e9:.1f} GB > "
+                               f"{(gpu_bytes or 0) / 1e9:.0f} GB share): streams with the best streaming loader")
+            elif step:
+                v = feed_verdict(backend, s.res, step, cores, table, n=n_train, gpu_free_bytes=gpu_bytes)
+                row.update(feed_img_s=v["feed_img_s"], data_bound=v["data_bound"], note=v["note"])
+        except FeedError as e:
+            row["note"] = f"no feed estimate: {e}"
+        rows.append(row)
+    return rows
+
+
+def data_bound_lines(plan: Plan, env, cfg) -> list[str]:
+    """A run's own plan: one line per stage the loader cannot feed on this machine's cores, by the
+    per-core decode table; none when every stage is fed (or nothing can be said)."""
+    import os
+
+    if plan.mode != "time":
+        return []
+    cores = cfg.data.workers + 1 if cfg.data.workers else len(os.sched_getaffinity(0))   # the loader's + the trainer's
+    rows = stage_rows(plan, env.ds.count("train"), env.backend, cores, gpu_share_bytes(cfg, env))
+    return [f"stage {r['stage']} (res {r['res']}): {r['note']}" for r in rows if r["data_bound"]]
+
+
+def gpu_share_bytes(cfg, env) -> int | None:
+    """The GPU memory resident shards may take here: --gpu-mem-share of the GPU's (None on a CPU)."""
+    if not env.cuda:
+        return None
+    from fastvit.data.backend_resident import memory_cap
+
+    return memory_cap(env.device, cfg.data.loader.gpu_mem_share)

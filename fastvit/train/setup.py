@@ -35,19 +35,14 @@ class RunEnv:
 def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
     """Data, device, backend and final resolution, all checked before any compute (one line each).
     Under torchrun on GPUs the device is cuda:LOCAL_RANK."""
-    from fastvit.data import check_readable, open_dataset
+    from fastvit.data import check_readable
     from fastvit.data.backends import AUTO, check_runnable, choose_auto
 
-    root = cfg.data.root
-    if not root:
-        raise TrainError("--data is required: a directory written by fastvit-prep", 2)
-    if not Path(root).is_dir():
-        raise TrainError(f"--data {root} does not exist", 2)
+    root = data_root(cfg)
     device = local_device(denv, resolve_device(cfg.run.device))
     backend, why = choose_backend(cfg), ""
+    ds, final_res = open_data(cfg)
     try:
-        ds = open_dataset(root)
-        final_res = final_resolution(cfg, ds.resolutions)
         if backend == AUTO:   # the best installed backend that reads train and val on this device
             backend, why = choose_auto(ds, device, [("train", None), ("val", final_res)])
         check_runnable(backend, device)
@@ -61,6 +56,29 @@ def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
     return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile,
                   backend_why=why, dist=denv)
+
+
+def data_root(cfg: TrainConfig) -> str:
+    """--data, checked: given and a directory (one line each)."""
+    root = cfg.data.root
+    if not root:
+        raise TrainError("--data is required: a directory written by fastvit-prep", 2)
+    if not Path(root).is_dir():
+        raise TrainError(f"--data {root} does not exist", 2)
+    return root
+
+
+def open_data(cfg: TrainConfig):
+    """(the prepped data set, the final resolution) of --data, one line when it is not a fastvit-prep
+    output (open_env's data half; `--dry-run --assume-speed` opens the data without a device)."""
+    from fastvit.data import open_dataset
+
+    root = data_root(cfg)
+    try:
+        ds = open_dataset(root)
+        return ds, final_resolution(cfg, ds.resolutions)
+    except DataError as e:
+        raise TrainError(f"--data {root}: {e}", 2) from None
 
 
 def resolve_device(device: str | None) -> torch.device:
