@@ -1,0 +1,286 @@
+"""Issue 22's evidence for `--model auto`: does the scaling law, fitted without a budget's runs, pick the shape
+that budget trains best, and does `--model auto` end to end beat the `cpu` preset?
+
+    python bench/auto_evidence.py --sweep SWEEP_DIR --out bench/results/auto [--preset-shape d4-w192]
+
+SWEEP_DIR is a `fastvit-sweep` output whose variants are `fastvit+shape=<shape>` (the grid: every shape at every
+budget and seed) and `fastvit+model=auto` (end-to-end `--model auto` runs at the same budgets and seeds, made in
+the same sweep, so at the same load). From the runs' results.json alone (nothing typed in) it writes:
+
+- evidence.json: every number below, recomputable;
+- README table rows (table.md): per budget, the leave-one-budget-out pick, its forecast, its measured top-1, the
+  grid's best, the regret; auto end to end against the preset; per shape, the measured top-1 at every budget;
+- auto.png: measured top-1 against budget per shape (seeds as dots, means as lines) with `auto` marked, and the
+  leave-one-budget-out forecasts against the measured means;
+- runs/<variant>/<budget>/s<seed>/{results,plan}.json copied from the sweep (small).
+
+Leave-one-budget-out (the issue's test): for budget b, the law err = E + A/N^alpha + B/D^beta is fitted on the
+grid runs of the OTHER budgets only (alpha held at the shipped gpu prior's, as the cpu prior is fitted: a few
+model sizes cannot determine it). Each shape's images at b are forecast from its speed at the other budgets
+(images seen / counted seconds, mean over those runs, times b's seconds), as `--model auto` forecasts from a
+probe, so nothing measured at b enters the pick. Regret = the grid's best mean top-1 at b minus the pick's
+measured mean top-1 at b (seeds averaged). Forecast error = forecast − measured mean, of the pick.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastvit.models.shapes import param_count  # noqa: E402
+from fastvit.scaling import ScalingError, choose, fit_law, load_prior  # noqa: E402
+from fastvit.sweep.scaling_fit import split_shape  # noqa: E402
+from fastvit.train.results import Results  # noqa: E402
+
+AUTO_VARIANT = "fastvit+model=auto"
+
+
+def read_runs(sweep: Path, classes: int) -> list[dict]:
+    """One row per finished run of the sweep: variant, shape, params, budget, budget_s, seed, images, top1,
+    counted_s and, for auto runs, the pick and its forecast (from results.json)."""
+    rows = []
+    with open(sweep / "sweep.csv") as f:
+        for r in csv.DictReader(f):
+            run_dir = Path(r["run_dir"])
+            if not Results.exists(run_dir):
+                continue
+            res = Results.read(run_dir)
+            _, shape = split_shape(r["variant"])
+            row = {"variant": r["variant"], "budget": r["budget"], "budget_s": float(r["budget_s"]),
+                   "seed": int(r["seed"]), "images": int(res["images_seen"]), "top1": float(res["top1"]),
+                   "counted_s": float(res["counted_s"]), "run_dir": str(run_dir)}
+            if r["variant"] == AUTO_VARIANT:
+                pick = res["model_auto"]["pick"]
+                pred = res.get("predicted_top1") or {}
+                row.update(shape=pick["shape"], params=int(pick["params"]), predicted=pred.get("top1"),
+                           interval=pred.get("interval"))
+            elif shape:
+                row.update(shape=shape, params=int(res.get("params") or param_count(shape, classes)))
+            else:
+                continue
+            rows.append(row)
+    return rows
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else None
+
+
+def grid_means(grid: list[dict]) -> dict:
+    """{budget: {shape: {"top1": mean, "seeds": [...], "images": mean, "params": n}}}"""
+    out: dict = {}
+    for r in grid:
+        cell = out.setdefault(r["budget"], {}).setdefault(r["shape"], {"seeds": [], "images_by_seed": [],
+                                                                      "params": r["params"]})
+        cell["seeds"].append(r["top1"])
+        cell["images_by_seed"].append(r["images"])
+    for cells in out.values():
+        for c in cells.values():
+            c["top1"] = _mean(c["seeds"])
+            c["images"] = _mean(c["images_by_seed"])
+    return out
+
+
+def lobo(grid: list[dict], budgets: list[tuple[str, float]], alpha: float, means: dict) -> list[dict]:
+    """For each budget: the law fitted without it, its pick among the grid's shapes at forecast images, the
+    regret and the forecast error (and the plain most-images pick, for comparison)."""
+    out = []
+    shapes = sorted({r["shape"] for r in grid})
+    for b, secs in budgets:
+        rest = [r for r in grid if r["budget"] != b]
+        pts = [{"shape": r["shape"], "params": r["params"], "images": r["images"], "top1": r["top1"],
+                "budget": r["budget"], "seed": r["seed"]} for r in rest]
+        row = {"budget": b, "budget_s": secs, "fitted_on": sorted({r["budget"] for r in rest})}
+        try:
+            law = fit_law(pts, fixed={"alpha": alpha}, loo=False)
+        except ScalingError as e:
+            out.append({**row, "refused": str(e)})
+            continue
+        cands = []
+        for s in shapes:
+            runs = [r for r in rest if r["shape"] == s]
+            rate = _mean([r["images"] / r["counted_s"] for r in runs])
+            cands.append({"shape": s, "params": runs[0]["params"], "images": int(rate * secs)})
+        ranked = choose(law, cands)
+        pick = ranked[0]
+        cells = means[b]
+        best_shape = max(cells, key=lambda s: cells[s]["top1"])
+        most_images = max(cands, key=lambda c: c["images"])["shape"]
+        measured = cells[pick["shape"]]["top1"]
+        out.append({**row, "law": law.describe(), "params": law.params,
+                    "ranking": [{"shape": c["shape"], "params": c["params"], "forecast_images": c["images"],
+                                 "forecast_top1": c["top1"], "measured_top1": cells[c["shape"]]["top1"]}
+                                for c in ranked],
+                    "pick": pick["shape"], "forecast_top1": pick["top1"], "measured_top1": measured,
+                    "forecast_error": pick["top1"] - measured,
+                    "best": best_shape, "best_top1": cells[best_shape]["top1"],
+                    "regret": cells[best_shape]["top1"] - measured,
+                    "most_images_pick": most_images,
+                    "most_images_regret": cells[best_shape]["top1"] - cells[most_images]["top1"]})
+    return out
+
+
+def auto_vs_preset(auto: list[dict], means: dict, budgets, preset_shape: str) -> list[dict]:
+    out = []
+    for b, _ in budgets:
+        runs = sorted((r for r in auto if r["budget"] == b), key=lambda r: r["seed"])
+        pre = means.get(b, {}).get(preset_shape)
+        if not runs or pre is None:
+            continue
+        top = _mean([r["top1"] for r in runs])
+        out.append({"budget": b, "auto_picks": [r["shape"] for r in runs], "auto_seeds": [r["top1"] for r in runs],
+                    "auto_top1": top, "auto_images": [r["images"] for r in runs],
+                    "auto_predicted": [r.get("predicted") for r in runs],
+                    "preset_shape": preset_shape, "preset_seeds": pre["seeds"], "preset_top1": pre["top1"],
+                    "margin": top - pre["top1"], "auto_at_least_preset": top >= pre["top1"]})
+    return out
+
+
+def table_md(ev: dict) -> str:
+    budgets = [b for b, _ in ev["budgets"]]
+    lines = ["## Leave-one-budget-out picks", "",
+             "| budget | law fitted on | pick | forecast | measured | grid best | best top-1 | regret | "
+             "most-images pick (regret) |", "|---|---|---|---:|---:|---|---:|---:|---|"]
+    for r in ev["lobo"]:
+        if "refused" in r:
+            lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | refused: {r['refused']} | | | | | | |")
+            continue
+        lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | {r['pick']} | {r['forecast_top1']:.2f} | "
+                     f"{r['measured_top1']:.2f} | {r['best']} | {r['best_top1']:.2f} | **{r['regret']:.2f}** | "
+                     f"{r['most_images_pick']} ({r['most_images_regret']:.2f}) |")
+    lines += ["", "## `--model auto` end to end against the `cpu` preset (2 seeds each)", "",
+              "| budget | auto's pick per seed | auto top-1 (seeds) | auto forecast | preset top-1 (seeds) | "
+              "auto − preset |", "|---|---|---:|---:|---:|---:|"]
+    for r in ev["auto_vs_preset"]:
+        seeds = " / ".join(f"{x:.2f}" for x in r["auto_seeds"])
+        pseeds = " / ".join(f"{x:.2f}" for x in r["preset_seeds"])
+        fc = " / ".join("–" if x is None else f"{x:.1f}" for x in r["auto_predicted"])
+        lines.append(f"| {r['budget']} | {', '.join(map(str, r['auto_picks']))} | {r['auto_top1']:.2f} ({seeds}) | "
+                     f"{fc} | {r['preset_top1']:.2f} ({pseeds}) | **{r['margin']:+.2f}** |")
+    lines += ["", "## The grid: mean top-1 (seeds) and mean images seen", "",
+              "| shape | params | " + " | ".join(budgets) + " |", "|---|---:|" + "---:|" * len(budgets)]
+    shapes = sorted({s for cells in ev["grid"].values() for s in cells},
+                    key=lambda s: ev["grid"][budgets[0]][s]["params"])
+    for s in shapes:
+        cells = []
+        for b in budgets:
+            c = ev["grid"].get(b, {}).get(s)
+            cells.append("–" if c is None else f"{c['top1']:.2f} ({' / '.join(f'{x:.1f}' for x in c['seeds'])}); "
+                                               f"{c['images']:,.0f} img")
+        name = f"{s} (the `cpu` preset)" if s == ev["preset_shape"] else s
+        lines.append(f"| {name} | {ev['grid'][budgets[0]][s]['params']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(ev: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    budgets = ev["budgets"]
+    mins = [s / 60 for _, s in budgets]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in sorted({s for cells in ev["grid"].values() for s in cells}):
+        ys = [ev["grid"][b][s]["top1"] if s in ev["grid"].get(b, {}) else float("nan") for b, _ in budgets]
+        line, = ax.plot(mins, ys, marker="o", label=s + (" (cpu preset)" if s == ev["preset_shape"] else ""))
+        for m, (b, _) in zip(mins, budgets):
+            for y in ev["grid"].get(b, {}).get(s, {}).get("seeds", []):
+                ax.scatter([m], [y], s=8, color=line.get_color(), alpha=0.5)
+    av = ev["auto_vs_preset"]
+    if av:
+        am = [next(s for b, s in budgets if b == r["budget"]) / 60 for r in av]
+        ax.plot(am, [r["auto_top1"] for r in av], color="k", lw=2, ls="--", marker="*", ms=12,
+                label="--model auto (end to end)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(mins, [b for b, _ in budgets])
+    ax.set_xlabel("budget (wall clock)")
+    ax.set_ylabel("top-1 % (Imagenette val)")
+    ax.set_title("shapes at each budget (mean of seeds)")
+    ax.legend(fontsize=7)
+    for r in ev["lobo"]:
+        if "refused" in r:
+            continue
+        xs = [c["measured_top1"] for c in r["ranking"]]
+        ys = [c["forecast_top1"] for c in r["ranking"]]
+        bx.scatter(xs, ys, label=f"{r['budget']} held out (pick {r['pick']})")
+    lo = min(min(c["measured_top1"], c["forecast_top1"]) for r in ev["lobo"] if "refused" not in r
+             for c in r["ranking"])
+    hi = max(max(c["measured_top1"], c["forecast_top1"]) for r in ev["lobo"] if "refused" not in r
+             for c in r["ranking"])
+    bx.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    bx.set_xlabel("measured top-1 % (mean of seeds)")
+    bx.set_ylabel("forecast top-1 % (law without that budget)")
+    bx.set_title("leave-one-budget-out forecasts")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def copy_runs(rows: list[dict], sweep: Path, out: Path) -> int:
+    n = 0
+    for r in rows:
+        src = Path(r["run_dir"])
+        rel = src.relative_to(sweep / "runs") if src.is_relative_to(sweep / "runs") else Path(src.name)
+        dst = out / "runs" / rel
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "plan.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+                n += 1
+    return n
+
+
+def evidence(sweep: Path, preset_shape: str, classes: int) -> dict:
+    rows = read_runs(sweep, classes)
+    grid = [r for r in rows if r["variant"] != AUTO_VARIANT]
+    auto = [r for r in rows if r["variant"] == AUTO_VARIANT]
+    budgets = sorted({(r["budget"], r["budget_s"]) for r in rows}, key=lambda b: b[1])
+    means = grid_means(grid)
+    alpha = load_prior("gpu").params["alpha"]
+    return {"sweep": str(sweep), "classes": classes, "preset_shape": preset_shape, "alpha_fixed": alpha,
+            "budgets": budgets, "grid": means, "lobo": lobo(grid, budgets, alpha, means),
+            "auto_vs_preset": auto_vs_preset(auto, means, budgets, preset_shape), "runs": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", required=True, help="fastvit-sweep output dir (sweep.csv, runs/)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto"))
+    ap.add_argument("--preset-shape", default="d4-w192", help="the cpu preset's shape in the grid")
+    ap.add_argument("--classes", type=int, default=10)
+    a = ap.parse_args(argv)
+    sweep, out = Path(a.sweep), Path(a.out)
+    if not (sweep / "sweep.csv").is_file():
+        print(f"auto_evidence: {sweep} has no sweep.csv (a fastvit-sweep output dir)", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    ev = evidence(sweep, a.preset_shape, a.classes)
+    if not ev["grid"]:
+        print(f"auto_evidence: {sweep} has no finished grid run (variants fastvit+shape=...)", file=sys.stderr)
+        return 2
+    n = copy_runs(ev["runs"], sweep, out)
+    for r in ev["runs"]:                                   # the committed copy, not the scratch dir
+        src = Path(r["run_dir"])
+        r["run_dir"] = str((Path("runs") / src.relative_to(sweep / "runs")) if src.is_relative_to(sweep / "runs")
+                           else src.name)
+    (out / "evidence.json").write_text(json.dumps(ev, indent=1, default=float) + "\n")
+    (out / "table.md").write_text(table_md(ev))
+    png = plot(ev, out / "auto.png")
+    print(table_md(ev))
+    print(f"auto_evidence: wrote {out}/evidence.json, table.md{', auto.png' if png else ''} and {n} run files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

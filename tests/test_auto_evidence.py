@@ -1,0 +1,105 @@
+"""bench/auto_evidence.py: issue 22's leave-one-budget-out picks, regret and auto-vs-preset from a sweep's
+results.json files (a synthetic sweep whose top-1 follows a known law)."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import auto_evidence  # noqa: E402
+
+from fastvit.models.shapes import param_count  # noqa: E402
+from fastvit.scaling import law_error, load_prior  # noqa: E402
+
+BUDGETS = [("4m", 240.0), ("8m", 480.0), ("16m", 960.0)]
+RATE = {"d1-w192": 300.0, "d2-w128": 400.0, "d2-w192": 150.0, "d4-w192": 80.0}    # images per counted second
+
+
+def _law():
+    return {"E": 0.05, "A": 3.0e4, "alpha": load_prior("gpu").params["alpha"], "B": 3.0, "beta": 0.2}
+
+
+def _top1(shape, images, seed):
+    n = param_count(shape, 10)
+    return 100.0 * (1 - float(law_error(_law(), n, images))) + (0.1 if seed else -0.1)
+
+
+def _sweep(tmp_path: Path, auto_shape="d2-w128", auto_shift=0.0) -> Path:
+    sweep = tmp_path / "sweep"
+    rows = []
+
+    def run(variant, budget, secs, seed, shape, extra=None):
+        d = sweep / "runs" / variant.replace("+", "_") / budget / f"s{seed}"
+        d.mkdir(parents=True)
+        images = int(RATE[shape] * secs * (1.01 if seed else 0.99))
+        top1 = _top1(shape, images, seed)
+        res = {"top1": top1, "counted_s": secs, "steps": images // 64, "images_seen": images, **(extra or {})}
+        if extra:
+            res["top1"] += auto_shift
+        (d / "results.json").write_text(json.dumps(res))
+        (d / "plan.json").write_text("{}")
+        rows.append({"variant": variant, "budget": budget, "budget_s": secs, "seed": seed, "top1": res["top1"],
+                     "images_seen": images, "run_dir": str(d)})
+
+    for budget, secs in BUDGETS:
+        for seed in (0, 1):
+            for shape in RATE:
+                run(f"fastvit+shape={shape}", budget, secs, seed, shape)
+            pick = {"shape": auto_shape, "params": param_count(auto_shape, 10)}
+            run(auto_evidence.AUTO_VARIANT, budget, secs, seed, auto_shape,
+                {"model_auto": {"pick": pick}, "predicted_top1": {"top1": 70.0, "interval": [69, 71]}})
+    with open(sweep / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return sweep
+
+
+def _true_best(secs):
+    return max(RATE, key=lambda s: _top1(s, RATE[s] * secs, 0))
+
+
+def test_lobo_recovers_the_best_shape_and_zero_regret(tmp_path):
+    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10)
+    assert [r["budget"] for r in ev["lobo"]] == ["4m", "8m", "16m"]
+    for r in ev["lobo"]:
+        assert "refused" not in r
+        assert r["budget"] not in r["fitted_on"]                 # the held-out budget is not in the fit
+        assert r["pick"] == r["best"] == _true_best(r["budget_s"])
+        assert r["regret"] == pytest.approx(0.0, abs=1e-9)
+        assert abs(r["forecast_error"]) < 0.5                     # the law is the truth up to the seed jitter
+        assert r["ranking"][0]["shape"] == r["pick"]
+
+
+def test_auto_against_the_preset(tmp_path):
+    ev = auto_evidence.evidence(_sweep(tmp_path, auto_shift=-50.0), "d4-w192", 10)
+    rows = ev["auto_vs_preset"]
+    assert [r["budget"] for r in rows] == ["4m", "8m", "16m"]
+    for r in rows:
+        assert r["auto_picks"] == ["d2-w128", "d2-w128"]
+        assert r["margin"] == pytest.approx(r["auto_top1"] - r["preset_top1"])
+        assert r["auto_at_least_preset"] is False               # 50 points below the grid's own d2-w128
+    ok = auto_evidence.evidence(_sweep(tmp_path / "b"), "d4-w192", 10)["auto_vs_preset"]
+    assert all(r["auto_at_least_preset"] for r in ok)
+
+
+def test_cli_writes_the_table_and_copies_every_run(tmp_path, capsys):
+    sweep = _sweep(tmp_path)
+    out = tmp_path / "out"
+    assert auto_evidence.main(["--sweep", str(sweep), "--out", str(out)]) == 0
+    ev = json.loads((out / "evidence.json").read_text())
+    assert len(ev["runs"]) == 3 * 2 * (len(RATE) + 1)
+    assert all(not Path(r["run_dir"]).is_absolute() for r in ev["runs"])
+    assert all((out / r["run_dir"] / "results.json").is_file() and (out / r["run_dir"] / "plan.json").is_file()
+               for r in ev["runs"])
+    table = (out / "table.md").read_text()
+    assert "Leave-one-budget-out" in table and "d4-w192 (the `cpu` preset)" in table
+
+
+def test_cli_refuses_a_dir_without_a_sweep(tmp_path, capsys):
+    assert auto_evidence.main(["--sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no sweep.csv" in capsys.readouterr().err
