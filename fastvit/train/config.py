@@ -138,11 +138,10 @@ class AugmentConfig:
 
 @dataclass
 class GrowthConfig:
-    """progressive depth growth (fastvit.train.growth)"""
+    """progressive depth growth (fastvit.train.growth): the depth per curriculum stage"""
 
-    mode: str = setting("none", "progressive depth growth (fastvit.train.growth): none, manual (MoGrow at the "
-                                "curriculum's stage ends) or auto (AutoProg's search at each)",
-                        choices=("none", "manual", "auto"), flag="--growth")
+    mode: str = setting("none", "none, manual (MoGrow at the curriculum's stage ends) or auto (AutoProg's search "
+                                "at each)", choices=("none", "manual", "auto"), flag="--growth")
     growth_depth: tuple = setting((0.5, 1.0), "depth as a share of the model's, 'first,last' stage (linear over "
                                               "the curriculum's stages)")
     growth_opt: str = setting("keep", "optimizer at a growth: the moments kept and duplicated with their "
