@@ -3,7 +3,8 @@
 A settings class is a dataclass whose fields may carry metadata (see `setting`): "help" (the field's
 doc, shown by --help), "choices" (allowed values, checked by argparse and by `check_choices`), "flag"
 (the option name when it is not --leaf-name) and "cli": False (no flag, not serialized: a callable).
-A field whose type is itself a dataclass is a nested section.
+A field whose type is itself a dataclass is a nested section; a section split in parts names them in a
+class attribute `moved_to` (their keys are then hinted from it too).
 """
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ def _all_names(cls) -> set[str]:
     return {f.name for f in _fields(cls)} | set(leaf_paths(cls))
 
 
+def _hint_names(cls) -> set[str]:
+    """What a misspelt key of `cls` is matched against: its names and those of the sections it was split
+    into (a class attribute `moved_to`: their keys are read from it too, fastvit.train.config.TrainConfig.nest)."""
+    return _all_names(cls).union(*(_all_names(c) for c in getattr(cls, "moved_to", ())))
+
+
 def from_dict(cls, d, *, what: str = "config key", _prefix: str = ""):
     """`cls` built from a (nested) mapping; an unknown key raises ConfigError naming it and its closest
     known name. The one unknown-key check of the project: training, model, loader and prep settings use it."""
@@ -95,7 +102,7 @@ def from_dict(cls, d, *, what: str = "config key", _prefix: str = ""):
     fs = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in d if k not in fs]
     if unknown:
-        names = sorted(_all_names(cls))
+        names = sorted(_hint_names(cls))
 
         def hint(k):
             near = difflib.get_close_matches(str(k), names, n=1)

@@ -233,7 +233,7 @@ def test_kill9_in_validation_before_any_checkpoint_and_a_second_training_refused
     err = capsys.readouterr().err
     assert f"[fastvit-train] no checkpoint in {run}: starting from the beginning" in err.splitlines()
     assert "--lr" in next(line for line in err.splitlines() if "ignored" in line)
-    assert json.loads((run / "config.json").read_text())["schedule"]["lr"] == 3e-3
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 3e-3
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == res["planned_steps"] == 16
     assert _no_duplicates(run) == list(range(1, 17))

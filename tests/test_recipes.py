@@ -16,6 +16,7 @@ from fastvit.train.cli import build_parser, config_from_args
 from fastvit.train.config import PRESETS, RECIPES_DIR, TrainConfig, make_config, read_recipe
 
 FILES = sorted(RECIPES_DIR.glob("*.yaml"))
+SECTIONS = {"data", "model", "keep", "schedule", "optim", "augment", "growth", "budget", "run"}
 ROOT = Path(fastvit.__file__).resolve().parents[1]
 
 
@@ -41,7 +42,7 @@ def test_the_presets_are_the_recipe_files():
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_every_recipe_loads_writes_every_setting_and_equals_its_preset(path):
     raw = yaml.safe_load(path.read_text())
-    assert set(raw) == {"data", "model", "schedule", "budget", "run"}                # nested by section
+    assert set(raw) == SECTIONS                                                       # nested by section
     assert missing_settings(raw) == []
     assert _paths(raw) == {p for p, _, _ in leaves(TrainConfig)}                      # and nothing else
     cfg = make_config(path.stem, {})
@@ -54,8 +55,8 @@ def test_every_recipe_loads_writes_every_setting_and_equals_its_preset(path):
 
 def test_the_completeness_check_finds_a_missing_setting(tmp_path):
     raw = yaml.safe_load((RECIPES_DIR / "cpu.yaml").read_text())
-    del raw["schedule"]["ema_halflife"], raw["data"]["loader"]["order"]
-    assert missing_settings(raw) == ["data.loader.order", "schedule.ema_halflife"]
+    del raw["optim"]["ema_halflife"], raw["data"]["loader"]["order"]
+    assert missing_settings(raw) == ["data.loader.order", "optim.ema_halflife"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
@@ -85,7 +86,7 @@ def test_a_recipe_file_as_config_under_flags(tmp_path):
                                       "--minutes", "0.5", "--lr", "0.004"])
     cfg = config_from_args(args)
     want = make_config("cpu-d2", {"data": str(tmp_path), "minutes": 0.5, "lr": 0.004})
-    assert cfg == want and cfg.model.depth == 2 and cfg.budget.minutes == 0.5 and cfg.schedule.lr == 0.004
+    assert cfg == want and cfg.model.depth == 2 and cfg.budget.minutes == 0.5 and cfg.optim.lr == 0.004
 
 
 def test_recipes_ship_with_the_package_and_the_checkout_links_them():
@@ -123,7 +124,7 @@ def test_augmentation_strength_is_a_pure_monotone_function_of_the_planned_epochs
     # the dict is settings a config takes as they are
     for g in got:
         cfg = make_config("gpu", g)
-        assert cfg.schedule.randaug == g["randaug"] and cfg.schedule.mix_prob == g["mix_prob"]
+        assert cfg.augment.randaug == g["randaug"] and cfg.augment.mix_prob == g["mix_prob"]
     for bad in (0, -1, float("nan"), float("inf"), "20"):
         with pytest.raises(ConfigError, match="planned epochs"):
             strength_for_epochs(bad)

@@ -175,7 +175,7 @@ def test_best_yaml_round_trips_into_fastvit_train(tmp_path):
     path.write_text(cli.best_yaml(r, ctx))
     cfg = make_config("cpu", {}, str(path))
     assert cfg.model.name == "vit_tiny_plain" and cfg.model.overrides() == c.overrides()
-    assert (cfg.data.root, cfg.budget.hours, cfg.run.device, cfg.schedule.lr) == ("/data/fv", 2.5, "cpu", 2e-3)
+    assert (cfg.data.root, cfg.budget.hours, cfg.run.device, cfg.optim.lr) == ("/data/fv", 2.5, "cpu", 2e-3)
     assert cfg.run.progress is True and cfg.run.compile is None           # the search's own settings stay out
     m = create_model(cfg.model.name, num_classes=10, **cfg.model.overrides())
     assert (m.cfg.depth, m.cfg.embed_dim, m.cfg.num_heads, m.cfg.mlp_ratio, m.cfg.patch_size, m.cfg.local) == \

@@ -1,9 +1,11 @@
-"""TrainConfig: five sections, one strict loader (fastvit.settings.from_dict), flags generated from the
-fields, YAML nested or flat, old flat keys and old flag names still meaning the same setting."""
+"""TrainConfig: nine sections, one strict loader (fastvit.settings.from_dict), flags generated from the
+fields, YAML nested or flat, old flat keys, old flag names and the old sections (before keep / optim /
+augment / growth were split out of schedule) still meaning the same setting."""
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -42,29 +44,29 @@ OLD_FLAGS = [
     (["--final-res", "160"], "data.final_res", 160),
     (["--curriculum", "64:0.5,128:0.5"], "data.curriculum", "64:0.5,128:0.5"),
     (["--curriculum-stages", "2"], "data.curriculum_stages", 2),
-    (["--keep-schedule", "cyclic"], "schedule.keep_schedule", "cyclic"),
-    (["--keep-min", "0.25"], "schedule.keep_min", 0.25),
-    (["--keep-full-from", "0.7"], "schedule.keep_full_from", 0.7),
-    (["--keep-cycles", "6"], "schedule.keep_cycles", 6),
+    (["--keep-schedule", "cyclic"], "keep.keep_schedule", "cyclic"),
+    (["--keep-min", "0.25"], "keep.keep_min", 0.25),
+    (["--keep-full-from", "0.7"], "keep.keep_full_from", 0.7),
+    (["--keep-cycles", "6"], "keep.keep_cycles", 6),
     (["--batch-size", "128"], "schedule.batch_size", 128),
     (["--const-tokens"], "schedule.const_tokens", True),
     (["--no-const-tokens"], "schedule.const_tokens", False),
     (["--max-batch", "512"], "schedule.max_batch", 512),
-    (["--lr", "0.004"], "schedule.lr", 0.004),
-    (["--lr-scaling", "linear"], "schedule.lr_scaling", "linear"),
-    (["--lr-decay", "cosine"], "schedule.lr_decay", "cosine"),
-    (["--warmup", "0.1"], "schedule.warmup", 0.1),
-    (["--weight-decay", "0.02"], "schedule.weight_decay", 0.02),
-    (["--clip-grad", "0"], "schedule.clip_grad", 0.0),
-    (["--label-smoothing", "0.2"], "schedule.label_smoothing", 0.2),
-    (["--mixup", "0.5"], "schedule.mixup", 0.5),
-    (["--cutmix", "0.4"], "schedule.cutmix", 0.4),
-    (["--mix-prob", "0.1,0.9"], "schedule.mix_prob", (0.1, 0.9)),
-    (["--mix-prob", "0.3"], "schedule.mix_prob", (0.3, 0.3)),
-    (["--randaug", "0,9"], "schedule.randaug", (0.0, 9.0)),
-    (["--drop-path", "0.05,0.2"], "schedule.drop_path", (0.05, 0.2)),
-    (["--ema"], "schedule.ema", True),
-    (["--no-ema"], "schedule.ema", False),
+    (["--lr", "0.004"], "optim.lr", 0.004),
+    (["--lr-scaling", "linear"], "optim.lr_scaling", "linear"),
+    (["--lr-decay", "cosine"], "optim.lr_decay", "cosine"),
+    (["--warmup", "0.1"], "optim.warmup", 0.1),
+    (["--weight-decay", "0.02"], "optim.weight_decay", 0.02),
+    (["--clip-grad", "0"], "optim.clip_grad", 0.0),
+    (["--label-smoothing", "0.2"], "augment.label_smoothing", 0.2),
+    (["--mixup", "0.5"], "augment.mixup", 0.5),
+    (["--cutmix", "0.4"], "augment.cutmix", 0.4),
+    (["--mix-prob", "0.1,0.9"], "augment.mix_prob", (0.1, 0.9)),
+    (["--mix-prob", "0.3"], "augment.mix_prob", (0.3, 0.3)),
+    (["--randaug", "0,9"], "augment.randaug", (0.0, 9.0)),
+    (["--drop-path", "0.05,0.2"], "augment.drop_path", (0.05, 0.2)),
+    (["--ema"], "optim.ema", True),
+    (["--no-ema"], "optim.ema", False),
     (["--compile"], "run.compile", True),
     (["--no-compile"], "run.compile", False),
     (["--amp"], "run.amp", True),
@@ -165,14 +167,17 @@ def test_from_dict_nested_and_flat_are_one_config():
     flat = TrainConfig.from_dict({"data": "/d", "model": "vit_tiny_local", "lr": 0.01, "depth": 2, "order": "sequential",
                                   "minutes": 5, "out": "r", "mix_prob": 0.5})
     nested = TrainConfig.from_dict({"data": {"root": "/d", "loader": {"order": "sequential"}},
-                                    "model": {"name": "vit_tiny_local", "depth": 2}, "schedule": {"lr": 0.01,
-                                    "mix_prob": [0.5, 0.5]}, "budget": {"minutes": 5}, "run": {"out": "r"}})
+                                    "model": {"name": "vit_tiny_local", "depth": 2}, "optim": {"lr": 0.01},
+                                    "augment": {"mix_prob": [0.5, 0.5]}, "budget": {"minutes": 5}, "run": {"out": "r"}})
+    old_nested = TrainConfig.from_dict({"data": {"root": "/d", "loader": {"order": "sequential"}},   # before the split
+                                        "model": {"name": "vit_tiny_local", "depth": 2}, "schedule": {"lr": 0.01,
+                                        "mix_prob": [0.5, 0.5]}, "budget": {"minutes": 5}, "run": {"out": "r"}})
     given = {"data": {"root": "/d", "loader": {}}, "model": {"name": "vit_tiny_local"}, "depth": 2,
              "schedule": {"lr": 0.01}, "order": "sequential", "budget": {"minutes": 5}, "out": "r", "mix_prob": (0.5, 0.5)}
     before = copy.deepcopy(given)
     mixed = TrainConfig.from_dict(given)
     assert given == before                                      # the caller's dicts are not merged into
-    assert flat == nested == mixed
+    assert flat == nested == old_nested == mixed
     assert flat.data.root == "/d" and flat.model.name == "vit_tiny_local" and flat.data.loader.order == "sequential"
     assert flat.budget_s == 300.0 and flat.has_budget and flat.budget.given and flat.budget.seconds == 300.0
     assert TrainConfig.from_dict({"epochs": 2}).budget_s is None and not TrainConfig().has_budget
@@ -181,6 +186,11 @@ def test_from_dict_nested_and_flat_are_one_config():
 def test_unknown_keys_raise_one_error_type_naming_the_key_and_a_close_match():
     cases = [({"lrr": 1.0}, "unknown config key(s) lrr (did you mean lr?)"),
              ({"schedule": {"keep_mim": 0.3}}, "unknown config key(s) schedule.keep_mim (did you mean keep_min?)"),
+             ({"keep": {"keep_mim": 0.3}}, "unknown config key(s) keep.keep_mim (did you mean keep_min?)"),
+             ({"optim": {"lrr": 1.0}}, "unknown config key(s) optim.lrr (did you mean lr?)"),
+             ({"growth": {"mod": "manual"}}, "unknown config key(s) growth.mod (did you mean mode?)"),
+             ({"model": {"lr": 0.1}}, "unknown config key(s) model.lr"),      # only the old schedule's keys move
+             ({"optim": {"keep_min": 0.5}}, "unknown config key(s) optim.keep_min"),
              ({"data": {"loader": {"ordr": "random"}}}, "data.loader.ordr (did you mean order?)"),
              ({"zzz": 1}, "unknown config key(s) zzz"),
              ({"run": 3}, "run must be a mapping of settings")]
@@ -208,7 +218,8 @@ def test_round_trip_exact_and_old_flat_config_json_loads():
     cfg = make_config("cpu", dict(data="/d", out="runs/r", minutes=3, order="quasi_random", head="gap", randaug=(0, 9),
                                   compile=True, workers=2, gpu_mem_share=0.3, pos_embed="sincos"))
     d = cfg.to_dict()
-    assert set(d) == {"data", "model", "schedule", "budget", "run"} and d["data"]["loader"]["order"] == "quasi_random"
+    assert set(d) == {"data", "model", "keep", "schedule", "optim", "augment", "growth", "budget", "run"}
+    assert d["data"]["loader"]["order"] == "quasi_random"
     assert "res_schedule" not in d["data"]["loader"]
     assert TrainConfig.from_dict(d) == cfg
     assert TrainConfig.from_dict(json.loads(json.dumps(d))) == cfg            # as read back from config.json
@@ -233,21 +244,24 @@ def test_round_trip_exact_and_old_flat_config_json_loads():
 
 def test_yaml_nested_or_flat_between_preset_and_overrides(tmp_path):
     nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
-    nested.write_text("schedule:\n  lr: 0.02\n  mix_prob: [0.1, 0.4]\nmodel:\n  depth: 3\n  name: vit_tiny_plain\n"
+    nested.write_text("optim:\n  lr: 0.02\naugment:\n  mix_prob: [0.1, 0.4]\nmodel:\n  depth: 3\n  name: vit_tiny_plain\n"
                       "data:\n  root: /yaml\n  loader:\n    batches_ahead: 6\nbudget:\n  epochs: 2\n")
     flat.write_text("lr: 0.02\nmix_prob: [0.1, 0.4]\ndepth: 3\nmodel: vit_tiny_plain\ndata: /yaml\n"
                     "batches_ahead: 6\nepochs: 2\n")
     a = make_config("test", {"lr": None, "out": "o"}, str(nested))
     b = make_config("test", {"out": "o"}, str(flat))
     assert a == b
-    assert a.schedule.lr == 0.02 and a.model.depth == 3 and a.model.embed_dim == 32     # YAML over preset, rest kept
+    assert a.optim.lr == 0.02 and a.model.depth == 3 and a.model.embed_dim == 32     # YAML over preset, rest kept
     assert a.model.name == "vit_tiny_plain" and a.data.root == "/yaml" and a.data.loader.batches_ahead == 6
-    assert a.schedule.mix_prob == (0.1, 0.4) and a.budget.epochs == 2 and a.run.progress is False
+    assert a.augment.mix_prob == (0.1, 0.4) and a.budget.epochs == 2 and a.run.progress is False
     c = make_config("test", {"lr": 0.5, "data": "/cli", "batches_ahead": 1}, str(nested))  # explicit over YAML
-    assert c.schedule.lr == 0.5 and c.data.root == "/cli" and c.data.loader.batches_ahead == 1 and c.model.depth == 3
+    assert c.optim.lr == 0.5 and c.data.root == "/cli" and c.data.loader.batches_ahead == 1 and c.model.depth == 3
     bad = tmp_path / "bad.yaml"
     bad.write_text("schedule:\n  lrr: 1\n")
     with pytest.raises(ConfigError, match="schedule.lrr"):
+        make_config("test", {}, str(bad))
+    bad.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match="optim.lrr"):
         make_config("test", {}, str(bad))
     bad.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -271,7 +285,8 @@ def test_leaf_names_are_unique_and_cover_the_old_keys():
     keys = TrainConfig.leaf_keys()
     assert set(OLD_KEYS) <= set(keys)
     assert keys["data"] == keys["root"] == ("data", "root") and keys["model"] == keys["name"] == ("model", "name")
-    assert keys["order"] == ("data", "loader", "order") and keys["lr"] == ("schedule", "lr")
+    assert keys["order"] == ("data", "loader", "order") and keys["lr"] == ("optim", "lr")
+    assert keys["growth"] == ("growth", "mode") and keys["keep_min"] == ("keep", "keep_min")
 
 
 def test_yaml_out_and_device_are_honoured_by_the_cli(tmp_path, monkeypatch):
@@ -351,6 +366,181 @@ def test_flag_over_file_over_preset_for_every_setting(tmp_path):
     assert make_config("gpu", {}, str(RECIPES_DIR / "cpu.yaml")) == file_cfg
     # a partial file: what it gives over the preset, the rest the preset's
     part = tmp_path / "part.yaml"
-    part.write_text("schedule: {lr: 0.007}\nmodel: {depth: 3}\n")
+    part.write_text("optim: {lr: 0.007}\nmodel: {depth: 3}\n")
     cfg = make_config("cpu", {"depth": 5}, str(part))
-    assert cfg.schedule.lr == 0.007 and cfg.model.depth == 5 and cfg.schedule.batch_size == file_cfg.schedule.batch_size
+    assert cfg.optim.lr == 0.007 and cfg.model.depth == 5 and cfg.schedule.batch_size == file_cfg.schedule.batch_size
+
+
+# ------------------------------------------------------------------------------------------------------
+# keep / optim / augment / growth: split out of schedule; every old key, flag and layout still reads
+
+SPLIT = ("keep", "optim", "augment", "growth")
+
+
+def _old_layout(d: dict) -> dict:
+    """A nested config as it was written before the split (config.json, a checkpoint's config, a recipe):
+    one `schedule` section holding keep / optim / augment / growth, growth's mode under the key `growth`."""
+    d = copy.deepcopy(d)
+    sched = d.pop("schedule")
+    for sec in SPLIT:
+        sched.update({("growth" if (sec, k) == ("growth", "mode") else k): v for k, v in d.pop(sec).items()})
+    return {**d, "schedule": sched}
+
+
+def test_the_split_sections_hold_the_old_schedule_leaves_under_their_old_keys_and_flags():
+    keys = TrainConfig.leaf_keys()
+    want = {"keep": "keep_schedule keep_min keep_full_from keep_cycles keep_step keep_splits",
+            "schedule": "tokens batch_size const_tokens max_batch",
+            "optim": "opt lr lr_scaling warmup lr_decay weight_decay clip_grad ema ema_halflife",
+            "augment": "label_smoothing mixup cutmix mix_prob randaug randaug_ops drop_path",
+            "growth": "growth growth_depth growth_opt growth_window growth_score_images"}
+    for sec, names in want.items():
+        for k in names.split():
+            assert keys[k][0] == sec, k
+    assert len(_old_layout(TrainConfig().to_dict())["schedule"]) == 31          # the old ScheduleConfig's 31 fields
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    assert {"--growth", "--growth-depth", "--growth-opt", "--growth-window", "--growth-score-images",
+            "--tokens", "--keep-step", "--keep-splits", "--opt", "--randaug-ops", "--ema-halflife"} <= flags
+    assert "--mode" not in flags
+
+
+@pytest.mark.parametrize("argv, path, value", [
+    (["--growth", "manual"], "growth.mode", "manual"),
+    (["--growth-depth", "0.25,1"], "growth.growth_depth", (0.25, 1.0)),
+    (["--growth-opt", "fresh"], "growth.growth_opt", "fresh"),
+    (["--growth-window", "0.1"], "growth.growth_window", 0.1),
+    (["--growth-score-images", "64"], "growth.growth_score_images", 64),
+    (["--keep-step", "0.25"], "keep.keep_step", 0.25),
+    (["--keep-splits", "3"], "keep.keep_splits", 3),
+    (["--tokens", "32:0.3,16:0.7"], "schedule.tokens", "32:0.3,16:0.7"),
+    (["--opt", "sgd"], "optim.opt", "sgd"),
+    (["--ema-halflife", "0.1"], "optim.ema_halflife", 0.1),
+    (["--randaug-ops", "3"], "augment.randaug_ops", 3),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_the_newer_schedule_flags_land_in_their_sections(argv, path, value):
+    cfg = _cfg(argv)
+    assert _at(cfg, path) == value and _at(_cfg([]), path) != value
+    dest = next(a.dest for a in build_parser()._actions if argv[0] in a.option_strings)
+    assert dest == argv[0][2:].replace("-", "_")                               # the flag's name is its flat key
+    assert _at(TrainConfig.from_dict({dest: value}), path) == value
+
+
+def test_new_old_and_flat_layouts_are_one_config(tmp_path):
+    """New sections, the old schedule section (config.json, a checkpoint, --config, a recipe of before the
+    split) and flat keys: the same TrainConfig, and every flag over any of them."""
+    cfg = make_config("cpu", {"lr": 3e-3, "keep_min": 0.25, "growth": "manual", "mixup": 0.3, "batch_size": 32,
+                              "ema": False, "growth_depth": 0.5, "randaug": (0, 9), "tokens": "32:0.3,16:0.7"})
+    new = cfg.to_dict()
+    old = _old_layout(new)
+    assert set(old) == {"data", "model", "schedule", "budget", "run"} and old["schedule"]["growth"] == "manual"
+    flat = {k: v for sec in ("keep", "schedule", "optim", "augment") for k, v in new[sec].items()}
+    flat.update({("growth" if k == "mode" else k): v for k, v in new["growth"].items()})
+    for d in (new, old, json.loads(json.dumps(old)), {**{k: new[k] for k in ("data", "model", "budget", "run")}, **flat}):
+        assert TrainConfig.from_dict(d) == cfg
+    assert (cfg.optim.lr, cfg.keep.keep_min, cfg.growth.mode, cfg.augment.mixup, cfg.schedule.batch_size) == \
+        (3e-3, 0.25, "manual", 0.3, 32)
+    # a --config YAML in either layout (and flat), under flags
+    import yaml
+
+    files = {}
+    for name, d in (("new", new), ("old", old)):
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(json.loads(json.dumps(d))))
+    (tmp_path / "flat.yaml").write_text("lr: 3.0e-3\ngrowth: manual\nkeep_min: 0.25\n")
+    for f in files.values():
+        assert make_config("gpu", {}, str(f)) == cfg
+        assert make_config("gpu", {"lr": 0.01, "growth": "auto"}, str(f)).optim.lr == 0.01
+        args = build_parser().parse_args(["--config", str(f), "--growth", "none", "--lr", "0.02"])
+        got = config_from_args(args)
+        assert (got.growth.mode, got.optim.lr, got.keep.keep_min) == ("none", 0.02, 0.25)
+    got = make_config("test", {}, str(tmp_path / "flat.yaml"))
+    assert (got.optim.lr, got.growth.mode, got.keep.keep_min) == (3e-3, "manual", 0.25)
+    assert make_config("test", {}, str(tmp_path / "flat.yaml")) == make_config("test", {"lr": 3e-3, "growth": "manual",
+                                                                                       "keep_min": 0.25})
+    # nested growth, the new section spelled out
+    assert TrainConfig.from_dict({"growth": {"mode": "manual"}}).growth.mode == "manual"
+    assert TrainConfig.from_dict({"growth": "manual"}) == TrainConfig.from_dict({"growth": {"mode": "manual"}})
+    # both layouts in one file: the later key wins, as for any setting
+    assert TrainConfig.from_dict({"schedule": {"lr": 0.1}, "optim": {"lr": 0.2}}).optim.lr == 0.2
+    with pytest.raises(ConfigError, match="--growth must be none, manual or auto"):
+        TrainConfig.from_dict({"schedule": {"growth": "sometimes"}})
+
+
+def test_every_recipe_in_the_old_layout_is_its_preset(tmp_path):
+    """A recipe (or a sweep's variant config) written before the split reads as the recipe file does now."""
+    import yaml
+
+    from fastvit.train.config import read_recipe
+
+    for name in PRESETS:
+        old = _old_layout(make_config(name, {}).to_dict())
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(json.loads(json.dumps(old)), sort_keys=False))
+        assert TrainConfig.from_dict(read_recipe(path)) == make_config(name, {}), name
+        assert make_config("test", {}, str(path)) == make_config(name, {}), name
+
+
+def test_resume_of_a_checkpoint_or_config_json_in_the_old_layout(tmp_path):
+    """--resume (and fastvit-eval) read the checkpoint's config dict: one written before the split loads
+    to the same config, and the run's own settings win over the flags as before."""
+    from fastvit.train import rundir
+    from fastvit.train.checkpoint import Checkpoint
+    from fastvit.train.loop import _saved_config
+
+    cfg = make_config("test", {"out": str(tmp_path / "run"), "lr": 4e-3, "growth": "manual", "mix_prob": (0, 0.5),
+                               "minutes": 1})
+    old = _old_layout(cfg.to_dict())
+    run = tmp_path / "run"
+    Checkpoint(config=old, model={}, opt={}, plan={}, step=3, counted_s=1.5, rng={}).write(run)
+    ck = rundir.open_for_resume(run, lambda s: None)
+    assert ck is not None and ck.config == old
+    said = []
+    here = make_config("test", {"out": str(tmp_path / "moved"), "lr": 0.5, "progress": False})
+    got = _saved_config(ck.config, here, ["--lr"], said.append)
+    assert got.optim.lr == 4e-3 and got.growth.mode == "manual" and got.augment.mix_prob == (0.0, 0.5)
+    assert got.run.out == str(tmp_path / "moved") and got.run.progress is False
+    assert _saved_config(ck.config, cfg, [], said.append) == cfg
+    assert said == ["warning: ignored with --resume (the run's saved config wins): --lr"]
+    # a run killed before its first checkpoint: its config.json, old layout
+    (run / "config.json").write_text(json.dumps(old))
+    assert TrainConfig.from_dict(rundir.saved_config(run)) == cfg
+
+
+def test_variant_files_in_old_new_and_flat_layouts_give_the_same_overrides(tmp_path):
+    """fastvit-search's best.yaml (and any NAME=FILE.yaml variant) read by TrainConfig.nest, any layout."""
+    import yaml
+
+    from fastvit.sweep.variants import check
+
+    cfg = make_config("cpu", {"lr": 3e-3, "growth": "manual", "keep_min": 0.5, "depth": 2, "data": "/d", "hours": 1})
+    want = {"lr": 3e-3, "growth": "manual", "keep_min": 0.5, "depth": 2}
+    layouts = {"new": cfg.to_dict(), "old": _old_layout(cfg.to_dict())}
+    for name, d in layouts.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(json.loads(json.dumps(d))))
+        ov = check(f"v={f}", "cpu", {}, [64, 96])
+        assert {k: ov[k] for k in want} == want, name
+        assert not {"data", "hours", "out", "seed"} & set(ov)                  # the run's own stay the sweep's
+        assert make_config("cpu", ov).optim == cfg.optim and make_config("cpu", ov).growth == cfg.growth
+    part = tmp_path / "part.yaml"
+    part.write_text("growth: {mode: auto}\noptim: {lr: 0.01}\nschedule: {keep_min: 0.75, batch_size: 32}\n"
+                    "model:\n  embed-dim: 96\n")
+    assert check(f"v={part}", "cpu", {}, [64, 96]) == {"growth": "auto", "lr": 0.01, "keep_min": 0.75,
+                                                        "batch_size": 32, "embed_dim": 96}
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 2\n")
+    with pytest.raises(ConfigError, match=r"variant file .*typo.yaml: unknown setting optim.lrr"):
+        check(f"v={tmp_path / 'typo.yaml'}", "cpu", {}, [64, 96])
+
+
+def test_help_groups_are_the_sections_each_with_its_doc():
+    parser = build_parser()
+    groups = {g.title: g for g in parser._action_groups}
+    for sec, cls_doc in (("keep", "patch sampling"), ("schedule", "the batch and token schedule"),
+                         ("optim", "the optimizer"), ("augment", "augmentation"), ("growth", "progressive depth")):
+        assert sec in groups and groups[sec].description.startswith(cls_doc), sec
+    dests = lambda sec: {a.dest for a in groups[sec]._group_actions}                                 # noqa: E731
+    assert dests("growth") == {"growth", "growth_depth", "growth_opt", "growth_window", "growth_score_images"}
+    assert dests("schedule") == {"tokens", "batch_size", "const_tokens", "max_batch"}
+    assert {"lr", "ema", "lr_scaling"} <= dests("optim") and {"mixup", "drop_path"} <= dests("augment")
+    text = parser.format_help()
+    assert "--growth {none,manual,auto}" in text and not re.search(r"--mode\b", text)

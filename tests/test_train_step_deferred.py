@@ -22,11 +22,11 @@ def deferred(monkeypatch):
 
     real_init, made = TrainStep.__init__, []
 
-    def init(self, parts, schedule, env, deferred=None):
+    def init(self, parts, cfg, env, deferred=None):
         groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
                   for g in parts.opt.param_groups]
         parts.opt = torch.optim.AdamW(groups, fused=True)
-        real_init(self, parts, schedule, env, deferred=True)
+        real_init(self, parts, cfg, env, deferred=True)
         made.append(self)
 
     monkeypatch.setattr(TrainStep, "__init__", init)
@@ -95,10 +95,10 @@ def test_deferred_step_leaves_weights_and_optimizer_state_untouched():
     mixup = SimpleNamespace(num_classes=3)
     parts = SimpleNamespace(model=model, step_model=step_model, opt=opt, ema=None, mixup=mixup)
     env = SimpleNamespace(device=torch.device("cpu"), amp=False, cuda=False)
-    sc = SimpleNamespace(clip_grad=1.0, randaug_ops=2)
+    cfg = SimpleNamespace(optim=SimpleNamespace(clip_grad=1.0), augment=SimpleNamespace(randaug_ops=2))
     import fastvit.train.step as L
 
-    ts = TrainStep(parts, sc, env, deferred=True)
+    ts = TrainStep(parts, cfg, env, deferred=True)
     x = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0])
     aug = AugStrength(mix_prob=0.0, randaug_mag=0.0, drop_path=0.0)

@@ -117,7 +117,8 @@ def label(item: str) -> str:
 
 
 def _yaml_overrides(file: str) -> dict:
-    y = read_settings_yaml(file, f"variant file {file}")
+    """The file's settings as flat keys, less the run's own. Its layout (flat keys, fastvit-train's
+    sections, or the sections of an older config) is read by TrainConfig.nest, the one reader of layouts."""
     leaves = TrainConfig.leaf_keys()
     by_path: dict = {}
     for key, path in sorted(leaves.items()):       # aliases (model/name, data/root): the section's name wins
@@ -126,23 +127,24 @@ def _yaml_overrides(file: str) -> dict:
     run_paths = {leaves[k] for k in RUN_KEYS if k in leaves}
     flat: dict = {}
 
-    def walk(d: dict, path: tuple) -> None:        # flat keys or fastvit-train's nested sections
+    def walk(d: dict, path: tuple) -> None:        # the nested sections, down to their settings
         for k, v in d.items():
-            p = (*path, str(k).replace("-", "_"))
+            p = (*path, k)
             if isinstance(v, dict) and p not in by_path:
                 walk(v, p)                         # a section (data:, model:, ...)
-                continue
-            leaf = leaves[p[0]] if len(p) == 1 and p[0] in leaves else p
-            if leaf in run_paths:
+            elif p in run_paths:
                 continue                           # the run's own (budget, seed, data, out, ...)
-            if leaf in by_path:
-                flat[by_path[leaf]] = tuple(v) if isinstance(v, list) else v
+            elif p in by_path:
+                flat[by_path[p]] = tuple(v) if isinstance(v, list) else v
             elif len(p) == 1:
-                flat[p[0]] = v                     # an unknown key: make_config names it
+                flat[k] = v                        # an unknown key: make_config names it
             else:
-                raise ConfigError(f"variant file {file}: unknown setting {'.'.join(p)}")
+                raise ConfigError(f"variant file {file}: unknown setting {'.'.join(map(str, p))}")
 
-    walk(y, ())
+    def underscored(d: dict) -> dict:              # embed-dim: as the flag is spelt
+        return {str(k).replace("-", "_"): underscored(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+    walk(TrainConfig.nest(underscored(read_settings_yaml(file, f"variant file {file}"))), ())
     return flat
 
 

@@ -25,7 +25,7 @@ from .rules import preset_for_device
 
 def build_parser() -> argparse.ArgumentParser:
     """The run flags are generated from TrainConfig's fields (fastvit.settings.add_dataclass_flags):
-    --keep-min sets schedule.keep_min, --data data.root, --model model.name, --order data.loader.order."""
+    --keep-min sets keep.keep_min, --data data.root, --model model.name, --order data.loader.order."""
     p = argparse.ArgumentParser(
         prog="fastvit-train",
         description="Train a ViT from scratch within a wall-clock budget (curriculum + patch sampling).",
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", default=False, help="continue the run in --out from its last good checkpoint")
     a("--overwrite", action="store_true", default=False, help="start over in an --out that holds a run (finished or not), replacing its files")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: gpu on CUDA, cpu otherwise)")
-    a("--config", help="YAML file of settings: nested sections (schedule: {lr: ...}) or flat keys (lr: ...)")
+    a("--config", help="YAML file of settings: nested sections (optim: {lr: ...}) or flat keys (lr: ...)")
     a("--dry-run", action="store_true", default=False, help="print the plan (stages, images, epochs, the loader's "
       "feed rate against the step rate; --model auto's choice) and exit: nothing is trained or written")
     a("--assume-speed", metavar="FILE", help="with --dry-run: plan for a machine you are not on, from a speed table "

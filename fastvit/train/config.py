@@ -1,16 +1,23 @@
-"""A run's settings, in five sections, from the CLI / a YAML file to every part of training.
+"""A run's settings, in nine sections, from the CLI / a YAML file to every part of training.
 
     cfg.data      DataConfig      where the data is and how it is read (cfg.data.loader: LoaderOptions)
     cfg.model     ModelConfig     the variant and its overrides (cfg.model.overrides())
-    cfg.schedule  ScheduleConfig  curriculum keep rates, batch, optimizer, augmentation, EMA
+    cfg.keep      KeepConfig      patch sampling: the kept-patch rate over the run
+    cfg.schedule  ScheduleConfig  the batch and token schedule: batch per stage, token size over the run
+    cfg.optim     OptimConfig     optimizer, learning rate and its rules, gradient clip, EMA of the weights
+    cfg.augment   AugmentConfig   label smoothing, mixup / cutmix, RandAugment, drop path
+    cfg.growth    GrowthConfig    progressive depth growth (cfg.growth.mode: --growth)
     cfg.budget    BudgetConfig    exactly one of hours / minutes / epochs, and the re-planning knobs
     cfg.run       RunConfig       run dir, recipe, device, checkpoints, evaluations, logging
 
 Leaf names are unique across sections, so a flat key (`lr`, an old config.json, a preset) and a flag
-(`--lr`) name one setting; `data` / `model` as strings mean data.root / model.name. Unknown keys raise
-one ConfigError (fastvit.settings). A preset is a recipe file (fastvit/recipes/NAME.yaml, every setting
-written out); a --config file goes over it and flags over both, setting by setting (a budget in any unit
-replaces the budget below it). The resolved config (to_dict) is saved in the run dir and in every checkpoint.
+(`--lr`) name one setting; `data` / `model` / `growth` as strings mean data.root / model.name /
+growth.mode. Configs written before keep / optim / augment / growth were split out of `schedule`
+(`schedule: {lr: ..., growth: manual}`) still load: `TrainConfig.nest` moves those keys to their
+sections. Unknown keys raise one ConfigError (fastvit.settings). A preset is a recipe file
+(fastvit/recipes/NAME.yaml, every setting written out); a --config file goes over it and flags over both,
+setting by setting (a budget in any unit replaces the budget below it). The resolved config (to_dict) is
+saved in the run dir and in every checkpoint.
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ from fastvit.data.base import LoaderOptions
 from fastvit.models.configs import ViTConfig
 from fastvit.settings import ConfigError, check_choices, from_dict, leaf_paths, setting, to_dict
 
-__all__ = ["BudgetConfig", "ConfigError", "DataConfig", "ModelConfig", "PRESETS", "RunConfig", "ScheduleConfig",
-           "TrainConfig", "make_config", "preset_under"]
+__all__ = ["AugmentConfig", "BudgetConfig", "ConfigError", "DataConfig", "GrowthConfig", "KeepConfig", "ModelConfig",
+           "OptimConfig", "PRESETS", "RunConfig", "ScheduleConfig", "TrainConfig", "make_config", "preset_under"]
 
 @dataclass
 class DataConfig:
@@ -78,8 +85,8 @@ ModelConfig = dataclasses.make_dataclass(
 
 
 @dataclass
-class ScheduleConfig:
-    """keep rates, batch, optimizer, augmentation and EMA over the run"""
+class KeepConfig:
+    """patch sampling: the kept-patch rate over the run"""
 
     keep_schedule: str = setting("linear", "kept-patch rate over training", choices=("fixed", "linear", "cyclic", "cosine"))
     keep_min: float = setting(0.5, "lowest kept-patch rate")
@@ -87,12 +94,12 @@ class ScheduleConfig:
     keep_cycles: int = setting(4, "cycles of the cyclic keep schedule")
     keep_step: float = setting(0.125, "keep rates are quantized to this step (one compiled shape per level)")
     keep_splits: int = setting(2, "stages per curriculum resolution for a changing keep rate")
-    tokens: str | None = setting(None, "token-size schedule patch:share,... e.g. 32:0.3,16:0.7: coarse tokens "
-                                       "early, one master patch weight resized by --token-resize (default: the model's patch "
-                                       "throughout)")
-    batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
-    const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
-    max_batch: int = setting(1024, "largest batch of any stage")
+
+
+@dataclass
+class OptimConfig:
+    """the optimizer, its learning rate over the run, and the EMA of the weights"""
+
     lr_scaling: str = setting("sqrt", "how the LR follows the batch", choices=("linear", "sqrt", "none"))
     opt: str = setting("adamw", "optimizer (timm create_optimizer_v2 name)")
     lr: float = setting(1e-3, "peak learning rate at --batch-size")
@@ -101,6 +108,22 @@ class ScheduleConfig:
                             choices=("linear", "cosine", "constant"))
     weight_decay: float = setting(0.05, "AdamW weight decay (weights only)")
     clip_grad: float = setting(1.0, "gradient norm clip (0: off)")
+    ema: bool = setting(True, "keep an EMA of the weights (evaluated beside them)")
+    ema_halflife: float = setting(0.02, "EMA half-life as a share of the first plan's images (fixed for the run)")
+
+
+def _pairs(obj, *names: str) -> None:
+    """'start,end' settings as float pairs: a scalar is (v, v); lists (JSON, YAML) become tuples."""
+    for name in names:
+        v = getattr(obj, name)
+        v = (v, v) if isinstance(v, (int, float)) else v
+        setattr(obj, name, tuple(float(x) for x in v))
+
+
+@dataclass
+class AugmentConfig:
+    """augmentation and regularization over the run"""
+
     label_smoothing: float = setting(0.1, "label smoothing")
     mixup: float = setting(0.8, "mixup alpha")
     cutmix: float = setting(1.0, "cutmix alpha")
@@ -108,11 +131,17 @@ class ScheduleConfig:
     randaug: tuple = setting((0.0, 0.0), "RandAugment magnitude 0-30, 'start,end' (0 = off)")
     randaug_ops: int = setting(2, "RandAugment ops per image")
     drop_path: tuple = setting((0.0, 0.1), "drop path rate, 'start,end'")
-    ema: bool = setting(True, "keep an EMA of the weights (evaluated beside them)")
-    ema_halflife: float = setting(0.02, "EMA half-life as a share of the first plan's images (fixed for the run)")
-    growth: str = setting("none", "progressive depth growth (fastvit.train.growth): none, manual (MoGrow at the "
-                                  "curriculum's stage ends) or auto (AutoProg's search at each)",
-                          choices=("none", "manual", "auto"))
+
+    def __post_init__(self):
+        _pairs(self, "mix_prob", "randaug", "drop_path")
+
+
+@dataclass
+class GrowthConfig:
+    """progressive depth growth (fastvit.train.growth): the depth per curriculum stage"""
+
+    mode: str = setting("none", "none, manual (MoGrow at the curriculum's stage ends) or auto (AutoProg's search "
+                                "at each)", choices=("none", "manual", "auto"), flag="--growth")
     growth_depth: tuple = setting((0.5, 1.0), "depth as a share of the model's, 'first,last' stage (linear over "
                                               "the curriculum's stages)")
     growth_opt: str = setting("keep", "optimizer at a growth: the moments kept and duplicated with their "
@@ -124,10 +153,23 @@ class ScheduleConfig:
     growth_score_images: int = setting(512, "auto: fixed training images each candidate is scored on")
 
     def __post_init__(self):
-        for name in ("mix_prob", "randaug", "drop_path", "growth_depth"):      # a scalar is (v, v); lists (JSON) are tuples
-            v = getattr(self, name)
-            v = (v, v) if isinstance(v, (int, float)) else v
-            setattr(self, name, tuple(float(x) for x in v))
+        _pairs(self, "growth_depth")
+
+
+@dataclass
+class ScheduleConfig:
+    """the batch and token schedule: batch per stage, token size over the run"""
+
+    # the settings this section held before the split (keep / optim / augment / growth): in a config of
+    # then (config.json, a checkpoint, a YAML file) TrainConfig.nest moves them to their sections
+    moved_to: typing.ClassVar[tuple] = (KeepConfig, OptimConfig, AugmentConfig, GrowthConfig)
+
+    tokens: str | None = setting(None, "token-size schedule patch:share,... e.g. 32:0.3,16:0.7: coarse tokens "
+                                       "early, one master patch weight resized by --token-resize (default: the model's patch "
+                                       "throughout)")
+    batch_size: int = setting(256, "batch at the final res with all patches (even: mixup pairs)")
+    const_tokens: bool = setting(True, "bigger batches at low res / low keep (tokens per batch constant)")
+    max_batch: int = setting(1024, "largest batch of any stage")
 
 
 @dataclass
@@ -188,7 +230,11 @@ class RunConfig:
 class TrainConfig:
     data: DataConfig = setting(default_factory=DataConfig)
     model: ModelConfig = setting(default_factory=ModelConfig)
+    keep: KeepConfig = setting(default_factory=KeepConfig)
     schedule: ScheduleConfig = setting(default_factory=ScheduleConfig)
+    optim: OptimConfig = setting(default_factory=OptimConfig)
+    augment: AugmentConfig = setting(default_factory=AugmentConfig)
+    growth: GrowthConfig = setting(default_factory=GrowthConfig)
     budget: BudgetConfig = setting(default_factory=BudgetConfig)
     run: RunConfig = setting(default_factory=RunConfig)
 
@@ -198,22 +244,22 @@ class TrainConfig:
     def validate(self) -> None:
         check_choices(self)
         self.data.loader.check(flags=True)
-        s, b, r = self.schedule, self.budget, self.run
+        k, s, o, g, b, r = self.keep, self.schedule, self.optim, self.growth, self.budget, self.run
         budgets = [x for x in (b.hours, b.minutes, b.epochs) if x is not None]
         checks = [
             (len(budgets) <= 1, "give one budget: --hours, --minutes or --epochs"),
             (all(x > 0 for x in budgets), "the budget must be positive"),
-            (0 < s.keep_min <= 1, "--keep-min must be in (0, 1]"),
-            (0 <= s.keep_full_from <= 1, "--keep-full-from must be in [0, 1]"),
+            (0 < k.keep_min <= 1, "--keep-min must be in (0, 1]"),
+            (0 <= k.keep_full_from <= 1, "--keep-full-from must be in [0, 1]"),
             (s.batch_size >= 2 and s.batch_size % 2 == 0, "--batch-size must be even and >= 2 (mixup pairs)"),
-            (s.lr > 0 and 0 <= s.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)"),
+            (o.lr > 0 and 0 <= o.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)"),
             (r.device in (None, "cpu", "cuda") or str(r.device).startswith("cuda:"),
              f"--device must be cpu or cuda, got {r.device!r}"),
             (r.ckpt_minutes > 0, "--ckpt-minutes must be > 0"),
             (s.tokens is None or r.recipe != "baseline", "--tokens needs --recipe fastvit (the baseline has one patch size)"),
-            (0 < s.growth_depth[0] <= s.growth_depth[-1] <= 1, "--growth-depth must be 'first,last' with "
+            (0 < g.growth_depth[0] <= g.growth_depth[-1] <= 1, "--growth-depth must be 'first,last' with "
                                                                "0 < first <= last <= 1"),
-            (0 <= s.growth_window < 0.5 and s.growth_score_images >= 1,
+            (0 <= g.growth_window < 0.5 and g.growth_score_images >= 1,
              "--growth-window must be in [0, 0.5) and --growth-score-images >= 1"),
         ]
         for ok, msg in checks:
@@ -234,20 +280,37 @@ class TrainConfig:
 
     @classmethod
     def leaf_keys(cls) -> dict[str, tuple]:
-        """flat key -> (section, ..., field) of every setting, e.g. lr -> (schedule, lr), data -> (data, root)."""
+        """flat key -> (section, ..., field) of every setting, e.g. lr -> (optim, lr), data -> (data, root)."""
         return leaf_paths(cls)
 
     @classmethod
     def nest(cls, d: Mapping) -> dict:
         """Flat keys (old config.json files, presets, CLI overrides) moved into their sections; nested
-        sections kept; anything else left at the top for from_dict to refuse."""
+        sections kept, less the keys a section held before a split (its `moved_to`: `schedule: {lr: ...}`
+        of a config written before optim was split out), which move to their sections; anything else left
+        where it is for from_dict to refuse."""
         paths, out = cls.leaf_keys(), {}
         for k, v in d.items():
-            path = (k,) if k in cls.__dataclass_fields__ and isinstance(v, Mapping) else paths.get(k)
-            if path is None:
+            if k in cls.__dataclass_fields__ and isinstance(v, Mapping):
+                _merge_into(out, cls._section_keys(k, v, paths))
+            elif k in paths:
+                _merge_into(out, _wrap(paths[k], v))
+            else:
                 out[k] = v
-                continue
-            _merge_into(out, _wrap(path, v))
+        return out
+
+    @classmethod
+    def _section_keys(cls, name: str, v: Mapping, paths: dict) -> dict:
+        """Section `name`'s mapping nested from the top: its own keys under it, a key of a section it
+        was split into (`moved_to`) at that setting's path."""
+        sec = typing.get_type_hints(cls)[name]
+        moved = {f for f, t in typing.get_type_hints(cls).items() if t in getattr(sec, "moved_to", ())}
+        out: dict = {name: {}}
+        for k, x in v.items():
+            if k not in sec.__dataclass_fields__ and paths.get(k, ("",))[0] in moved:
+                _merge_into(out, _wrap(paths[k], x))
+            else:
+                out[name][k] = x
         return out
 
     @classmethod

@@ -129,7 +129,7 @@ class Grower:
     """What the loop calls for growth. `on` False (--growth none): nothing happens anywhere."""
 
     def __init__(self, cfg, parts, step_fn, env, say, probe=None):
-        self.mode = cfg.schedule.growth
+        self.mode = cfg.growth.mode
         self.on = self.mode != "none"
         self.cfg, self.parts, self.step_fn, self.env, self.say = cfg, parts, step_fn, env, say
         self.full = model_depth(parts.model) if hasattr(parts.model, "blocks") else 0
@@ -146,7 +146,7 @@ class Grower:
     def assign_depths(self, stages: list[Stage], curriculum_res: list[int]) -> list[Stage]:
         if not self.on:
             return stages
-        a, b = self.cfg.schedule.growth_depth
+        a, b = self.cfg.growth.growth_depth
         depths = depth_schedule(len(curriculum_res), self.full, a, b)
         self.say(f"growth {self.mode}: depth {'/'.join(map(str, depths))} of {self.full} over the resolutions "
                  f"{'/'.join(map(str, curriculum_res))}")
@@ -219,17 +219,17 @@ class Grower:
             p.model.load_state_dict(p.ema.module.state_dict())
         else:
             remap_blocks_(p.model, block_map)
-        if self.cfg.schedule.growth_opt == "keep":
+        if self.cfg.growth.growth_opt == "keep":
             remap_optimizer_state_(p.opt, p.model, block_map)
         else:
             p.opt.state.clear()                              # a fresh AdamW: the LR schedule continues
         self.depth = new
         self._set_all(range(new))
         ev = {"kind": "grow", "step": step, "counted_s": round(clock.counted(), 3), "from": old, "to": new,
-              "map": block_map, "opt": self.cfg.schedule.growth_opt, "seconds": round(time.perf_counter() - t0, 4)}
+              "map": block_map, "opt": self.cfg.growth.growth_opt, "seconds": round(time.perf_counter() - t0, 4)}
         self.events.append(ev)
         self.say(f"growth at step {step}: depth {old} -> {new} (MoGrow from the EMA, blocks {block_map}, "
-                 f"optimizer {self.cfg.schedule.growth_opt})")
+                 f"optimizer {self.cfg.growth.growth_opt})")
         return ev
 
     # -- auto ---------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Grower:
         its steps) shared by the run's boundaries, in steps of this stage at its planned speed; at least
         two steps of every candidate (their step times are measured there)."""
         n = max(1, len({s.res for s in plan.stages}) - 1)
-        share = self.cfg.schedule.growth_window / n
+        share = self.cfg.growth.growth_window / n
         if plan.mode == "time" and stage.speed > 0:
             steps = share * plan.window_s * stage.speed / stage.batch_size
         else:
@@ -352,7 +352,7 @@ class Grower:
         from fastvit.data import make_loader
 
         net = self.parts.ema.module if self.parts.ema is not None else self.parts.model
-        n_img = self.cfg.schedule.growth_score_images
+        n_img = self.cfg.growth.growth_score_images
         if self.cfg.budget_s and w.get("speed"):
             # at most ~1% of the budget for the scoring (a forward is ~1/3 of a training step)
             n_img = max(64, min(n_img, int(0.01 * self.cfg.budget_s * 3 * w["speed"] / len(w["cands"]))))

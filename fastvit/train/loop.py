@@ -164,9 +164,9 @@ def _run(cfg: TrainConfig, how: Invocation, lock, guard: TermGuard, denv: dist.D
                 if stage.shape != live.cur_shape:                        # a stage change: its drop-path rate
                     live.new_stage(stage)
                 p = st.plan.progress_at(st.step)                         # the one progress (see above)
-                lr = S.lr_at(p, base_lr=cfg.schedule.lr, warmup=cfg.schedule.warmup, decay=cfg.schedule.lr_decay)
-                aug = S.aug_at(p, mix_prob=cfg.schedule.mix_prob, randaug=cfg.schedule.randaug,
-                               drop_path=cfg.schedule.drop_path)
+                lr = S.lr_at(p, base_lr=cfg.optim.lr, warmup=cfg.optim.warmup, decay=cfg.optim.lr_decay)
+                aug = S.aug_at(p, mix_prob=cfg.augment.mix_prob, randaug=cfg.augment.randaug,
+                               drop_path=cfg.augment.drop_path)
                 live.meter.timer.start()
                 try:
                     loss = step_fn(images.to(run.env.device, non_blocking=True),
@@ -270,7 +270,7 @@ def _build(cfg: TrainConfig, how: Invocation, lock, denv: dist.DistEnv) -> tuple
     parts = build_parts(cfg, env, env.ds.num_classes)
     if cfg.run.init_from and not ck:                      # a warmup-stable-decay branch (or trunk segment)
         init_parts_from(cfg.run.init_from, parts, say)
-    step_fn = TrainStep(parts, cfg.schedule, env)
+    step_fn = TrainStep(parts, cfg, env)
     grower = Grower(cfg, parts, step_fn, env, say)       # --growth: the depth per stage (growth.py)
     run = Run(cfg=cfg, env=env, parts=parts, step_fn=step_fn, clock=clock, grower=grower,
               planner=RunPlanner(cfg, env, step_fn, clock, say), say=say, model_auto=model_auto)
@@ -325,7 +325,7 @@ def _plan(run: Run, ck: Checkpoint | None, stages: list[Stage]) -> None:
     # the EMA's half-life in images: a share of the first plan's images, kept in every checkpoint (a
     # checkpoint of the first release has none: then the share of its plan's)
     st.ema_halflife_images = st.ema_halflife_images or \
-        cfg.schedule.ema_halflife * st.plan.images_until(st.plan.total_steps)
+        cfg.optim.ema_halflife * st.plan.images_until(st.plan.total_steps)
     run.step_fn.ema_rate = EmaRate(st.ema_halflife_images)
     dist.seed_rank(denv, cfg.run.seed, st.step)           # torchrun: each rank its own patch draws, mixup
     for s in st.plan.stages:                              # a run resumed on another number of processes

@@ -34,7 +34,7 @@ class Proposal(NamedTuple):
 
 def config_stages(cfg, env) -> list[Stage]:
     """The stages the config asks for (resolution curriculum × keep schedule × batch rule), no steps yet."""
-    sc = cfg.schedule
+    sc, kp = cfg.schedule, cfg.keep
     if cfg.run.recipe == "baseline":
         return [Stage(res=env.final_res, batch_size=sc.batch_size, keep=1.0, f0=0.0, f1=1.0)]
     patch = cfg.model.patch_size
@@ -47,10 +47,10 @@ def config_stages(cfg, env) -> list[Stage]:
     if bad:
         raise TrainError(f"curriculum resolutions {bad} are not multiples of the patch size {patch}", 2)
     tokens = token_schedule(cfg, cur)
-    return build_stages(curriculum=cur, keep_kind=sc.keep_schedule, keep_min=sc.keep_min,
-                        keep_full_from=sc.keep_full_from, keep_cycles=sc.keep_cycles, keep_step=sc.keep_step,
-                        splits_per_stage=sc.keep_splits, base_batch=sc.batch_size, ref_res=env.final_res,
-                        const_tokens=sc.const_tokens, max_batch=sc.max_batch, lr_rule=sc.lr_scaling, patch=patch,
+    return build_stages(curriculum=cur, keep_kind=kp.keep_schedule, keep_min=kp.keep_min,
+                        keep_full_from=kp.keep_full_from, keep_cycles=kp.keep_cycles, keep_step=kp.keep_step,
+                        splits_per_stage=kp.keep_splits, base_batch=sc.batch_size, ref_res=env.final_res,
+                        const_tokens=sc.const_tokens, max_batch=sc.max_batch, lr_rule=cfg.optim.lr_scaling, patch=patch,
                         tokens=tokens)
 
 
@@ -84,13 +84,13 @@ def drop_path_rates(cfg, stages: list[Stage]) -> dict:
     would move it: a compiled graph guards on the rate, so one rate per shape."""
     out: dict = {}
     for s in stages:
-        out.setdefault(s.kind, S.aug_at(0.5 * (s.f0 + s.f1), drop_path=cfg.schedule.drop_path).drop_path)
+        out.setdefault(s.kind, S.aug_at(0.5 * (s.f0 + s.f1), drop_path=cfg.augment.drop_path).drop_path)
     return out
 
 
 def probe_aug(cfg) -> S.AugStrength:
     """The augmentation a probe step runs at: the strongest the run will use (the slowest step)."""
-    return S.aug_at(1.0, mix_prob=(max(cfg.schedule.mix_prob),) * 2, randaug=(max(cfg.schedule.randaug),) * 2)
+    return S.aug_at(1.0, mix_prob=(max(cfg.augment.mix_prob),) * 2, randaug=(max(cfg.augment.randaug),) * 2)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class RunPlanner:
 
     def __init__(self, cfg, env, step_fn, clock, say):
         self.cfg, self.env, self.step_fn, self.clock, self.say = cfg, env, step_fn, clock, say
-        self.fallback = BatchFallback(cfg.schedule.batch_size, cfg.schedule.lr_scaling, multiple=2 * env.dist.world)
+        self.fallback = BatchFallback(cfg.schedule.batch_size, cfg.optim.lr_scaling, multiple=2 * env.dist.world)
         self._rates: dict = {}
 
     # -- stages --------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def probe_config(cfg, env, stages: list[Stage] | None = None, *, clock=None, num
 
     clock = clock or BudgetClock(cfg.budget_s)
     parts = build_parts(cfg, env, num_classes or env.ds.num_classes)
-    planner = RunPlanner(cfg, env, TrainStep(parts, cfg.schedule, env), clock, say)
+    planner = RunPlanner(cfg, env, TrainStep(parts, cfg, env), clock, say)
     asked = planner.stages()
     (fitted, speeds), spent = planner.probe(asked if stages is None else stages,
                                             iters=max(1, cfg.budget.probe_iters))

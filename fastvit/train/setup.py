@@ -125,8 +125,8 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
 
     from .augment import make_mixup
 
-    sc = cfg.schedule
-    dpr = max(sc.drop_path)
+    op, au = cfg.optim, cfg.augment
+    dpr = max(au.drop_path)
     over = cfg.model.overrides()                          # patch_size and the ViTConfig fields given
     try:
         if cfg.run.recipe == "baseline":
@@ -145,17 +145,17 @@ def build_parts(cfg: TrainConfig, env: RunEnv, num_classes: int) -> Parts:
     target = model.model if cfg.run.recipe == "baseline" else model
     # fused AdamW on a GPU: one kernel for all parameters, and its found_inf input lets the step skip a
     # NaN/inf update without a host sync (step.TrainStep's deferred mode)
-    fused = {"fused": True} if env.cuda and sc.opt.lower() in ("adam", "adamw") else {}
-    opt = create_optimizer_v2(target, opt=sc.opt, lr=sc.lr, weight_decay=sc.weight_decay, **fused)
+    fused = {"fused": True} if env.cuda and op.opt.lower() in ("adam", "adamw") else {}
+    opt = create_optimizer_v2(target, opt=op.opt, lr=op.lr, weight_decay=op.weight_decay, **fused)
     ema = None
-    if sc.ema:
+    if op.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=0.999, use_warmup=False)  # decay set per step (step.EmaRate)
-    mixup = make_mixup(mixup=sc.mixup, cutmix=sc.cutmix, label_smoothing=sc.label_smoothing,
+    mixup = make_mixup(mixup=au.mixup, cutmix=au.cutmix, label_smoothing=au.label_smoothing,
                        num_classes=num_classes)
     # torchrun: DDP averages the gradients; with --growth a step runs only some blocks
-    step_model = wrap_model(model, env.dist, env.device, find_unused=sc.growth != "none")
+    step_model = wrap_model(model, env.dist, env.device, find_unused=cfg.growth.mode != "none")
     if env.compile:
         # one compiled module for the run, static shapes: every stage shape (and drop-path rate, a
         # guarded constant) is one graph, compiled at its first call: in the planner's probe (counted),

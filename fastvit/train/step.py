@@ -1,6 +1,6 @@
 """One training step: augment → forward (bf16 on GPU) → soft-target loss → backward → clip → AdamW → EMA.
 
-    step = TrainStep(parts, cfg.schedule, env)
+    step = TrainStep(parts, cfg, env)
     loss = step(images, labels, stage, lr=..., aug=S.aug_at(p, ...), images_seen=n)   # None: skipped (NaN/inf)
     loss = step.poll()      # deferred mode (CUDA + fused AdamW): the interval's mean loss, read every N steps
 
@@ -54,8 +54,10 @@ class EmaRate:
 
 
 class TrainStep:
-    def __init__(self, parts: Parts, schedule, env: RunEnv, deferred: bool | None = None):
-        self.p, self.sc, self.env = parts, schedule, env
+    def __init__(self, parts: Parts, cfg, env: RunEnv, deferred: bool | None = None):
+        """`cfg`: the run's TrainConfig (a step reads cfg.optim.clip_grad and cfg.augment.randaug_ops)."""
+        self.p, self.env = parts, env
+        self.clip_grad, self.randaug_ops = cfg.optim.clip_grad, cfg.augment.randaug_ops
         self.ema_rate: EmaRate | None = None      # set once the plan exists (its images give the half-life)
         self.nan_run = 0                          # NaN/inf steps in a row (deferred: as of the last poll)
         self.nan_total = 0
@@ -80,7 +82,7 @@ class TrainStep:
         for g in p.opt.param_groups:
             g["lr"] = lr
         if aug.randaug_mag > 0:
-            images = randaugment_groups(images, aug.randaug_mag, self.sc.randaug_ops)
+            images = randaugment_groups(images, aug.randaug_mag, self.randaug_ops)
         images, targets = mix_batch(p.mixup, images, labels, aug.mix_prob)               # (B,3,r,r), (B,C)
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.env.amp):
             # the call form of the compiled graph: no keep argument for all patches
@@ -88,7 +90,7 @@ class TrainStep:
                       else p.step_model(images, **tok))
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()   # (B,C) -> ()
         loss.backward()
-        clip = self.sc.clip_grad if self.sc.clip_grad > 0 else 1e12
+        clip = self.clip_grad if self.clip_grad > 0 else 1e12
         gnorm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip)
         if self.deferred:
             return self._deferred_update(loss.detach(), gnorm, stage, images_seen, probe)
