@@ -245,11 +245,12 @@ class OperatingPoint(nn.Module):
         return sum(n for _, n in t) / s if s > 0 else None
 
 
-def evaluate_grid(rm: RunModel, ds, *, split: str, resolutions, keeps, backend: str, device: torch.device,
-                  amp: bool, batch_size: int, workers: int | None = None, max_images: int | None = None,
+def evaluate_grid(rm: RunModel, source, *, split: str, resolutions, keeps, amp: bool, batch_size: int,
+                  workers: int | None = None, max_images: int | None = None,
                   seed: int = 0, progress: bool = True) -> list[dict]:
     """One row per (res, keep): top-1/top-5 (%), the images read, images/s. fastvit.train.evaluate's
-    Evaluator over make_val_loader (one loader per resolution, reused across the keep rates)."""
+    Evaluator over make_val_loader (one loader per resolution, reused across the keep rates) of `source`
+    (a fastvit.data.DataSource resolved for every resolution: choose_backend)."""
     from tqdm import tqdm
 
     from fastvit.stage import num_kept
@@ -257,10 +258,10 @@ def evaluate_grid(rm: RunModel, ds, *, split: str, resolutions, keeps, backend: 
     from fastvit.train.setup import RunEnv
 
     patch = rm.cfg.model.patch_size
-    total = ds.count(split) if not max_images else min(ds.count(split), max_images)
+    total = source.ds.count(split) if not max_images else min(source.ds.count(split), max_images)
     rows = []
     for res in resolutions:
-        env = RunEnv(ds=ds, device=device, backend=backend, final_res=res, amp=amp, compile=False)
+        env = RunEnv(source=source, final_res=res, amp=amp, compile=False)
         ev = Evaluator(env, batch_size=batch_size, workers=workers, loader_kwargs={"split": split})
         try:
             for keep in keeps:
@@ -332,23 +333,19 @@ def parse_list(text: str, cast, flag: str) -> list:
     return list(dict.fromkeys(vals))
 
 
-def choose_backend(want: str | None, ds, device: torch.device, reads, run_backend: str | None) -> tuple[str, str]:
+def choose_backend(want: str | None, ds, device: torch.device, reads, run_backend: str | None) -> tuple:
     """--backend as given (checked), or the run's backend when it can read these (split, res), else
-    fastvit.data's auto order. (name, one line saying why)."""
-    from fastvit.data import DataError
-    from fastvit.data.backends import AUTO, AUTO_ORDER, BACKENDS, check_readable, check_runnable, choose_auto
+    fastvit.data's auto order: (the fastvit.data.DataSource the loaders take as it is, one line saying why)."""
+    from fastvit.data import DataError, DataSource
+    from fastvit.data.backends import AUTO
 
     try:
-        if want and want != AUTO:
-            check_runnable(want, device)
-            for split, res in reads:
-                check_readable(ds, want, split, res)
-            return want, f"backend {want}"
-        first = [run_backend] if run_backend in BACKENDS else []
-        name, why = choose_auto(ds, device, reads, order=tuple(dict.fromkeys(first + list(AUTO_ORDER[device.type]))))
-        return name, f"backend {name} (the run's)" if first == [name] else why
+        source = DataSource.resolve(ds, want or AUTO, device, reads, prefer=run_backend)
     except DataError as e:
         raise TrainError(f"--backend: {e}", 2) from None
+    if want and want != AUTO:
+        return source, f"backend {want}"
+    return source, f"backend {source.backend} (the run's)" if source.backend == run_backend else source.why
 
 
 def run_eval(args) -> dict:
@@ -388,22 +385,22 @@ def run_eval(args) -> dict:
         raise TrainError("--keep: keep rates must be in (0, 1]", 2)
     if baseline and keeps != [1.0]:
         raise TrainError("--keep: the baseline recipe (timm's ViT) runs all patches; use --keep 1", 2)
-    backend, why = choose_backend(args.backend, ds, device, [(args.split, r) for r in resolutions],
-                                  (rm.results or {}).get("backend") or cfg.data.backend)
+    source, why = choose_backend(args.backend, ds, device, [(args.split, r) for r in resolutions],
+                                 (rm.results or {}).get("backend") or cfg.data.backend)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     batch = args.batch_size or max(16, min(256, cfg.schedule.batch_size))   # the trainer's evaluation batch
     say = lambda s: print(f"[{PROG}] {s}", file=sys.stderr, flush=True)    # noqa: E731
     if note:
         say(note)
     print(rm.describe())
-    env = RunEnv(ds=ds, device=device, backend=backend, final_res=resolutions[0], amp=amp, compile=False)
+    env = RunEnv(source=source, final_res=resolutions[0], amp=amp, compile=False)
     print(f"data: {ds.root} {args.split} ({ds.count(args.split)} images, {ds.num_classes} classes); {why}; "
           f"{device_name(env)}, {'bf16' if amp else 'fp32'}, batch {batch}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = evaluate_grid(rm, ds, split=args.split, resolutions=resolutions, keeps=keeps, backend=backend,
-                         device=device, amp=amp, batch_size=batch, workers=args.workers, max_images=args.max_images,
+    rows = evaluate_grid(rm, source, split=args.split, resolutions=resolutions, keeps=keeps, amp=amp,
+                         batch_size=batch, workers=args.workers, max_images=args.max_images,
                          seed=args.seed, progress=args.progress)
     print(format_table(rows))
     res = rm.results
@@ -414,7 +411,7 @@ def run_eval(args) -> dict:
     out = {"checkpoint": str(rm.checkpoint), "step": rm.step, "counted_s": rm.counted_s,
            "finished": rm.results is not None, "weights": rm.weights, "model": cfg.model.name, "recipe": cfg.run.recipe,
            "depth": rm.depth, "params_m": round(rm.params_m, 3), "data": str(ds.root), "split": args.split,
-           "classes": ds.num_classes, "backend": backend, "device": device_name(env), "amp": amp,
+           "classes": ds.num_classes, "backend": source.backend, "device": device_name(env), "amp": amp,
            "batch_size": batch, "seed": args.seed, "grid": rows}
     path = Path(args.json) if args.json else rm.run_dir / "eval.json"
     write_json_atomic(path, out)

@@ -157,13 +157,3 @@ def choose_auto(ds: PreppedDataset, device, reads, order: tuple[str, ...] | None
     raise DataError(f"no loader backend can read {ds.root} on {dev.type}: "
                     + "; ".join(f"{n}: {r}" for n, r in why_not))
 
-
-def resolve_backend(backend: str | None, ds: PreppedDataset, device, reads) -> str:
-    """`backend` itself, or for None / "auto" the choice of `choose_auto` (logged once)."""
-    if backend not in (None, AUTO):
-        return backend
-    name, why = choose_auto(ds, device, reads)
-    from .dataset import log as data_log
-
-    data_log.info(why)
-    return name

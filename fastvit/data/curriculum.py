@@ -1,6 +1,7 @@
 """CurriculumLoader: the plan's stages as one stream of batches, with no stall at a switch.
 
     cl = CurriculumLoader(ds, [Stage(64, 512, 1000), Stage(128, 256, 500)], backend="dali", device="cuda", seed=0)
+    cl = CurriculumLoader(source, stages, seed=0)   # a DataSource resolved once (fastvit.data.source): trusted
     with cl:
         for images, labels, stage in cl: ...     # every stage's steps once, then it stops
     cl.last_wait_s, cl.data_wait_total_s         # seconds the consumer waited for data (last step, all)
@@ -47,8 +48,9 @@ from fastvit.stage import Stage, step_ranges
 
 from .base import LoaderOptions
 from .dataset import DataError, PreppedDataset
-from .backends import STREAMING, choose_auto, container_for, resolve_backend, resolve_device, spec
+from .backends import AUTO
 from .loader import build_loader
+from .source import DataSource, source_of
 from .order import BatchPlan, stage_seed
 
 log = logging.getLogger("fastvit.data")
@@ -177,31 +179,29 @@ def _dispose(x) -> None:
 class CurriculumLoader:
     """Yields (images uint8 (B,3,r,r), labels int64 (B,), stage) for every planned step, in order."""
 
-    def __init__(self, ds: PreppedDataset, stages: Sequence[Stage], backend: str = "auto", device="cuda",
-                 seed: int = 0, *, split: str = "train", workers: int | None = None, start_step: int = 0,
-                 merge: bool = True, resident_fallback: str | None = None, **options):
+    def __init__(self, ds: PreppedDataset | DataSource, stages: Sequence[Stage], backend: str = AUTO,
+                 device="cuda", seed: int = 0, *, split: str = "train", workers: int | None = None,
+                 start_step: int = 0, merge: bool = True, resident_fallback: str | None = None, **options):
+        """`ds`: a PreppedDataset with `backend` and `device` (resolved here, for every stored resolution
+        of `split`: fastvit.data.source), or a DataSource resolved before (used as it is)."""
         stages = _check(stages)
-        self.device = resolve_device(device)
-        backend = resolve_backend(backend, ds, self.device, [(split, None)])   # "auto": the best installed
-        spec(backend)                                   # an unknown name: one line, before anything else
-        self.ds, self.split, self.backend, self.seed, self.workers = ds, split, backend, int(seed), workers
         self.opts = LoaderOptions.from_kwargs(options)
+        source = source_of(ds, backend, device, [(split, None)], src=self.opts.src)
+        self.source, self.ds, self.device, self.backend = source, source.ds, source.device, source.backend
+        self.split, self.seed, self.workers = split, int(seed), workers
         if self.opts.res_schedule is not None:
             raise DataError("CurriculumLoader plans sizes from its stages; res_schedule is not an option here")
 
-        fmt = container_for(backend, ds, split)        # None: the source tree (torchvision)
-        if fmt is None:
-            ds.source_dir(split, self.opts.src)  # fail here, with one line, rather than at the first batch
-        stored_of = (lambda r: r) if fmt is None else (lambda r: ds.stored_res(r, split, fmt))
+        fmt = source.container(split)                  # None: the source tree (torchvision)
+        stored_of = (lambda r: r) if fmt is None else (lambda r: self.ds.stored_res(r, split, fmt))
         backend_of = None
-        if backend == "gpu_resident":  # stretches whose shard does not fit run on a streaming backend
+        if self.backend == "gpu_resident":  # stretches whose shard does not fit run on a streaming backend
             if resident_fallback is None:   # the best streaming backend installed that reads the split
-                try:
-                    resident_fallback, _ = choose_auto(ds, self.device, [(split, None)], order=STREAMING)
-                except DataError as e:      # fine while every shard fits; named if one does not
-                    resident_fallback, self._no_stream = None, str(e)
-            backend_of = self._resident_or(resident_fallback, stored_of)
-        self._span = lambda st: plan_spans(st, backend, stored_of, merge=merge, backend_of=backend_of)
+                self._stream, self._no_stream = source.streaming_source(split)  # fine while every shard fits
+            else:
+                self._stream, self._no_stream = DataSource.resolve(self.ds, resident_fallback, self.device), ""
+            backend_of = self._resident_or(self._stream and self._stream.backend, stored_of)
+        self._span = lambda st: plan_spans(st, self.backend, stored_of, merge=merge, backend_of=backend_of)
         self._set_plan(stages)
         if not 0 <= start_step < self.total_steps:
             raise DataError(f"start_step {start_step} is outside 0..{self.total_steps - 1}")
@@ -289,21 +289,21 @@ class CurriculumLoader:
 
     def _build(self, spec: tuple, start_batch: int):
         backend, stretches_, seeds = spec
-        build = lambda b: build_loader(self.ds, self.split, list(stretches_), list(seeds), backend=b,  # noqa: E731
-                                       device=self.device, train=True, seed=seeds[0], workers=self.workers,
-                                       drop_last=True, start_batch=start_batch, opts=self.opts)
+        build = lambda src: build_loader(src, self.split, list(stretches_), list(seeds),  # noqa: E731
+                                         train=True, seed=seeds[0], workers=self.workers,
+                                         drop_last=True, start_batch=start_batch, opts=self.opts)
         if backend != "gpu_resident":
-            return build(backend)
+            return build(self.source if backend == self.backend else self._stream)
         from .backend_resident import ResidentTooLarge
 
         try:
-            return build(backend)
+            return build(self.source)
         except ResidentTooLarge as e:  # memory taken since the plan (activations, another shard): stream it
             fallback = self._fallback
             if fallback is None or (len(stretches_) > 1 and fallback != "dali"):  # only DALI resizes in a loader
                 raise
             log.warning("gpu_resident: %s; streaming it with %s", e, fallback)
-            return build(fallback)
+            return build(self._stream)
 
     def _on_ready(self, span_idx: int) -> None:
         with self._lock:

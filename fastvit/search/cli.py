@@ -182,8 +182,8 @@ def setup(args) -> Context:
         raise SearchError(str(e), getattr(e, "code", 2)) from None
     seed_everything(args.seed)
     try:
-        loader = make_loader(env.ds, split="train", res=env.final_res, batch_size=16, backend=env.backend,
-                             device=env.device, train=False, seed=args.seed, workers=cfg.data.workers)
+        loader = make_loader(env.source, split="train", res=env.final_res, batch_size=16, train=False,
+                             seed=args.seed, workers=cfg.data.workers)
         try:
             images, _ = next(iter(loader))                                         # (16,3,res,res) uint8
         finally:

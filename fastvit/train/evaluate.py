@@ -53,8 +53,7 @@ class Evaluator:
     def __init__(self, env, *, batch_size: int, workers: int | None, loader_kwargs: dict):
         self.env = env
         d = env.dist
-        self.kw = dict(res=env.final_res, batch_size=batch_size * d.world, backend=env.backend,
-                       device=str(env.device), **loader_kwargs)
+        self.kw = dict(res=env.final_res, batch_size=batch_size * d.world, **loader_kwargs)
         if d.enabled:
             self.kw["shard"] = d.shard
         if workers:
@@ -70,7 +69,7 @@ class Evaluator:
             v = self._val = None
         if v is None:
             try:
-                v = self._val = make_val_loader(self.env.ds, **self.kw)
+                v = self._val = make_val_loader(self.env.source, **self.kw)   # resolved at set-up: trusted
             except (DataError, OSError) as e:   # val shard missing at this res, flat val/ for torchvision, ...
                 raise self._error(e) from None
         return v

@@ -357,8 +357,8 @@ class Grower:
             # at most ~1% of the budget for the scoring (a forward is ~1/3 of a training step)
             n_img = max(64, min(n_img, int(0.01 * self.cfg.budget_s * 3 * w["speed"] / len(w["cands"]))))
         bs = max(1, min(w["batch"], n_img))
-        loader = make_loader(self.env.ds, split="train", res=w["res"], batch_size=bs, backend=self.env.backend,
-                             device=str(self.env.device), train=False, seed=12345, drop_last=False,
+        loader = make_loader(self.env.source, split="train", res=w["res"], batch_size=bs, train=False, seed=12345,
+                             drop_last=False,
                              **self.cfg.data.loader_kwargs())
         batches, seen = [], 0
         try:

@@ -539,8 +539,7 @@ def _open_loader(st: RunState, cfg: TrainConfig, env: RunEnv):
     from fastvit.data import CurriculumLoader
 
     try:
-        return CurriculumLoader(env.ds, st.plan.stages, backend=env.backend,
-                                device=str(env.device), seed=cfg.run.seed, start_step=st.step,
+        return CurriculumLoader(env.source, st.plan.stages, seed=cfg.run.seed, start_step=st.step,
                                 workers=cfg.data.workers, **cfg.data.loader_kwargs(),
                                 **({"shard": env.dist.shard} if env.dist.enabled else {}))   # this rank's rows
     except DataError as e:   # missing shard/source tree: one line

@@ -18,14 +18,16 @@ from .rules import final_resolution
 
 @dataclass
 class RunEnv:
-    ds: object                 # fastvit.data.PreppedDataset
-    device: torch.device
-    backend: str               # the loader backend (fastvit.data backends)
+    source: object             # fastvit.data.DataSource: data, device, backend, resolved once here (open_env)
     final_res: int             # last training and the evaluation resolution
     amp: bool                  # bf16 autocast
     compile: bool              # torch.compile (one static graph per stage shape)
-    backend_why: str = ""      # backend auto: which one and why (one line)
     dist: DistEnv = SINGLE     # this process's rank and the world size (torchrun; else world 1)
+
+    ds = property(lambda self: self.source.ds)                    # fastvit.data.PreppedDataset
+    device = property(lambda self: self.source.device)            # torch.device
+    backend = property(lambda self: self.source.backend)          # the loader backend (never "auto")
+    backend_why = property(lambda self: self.source.why)          # backend auto: which one and why (one line)
 
     @property
     def cuda(self) -> bool:
@@ -33,29 +35,24 @@ class RunEnv:
 
 
 def open_env(cfg: TrainConfig, denv: DistEnv = SINGLE) -> RunEnv:
-    """Data, device, backend and final resolution, all checked before any compute (one line each).
-    Under torchrun on GPUs the device is cuda:LOCAL_RANK."""
-    from fastvit.data import check_readable
-    from fastvit.data.backends import AUTO, check_runnable, choose_auto
+    """Data, device, backend and final resolution, all checked before any compute (one line each), in
+    one fastvit.data.DataSource that the loaders and the evaluator take as it is. Under torchrun on GPUs
+    the device is cuda:LOCAL_RANK."""
+    from fastvit.data import DataSource
 
     root = data_root(cfg)
     device = local_device(denv, resolve_device(cfg.run.device))
-    backend, why = choose_backend(cfg), ""
     ds, final_res = open_data(cfg)
     try:
-        if backend == AUTO:   # the best installed backend that reads train and val on this device
-            backend, why = choose_auto(ds, device, [("train", None), ("val", final_res)])
-        check_runnable(backend, device)
-        # train and val readable by the backend (val at the evaluation resolution), checked before any
-        # compute so a missing shard is not found after the whole budget was spent
-        for split, res in (("train", None), ("val", final_res)):
-            check_readable(ds, backend, split, res)
+        # train (every stored resolution) and val at the evaluation resolution readable by the backend,
+        # checked before any compute so a missing shard is not found after the whole budget was spent
+        source = DataSource.resolve(ds, choose_backend(cfg), device, [("train", None), ("val", final_res)],
+                                    src=cfg.data.loader.src)
     except DataError as e:
         raise TrainError(f"--data {root}: {e}", 2) from None
     amp = cfg.run.amp if cfg.run.amp is not None else device.type == "cuda"
     do_compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
-    return RunEnv(ds=ds, device=device, backend=backend, final_res=final_res, amp=amp, compile=do_compile,
-                  backend_why=why, dist=denv)
+    return RunEnv(source=source, final_res=final_res, amp=amp, compile=do_compile, dist=denv)
 
 
 def data_root(cfg: TrainConfig) -> str:
