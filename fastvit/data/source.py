@@ -18,7 +18,7 @@ same function, once per loader; a DataSource handed to them is used as it is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -33,8 +33,8 @@ class DataSource:
     device: torch.device
     backend: str                                      # one of BACKENDS (never "auto")
     containers: tuple[tuple[str, str | None], ...]    # (split, container the backend reads) for every split
-    streaming: tuple[tuple[str, str | None, str], ...] = ()   # gpu_resident: (split, streaming backend or
-    #                                                   None, why none) for each curriculum read
+    streaming: tuple[tuple[str, "DataSource | None", str], ...] = ()   # gpu_resident, per curriculum read:
+    #                                 (split, the same data read by the streaming backend or None, why none)
     why: str = ""                                     # backend auto: which one and why (one line)
 
     def __post_init__(self):
@@ -62,9 +62,20 @@ class DataSource:
             check_runnable(backend, dev)
             for split, res in reads:
                 check_readable(ds, backend, split, res, src)
-        streaming = tuple((split, *_streaming(ds, dev, split)) for split, res in dict.fromkeys(reads)
+        streaming = tuple((split, *cls._streaming(ds, dev, split)) for split, res in dict.fromkeys(reads)
                           if res is None) if backend == "gpu_resident" else ()
         return cls(ds, dev, backend, _containers(ds, backend), streaming, why)
+
+    @classmethod
+    def _streaming(cls, ds: PreppedDataset, device: torch.device, split: str) -> tuple["DataSource | None", str]:
+        """(the data read by the best streaming backend installed that reads every stored resolution of
+        `split`, or None, why none): what a resident stage falls back to. Needed only when a shard does
+        not fit, so a data set no streaming backend reads is fine until then."""
+        try:
+            name = choose_auto(ds, device, [(split, None)], order=STREAMING)[0]
+        except DataError as e:
+            return None, str(e)
+        return cls(ds, device, name, _containers(ds, name)), ""
 
     def container(self, split: str) -> str | None:
         """The stored container this backend reads for `split`: "ffcv" or "dali"; None: the source tree."""
@@ -75,27 +86,15 @@ class DataSource:
 
     def streaming_source(self, split: str) -> tuple["DataSource | None", str]:
         """gpu_resident: (the source a stage of `split` whose shard does not fit streams from, or None,
-        why none), as resolved: the same data and device, read by the streaming backend."""
-        for s, name, why_not in self.streaming:
+        why none), as resolved."""
+        for s, source, why_not in self.streaming:
             if s == split:
-                if name is None:
-                    return None, why_not
-                return replace(self, backend=name, containers=_containers(self.ds, name), streaming=(), why=""), ""
+                return source, why_not
         return None, f"the data source resolved no streaming backend for split {split!r}"
 
 
 def _containers(ds: PreppedDataset, backend: str) -> tuple[tuple[str, str | None], ...]:
     return tuple((split, container_for(backend, ds, split)) for split in sorted(ds.splits))
-
-
-def _streaming(ds: PreppedDataset, device: torch.device, split: str) -> tuple[str | None, str]:
-    """(the best streaming backend installed that reads every stored resolution of `split`, or None,
-    why none): what a resident stage falls back to. Needed only when a shard does not fit, so a data set
-    no streaming backend reads is fine until then."""
-    try:
-        return choose_auto(ds, device, [(split, None)], order=STREAMING)[0], ""
-    except DataError as e:
-        return None, str(e)
 
 
 def source_of(data, backend: str | None = AUTO, device="cuda", reads=(), *, src=None) -> DataSource:
