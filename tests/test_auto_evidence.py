@@ -50,8 +50,10 @@ def _sweep(tmp_path: Path, auto_shape="d2-w128", auto_shift=0.0) -> Path:
             for shape in RATE:
                 run(f"fastvit+shape={shape}", budget, secs, seed, shape)
             pick = {"shape": auto_shape, "params": param_count(auto_shape, 10)}
+            cand_rows = [{"shape": s, "images": int(RATE[s] * secs / 2), "speed_from": "flops", "top1": 50.0}
+                    for s in RATE]                       # a speed model that halves every shape's images
             run(auto_evidence.AUTO_VARIANT, budget, secs, seed, auto_shape,
-                {"model_auto": {"pick": pick}, "predicted_top1": {"top1": 70.0, "interval": [69, 71]}})
+                {"model_auto": {"pick": pick, "rows": cand_rows}, "predicted_top1": {"top1": 70.0, "interval": [69, 71]}})
     with open(sweep / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -66,7 +68,8 @@ def _true_best(secs):
 def test_lobo_recovers_the_best_shape_and_zero_regret(tmp_path):
     ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10)
     assert [r["budget"] for r in ev["lobo"]] == ["4m", "8m", "16m"]
-    for r in ev["lobo"]:
+    assert [r["budget"] for r in ev["lobo_free"]] == ["4m", "8m", "16m"]
+    for r in ev["lobo"] + ev["lobo_free"]:
         assert "refused" not in r
         assert r["budget"] not in r["fitted_on"]                 # the held-out budget is not in the fit
         assert r["pick"] == r["best"] == _true_best(r["budget_s"])
@@ -85,6 +88,9 @@ def test_auto_against_the_preset(tmp_path):
         assert r["auto_at_least_preset"] is False               # 50 points below the grid's own d2-w128
     ok = auto_evidence.evidence(_sweep(tmp_path / "b"), "d4-w192", 10)["auto_vs_preset"]
     assert all(r["auto_at_least_preset"] for r in ok)
+    check = ev["speed_check"]
+    assert len(check) == 3 * 2 * len(RATE)                   # budgets x seeds x candidates in the grid
+    assert all(r["ratio"] == pytest.approx(0.5, abs=0.01) for r in check)
 
 
 def test_cli_writes_the_table_and_copies_every_run(tmp_path, capsys):

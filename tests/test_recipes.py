@@ -69,16 +69,20 @@ def test_every_group_has_a_comment_saying_where_its_values_come_from(path):
             assert above.startswith("#"), f"{path.name}: section {line} has no comment"
 
 
-def test_evidence_recipes_are_the_sweeps_variants_on_the_cpu_preset():
+def test_evidence_recipes_are_the_sweeps_variants_on_the_preset_they_ran():
+    """The studies before issue 22's grid ran the cpu preset at depth 4 (now cpu-d4); the cpu preset is that
+    recipe at the grid's best shape, d2-w128 (bench/results/auto/README.md)."""
     res = [64, 128, 224]
-    base = make_config("cpu", {})
-    assert make_config("cpu", variants.resolve("growth", base, res)) == make_config("cpu-growth", {})
-    assert make_config("cpu", variants.resolve("baseline", base, res)) == make_config("cpu-baseline", {})
-    assert make_config("cpu", {"depth": 2}) == make_config("cpu-d2", {})              # the growth study's none_d2
+    base = make_config("cpu-d4", {})
+    assert make_config("cpu-d4", variants.resolve("growth", base, res)) == make_config("cpu-growth", {})
+    assert make_config("cpu-d4", variants.resolve("baseline", base, res)) == make_config("cpu-baseline", {})
+    assert make_config("cpu-d4", {"depth": 2}) == make_config("cpu-d2", {})           # the growth study's none_d2
+    assert make_config("cpu-d4", variants.resolve("fastvit+shape=d2-w128", base, res)) == make_config("cpu", {})
+    assert (base.model.depth, make_config("cpu", {}).model.embed_dim) == (4, 128)
     # a recipe file is a sweep variant as NAME=FILE.yaml (the run's own settings left to the sweep)
     item = f"d2={RECIPES_DIR / 'cpu-d2.yaml'}"
     assert variants.label(item) == "d2"
-    assert make_config("cpu", variants.check(item, "cpu", {}, res)) == make_config("cpu-d2", {})
+    assert make_config("cpu-d4", variants.check(item, "cpu-d4", {}, res)) == make_config("cpu-d2", {})
 
 
 def test_a_recipe_file_as_config_under_flags(tmp_path):
