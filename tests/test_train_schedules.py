@@ -340,7 +340,7 @@ def test_config_checks_keys_and_values():
     with pytest.raises(ConfigError, match="keep-schedule"):
         TrainConfig.from_dict({"keep_schedule": "zigzag"})
     cfg = make_config("cpu", {"lr": 5e-3, "depth": None})
-    assert cfg.optim.lr == 5e-3 and cfg.model.depth == 4 and cfg.model.name == "vit_tiny_local"
+    assert cfg.optim.lr == 5e-3 and cfg.model.depth == 2 and cfg.model.name == "vit_tiny_local"   # None: the preset's d2-w128
     assert TrainConfig.from_dict({"minutes": 2}).budget_s == 120.0
     with pytest.raises(ConfigError, match="preset"):
         make_config("nope", {})
