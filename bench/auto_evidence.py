@@ -262,16 +262,18 @@ def plot(ev: dict, path: Path) -> Path | None:
 
 
 def copy_runs(rows: list[dict], sweep: Path, out: Path) -> int:
+    """Each run's results.json and plan.json copied to out/runs/<its path under the sweep's runs/>; the row's
+    run_dir becomes that copy's path relative to `out` (the committed copy, not the scratch dir)."""
     n = 0
     for r in rows:
         src = Path(r["run_dir"])
-        rel = src.relative_to(sweep / "runs") if src.is_relative_to(sweep / "runs") else Path(src.name)
-        dst = out / "runs" / rel
-        dst.mkdir(parents=True, exist_ok=True)
+        rel = Path("runs") / (src.relative_to(sweep / "runs") if src.is_relative_to(sweep / "runs") else src.name)
+        (out / rel).mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "plan.json"):
             if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
+                shutil.copyfile(src / name, out / rel / name)
                 n += 1
+        r["run_dir"] = str(rel)
     return n
 
 
@@ -306,10 +308,6 @@ def main(argv=None) -> int:
         print(f"auto_evidence: {sweep} has no finished grid run (variants fastvit+shape=...)", file=sys.stderr)
         return 2
     n = copy_runs(ev["runs"], sweep, out)
-    for r in ev["runs"]:                                   # the committed copy, not the scratch dir
-        src = Path(r["run_dir"])
-        r["run_dir"] = str((Path("runs") / src.relative_to(sweep / "runs")) if src.is_relative_to(sweep / "runs")
-                           else src.name)
     (out / "evidence.json").write_text(json.dumps(ev, indent=1, default=float) + "\n")
     (out / "table.md").write_text(table_md(ev))
     png = plot(ev, out / "auto.png")
