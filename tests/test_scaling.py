@@ -176,3 +176,71 @@ def test_shipped_priors_load_with_provenance(name, classes):
 def test_unknown_prior_names_the_known_ones():
     with pytest.raises(ScalingError, match="no shipped scaling prior 'tpu'; known: cpu, gpu"):
         load_prior("tpu")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the growth term: gamma, what an image seen at a shallower depth is worth
+
+def _grown(gamma, params=TRUE, share=0.6):
+    """Growing runs: a share of each run's images seen shallow, top-1 the law's at D_full + gamma·D_early."""
+    return [{"shape": f"n{int(n)}+grow", "params": n, "images": d, "images_early": share * d, "budget": b,
+             "top1": 100 * (1 - float(law_error(params, n, d - share * d + gamma * share * d)))}
+            for n in SIZES[1:4] for b, d in BUDGETS.items()]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.35, 0.8, 1.0])
+def test_growth_term_recovers_a_known_gamma(law, gamma):
+    grown = scaling.fit_growth(law, _grown(gamma), provenance="synthetic")
+    assert grown.growth["gamma"] == pytest.approx(gamma, abs=0.01)
+    assert grown.params == law.params                         # the law itself is not refitted
+    assert len(grown.growth["loo"]["gammas"]) == len(BUDGETS)
+    assert grown.growth["loo"]["rmse"] < 0.05
+    # a growing candidate is forecast as the fixed model at D_eff
+    d, early = 5e4, 3e4
+    row = choose(grown, [{"shape": "g", "params": 2e6, "images": d, "images_early": early}])[0]
+    assert row["images_effective"] == round(d - early + gamma * early)
+    assert row["top1"] == pytest.approx(law.predict(2e6, d - early + gamma * early))
+    assert row["interval"][0] <= row["top1"] <= row["interval"][1]
+
+
+def test_growth_pays_only_where_its_effective_images_beat_the_fixed_shapes(law):
+    """The same candidates: growth is the pick at gamma 1 (free speed); at gamma 0 (its shallow images wasted) the
+    fixed final shape, which sees more images at full depth, is."""
+    cands = [{"shape": "d4+grow", "params": 4e6, "images": 6e4, "images_early": 4e4},
+             {"shape": "d2", "params": 1e6, "images": 6e4},
+             {"shape": "d4", "params": 4e6, "images": 3e4}]
+    for gamma, pick in ((1.0, "d4+grow"), (0.0, "d4")):
+        grown = scaling.fit_growth(law, _grown(gamma))
+        assert choose(grown, cands)[0]["shape"] == pick
+
+
+def test_a_law_without_growth_term_forecasts_no_growing_candidate(law):
+    rows = choose(law, [{"shape": "g", "params": 8e6, "images": 1e9, "images_early": 5e8},
+                        {"shape": "f", "params": 5e5, "images": 1e3}])
+    assert [r["shape"] for r in rows] == ["f", "g"]
+    assert rows[1]["top1"] is None and "no growth term" in rows[1]["extrapolates"]
+    with pytest.raises(ScalingError, match="no growth term"):
+        law.effective_images(1e5, 5e4)
+
+
+def test_growth_term_refuses_runs_that_did_not_grow(law):
+    bad = _grown(0.5)
+    bad[0] = {**bad[0], "images_early": 0}
+    with pytest.raises(ScalingError, match="did not grow"):
+        scaling.fit_growth(law, bad)
+    with pytest.raises(ScalingError, match="images_early"):
+        scaling.fit_growth(law, [{k: v for k, v in bad[1].items() if k != "images_early"}])
+
+
+def test_growth_term_round_trips_and_a_bad_gamma_is_one_line(law, tmp_path):
+    grown = scaling.fit_growth(law, _grown(0.5))
+    back = load_law(save_law(grown, tmp_path / "g.json"))
+    assert back.growth["gamma"] == pytest.approx(grown.growth["gamma"])
+    assert back.predict(1e6, back.effective_images(6e4, 3e4)) == pytest.approx(
+        grown.predict(1e6, grown.effective_images(6e4, 3e4)), rel=1e-9)
+    assert "growth" not in scaling.law_to_dict(law)                       # no term, no key
+    d = scaling.law_to_dict(grown)
+    d["growth"]["gamma"] = 1.7
+    (tmp_path / "bad.json").write_text(json.dumps(d, default=float))
+    with pytest.raises(ScalingError, match=r"gamma must be in \[0, 1\]"):
+        load_law(tmp_path / "bad.json")
