@@ -129,3 +129,92 @@ def test_dry_run_model_auto_on_an_assumed_gpu_picks_without_probing(tiny_prepped
     out = capsys.readouterr().out
     assert rc == 0 and "model auto: " in out and "speed: assumed" in out
     assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# growth as a candidate: weighed where the law has a growth term, picked where it pays
+
+GROWS = {"curriculum": "32:0.5,64:0.5", "final_res": 64}       # two resolutions: depth 2 grows 1 -> 2
+
+
+def _grown_law(gamma, classes=4, resolution=64):
+    """_law with a growth term of this gamma (fitted on exact growing points of the same law)."""
+    from fastvit import scaling
+
+    law = _law(classes, resolution)
+    pts = [{"params": n, "images": d, "images_early": d / 2, "budget": d,
+            "top1": law.predict(n, d / 2 + gamma * d / 2)} for n in (6e4, 2e5) for d in (2e3, 8e3, 3.2e4)]
+    return scaling.fit_growth(law, pts, provenance="test")
+
+
+def _growth_env(tiny_prepped, law_file, **extra):
+    from fastvit.train.config import make_config
+    from fastvit.train.setup import open_env
+
+    cfg = make_config("test", {"data": str(tiny_prepped), "minutes": 2.0, "device": "cpu", "backend": "dali",
+                               "model": "auto", "scaling": str(law_file), **GROWS, **extra})
+    return cfg, open_env(cfg)
+
+
+def _by_depth(c, stages):
+    """A fake probe: images/s falls with the depth a stage runs at (a grown shape's shallow stage is fast)."""
+    return stages, {s.shape: 1000.0 / (s.depth or c.model.depth) for s in stages}, 0.5
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_grown_candidates_are_forecast_from_their_shallow_images(small_family, tiny_prepped, tmp_path, gamma):
+    from fastvit import scaling
+    from fastvit.train import auto
+
+    law = _grown_law(gamma)
+    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"))
+    choice = auto.choose_model(cfg, env, _by_depth, law)
+    rows = {r["shape"]: r for r in choice.rows}
+    assert set(rows) == {"d1-w32", "d2-w32", "d2-w32+grow"}          # depth 1 has nothing to grow from
+    g, f = rows["d2-w32+grow"], rows["d2-w32"]
+    assert g["depths"] == [1, 2] and 0 < g["images_early"] < g["images"]
+    assert g["images"] > f["images"]                                  # the shallow half runs faster
+    assert g["images_effective"] == round(g["images"] - g["images_early"] + law.growth["gamma"] * g["images_early"])
+    # gamma 1: growth is free speed and beats its fixed shape; gamma 0: its shallow images are wasted
+    assert (g["top1"] > f["top1"]) == (gamma == 1.0)
+    assert g["top1"] == pytest.approx(law.predict(g["params"], g["images_effective"]), abs=1e-3)
+
+
+def test_a_grown_pick_trains_growing(small_family, tiny_prepped, tmp_path):
+    from fastvit import scaling
+    from fastvit.train import auto
+
+    law = _grown_law(1.0)
+    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"))
+    choice = auto.choose_model(cfg, env, _by_depth, law)
+    grown = next(r for r in choice.rows if r["shape"].endswith("+grow"))
+    choice.pick = grown
+    run_cfg = auto.apply(cfg, choice)
+    assert run_cfg.growth.mode == "manual" and run_cfg.model.depth == 2 and run_cfg.model.name != "auto"
+    choice.pick = next(r for r in choice.rows if r["shape"] == "d2-w32")
+    assert auto.apply(cfg, choice).growth.mode == "none"
+    assert "growth: gamma 1.00" in "\n".join(choice.lines())
+
+
+def test_growth_is_not_weighed_without_a_growth_term_and_manual_growth_needs_one(small_family, tiny_prepped,
+                                                                                 tmp_path, capsys):
+    from fastvit import scaling
+    from fastvit.train import auto
+
+    law = _law(4, 64)
+    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "plain.json"))
+    choice = auto.choose_model(cfg, env, _by_depth, law)
+    assert not any(r["shape"].endswith("+grow") for r in choice.rows)
+    assert "growth not weighed (no growth term)" in "\n".join(choice.lines())
+    # --growth auto: AutoProg decides the depth during the run, so only fixed shapes are weighed
+    grown = scaling.save_law(_grown_law(1.0), tmp_path / "g.json")
+    cfg, env = _growth_env(tiny_prepped, grown, growth="auto")
+    assert all(not r["shape"].endswith("+grow") for r in auto.choose_model(cfg, env, _by_depth, _grown_law(1.0)).rows)
+    # --growth manual: grown shapes only; with a law that cannot forecast them, one line and exit 2
+    cfg, env = _growth_env(tiny_prepped, grown, growth="manual")
+    assert all(r["shape"].endswith("+grow") for r in auto.choose_model(cfg, env, _by_depth, _grown_law(1.0)).rows)
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "5", "--model", "auto",
+               "--growth", "manual", "--scaling", str(tmp_path / "plain.json"), "--curriculum", "32:0.5,64:0.5",
+               "--final-res", "64", "--dry-run", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no growth term" in err[0]

@@ -4,6 +4,8 @@
     shape_name({"depth": 4, "embed_dim": 192, "num_heads": 3, "mlp_ratio": 4.0})   # "d4-w192"
     param_count("d4-w192", num_classes=10)                                          # 1,997,770
     candidate_family("cpu")           # the shapes `--model auto` considers on that device
+    grow_label("d4-w128")             # "d4-w128+grow": the shape trained with --growth manual (`--model auto`)
+    split_grow("d4-w128+grow")        # ("d4-w128", True)
 
 A spec names the four ViTConfig fields a shape changes; everything else (locality, patch size, head) is the
 model variant's. Heads default to width // 64 (at least 1: DeiT's head width), the MLP ratio to 4.
@@ -58,6 +60,20 @@ def shape_name(overrides: dict) -> str:
     return name
 
 
+GROW = "+grow"
+
+
+def grow_label(spec: str) -> str:
+    """The label of a shape trained growing (--growth manual) in `--model auto`'s tables."""
+    return f"{spec}{GROW}"
+
+
+def split_grow(label: str) -> tuple[str, bool]:
+    """"d4-w128+grow" → ("d4-w128", True); a plain spec → (spec, False)."""
+    text = str(label).strip()
+    return (text[:-len(GROW)], True) if text.endswith(GROW) else (text, False)
+
+
 @functools.lru_cache(maxsize=256)
 def _count(shape: tuple, num_classes: int, patch_size: int, local: bool) -> int:
     import torch
@@ -94,4 +110,5 @@ def candidate_family(device: str) -> list[str]:
     return list(_FAMILY[kind])
 
 
-__all__ = ["SHAPE_MODEL", "candidate_family", "default_heads", "param_count", "parse_shape", "shape_name"]
+__all__ = ["GROW", "SHAPE_MODEL", "candidate_family", "default_heads", "grow_label", "param_count", "parse_shape",
+           "shape_name", "split_grow"]

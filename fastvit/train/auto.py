@@ -1,7 +1,12 @@
 """`--model auto`: the model this budget can train best on this machine, chosen before the run.
 
     candidates  fastvit.models.shapes.candidate_family(device): widths × depths (heads width/64, MLP 4,
-                locality on), each with its parameter count N
+                locality on), each with its parameter count N; and, where the law has a growth term
+                (fastvit.scaling.fit_growth), each shape grown (`d4-w128+grow`: --growth manual, its depth
+                growing with the curriculum from --growth-depth's first share), forecast at N = its final
+                parameters and D = images at full depth + gamma × images seen shallower. --growth manual
+                weighs grown shapes only (its law needs the term); --growth auto fixed ones (AutoProg
+                decides the depth during the run)
     speed       each candidate's training images/s at every stage of the curriculum the config asks
                 for: measured by the planner's own probe (RunPlanner.probe: compile + timed synthetic
                 steps, counted in the budget), or from the probe cache (keyed by machine + shape: a
@@ -9,7 +14,8 @@
                 (--auto-probe-share, 3% of the budget) leaves unmeasured -- scaled from a measured one
                 by FLOPs per image (said in the table), or from --assume-speed FILE (a machine you are
                 not on)
-    images      plan_budget at those speeds: the images D each candidate sees in this budget
+    images      plan_budget at those speeds: the images D each candidate sees in this budget (a grown one:
+                and how many of them at a shallower depth)
     law         fastvit.scaling: top-1 error = E + A/N^α + B/D^β, from --scaling FILE (fastvit-sweep
                 --fit-scaling) or the shipped prior for the device (fastvit/priors)
     choice      the argmax of predicted top-1 (fastvit.scaling.choose, a pure function of law, sizes
@@ -116,11 +122,24 @@ class Candidate:
     speeds: dict = field(default_factory=dict)  # Stage.shape -> images/s
     speed_from: str = ""                       # "probe", "cache", "flops", "assumed"
     images: int = 0
+    grows: bool = False                        # --growth manual: the stages' depths grow to the shape's
+    images_early: int = 0                      # of images: seen at a depth below the shape's (grows)
+
+    @property
+    def name(self) -> str:
+        """The candidate's label in every table: the spec, "+grow" when it grows (shapes.grow_label)."""
+        from fastvit.models.shapes import grow_label
+
+        return grow_label(self.spec) if self.grows else self.spec
 
     def row(self) -> dict:
-        img_s = {f"{s.res}/{s.keep:g}": round(self.speeds[s.shape], 2) for s in self.stages if s.shape in self.speeds}
-        return {"shape": self.spec, "params": self.params, "images": self.images, "speed_from": self.speed_from,
-                "img_s": img_s}
+        img_s = {f"{s.res}/{s.keep:g}" + (f"/d{s.depth}" if self.grows and s.depth else ""): round(self.speeds[s.shape], 2)
+                 for s in self.stages if s.shape in self.speeds}
+        row = {"shape": self.name, "params": self.params, "images": self.images, "speed_from": self.speed_from,
+               "img_s": img_s}
+        if self.grows:
+            row.update(images_early=self.images_early, depths=sorted({s.depth for s in self.stages if s.depth}))
+        return row
 
 
 def base_variant(cfg) -> str:
@@ -130,33 +149,62 @@ def base_variant(cfg) -> str:
     return SHAPE_MODEL if cfg.model.name == AUTO else cfg.model.name
 
 
-def shaped(cfg, overrides: dict):
-    """A copy of cfg whose model is its base variant at this shape (name and the four shape settings)."""
+def shaped(cfg, overrides: dict, grows: bool | None = None):
+    """A copy of cfg whose model is its base variant at this shape (name and the four shape settings);
+    `grows` True/False sets --growth manual/none (None: the config's)."""
     import copy
 
     out = copy.deepcopy(cfg)
     out.model.name = base_variant(cfg)
     for k in SHAPE_KEYS:
         setattr(out.model, k, overrides.get(k))
+    if grows is not None:
+        out.growth.mode = "manual" if grows else "none"
     return out
 
 
-def candidates(cfg, env) -> list[Candidate]:
-    """Every candidate shape of the device's family (fastvit.models.shapes.candidate_family) with its
-    parameter count and the stages the config asks for at its shape."""
+def grown_stages(cfg, stages: list[Stage], full: int) -> list[Stage] | None:
+    """The stages of a shape of depth `full` under --growth manual (growth.depth_schedule over the
+    curriculum's resolutions, as the run's Grower assigns them); None when the schedule never trains
+    shallower than `full` (nothing grows)."""
+    from .growth import depth_schedule, stage_depths
+
+    resolutions = list(dict.fromkeys(s.res for s in stages))
+    depths = depth_schedule(len(resolutions), full, *cfg.growth.growth_depth)
+    return stage_depths(stages, resolutions, depths) if depths[0] < full else None
+
+
+def weighs(cfg, law) -> tuple[bool, bool]:
+    """(fixed shapes, grown shapes) weighed: --growth none both (grown ones where the law has a growth
+    term), manual grown ones only (a law without the term: one line, exit 2), auto fixed ones only."""
+    mode = cfg.growth.mode
+    if mode == "manual" and not law.growth:
+        raise TrainError("--model auto --growth manual: the scaling law has no growth term, so it cannot forecast "
+                         "a growing run (fit one: fastvit-sweep --fit-scaling over --growth manual runs, then "
+                         "--scaling FILE; or leave --growth out)", 2)
+    return mode != "manual", mode != "auto" and bool(law.growth)
+
+
+def candidates(cfg, env, law=None) -> list[Candidate]:
+    """Every candidate of the device's family (fastvit.models.shapes.candidate_family) with its parameter
+    count and the stages the config asks for at its shape: fixed, and grown where `weighs` says (no law:
+    fixed only)."""
     from fastvit.models import shapes
 
     from .run_planner import config_stages
 
     candidate_family, param_count, parse_shape = shapes.candidate_family, shapes.param_count, shapes.parse_shape
-    specs = candidate_family(env.device.type)
+    fixed, grown = weighs(cfg, law) if law is not None else (True, False)
     out = []
-    for spec in specs:
+    for spec in candidate_family(env.device.type):
         over = parse_shape(spec)
-        c = shaped(cfg, over)
-        out.append(Candidate(spec=spec, overrides=over, params=param_count(spec, env.ds.num_classes,
-                                                                           patch_size=cfg.model.patch_size),
-                             stages=config_stages(c, env)))
+        stages = config_stages(shaped(cfg, over), env)
+        params = param_count(spec, env.ds.num_classes, patch_size=cfg.model.patch_size)
+        if fixed:
+            out.append(Candidate(spec=spec, overrides=over, params=params, stages=stages))
+        growing = grown_stages(cfg, stages, over["depth"]) if grown else None
+        if growing:
+            out.append(Candidate(spec=spec, overrides=over, params=params, stages=growing, grows=True))
     return out
 
 
@@ -171,11 +219,16 @@ def stage_flops(cfg, stage: Stage, gpu: bool, shape: dict | None = None) -> floa
     return train_flops(vcfg, stage.res, stage.keep, sparse_locality=gpu and vcfg.sparse_locality)
 
 
-def images_in(stages: list[Stage], speeds: dict, budget_s: float | None, budget_images: int | None) -> int:
-    """The images a candidate sees: plan_budget's at these speeds (an image budget: the budget)."""
-    from .run_planner import images_in_budget
+def images_in(c: Candidate, budget_s: float | None, budget_images: int | None) -> tuple[int, int]:
+    """(images, of them at a depth below the shape's) a candidate sees: plan_budget's at its speeds (an image
+    budget: the budget, split by the stages' shares of it)."""
+    from .run_planner import images_split
 
-    return int(budget_images) if budget_s is None else images_in_budget(stages, speeds, budget_s)
+    full = c.overrides["depth"]
+    if budget_s is None:
+        early = sum(s.f1 - s.f0 for s in c.stages if s.depth and s.depth < full)
+        return int(budget_images), int(round(early * budget_images))
+    return images_split(c.stages, c.speeds, budget_s, shallower_than=full)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -197,15 +250,20 @@ class Choice:
     def lines(self) -> list[str]:
         """The few lines printed at the start of the run."""
         def one(r):
-            return (f"{r['shape']} ({r['params'] / 1e6:.2f} M params, {r['images']:,} images, speed: "
+            grown = (f", {r['images_early']:,} of them at depth < {r['depths'][-1]} (D_eff {r['images_effective']:,})"
+                     if r.get("images_effective") is not None else "")
+            return (f"{r['shape']} ({r['params'] / 1e6:.2f} M params, {r['images']:,} images{grown}, speed: "
                     f"{r['speed_from']}) predicted top-1 {r['top1']:.1f}% "
                     f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]")
         out = [f"model auto: {one(self.pick)}"]
         if len(self.rows) > 1 and self.rows[1]["top1"] is not None:
             out.append(f"model auto: runner-up {one(self.rows[1])}")
         ext = self.pick.get("extrapolates")
+        gamma = self.law.get("growth_gamma")
         out.append(f"model auto: law {self.law['name']} ({self.law['form']})"
-                   + (f"; extrapolating: {ext}" if ext else "") + f"; {len(self.rows)} candidates, probe "
+                   + (f"; extrapolating: {ext}" if ext else "")
+                   + (f"; growth: gamma {gamma:.2f}" if gamma is not None else "; growth not weighed (no growth term)")
+                   + f"; {len(self.rows)} candidates, probe "
                    f"{self.probe_s:.1f} s counted, cache {self.cache['hits']} hit(s) / {self.cache['misses']} miss(es)")
         return out + [f"warning: {w}" for w in self.warnings]
 
@@ -228,8 +286,9 @@ def decide(law, cands: list[Candidate]) -> list[dict]:
     """scaling.choose over the candidates (pure), each row with its candidate's speed source."""
     from fastvit import scaling
 
-    rows = scaling.choose(law, [{"shape": c.spec, "params": c.params, "images": c.images} for c in cands])
-    by = {c.spec: c for c in cands}
+    rows = scaling.choose(law, [{"shape": c.name, "params": c.params, "images": c.images,
+                                 **({"images_early": c.images_early} if c.grows else {})} for c in cands])
+    by = {c.name: c for c in cands}
     return [{**r, **{k: v for k, v in by[r["shape"]].row().items() if k not in r}} for r in rows]
 
 
@@ -241,14 +300,14 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
 
     budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.budget.auto_probe_share)
     images = budget_images(cfg, env.ds.count("train"))
-    cands = candidates(cfg, env)
+    cands = candidates(cfg, env, law)
     gpu = env.device.type == "cuda"
     spent = 0.0
 
     def probe(c: Candidate) -> None:
         nonlocal spent
         # the stages' batches may come back halved (out of memory): the probed stages replace them
-        c.stages, speeds, secs = measure(shaped(cfg, c.overrides), c.stages)
+        c.stages, speeds, secs = measure(shaped(cfg, c.overrides, c.grows), c.stages)
         spent += secs
         c.speeds, c.speed_from = speeds, "probe"
         if cache is not None:
@@ -268,9 +327,9 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
         _scale_unmeasured(cfg, cands, gpu)
     while True:
         for c in cands:
-            c.images = images_in(c.stages, c.speeds, budget_s, images)
+            c.images, c.images_early = images_in(c, budget_s, images)
         rows = decide(law, cands)
-        top = next(c for c in cands if c.spec == rows[0]["shape"])
+        top = next(c for c in cands if c.name == rows[0]["shape"])
         if top.speed_from != "flops" or spent >= cap_s:
             break
         probe(top)                                        # the best is measured before it is chosen
@@ -303,14 +362,17 @@ def _law_summary(law) -> dict:
     return {"name": law.data.get("name") or "unnamed", "data": dict(law.data), "form": law.describe(),
             "params": dict(law.params), "provenance": law.provenance,
             "leave_one_budget_out_rmse": law.loo.get("rmse"), "n_range": list(law.n_range),
-            "d_range": list(law.d_range)}
+            "d_range": list(law.d_range), "growth_gamma": law.growth.get("gamma") if law.growth else None,
+            "growth_loo_rmse": law.growth.get("loo", {}).get("rmse") if law.growth else None}
 
 
 def apply(cfg, choice: Choice):
-    """The run's config at the chosen shape (the name becomes base variant)."""
-    from fastvit.models.shapes import parse_shape
+    """The run's config at the chosen shape (the name becomes base variant), growing (--growth manual) when
+    the pick is a grown one; a fixed pick keeps the config's growth mode (none, or auto's AutoProg)."""
+    from fastvit.models.shapes import parse_shape, split_grow
 
-    return shaped(cfg, parse_shape(choice.pick["shape"]))
+    spec, grows = split_grow(choice.pick["shape"])
+    return shaped(cfg, parse_shape(spec), True if grows else None)
 
 
 def probe_cap_s(budget_s: float | None, share: float) -> float:

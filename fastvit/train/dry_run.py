@@ -161,9 +161,13 @@ def _choose(cfg, env, assumed, say):
 
     choice = auto.choose_for_run(cfg, env, BudgetClock(cfg.budget_s), say, assumed=assumed)
     for r in choice.rows:
-        top = f"top-1 {r['top1']:5.1f}% [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]" if r["top1"] is not None \
-            else "sees no image"
-        say(f"  {r['shape']:>14}  {r['params'] / 1e6:7.2f} M  {r['images']:>14,} images  {top}  speed: {r['speed_from']}"
+        if r["top1"] is None:
+            say(f"  {r['shape']:>19}  {r['params'] / 1e6:7.2f} M  {r['images']:>14,} images  not forecast: "
+                f"{r['extrapolates']}  speed: {r['speed_from']}")
+            continue
+        grown = f"  ({r['images_early']:,} shallow, D_eff {r['images_effective']:,})" if "images_effective" in r else ""
+        say(f"  {r['shape']:>19}  {r['params'] / 1e6:7.2f} M  {r['images']:>14,} images  top-1 {r['top1']:5.1f}% "
+            f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]  speed: {r['speed_from']}{grown}"
             + (f"  (extrapolating: {r['extrapolates']})" if r["extrapolates"] else ""))
     return auto.apply(cfg, choice), choice.to_dict()
 

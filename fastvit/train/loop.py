@@ -569,7 +569,8 @@ def _predicted(model_auto: dict) -> dict:
     """results.json's predicted_top1 beside the measured top1: the law's forecast of the pick, with its
     interval (the law was told the images the plan gave; the run may have seen a few % more or less)."""
     p = model_auto["pick"]
-    return {"top1": p["top1"], "interval": p["interval"], "images": p["images"], "extrapolates": p["extrapolates"]}
+    return {"top1": p["top1"], "interval": p["interval"], "images": p["images"], "extrapolates": p["extrapolates"],
+            **{k: p[k] for k in ("images_early", "images_effective") if k in p}}
 
 
 def _peak(env: RunEnv) -> float | None:

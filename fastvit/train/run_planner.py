@@ -234,11 +234,20 @@ def probe_config(cfg, env, stages: list[Stage] | None = None, *, clock=None, num
 
 def images_in_budget(stages: list[Stage], speeds: dict, budget_s: float) -> int:
     """Training images the planner would fit into `budget_s` seconds at these speeds (0 when none)."""
+    return images_split(stages, speeds, budget_s)[0]
+
+
+def images_split(stages: list[Stage], speeds: dict, budget_s: float, shallower_than: int | None = None
+                 ) -> tuple[int, int]:
+    """(images, the part of them seen at stages whose depth is below `shallower_than`: a growing run's
+    shallow phase) that the planner would fit into `budget_s` seconds at these speeds ((0, 0) when none)."""
     try:
         plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
     except BudgetTooSmall:
-        return 0
-    return plan.images_until(plan.total_steps)
+        return 0, 0
+    early = sum(s.steps * s.batch_size for s in plan.stages
+                if shallower_than and s.depth and s.depth < shallower_than)
+    return plan.images_until(plan.total_steps), early
 
 
 # ------------------------------------------------------------------------------------------------------
