@@ -337,6 +337,7 @@ def test_a_refused_forecast_is_an_answer_the_sweep_exits_0(tiny_prepped, tmp_pat
 
 
 SCALING_TRUE = {"E": 0.1, "A": 60.0, "alpha": 0.5, "B": 30.0, "beta": 0.5}
+GAMMA_TRUE = 0.3
 
 
 def _fake_shaped_training(monkeypatch, classes):
@@ -353,10 +354,17 @@ def _fake_shaped_training(monkeypatch, classes):
         _, shape = split_shape(job.variant)
         n = param_count(shape, classes)
         d = int(2e4 * job.budget.seconds * 1e5 / n)
+        extra, d_law = {}, d
+        if "growth=manual" in job.variant:               # half the images at half the depth, worth GAMMA_TRUE each
+            depth = int(shape.split("-")[0][1:])
+            early = d // 2
+            extra = {"stages": [{"steps": early, "batch_size": 1, "depth": depth // 2},
+                                {"steps": d - early, "batch_size": 1, "depth": depth}]}
+            d_law = d - early + GAMMA_TRUE * early
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "results.json").write_text(json.dumps(
-            {"top1": 100 * (1 - float(law_error(SCALING_TRUE, n, d))), "images_seen": d,
-             "counted_s": job.budget.seconds, "steps": 10}))
+            {"top1": 100 * (1 - float(law_error(SCALING_TRUE, n, d_law))), "images_seen": d,
+             "counted_s": job.budget.seconds, "steps": 10, **extra}))
         return 0
 
     monkeypatch.setattr(runner, "subprocess_runner", fake)
@@ -394,6 +402,31 @@ def test_shapes_axis_and_fit_scaling(tiny_prepped, tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert "Scaling law of fastvit: err = " in printed and f"wrote {out}/scaling.json" in printed
     assert "| d3-w96-h2 |" in (out / "scaling.md").read_text()
+
+
+def test_fit_scaling_fits_the_growth_term_on_growing_runs(tiny_prepped, tmp_path, monkeypatch, capsys):
+    """Growing runs (variant +growth=manual) stay out of the fixed-size law and fit its gamma."""
+    from fastvit import manifest
+    from fastvit.scaling import load_law
+
+    classes = len(manifest.read(tiny_prepped)["classes"])
+    _fake_shaped_training(monkeypatch, classes)
+    out = tmp_path / "sw"
+    variants = ",".join(f"fastvit+shape={s}" for s in ("d1-w64", "d2-w64", "d2-w128", "d4-w128")) + \
+        ",fastvit+shape=d4-w128+growth=manual,fastvit+shape=d2-w128+growth=manual"
+    assert sweep_main(["--data", str(tiny_prepped), "--out", str(out), "--budgets", "1m,2m,4m", "--variants",
+                       variants, "--device", "cpu", "--no-progress", "--fit-scaling"]) == 0
+    law = load_law(out / "scaling.json")                 # one recipe: the growing runs are fastvit's too
+    assert len(law.points) == 12 and not any(p["shape"].endswith("+grow") for p in law.points)
+    for k, v in SCALING_TRUE.items():
+        assert law.params[k] == pytest.approx(v, rel=0.02), k
+    g = law.growth
+    assert g["gamma"] == pytest.approx(GAMMA_TRUE, abs=0.01) and len(g["points"]) == 6
+    assert {p["shape"] for p in g["points"]} == {"d4-w128+grow", "d2-w128+grow"}
+    assert all(p["images_early"] == p["images"] // 2 for p in g["points"])
+    assert len(g["loo"]["gammas"]) == 3 and g["loo"]["rmse"] < 0.1
+    md = (out / "scaling.md").read_text()
+    assert "Growth term: gamma = 0.300" in md and "| d4-w128+grow |" in md
 
 
 def test_fit_scaling_refusal_is_one_line_and_exit_0(tiny_prepped, tmp_path, monkeypatch, capsys):
