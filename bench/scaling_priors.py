@@ -8,7 +8,11 @@ model (fastvit.models.shapes.param_count, 1000 classes: mean-pool head, no class
 law's N is the N `--model auto` computes for its candidates.
 cpu: this project's own Imagenette runs committed under bench/results (sweep-imagenette, growth, search):
 every fixed-shape run of the cpu preset's recipe (locality, patch 16, curriculum 64→96 px) with its measured
-images seen and top-1; growth and plain/patch-8/patch-32 nets are left out (another model than N says).
+images seen and top-1; growth and plain/patch-8/patch-32 nets are left out (another model than N says). Its
+growth term (fastvit.scaling.fit_growth) is fitted on the growth study's --growth manual runs (d4-w192 grown
+2 -> 4 with the curriculum; fresh and kept AdamW moments), each with the images it saw at depth 2 from its
+depth_per_stage (steps × the preset's batch 64). The gpu prior has no growth term: no published growth run
+was read for it, so `--model auto` on a GPU weighs fixed shapes only.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastvit.models.shapes import param_count, shape_name  # noqa: E402
-from fastvit.scaling import ScalingError, fit_law, save_law  # noqa: E402
+from fastvit.scaling import ScalingError, fit_growth, fit_law, save_law  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 DEIT = "facebookresearch/deit README_deit.md, 'Model Zoo' table (acc@1); 300 epochs: its 'Training' section"
@@ -88,6 +92,24 @@ def cpu_points(results: Path, search: bool = True) -> list[dict]:
     return pts
 
 
+CPU_BATCH = 64          # the cpu preset's batch in the growth study (images_seen = steps x 64 in growth.json)
+
+
+def cpu_growth_points(results: Path) -> list[dict]:
+    """The growth study's --growth manual runs (variants manual, manual_keep): d4-w192 grown from depth 2."""
+    pts = []
+    for minutes in ("6min", "12min"):
+        for r in json.loads((results / "growth" / minutes / "growth.json").read_text()):
+            if r["variant"] not in ("manual", "manual_keep"):
+                continue
+            full = max(d for _, d, _ in r["depth_per_stage"])
+            pts.append({"shape": "d4-w192+grow", "params": param_count("d4-w192", 10), "images": int(r["images_seen"]),
+                        "images_early": sum(steps * CPU_BATCH for _, d, steps in r["depth_per_stage"] if d < full),
+                        "top1": float(r["top1"]), "budget": minutes.replace("min", "m"), "seed": int(r["seed"]),
+                        "source": f"bench/results/growth/{minutes}/growth.json (variant {r['variant']})"})
+    return pts
+
+
 def summary(name: str, law) -> str:
     p, lo = law.params, law.loo
     lines = [f"{name}: {law.describe()}; fit RMSE {law.fit_info['rmse_top1']:.2f} top-1 points on "
@@ -135,8 +157,17 @@ def main(argv=None) -> int:
     for f in fits:
         print("candidate " + summary("cpu", f).splitlines()[0])
     cpu = min(fits, key=lambda f: f.loo["rmse"] if f.loo.get("rmse") is not None else float("inf"))
+    grown = cpu_growth_points(Path(a.results))
+    cpu = fit_growth(cpu, grown, provenance=f"{len(grown)} --growth manual runs of this project's growth study "
+                     "(bench/results/growth: d4-w192 grown 2 -> 4 at the 64 -> 96 px boundary, 6 and 12 minutes, "
+                     "seeds 1 and 2), each with the images it saw at depth 2")
     save_law(cpu, out / "cpu.json")
     print(summary("cpu", cpu))
+    g = cpu.growth
+    print(f"cpu growth term: gamma {g['gamma']:.3f} on {g['fit']['n_points']} growing runs, fit RMSE "
+          f"{g['fit']['rmse_top1']:.2f}; leave-one-budget-out gammas "
+          f"{', '.join(format(v, '.3f') for v in g['loo']['gammas'])}, RMSE "
+          + ("none" if g["loo"]["rmse"] is None else format(g["loo"]["rmse"], ".2f")))
     if a.without_search:
         held = fit_law(cpu_points(Path(a.results), search=False), data=data, fixed={"alpha": round(gpu.params["alpha"], 4)},
                        provenance=prov.replace(" and bench/results/search (patch-16 local nets)", "") + " Without the "

@@ -173,6 +173,18 @@ def test_shipped_priors_load_with_provenance(name, classes):
     assert resid[len(resid) // 2] < 2.0 and resid[-1] < 8.0
 
 
+def test_the_cpu_prior_forecasts_growth_and_the_gpu_prior_does_not():
+    """cpu: a growth term fitted on the growth study's manual runs, each from its file, reproducing them within
+    2 points; gpu: none read, so no growing candidate is forecast there."""
+    cpu, gpu = load_prior("cpu"), load_prior("gpu")
+    g = cpu.growth
+    assert 0.0 <= g["gamma"] <= 1.0 and g["provenance"] and len(g["points"]) >= 4
+    assert all("bench/results/growth/" in p["source"] and 0 < p["images_early"] < p["images"] for p in g["points"])
+    assert all(abs(cpu.predict(p["params"], cpu.effective_images(p["images"], p["images_early"])) - p["top1"]) < 2.0
+               for p in g["points"])
+    assert not gpu.growth
+
+
 def test_unknown_prior_names_the_known_ones():
     with pytest.raises(ScalingError, match="no shipped scaling prior 'tpu'; known: cpu, gpu"):
         load_prior("tpu")
