@@ -21,6 +21,14 @@ parameters free (as `fastvit-sweep --fit-scaling` fits; `lobo_free`). Each shape
 (images seen / counted seconds, mean over those runs, times b's seconds), as `--model auto` forecasts from a
 probe, so nothing measured at b enters the pick. Regret = the grid's best mean top-1 at b minus the pick's
 measured mean top-1 at b (seeds averaged). Forecast error = forecast − measured mean, of the pick.
+
+Growth as a candidate (`--growth-sweep DIR`: a second sweep with `fastvit+shape=<shape>+growth=manual` variants,
+and any fixed-shape variants as its same-batch controls): at each budget b the law fitted without b also fits
+its growth term (fastvit.scaling.fit_growth: gamma) on the growing runs of the other budgets, and the grown shapes
+join the candidates (images and the share of them seen shallow forecast from the other budgets' runs); regret is
+then against the best measured of the grid and the grown shapes. Beside it: the growing runs against the fixed
+shapes at each budget (does growth pay here?), and the shipped cpu prior's growth term (fitted on the older growth
+study, not on these runs) forecasting each growing run from its measured images.
 """
 from __future__ import annotations
 
@@ -35,9 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastvit.models.shapes import param_count  # noqa: E402
-from fastvit.scaling import ScalingError, choose, fit_law, load_prior  # noqa: E402
-from fastvit.sweep.scaling_fit import split_shape  # noqa: E402
+from fastvit.models.shapes import grow_label, param_count, parse_shape  # noqa: E402
+from fastvit.scaling import ScalingError, choose, fit_growth, fit_law, load_prior  # noqa: E402
+from fastvit.sweep.scaling_fit import images_early, split_shape  # noqa: E402
 from fastvit.train.results import Results  # noqa: E402
 
 AUTO_VARIANT = "fastvit+model=auto"
@@ -66,6 +74,8 @@ def read_runs(sweep: Path, classes: int) -> list[dict]:
                                        for c in res["model_auto"].get("rows", [])])
             elif shape:
                 row.update(shape=shape, params=int(res.get("params") or param_count(shape, classes)))
+                if "growth=manual" in r["variant"].split("+"):
+                    row.update(shape=grow_label(shape), images_early=images_early(res, parse_shape(shape)["depth"]))
             else:
                 continue
             rows.append(row)
@@ -91,29 +101,42 @@ def grid_means(grid: list[dict]) -> dict:
     return out
 
 
-def lobo(grid: list[dict], budgets: list[tuple[str, float]], fixed: dict, means: dict) -> list[dict]:
-    """For each budget: the law fitted without it (`fixed`: parameters held), its pick among the grid's shapes
-    at forecast images, the regret and the forecast error (and the plain most-images pick, for comparison)."""
+def _point(r: dict) -> dict:
+    return {k: r[k] for k in ("shape", "params", "images", "top1", "budget", "seed", "images_early") if k in r}
+
+
+def lobo(grid: list[dict], budgets: list[tuple[str, float]], fixed: dict, means: dict,
+         grown: list[dict] = ()) -> list[dict]:
+    """For each budget: the law fitted without it (`fixed`: parameters held; with `grown` runs, its growth term
+    too), its pick among the grid's shapes (and the grown ones) at forecast images, the regret and the forecast
+    error (and the plain most-images pick, for comparison)."""
     out = []
-    shapes = sorted({r["shape"] for r in grid})
+    shapes = sorted({r["shape"] for r in grid}) + sorted({r["shape"] for r in grown})
     for b, secs in budgets:
         rest = [r for r in grid if r["budget"] != b]
-        pts = [{"shape": r["shape"], "params": r["params"], "images": r["images"], "top1": r["top1"],
-                "budget": r["budget"], "seed": r["seed"]} for r in rest]
+        rest_grown = [r for r in grown if r["budget"] != b]
         row = {"budget": b, "budget_s": secs, "fitted_on": sorted({r["budget"] for r in rest})}
         try:
-            law = fit_law(pts, fixed=fixed, loo=False)
+            law = fit_law([_point(r) for r in rest], fixed=fixed, loo=False)
+            if rest_grown:
+                law = fit_growth(law, [_point(r) for r in rest_grown])
+                row["gamma"] = law.growth["gamma"]
         except ScalingError as e:
             out.append({**row, "refused": str(e)})
             continue
         cands = []
         for s in shapes:
-            runs = [r for r in rest if r["shape"] == s]
+            runs = [r for r in rest + rest_grown if r["shape"] == s]
+            if not runs:
+                continue
             rate = _mean([r["images"] / r["counted_s"] for r in runs])
-            cands.append({"shape": s, "params": runs[0]["params"], "images": int(rate * secs)})
+            c = {"shape": s, "params": runs[0]["params"], "images": int(rate * secs)}
+            if "images_early" in runs[0]:             # a grown shape: the share seen shallow, as at the other budgets
+                c["images_early"] = int(c["images"] * _mean([r["images_early"] / r["images"] for r in runs]))
+            cands.append(c)
         ranked = choose(law, cands)
         pick = ranked[0]
-        cells = means[b]
+        cells = {**means[b], **grid_means([r for r in grown if r["budget"] == b]).get(b, {})}
         best_shape = max(cells, key=lambda s: cells[s]["top1"])
         most_images = max(cands, key=lambda c: c["images"])["shape"]
         measured = cells[pick["shape"]]["top1"]
@@ -160,6 +183,30 @@ def speed_check(auto: list[dict], means: dict) -> list[dict]:
     return out
 
 
+def growth_check(grown: list[dict], control: list[dict], means: dict, budgets) -> list[dict]:
+    """Per budget: each grown shape's measured mean top-1 against the grid's best fixed shape, the grid's run of
+    the shape it grows (fixed, full depth) and the same-batch controls; and the shipped cpu prior's forecast of
+    each growing run from its measured images (its growth term was fitted on the older growth study)."""
+    prior = load_prior("cpu")
+    gm, cm = grid_means(grown), grid_means(control)
+    out = []
+    for b, _ in budgets:
+        cells = means.get(b, {})
+        best = max(cells, key=lambda s: cells[s]["top1"]) if cells else None
+        for shape, c in sorted(gm.get(b, {}).items()):
+            runs = [r for r in grown if r["budget"] == b and r["shape"] == shape]
+            fc = [prior.predict(r["params"], prior.effective_images(r["images"], r["images_early"])) for r in runs]
+            fixed_shape = shape.removesuffix("+grow")
+            out.append({"budget": b, "shape": shape, "seeds": c["seeds"], "top1": c["top1"], "images": c["images"],
+                        "shallow_share": _mean([r["images_early"] / r["images"] for r in runs]),
+                        "grid_best": best, "grid_best_top1": cells[best]["top1"] if best else None,
+                        "vs_grid_best": c["top1"] - cells[best]["top1"] if best else None,
+                        "grid_fixed_top1": cells.get(fixed_shape, {}).get("top1"),
+                        "controls": {s: cc["top1"] for s, cc in cm.get(b, {}).items()},
+                        "prior_forecast": _mean(fc), "prior_error": _mean(fc) - c["top1"]})
+    return out
+
+
 def table_md(ev: dict) -> str:
     budgets = [b for b, _ in ev["budgets"]]
     lines = []
@@ -167,15 +214,31 @@ def table_md(ev: dict) -> str:
                                 "the pilot and the cpu prior)"),
                        ("lobo_free", "all five parameters free (as `fastvit-sweep --fit-scaling` fits)")):
         lines += [f"## Leave-one-budget-out picks: {title}", "",
-                  "| budget | law fitted on | law | pick | forecast | measured | grid best | best top-1 | regret | "
-                  "most-images pick (regret) |", "|---|---|---|---|---:|---:|---|---:|---:|---|"]
+                  "| budget | law fitted on | law | growth gamma | pick | forecast | measured | best | best top-1 | "
+                  "regret | most-images pick (regret) |", "|---|---|---|---:|---|---:|---:|---|---:|---:|---|"]
         for r in ev[key]:
             if "refused" in r:
-                lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | refused: {r['refused']} | | | | | | | |")
+                lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | refused: {r['refused']} | | | | | | | | |")
                 continue
-            lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | {r['law'].split(' (')[0]} | {r['pick']} | "
+            gamma = "–" if r.get("gamma") is None else f"{r['gamma']:.2f}"
+            lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | {r['law'].split(' (')[0]} | {gamma} | {r['pick']} | "
                          f"{r['forecast_top1']:.2f} | {r['measured_top1']:.2f} | {r['best']} | {r['best_top1']:.2f} | "
                          f"**{r['regret']:.2f}** | {r['most_images_pick']} ({r['most_images_regret']:.2f}) |")
+        lines.append("")
+    if ev.get("growth"):
+        ctl = sorted({s for r in ev["growth"] for s in r["controls"]})
+        lines += ["## Growing runs (`--growth manual`) against the fixed shapes", "",
+                  "| budget | grown shape | top-1 (seeds) | images (shallow share) | grid's fixed run of it | grid best "
+                  "| grown − grid best | " + " | ".join(f"same-batch {s}" for s in ctl) + " | cpu prior forecast (error) |",
+                  "|---|---|---:|---:|---:|---|---:|" + "---:|" * len(ctl) + "---:|"]
+        for r in ev["growth"]:
+            seeds = " / ".join(f"{x:.1f}" for x in r["seeds"])
+            fixed_top = "–" if r["grid_fixed_top1"] is None else f"{r['grid_fixed_top1']:.2f}"
+            lines.append(f"| {r['budget']} | {r['shape']} | {r['top1']:.2f} ({seeds}) | {r['images']:,.0f} "
+                         f"({r['shallow_share']:.0%}) | {fixed_top} | {r['grid_best']} {r['grid_best_top1']:.2f} | "
+                         f"**{r['vs_grid_best']:+.2f}** | "
+                         + " | ".join("–" if s not in r["controls"] else f"{r['controls'][s]:.2f}" for s in ctl)
+                         + f" | {r['prior_forecast']:.2f} ({r['prior_error']:+.2f}) |")
         lines.append("")
     lines += ["## `--model auto` end to end against the `cpu` preset (2 seeds each)", "",
               "| budget | auto's pick per seed | auto top-1 (seeds) | auto forecast | preset top-1 (seeds) | "
@@ -229,6 +292,10 @@ def plot(ev: dict, path: Path) -> Path | None:
         for m, (b, _) in zip(mins, budgets):
             for y in ev["grid"].get(b, {}).get(s, {}).get("seeds", []):
                 ax.scatter([m], [y], s=8, color=line.get_color(), alpha=0.5)
+    for s in sorted({r["shape"] for r in ev.get("growth", [])}):
+        pts = [(next(sec for b, sec in budgets if b == r["budget"]) / 60, r["top1"]) for r in ev["growth"]
+               if r["shape"] == s]
+        ax.plot([m for m, _ in pts], [y for _, y in pts], marker="^", ls=":", label=f"{s} (--growth manual)")
     av = ev["auto_vs_preset"]
     if av:
         am = [next(s for b, s in budgets if b == r["budget"]) / 60 for r in av]
@@ -277,18 +344,25 @@ def copy_runs(rows: list[dict], sweep: Path, out: Path) -> int:
     return n
 
 
-def evidence(sweep: Path, preset_shape: str, classes: int) -> dict:
+def evidence(sweep: Path, preset_shape: str, classes: int, growth_sweep: Path | None = None) -> dict:
     rows = read_runs(sweep, classes)
-    grid = [r for r in rows if r["variant"] != AUTO_VARIANT]
+    grid = [r for r in rows if r["variant"] != AUTO_VARIANT and "images_early" not in r]
     auto = [r for r in rows if r["variant"] == AUTO_VARIANT]
+    more = read_runs(growth_sweep, classes) if growth_sweep else []
+    grown = [r for r in rows + more if "images_early" in r]
+    control = [r for r in more if "images_early" not in r and r["variant"] != AUTO_VARIANT]
     budgets = sorted({(r["budget"], r["budget_s"]) for r in rows}, key=lambda b: b[1])
     means = grid_means(grid)
     alpha = load_prior("gpu").params["alpha"]
-    return {"sweep": str(sweep), "classes": classes, "preset_shape": preset_shape, "alpha_fixed": alpha,
-            "budgets": budgets, "grid": means, "lobo": lobo(grid, budgets, {"alpha": alpha}, means),
-            "lobo_free": lobo(grid, budgets, {}, means),
+    for r in more:
+        r["sweep"] = "growth"
+    return {"sweep": str(sweep), "growth_sweep": str(growth_sweep) if growth_sweep else None, "classes": classes,
+            "preset_shape": preset_shape, "alpha_fixed": alpha,
+            "budgets": budgets, "grid": means, "lobo": lobo(grid, budgets, {"alpha": alpha}, means, grown),
+            "lobo_free": lobo(grid, budgets, {}, means, grown),
+            "growth": growth_check(grown, control, means, budgets) if grown else [],
             "auto_vs_preset": auto_vs_preset(auto, means, budgets, preset_shape),
-            "speed_check": speed_check(auto, means), "runs": rows}
+            "speed_check": speed_check(auto, means), "runs": rows + more}
 
 
 def main(argv=None) -> int:
@@ -297,17 +371,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto"))
     ap.add_argument("--preset-shape", default="d4-w192", help="the cpu preset's shape in the grid")
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--growth-sweep", help="a second fastvit-sweep dir with fastvit+shape=<shape>+growth=manual "
+                    "variants (and fixed-shape controls): growth as a candidate")
     a = ap.parse_args(argv)
     sweep, out = Path(a.sweep), Path(a.out)
-    if not (sweep / "sweep.csv").is_file():
-        print(f"auto_evidence: {sweep} has no sweep.csv (a fastvit-sweep output dir)", file=sys.stderr)
-        return 2
+    growth_sweep = Path(a.growth_sweep) if a.growth_sweep else None
+    for d in (sweep, growth_sweep):
+        if d is not None and not (d / "sweep.csv").is_file():
+            print(f"auto_evidence: {d} has no sweep.csv (a fastvit-sweep output dir)", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
-    ev = evidence(sweep, a.preset_shape, a.classes)
+    ev = evidence(sweep, a.preset_shape, a.classes, growth_sweep)
     if not ev["grid"]:
         print(f"auto_evidence: {sweep} has no finished grid run (variants fastvit+shape=...)", file=sys.stderr)
         return 2
-    n = copy_runs(ev["runs"], sweep, out)
+    n = copy_runs([r for r in ev["runs"] if r.get("sweep") != "growth"], sweep, out)
+    if growth_sweep:
+        grown_rows = [r for r in ev["runs"] if r.get("sweep") == "growth"]
+        n += copy_runs(grown_rows, growth_sweep, out / "growth")
+        for r in grown_rows:
+            r["run_dir"] = str(Path("growth") / r["run_dir"])
     (out / "evidence.json").write_text(json.dumps(ev, indent=1, default=float) + "\n")
     (out / "table.md").write_text(table_md(ev))
     png = plot(ev, out / "auto.png")

@@ -109,3 +109,69 @@ def test_cli_writes_the_table_and_copies_every_run(tmp_path, capsys):
 def test_cli_refuses_a_dir_without_a_sweep(tmp_path, capsys):
     assert auto_evidence.main(["--sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no sweep.csv" in capsys.readouterr().err
+
+
+# growth as a candidate: a second sweep of grown runs (d4-w192 grown, faster than fixed d4-w192, 70% of its images
+# shallow) whose top-1 follows the law at D_eff = D_full + gamma * D_early
+GROWN_RATE, SHALLOW = 200.0, 0.7
+
+
+def _growth_sweep(tmp_path: Path, gamma: float) -> Path:
+    sweep = tmp_path / "growth"
+    rows = []
+    for budget, secs in BUDGETS:
+        for seed in (0, 1):
+            for variant, shape, rate in (("fastvit+shape=d4-w192+growth=manual", "d4-w192", GROWN_RATE),
+                                         ("fastvit+shape=d2-w128", "d2-w128", RATE["d2-w128"])):
+                d = sweep / "runs" / variant.replace("+", "_") / budget / f"s{seed}"
+                d.mkdir(parents=True)
+                images = int(rate * secs)
+                res = {"counted_s": secs, "steps": images // 64, "images_seen": images}
+                if "growth" in variant:
+                    early = int(SHALLOW * images)
+                    res["stages"] = [{"steps": early, "batch_size": 1, "depth": 2},
+                                     {"steps": images - early, "batch_size": 1, "depth": 4}]
+                    images_law = images - early + gamma * early
+                else:
+                    images_law = images
+                res["top1"] = _top1(shape, images_law, seed)
+                (d / "results.json").write_text(json.dumps(res))
+                rows.append({"variant": variant, "budget": budget, "budget_s": secs, "seed": seed,
+                             "top1": res["top1"], "images_seen": images, "run_dir": str(d)})
+    with open(sweep / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return sweep
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_growth_joins_the_candidates_where_the_law_has_its_term(tmp_path, gamma):
+    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10, _growth_sweep(tmp_path, gamma))
+    for r in ev["lobo_free"]:
+        assert r["gamma"] == pytest.approx(gamma, abs=0.05)               # fitted on the other budgets' grown runs
+        assert "d4-w192+grow" in [c["shape"] for c in r["ranking"]]
+        assert r["regret"] < 0.25                                          # the seeds' jitter is ±0.1
+        grown_true = _top1("d4-w192", GROWN_RATE * r["budget_s"] * (1 - SHALLOW + gamma * SHALLOW), 0)
+        fixed_true = max(_top1(s, RATE[s] * r["budget_s"], 0) for s in RATE)
+        if abs(grown_true - fixed_true) > 0.3:                             # clear cases: the pick is the better one
+            assert (r["pick"] == "d4-w192+grow") == (grown_true > fixed_true)
+    assert gamma == 1.0 or all(r["pick"] != "d4-w192+grow" for r in ev["lobo_free"])
+    rows = ev["growth"]
+    assert [r["budget"] for r in rows] == ["4m", "8m", "16m"]
+    for r in rows:
+        assert r["shallow_share"] == pytest.approx(SHALLOW, abs=0.01) and set(r["controls"]) == {"d2-w128"}
+        assert r["vs_grid_best"] == pytest.approx(r["top1"] - r["grid_best_top1"])
+        assert r["grid_fixed_top1"] is not None and r["prior_forecast"] is not None
+
+
+def test_cli_with_a_growth_sweep_copies_its_runs_apart(tmp_path):
+    out = tmp_path / "out"
+    assert auto_evidence.main(["--sweep", str(_sweep(tmp_path)), "--out", str(out),
+                               "--growth-sweep", str(_growth_sweep(tmp_path, 0.5))]) == 0
+    ev = json.loads((out / "evidence.json").read_text())
+    grown = [r for r in ev["runs"] if r.get("sweep") == "growth"]
+    assert len(grown) == 3 * 2 * 2 and all(r["run_dir"].startswith("growth/runs/") for r in grown)
+    assert all((out / r["run_dir"] / "results.json").is_file() for r in ev["runs"])
+    table = (out / "table.md").read_text()
+    assert "Growing runs (`--growth manual`) against the fixed shapes" in table and "same-batch d2-w128" in table
