@@ -18,14 +18,16 @@ Each fit also refits without each budget's points (leave-one-budget-out): their 
 points is the law's forecast error, and the spread of the refits' predictions is `interval(n, d)`.
 
 Growth (`--growth manual`: the depth grows with the curriculum, MoGrow) is one more term, fitted after the law on
-runs that grew (`fit_growth`): a growing run of final size N that saw D_full images at its final depth and D_early
-at a shallower one is forecast as a fixed model of size N that saw
+runs that grew (`fit_growth`): a growing run of final depth L and size N that saw D_k images at a shallower depth
+k (and the rest at L) is forecast as a fixed model of size N that saw
 
-    D_eff = D_full + gamma * D_early                  gamma in [0, 1]: what an image seen shallow is worth
+    D_eff = D_L + sum over k < L of credit(k, L) * D_k,     credit(k, L) = 1 - c * (1/k - 1/L), clipped to [0, 1]
 
-gamma = 0: the shallow phase is wasted (growth is the final model trained for less); gamma = 1: it is as good as
-training the final model (growth is free speed). A law without growth runs has no growth term: it forecasts no
-growing run (`choose` gives such a candidate top1 None, never the pick).
+one parameter c >= 0: c = 0, growth is free speed (a shallow image is a full one); c = 1, an image seen at depth 1
+of 2 counts 0.5, at 2 of 4 0.75, at 6 of 12 0.92: a shallow phase is worth more the deeper it is (on Imagenette
+the credits the grid's law gives each growing run were 0.43-0.70 for 1 -> 2 and 0.70-0.95 for 2 -> 4, one credit
+for all was off by 2.5 points: bench/results/auto/README.md). A law without growth runs has no growth term: it
+forecasts no growing run (`choose` gives such a candidate top1 None, never the pick).
 
 scaling.json (`save_law` / `load_law`, the one reader and writer of the format) holds the law, the points it
 was fitted on, the refits, the data and resolution it was fitted on, and its provenance. Pure: numpy and
@@ -48,9 +50,9 @@ HUBER_DELTA = 1e-3                                   # Chinchilla's
 EXP_GRID = np.round(np.arange(0.02, 1.5001, 0.02), 4)   # alpha, beta grid of the linear pre-fit
 REFINE_STARTS = 6                                    # best grid points L-BFGS starts from
 EXP_BOUNDS = (0.0, 3.0)
-GROWTH_FORM = ("a run that grows its depth: N = its final parameters, D = D_full + gamma * D_early (images seen at "
-               "the final depth, and at a shallower one)")
-GAMMA_BOUNDS = (0.0, 1.0)
+GROWTH_FORM = ("a run that grows its depth to L: N = its final parameters, D = images at depth L + sum over k < L of "
+               "(1 - c*(1/k - 1/L)) x images at depth k, each credit clipped to [0, 1]")
+C_BOUNDS = (0.0, 2.0)
 INTERVAL_METHOD = ("min-max of the full fit and its leave-one-budget-out refits; where no refit could be made, "
                    "the prediction ± the fit's RMSE on its own points")
 
@@ -100,23 +102,25 @@ class ScalingLaw:
         vals = [v for v in vals if math.isfinite(v)]
         return (min(vals), max(vals))
 
-    def effective_images(self, images, images_early) -> float:
-        """D of a growing run: its images at the final depth plus gamma of those at a shallower one (a fixed
-        model: images_early 0, D = images). A ScalingError when it grew and the law has no growth term."""
-        images, early = float(images), float(images_early or 0)
-        if early <= 0:
-            return images
-        if not self.growth:
-            raise ScalingError("the law has no growth term: fit one on runs that grew (fastvit-sweep "
-                               "--fit-scaling over --growth manual runs)")
-        return images - early + self.growth["gamma"] * early
+    def effective_images(self, images, images_shallow, depth, c: float | None = None) -> float:
+        """D of a growing run of final depth `depth` that saw `images` in all, `images_shallow` {k: images} of
+        them at depths k < depth (a fixed model: {}, D = images). `c`: the growth term's unless given. A
+        ScalingError when it grew and the law has no growth term."""
+        shallow = {int(k): float(v) for k, v in (images_shallow or {}).items() if float(v) > 0}
+        if not shallow:
+            return float(images)
+        if c is None:
+            if not self.growth:
+                raise ScalingError("the law has no growth term: fit one on runs that grew (fastvit-sweep "
+                                   "--fit-scaling over --growth manual runs)")
+            c = self.growth["c"]
+        return float(images) + sum((credit(k, int(depth), c) - 1.0) * v for k, v in shallow.items())
 
-    def grown_interval(self, n, images, images_early) -> tuple[float, float]:
-        """interval() of a growing run over gamma and its leave-one-budget-out refits (min-max)."""
-        gammas = [self.growth["gamma"], *self.growth.get("loo", {}).get("gammas", [])]
+    def grown_interval(self, n, images, images_shallow, depth) -> tuple[float, float]:
+        """interval() of a growing run over c and its leave-one-budget-out refits (min-max)."""
         lo, hi = math.inf, -math.inf
-        for g in gammas:
-            a, b = self.interval(n, float(images) - float(images_early) + g * float(images_early))
+        for c in [self.growth["c"], *self.growth.get("loo", {}).get("cs", [])]:
+            a, b = self.interval(n, self.effective_images(images, images_shallow, depth, c))
             lo, hi = min(lo, a), max(hi, b)
         return (lo, hi)
 
@@ -349,82 +353,90 @@ def fit_law(points, *, fixed: dict | None = None, data: dict | None = None, prov
                       fit_info=info)
 
 
+def credit(k: int, depth: int, c: float) -> float:
+    """What an image seen at depth k of a run growing to `depth` is worth in images of the final model."""
+    return min(1.0, max(0.0, 1.0 - c * (1.0 / k - 1.0 / depth)))
+
+
 def _clean_growth(points) -> list[dict]:
     pts = _clean(points)
     for i, p in enumerate(pts):
         try:
-            early = float(p["images_early"])
+            depth = int(p["depth"])
+            shallow = {int(k): int(round(float(v))) for k, v in dict(p["images_shallow"]).items()}
         except (KeyError, TypeError, ValueError):
-            raise ScalingError(f"growth point {i}: needs a number images_early (images seen at a shallower depth), "
-                               f"got {p.get('images_early')!r}") from None
-        if not 0 < early < p["images"]:
-            raise ScalingError(f"growth point {i}: images_early must be in (0, images), got {early:g} of "
-                               f"{p['images']:,} (a run that never trained shallow did not grow)")
-        p["images_early"] = int(round(early))
+            raise ScalingError(f"growth point {i}: needs depth (the final one) and images_shallow {{depth: images}} "
+                               f"(images seen at shallower depths), got depth={p.get('depth')!r}, "
+                               f"images_shallow={p.get('images_shallow')!r}") from None
+        shallow = {k: v for k, v in shallow.items() if v > 0}
+        if not shallow or sum(shallow.values()) >= p["images"] or not all(1 <= k < depth for k in shallow):
+            raise ScalingError(f"growth point {i}: images_shallow must hold images at depths 1..{depth - 1} summing to "
+                               f"less than its {p['images']:,} images, got {shallow} (a run that never trained "
+                               "shallow did not grow)")
+        p["depth"], p["images_shallow"] = depth, shallow
     return pts
 
 
-def _fit_gamma(params: dict, pts: list[dict]) -> float:
-    """gamma in GAMMA_BOUNDS minimising the Huber-log objective of the law (params held) on growing runs."""
+def _grown_top1(params: dict, c: float, p: dict) -> float:
+    d = p["images"] + sum((credit(k, p["depth"], c) - 1.0) * v for k, v in p["images_shallow"].items())
+    return float(_top1(params, p["params"], d))
+
+
+def _fit_c(params: dict, pts: list[dict]) -> float:
+    """c in C_BOUNDS minimising the Huber-log objective of the law (params held) on growing runs."""
     from scipy.optimize import minimize_scalar
 
-    n = np.array([p["params"] for p in pts], dtype=float)
-    d = np.array([p["images"] for p in pts], dtype=float)
-    e = np.array([p["images_early"] for p in pts], dtype=float)
     logy = np.log(np.array([1.0 - p["top1"] / 100.0 for p in pts]))
 
-    def obj(g):
-        return float(_huber(np.log(law_error(params, n, d - e + g * e)) - logy).sum())
+    def obj(c):
+        pred = np.array([1.0 - _grown_top1(params, c, p) / 100.0 for p in pts])
+        return float(_huber(np.log(pred) - logy).sum())
 
-    grid = np.linspace(*GAMMA_BOUNDS, 101)                 # the objective need not be convex in gamma: a grid first
-    g0 = float(grid[int(np.argmin([obj(g) for g in grid]))])
-    step = (GAMMA_BOUNDS[1] - GAMMA_BOUNDS[0]) / 100
-    r = minimize_scalar(obj, bounds=(max(GAMMA_BOUNDS[0], g0 - step), min(GAMMA_BOUNDS[1], g0 + step)),
+    grid = np.linspace(*C_BOUNDS, 201)                     # the objective need not be convex in c: a grid first
+    c0 = float(grid[int(np.argmin([obj(c) for c in grid]))])
+    step = grid[1] - grid[0]
+    r = minimize_scalar(obj, bounds=(max(C_BOUNDS[0], c0 - step), min(C_BOUNDS[1], c0 + step)),
                         method="bounded", options={"xatol": 1e-6})
-    return float(r.x) if r.fun <= obj(g0) else g0
-
-
-def _grown_top1(params: dict, gamma: float, p: dict) -> float:
-    return float(_top1(params, p["params"], p["images"] - p["images_early"] + gamma * p["images_early"]))
+    return float(r.x) if r.fun <= obj(c0) else c0
 
 
 def fit_growth(law: ScalingLaw, points, *, provenance: str = "") -> ScalingLaw:
-    """The law with its growth term: gamma fitted on growing runs [{"params" (final), "images" (all),
-    "images_early" (at a shallower depth), "top1", "budget"?, ...}] with the law's parameters held. Leave-one-
-    budget-out as the law's: gamma refitted without a budget's growing runs, under the law's own refit without
-    that budget where it has one, predicts them. Pure: returns a new law."""
+    """The law with its growth term: c fitted on growing runs [{"params" (final), "images" (all), "depth" (final),
+    "images_shallow" {k: images seen at depth k < depth}, "top1", "budget"?, ...}] with the law's parameters held.
+    Leave-one-budget-out as the law's: c refitted without a budget's growing runs, under the law's own refit
+    without that budget where it has one, predicts them. Pure: returns a new law."""
     from dataclasses import replace
 
     pts = _clean_growth(points)
     if not pts:
         raise ScalingError("no growing runs to fit the growth term on")
-    gamma = _fit_gamma(law.params, pts)
-    resid = [_grown_top1(law.params, gamma, p) - p["top1"] for p in pts]
+    c = _fit_c(law.params, pts)
+    resid = [_grown_top1(law.params, c, p) - p["top1"] for p in pts]
     refit_of = {b["budget"]: r for b, r in zip([b for b in law.loo.get("by_budget", []) if "refused" not in b],
                                                law.loo.get("refits", []))}
     groups: dict = {}
     for p in pts:
         groups.setdefault(_budget_key(p), []).append(p)
-    by_budget, gammas, held_resid = [], [], []
+    by_budget, cs, held_resid = [], [], []
     for key, held in groups.items():
         rest = [p for p in pts if _budget_key(p) != key]
         if not rest:
             by_budget.append({"budget": key, "n": len(held), "refused": "no growing run at another budget"})
             continue
         params = refit_of.get(key, law.params)
-        g = _fit_gamma(params, rest)
-        r = [_grown_top1(params, g, p) - p["top1"] for p in held]
-        gammas.append(g)
+        ck = _fit_c(params, rest)
+        r = [_grown_top1(params, ck, p) - p["top1"] for p in held]
+        cs.append(ck)
         held_resid += r
-        by_budget.append({"budget": key, "n": len(held), "gamma": g, "rmse": float(np.sqrt(np.mean(np.square(r)))),
+        by_budget.append({"budget": key, "n": len(held), "c": ck, "rmse": float(np.sqrt(np.mean(np.square(r)))),
                           "mean_error": float(np.mean(r)), "max_abs": float(np.max(np.abs(r))),
                           "law": "refit without this budget" if key in refit_of else "full fit"})
-    term = {"form": GROWTH_FORM, "gamma": gamma, "bounds": list(GAMMA_BOUNDS), "provenance": provenance,
+    term = {"form": GROWTH_FORM, "c": c, "bounds": list(C_BOUNDS), "provenance": provenance,
             "fit": {"n_points": len(pts), "rmse_top1": float(np.sqrt(np.mean(np.square(resid))))},
-            "loo": {"by_budget": by_budget, "gammas": gammas,
+            "loo": {"by_budget": by_budget, "cs": cs,
                     "rmse": float(np.sqrt(np.mean(np.square(held_resid)))) if held_resid else None,
                     "unit": "top-1 points (predicted − measured) on the held-out budget's growing runs"},
-            "points": pts}
+            "points": [{**p, "images_shallow": {str(k): v for k, v in p["images_shallow"].items()}} for p in pts]}
     return replace(law, growth=term)
 
 
@@ -432,23 +444,24 @@ def fit_growth(law: ScalingLaw, points, *, provenance: str = "") -> ScalingLaw:
 # the choice
 
 def choose(law: ScalingLaw, candidates) -> list[dict]:
-    """candidates [{"shape", "params", "images", "images_early"?, ...}] → one row each (the candidate's keys plus
-    "top1", "interval" [lo, hi], "extrapolates" False|str and, for a growing candidate (images_early > 0: images
-    seen at a shallower depth), "images_effective"), best predicted top-1 first, ties toward fewer params. A
-    candidate that sees no image in the budget, or grows under a law with no growth term, gets top1 None (with
+    """candidates [{"shape", "params", "images", "depth"?, "images_shallow"?, ...}] → one row each (the candidate's
+    keys plus "top1", "interval" [lo, hi], "extrapolates" False|str and, for a growing candidate (images_shallow
+    {k: images seen at depth k < depth}), "images_effective"), best predicted top-1 first, ties toward fewer params.
+    A candidate that sees no image in the budget, or grows under a law with no growth term, gets top1 None (with
     the reason in "extrapolates") and goes last. Pure: nothing is changed."""
     rows = []
     for c in candidates:
-        n, d, early = float(c["params"]), float(c["images"]), float(c.get("images_early") or 0)
+        n, d = float(c["params"]), float(c["images"])
+        grows = any(float(v) > 0 for v in (c.get("images_shallow") or {}).values())
         if d <= 0:
             rows.append({**c, "top1": None, "interval": None, "extrapolates": "sees no training image in the budget"})
             continue
-        if early > 0 and not law.growth:
+        if grows and not law.growth:
             rows.append({**c, "top1": None, "interval": None, "extrapolates": "grows, and the law has no growth term"})
             continue
-        if early > 0:
-            d_eff = law.effective_images(d, early)
-            lo, hi = law.grown_interval(n, d, early)
+        if grows:
+            d_eff = law.effective_images(d, c["images_shallow"], c["depth"])
+            lo, hi = law.grown_interval(n, d, c["images_shallow"], c["depth"])
             rows.append({**c, "images_effective": int(round(d_eff)), "top1": law.predict(n, d_eff),
                          "interval": [lo, hi], "extrapolates": law.extrapolates(n, d_eff)})
             continue
@@ -552,20 +565,19 @@ def law_from_dict(d, where: str = "scaling law") -> ScalingLaw:
 
 
 def _growth_from(g, where: str) -> dict:
-    """The growth term of a scaling.json (absent: {}), its gamma and refits' gammas checked."""
+    """The growth term of a scaling.json (absent: {}), its c and refits' cs checked."""
     if g is None:
         return {}
     if not isinstance(g, dict):
-        raise ScalingError(f"{where}: growth must be an object with gamma")
-    lo, hi = GAMMA_BOUNDS
-    gamma = _num(g, "gamma", f"{where}: growth")
+        raise ScalingError(f"{where}: growth must be an object with c")
+    lo, hi = C_BOUNDS
+    c = _num(g, "c", f"{where}: growth")
     loo = g.get("loo") or {}
-    gammas = loo.get("gammas", []) if isinstance(loo, dict) else None
-    if not isinstance(gammas, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                               for v in gammas):
-        raise ScalingError(f"{where}: growth.loo.gammas must be a list of numbers")
-    if not all(lo <= v <= hi for v in [gamma, *gammas]):
-        raise ScalingError(f"{where}: growth gamma must be in [{lo:g}, {hi:g}], got {gamma!r}")
+    cs = loo.get("cs", []) if isinstance(loo, dict) else None
+    if not isinstance(cs, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cs):
+        raise ScalingError(f"{where}: growth.loo.cs must be a list of numbers")
+    if not all(lo <= v <= hi for v in [c, *cs]):
+        raise ScalingError(f"{where}: growth c must be in [{lo:g}, {hi:g}], got {c!r}")
     return dict(g)
 
 
@@ -607,5 +619,5 @@ def load_prior(name: str) -> ScalingLaw:
     return law_from_dict(d, f"prior {name}")
 
 
-__all__ = ["FORM", "INTERVAL_METHOD", "PARAMS", "ScalingError", "ScalingLaw", "best_first", "choose", "fit_growth", "fit_law", "law_error",
+__all__ = ["FORM", "INTERVAL_METHOD", "PARAMS", "ScalingError", "ScalingLaw", "best_first", "choose", "credit", "fit_growth", "fit_law", "law_error",
            "law_from_dict", "law_to_dict", "load_law", "load_prior", "prior_names", "save_law"]

@@ -137,13 +137,14 @@ def test_dry_run_model_auto_on_an_assumed_gpu_picks_without_probing(tiny_prepped
 GROWS = {"curriculum": "32:0.5,64:0.5", "final_res": 64}       # two resolutions: depth 2 grows 1 -> 2
 
 
-def _grown_law(gamma, classes=4, resolution=64):
-    """_law with a growth term of this gamma (fitted on exact growing points of the same law)."""
+def _grown_law(c, classes=4, resolution=64):
+    """_law with a growth term of this c (fitted on exact points of the same law growing 1 -> 2)."""
     from fastvit import scaling
 
     law = _law(classes, resolution)
-    pts = [{"params": n, "images": d, "images_early": d / 2, "budget": d,
-            "top1": law.predict(n, d / 2 + gamma * d / 2)} for n in (6e4, 2e5) for d in (2e3, 8e3, 3.2e4)]
+    pts = [{"params": n, "images": d, "depth": 2, "images_shallow": {1: d / 2}, "budget": d,
+            "top1": law.predict(n, d / 2 + scaling.credit(1, 2, c) * d / 2)}
+           for n in (6e4, 2e5) for d in (2e3, 8e3, 3.2e4)]
     return scaling.fit_growth(law, pts, provenance="test")
 
 
@@ -161,22 +162,23 @@ def _by_depth(c, stages):
     return stages, {s.shape: 1000.0 / (s.depth or c.model.depth) for s in stages}, 0.5
 
 
-@pytest.mark.parametrize("gamma", [0.0, 1.0])
-def test_grown_candidates_are_forecast_from_their_shallow_images(small_family, tiny_prepped, tmp_path, gamma):
+@pytest.mark.parametrize("c", [0.0, 2.0])
+def test_grown_candidates_are_forecast_from_their_shallow_images(small_family, tiny_prepped, tmp_path, c):
     from fastvit import scaling
     from fastvit.train import auto
 
-    law = _grown_law(gamma)
-    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"))
+    law = _grown_law(c)
+    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"), auto_grow=True)
     choice = auto.choose_model(cfg, env, _by_depth, law)
     rows = {r["shape"]: r for r in choice.rows}
     assert set(rows) == {"d1-w32", "d2-w32", "d2-w32+grow"}          # depth 1 has nothing to grow from
     g, f = rows["d2-w32+grow"], rows["d2-w32"]
-    assert g["depths"] == [1, 2] and 0 < g["images_early"] < g["images"]
+    shallow = g["images_shallow"][1]
+    assert g["depths"] == [1, 2] and g["depth"] == 2 and set(g["images_shallow"]) == {1} and 0 < shallow < g["images"]
     assert g["images"] > f["images"]                                  # the shallow half runs faster
-    assert g["images_effective"] == round(g["images"] - g["images_early"] + law.growth["gamma"] * g["images_early"])
-    # gamma 1: growth is free speed and beats its fixed shape; gamma 0: its shallow images are wasted
-    assert (g["top1"] > f["top1"]) == (gamma == 1.0)
+    assert g["images_effective"] == round(g["images"] - shallow + scaling.credit(1, 2, law.growth["c"]) * shallow)
+    # c 0: growth is free speed and beats its fixed shape; c 2: its depth-1 images are worth nothing
+    assert (g["top1"] > f["top1"]) == (c == 0.0)
     assert g["top1"] == pytest.approx(law.predict(g["params"], g["images_effective"]), abs=1e-3)
 
 
@@ -184,8 +186,8 @@ def test_a_grown_pick_trains_growing(small_family, tiny_prepped, tmp_path):
     from fastvit import scaling
     from fastvit.train import auto
 
-    law = _grown_law(1.0)
-    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"))
+    law = _grown_law(0.0)
+    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "g.json"), auto_grow=True)
     choice = auto.choose_model(cfg, env, _by_depth, law)
     grown = next(r for r in choice.rows if r["shape"].endswith("+grow"))
     choice.pick = grown
@@ -193,28 +195,32 @@ def test_a_grown_pick_trains_growing(small_family, tiny_prepped, tmp_path):
     assert run_cfg.growth.mode == "manual" and run_cfg.model.depth == 2 and run_cfg.model.name != "auto"
     choice.pick = next(r for r in choice.rows if r["shape"] == "d2-w32")
     assert auto.apply(cfg, choice).growth.mode == "none"
-    assert "growth: gamma 1.00" in "\n".join(choice.lines())
+    assert "grown shapes weighed, growth term c 0.00" in "\n".join(choice.lines())
 
 
-def test_growth_is_not_weighed_without_a_growth_term_and_manual_growth_needs_one(small_family, tiny_prepped,
-                                                                                 tmp_path, capsys):
+def test_grown_shapes_are_weighed_only_when_asked_and_need_a_growth_term(small_family, tiny_prepped, tmp_path,
+                                                                         capsys):
     from fastvit import scaling
     from fastvit.train import auto
 
-    law = _law(4, 64)
-    cfg, env = _growth_env(tiny_prepped, scaling.save_law(law, tmp_path / "plain.json"))
-    choice = auto.choose_model(cfg, env, _by_depth, law)
+    plain = scaling.save_law(_law(4, 64), tmp_path / "plain.json")
+    grown = scaling.save_law(_grown_law(0.5), tmp_path / "g.json")
+    names = lambda cfg, env, law: [r["shape"] for r in auto.choose_model(cfg, env, _by_depth, law).rows]  # noqa: E731
+    # the default (--auto-grow off, the evidence's): fixed shapes only, even with a growth term
+    cfg, env = _growth_env(tiny_prepped, grown)
+    choice = auto.choose_model(cfg, env, _by_depth, _grown_law(0.5))
     assert not any(r["shape"].endswith("+grow") for r in choice.rows)
-    assert "growth not weighed (no growth term)" in "\n".join(choice.lines())
+    assert "grown shapes not weighed (--auto-grow)" in "\n".join(choice.lines())
     # --growth auto: AutoProg decides the depth during the run, so only fixed shapes are weighed
-    grown = scaling.save_law(_grown_law(1.0), tmp_path / "g.json")
-    cfg, env = _growth_env(tiny_prepped, grown, growth="auto")
-    assert all(not r["shape"].endswith("+grow") for r in auto.choose_model(cfg, env, _by_depth, _grown_law(1.0)).rows)
-    # --growth manual: grown shapes only; with a law that cannot forecast them, one line and exit 2
+    cfg, env = _growth_env(tiny_prepped, grown, growth="auto", auto_grow=True)
+    assert not any(n.endswith("+grow") for n in names(cfg, env, _grown_law(0.5)))
+    # --growth manual: grown shapes only
     cfg, env = _growth_env(tiny_prepped, grown, growth="manual")
-    assert all(r["shape"].endswith("+grow") for r in auto.choose_model(cfg, env, _by_depth, _grown_law(1.0)).rows)
-    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "5", "--model", "auto",
-               "--growth", "manual", "--scaling", str(tmp_path / "plain.json"), "--curriculum", "32:0.5,64:0.5",
-               "--final-res", "64", "--dry-run", *TINY])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "no growth term" in err[0]
+    assert all(n.endswith("+grow") for n in names(cfg, env, _grown_law(0.5)))
+    # grown shapes asked for with a law that cannot forecast them: one line and exit 2
+    for flags in (["--growth", "manual"], ["--auto-grow"]):
+        rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "5", "--model", "auto",
+                   *flags, "--scaling", str(plain), "--curriculum", "32:0.5,64:0.5", "--final-res", "64",
+                   "--dry-run", *TINY])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "no growth term" in err[0] and flags[0] in err[0], err

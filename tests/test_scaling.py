@@ -174,14 +174,15 @@ def test_shipped_priors_load_with_provenance(name, classes):
 
 
 def test_the_cpu_prior_forecasts_growth_and_the_gpu_prior_does_not():
-    """cpu: a growth term fitted on the growth study's manual runs, each from its file, reproducing them within
-    2 points; gpu: none read, so no growing candidate is forecast there."""
+    """cpu: a growth term fitted on the growth study's --growth manual runs, each from its file, reproducing them
+    within 2 points; gpu: none read, so no growing candidate is forecast there."""
     cpu, gpu = load_prior("cpu"), load_prior("gpu")
     g = cpu.growth
-    assert 0.0 <= g["gamma"] <= 1.0 and g["provenance"] and len(g["points"]) >= 4
-    assert all("bench/results/growth/" in p["source"] and 0 < p["images_early"] < p["images"] for p in g["points"])
-    assert all(abs(cpu.predict(p["params"], cpu.effective_images(p["images"], p["images_early"])) - p["top1"]) < 2.0
+    assert 0.0 <= g["c"] <= 2.0 and g["provenance"] and len(g["points"]) >= 4
+    assert all(p["source"].startswith("bench/results/growth/") and 0 < sum(p["images_shallow"].values()) < p["images"]
                for p in g["points"])
+    assert all(abs(cpu.predict(p["params"], cpu.effective_images(p["images"], p["images_shallow"], p["depth"]))
+                   - p["top1"]) < 2.0 for p in g["points"])
     assert not gpu.growth
 
 
@@ -191,68 +192,86 @@ def test_unknown_prior_names_the_known_ones():
 
 
 # ------------------------------------------------------------------------------------------------------
-# the growth term: gamma, what an image seen at a shallower depth is worth
+# the growth term: an image seen at depth k of a run growing to L counts 1 - c*(1/k - 1/L)
 
-def _grown(gamma, params=TRUE, share=0.6):
-    """Growing runs: a share of each run's images seen shallow, top-1 the law's at D_full + gamma·D_early."""
-    return [{"shape": f"n{int(n)}+grow", "params": n, "images": d, "images_early": share * d, "budget": b,
-             "top1": 100 * (1 - float(law_error(params, n, d - share * d + gamma * share * d)))}
-            for n in SIZES[1:4] for b, d in BUDGETS.items()]
+def _grown(c, params=TRUE, share=0.6):
+    """Growing runs 1 -> 2 and 2 -> 4: a share of each run's images seen shallow, top-1 the law's at D_eff."""
+    out = []
+    for n, (k, depth) in zip(SIZES[1:4], ((1, 2), (2, 4), (1, 2))):
+        for b, d in BUDGETS.items():
+            d_eff = d - share * d + max(0.0, min(1.0, 1 - c * (1 / k - 1 / depth))) * share * d
+            out.append({"shape": f"n{int(n)}+grow", "params": n, "images": d, "depth": depth,
+                        "images_shallow": {k: share * d}, "budget": b,
+                        "top1": 100 * (1 - float(law_error(params, n, d_eff)))})
+    return out
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.35, 0.8, 1.0])
-def test_growth_term_recovers_a_known_gamma(law, gamma):
-    grown = scaling.fit_growth(law, _grown(gamma), provenance="synthetic")
-    assert grown.growth["gamma"] == pytest.approx(gamma, abs=0.01)
+@pytest.mark.parametrize("c", [0.0, 0.5, 1.0, 1.5])
+def test_growth_term_recovers_a_known_c(law, c):
+    grown = scaling.fit_growth(law, _grown(c), provenance="synthetic")
+    assert grown.growth["c"] == pytest.approx(c, abs=0.01)
     assert grown.params == law.params                         # the law itself is not refitted
-    assert len(grown.growth["loo"]["gammas"]) == len(BUDGETS)
+    assert len(grown.growth["loo"]["cs"]) == len(BUDGETS)
     assert grown.growth["loo"]["rmse"] < 0.05
-    # a growing candidate is forecast as the fixed model at D_eff
+    # a growing candidate is forecast as the fixed model at D_eff; a deeper shallow phase is worth more
     d, early = 5e4, 3e4
-    row = choose(grown, [{"shape": "g", "params": 2e6, "images": d, "images_early": early}])[0]
-    assert row["images_effective"] == round(d - early + gamma * early)
-    assert row["top1"] == pytest.approx(law.predict(2e6, d - early + gamma * early))
-    assert row["interval"][0] <= row["top1"] <= row["interval"][1]
+    rows = {r["shape"]: r for r in choose(grown, [
+        {"shape": "1>2", "params": 2e6, "images": d, "depth": 2, "images_shallow": {1: early}},
+        {"shape": "6>12", "params": 2e6, "images": d, "depth": 12, "images_shallow": {6: early}}])}
+    for name, k, depth in (("1>2", 1, 2), ("6>12", 6, 12)):
+        d_eff = d - early + scaling.credit(k, depth, grown.growth["c"]) * early
+        assert rows[name]["images_effective"] == round(d_eff)
+        assert rows[name]["top1"] == pytest.approx(law.predict(2e6, d_eff))
+        assert rows[name]["interval"][0] <= rows[name]["top1"] <= rows[name]["interval"][1]
+    assert c == 0 or rows["6>12"]["top1"] > rows["1>2"]["top1"]
+
+
+def test_credit_is_one_at_the_final_depth_and_clipped():
+    assert scaling.credit(4, 4, 1.7) == 1.0 and scaling.credit(1, 2, 0.0) == 1.0
+    assert scaling.credit(1, 2, 1.0) == 0.5 and scaling.credit(2, 4, 1.0) == 0.75
+    assert scaling.credit(1, 12, 2.0) == 0.0                   # never below nothing
 
 
 def test_growth_pays_only_where_its_effective_images_beat_the_fixed_shapes(law):
-    """The same candidates: growth is the pick at gamma 1 (free speed); at gamma 0 (its shallow images wasted) the
+    """The same candidates: growth is the pick at c 0 (free speed); at c 2 (a depth-1 image of 4 counts 0) the
     fixed final shape, which sees more images at full depth, is."""
-    cands = [{"shape": "d4+grow", "params": 4e6, "images": 6e4, "images_early": 4e4},
+    cands = [{"shape": "d4+grow", "params": 4e6, "images": 6e4, "depth": 4, "images_shallow": {1: 4e4}},
              {"shape": "d2", "params": 1e6, "images": 6e4},
              {"shape": "d4", "params": 4e6, "images": 3e4}]
-    for gamma, pick in ((1.0, "d4+grow"), (0.0, "d4")):
-        grown = scaling.fit_growth(law, _grown(gamma))
+    for c, pick in ((0.0, "d4+grow"), (2.0, "d4")):
+        grown = scaling.fit_growth(law, _grown(c))
         assert choose(grown, cands)[0]["shape"] == pick
 
 
 def test_a_law_without_growth_term_forecasts_no_growing_candidate(law):
-    rows = choose(law, [{"shape": "g", "params": 8e6, "images": 1e9, "images_early": 5e8},
+    rows = choose(law, [{"shape": "g", "params": 8e6, "images": 1e9, "depth": 4, "images_shallow": {2: 5e8}},
                         {"shape": "f", "params": 5e5, "images": 1e3}])
     assert [r["shape"] for r in rows] == ["f", "g"]
     assert rows[1]["top1"] is None and "no growth term" in rows[1]["extrapolates"]
     with pytest.raises(ScalingError, match="no growth term"):
-        law.effective_images(1e5, 5e4)
+        law.effective_images(1e5, {2: 5e4}, 4)
+    assert law.effective_images(1e5, {}, 4) == 1e5
 
 
 def test_growth_term_refuses_runs_that_did_not_grow(law):
     bad = _grown(0.5)
-    bad[0] = {**bad[0], "images_early": 0}
     with pytest.raises(ScalingError, match="did not grow"):
-        scaling.fit_growth(law, bad)
-    with pytest.raises(ScalingError, match="images_early"):
-        scaling.fit_growth(law, [{k: v for k, v in bad[1].items() if k != "images_early"}])
+        scaling.fit_growth(law, [{**bad[0], "images_shallow": {1: 0}}])
+    with pytest.raises(ScalingError, match="did not grow"):
+        scaling.fit_growth(law, [{**bad[0], "images_shallow": {2: 10}}])            # depth 2 of 2 is not shallow
+    with pytest.raises(ScalingError, match="images_shallow"):
+        scaling.fit_growth(law, [{k: v for k, v in bad[1].items() if k != "images_shallow"}])
 
 
-def test_growth_term_round_trips_and_a_bad_gamma_is_one_line(law, tmp_path):
+def test_growth_term_round_trips_and_a_bad_c_is_one_line(law, tmp_path):
     grown = scaling.fit_growth(law, _grown(0.5))
     back = load_law(save_law(grown, tmp_path / "g.json"))
-    assert back.growth["gamma"] == pytest.approx(grown.growth["gamma"])
-    assert back.predict(1e6, back.effective_images(6e4, 3e4)) == pytest.approx(
-        grown.predict(1e6, grown.effective_images(6e4, 3e4)), rel=1e-9)
+    assert back.growth["c"] == pytest.approx(grown.growth["c"])
+    assert back.predict(1e6, back.effective_images(6e4, {"2": 3e4}, 4)) == pytest.approx(
+        grown.predict(1e6, grown.effective_images(6e4, {2: 3e4}, 4)), rel=1e-9)
     assert "growth" not in scaling.law_to_dict(law)                       # no term, no key
     d = scaling.law_to_dict(grown)
-    d["growth"]["gamma"] = 1.7
+    d["growth"]["c"] = 2.7
     (tmp_path / "bad.json").write_text(json.dumps(d, default=float))
-    with pytest.raises(ScalingError, match=r"gamma must be in \[0, 1\]"):
+    with pytest.raises(ScalingError, match=r"growth c must be in \[0, 2\]"):
         load_law(tmp_path / "bad.json")

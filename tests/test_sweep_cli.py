@@ -337,14 +337,14 @@ def test_a_refused_forecast_is_an_answer_the_sweep_exits_0(tiny_prepped, tmp_pat
 
 
 SCALING_TRUE = {"E": 0.1, "A": 60.0, "alpha": 0.5, "B": 30.0, "beta": 0.5}
-GAMMA_TRUE = 0.3
+C_TRUE = 0.8
 
 
 def _fake_shaped_training(monkeypatch, classes):
     """Runs whose top-1 follows a known joint law in N (the shape's parameters) and D (images seen, fewer for
     bigger nets: 2e9 images per budget-second over N)."""
     from fastvit.models.shapes import param_count
-    from fastvit.scaling import law_error
+    from fastvit.scaling import credit, law_error
     from fastvit.sweep.scaling_fit import split_shape
 
     calls = []
@@ -355,12 +355,12 @@ def _fake_shaped_training(monkeypatch, classes):
         n = param_count(shape, classes)
         d = int(2e4 * job.budget.seconds * 1e5 / n)
         extra, d_law = {}, d
-        if "growth=manual" in job.variant:               # half the images at half the depth, worth GAMMA_TRUE each
+        if "growth=manual" in job.variant:               # half the images at half the depth, worth credit(C_TRUE)
             depth = int(shape.split("-")[0][1:])
             early = d // 2
             extra = {"stages": [{"steps": early, "batch_size": 1, "depth": depth // 2},
                                 {"steps": d - early, "batch_size": 1, "depth": depth}]}
-            d_law = d - early + GAMMA_TRUE * early
+            d_law = d - early + credit(depth // 2, depth, C_TRUE) * early
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "results.json").write_text(json.dumps(
             {"top1": 100 * (1 - float(law_error(SCALING_TRUE, n, d_law))), "images_seen": d,
@@ -405,7 +405,7 @@ def test_shapes_axis_and_fit_scaling(tiny_prepped, tmp_path, monkeypatch, capsys
 
 
 def test_fit_scaling_fits_the_growth_term_on_growing_runs(tiny_prepped, tmp_path, monkeypatch, capsys):
-    """Growing runs (variant +growth=manual) stay out of the fixed-size law and fit its gamma."""
+    """Growing runs (variant +growth=manual) stay out of the fixed-size law and fit its growth term's c."""
     from fastvit import manifest
     from fastvit.scaling import load_law
 
@@ -421,12 +421,12 @@ def test_fit_scaling_fits_the_growth_term_on_growing_runs(tiny_prepped, tmp_path
     for k, v in SCALING_TRUE.items():
         assert law.params[k] == pytest.approx(v, rel=0.02), k
     g = law.growth
-    assert g["gamma"] == pytest.approx(GAMMA_TRUE, abs=0.01) and len(g["points"]) == 6
+    assert g["c"] == pytest.approx(C_TRUE, abs=0.01) and len(g["points"]) == 6
     assert {p["shape"] for p in g["points"]} == {"d4-w128+grow", "d2-w128+grow"}
-    assert all(p["images_early"] == p["images"] // 2 for p in g["points"])
-    assert len(g["loo"]["gammas"]) == 3 and g["loo"]["rmse"] < 0.1
+    assert all(p["images_shallow"] == {str(p["depth"] // 2): p["images"] // 2} for p in g["points"])
+    assert len(g["loo"]["cs"]) == 3 and g["loo"]["rmse"] < 0.1
     md = (out / "scaling.md").read_text()
-    assert "Growth term: gamma = 0.300" in md and "| d4-w128+grow |" in md
+    assert "Growth term: c = 0.800" in md and "| d4-w128+grow |" in md
 
 
 def test_fit_scaling_refusal_is_one_line_and_exit_0(tiny_prepped, tmp_path, monkeypatch, capsys):

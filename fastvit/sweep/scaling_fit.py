@@ -8,9 +8,9 @@ or variants `...+shape=d4-w192`) make one law: `scaling.json`; several recipes m
 the points. A fit the points cannot determine is one line, not a failure of the sweep.
 
 Growing runs (--growth manual: variants `...+growth=manual` or `growth`) belong to their recipe's law but not
-to its fixed-size fit: after the law, they fit its growth term (fastvit.scaling.fit_growth: gamma, what an
-image seen at a shallower depth is worth), each with the images its results.json stages saw below the final
-depth. AutoProg runs (--growth auto: the depth is decided during the run) are left out.
+to its fixed-size fit: after the law, they fit its growth term (fastvit.scaling.fit_growth: c, what an image
+seen at a shallower depth is worth), each with the images its results.json stages saw at each depth below the
+final one. AutoProg runs (--growth auto: the depth is decided during the run) are left out.
 """
 from __future__ import annotations
 
@@ -53,18 +53,19 @@ def recipe_of(label: str) -> str:
     return "+".join(p for p in rest.split("+") if p not in GROWTH_PARTS) or "fastvit"
 
 
-def images_early(results: dict, full_depth: int) -> int | None:
-    """Images a growing run saw below its final depth (its results.json stages: steps × batch of the stages
-    whose depth is smaller); None when results.json has no stages."""
-    stages = results.get("stages")
-    if not stages:
-        return None
-    return sum(int(s["steps"]) * int(s["batch_size"]) for s in stages
-               if s.get("depth") and int(s["depth"]) < full_depth)
+def images_shallow(results: dict, full_depth: int) -> dict:
+    """{depth k: images} a growing run saw at each depth below its final one (its results.json stages: steps ×
+    batch); {} when results.json has no stages or the run never trained shallow."""
+    out: dict = {}
+    for s in results.get("stages") or ():
+        k = int(s.get("depth") or full_depth)
+        if k < full_depth and int(s["steps"]):
+            out[k] = out.get(k, 0) + int(s["steps"]) * int(s["batch_size"])
+    return out
 
 
 def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int, data_res: list[int]) -> dict:
-    """{recipe: {"fixed": [point, ...], "growth": [point with images_early, ...]}} from the sweep's rows (WSD
+    """{recipe: {"fixed": [point, ...], "growth": [point with depth, images_shallow, ...]}} from the sweep's rows (WSD
     rows left out: their D spans several runs; --growth auto runs too: their depth is the run's decision)."""
     out: dict = {}
     models: dict = {}
@@ -84,9 +85,11 @@ def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int,
                  "source": r.get("run_dir")}
         group = out.setdefault(recipe_of(r["variant"]), {"fixed": [], "growth": []})
         if m["growth"] == "manual":
-            early = images_early(res, parse_shape(m["shape"])["depth"])
-            if early:                                    # a run that never trained shallow did not grow
-                group["growth"].append({**point, "shape": grow_label(m["shape"]), "images_early": early})
+            depth = parse_shape(m["shape"])["depth"]
+            shallow = images_shallow(res, depth)
+            if shallow:                                  # a run that never trained shallow did not grow
+                group["growth"].append({**point, "shape": grow_label(m["shape"]), "depth": depth,
+                                        "images_shallow": shallow})
             continue
         group["fixed"].append(point)
     return out
@@ -116,25 +119,26 @@ def law_md(law, recipe: str) -> str:
 
 
 def growth_md(law) -> list[str]:
-    """scaling.md's growth section: gamma, its leave-one-budget-out error, the growing runs ([] without a term)."""
+    """scaling.md's growth section: c, its leave-one-budget-out error, the growing runs ([] without a term)."""
     g = law.growth
     if not g:
         return []
     lo = g["loo"]
-    lines = ["", f"Growth term: gamma = {g['gamma']:.3f} ({g['form']}); fitted on {g['fit']['n_points']} growing "
-             f"runs, RMSE {g['fit']['rmse_top1']:.2f} top-1 points. Leave-one-budget-out (gamma refitted without a "
+    lines = ["", f"Growth term: c = {g['c']:.3f} ({g['form']}); fitted on {g['fit']['n_points']} growing "
+             f"runs, RMSE {g['fit']['rmse_top1']:.2f} top-1 points. Leave-one-budget-out (c refitted without a "
              f"budget's growing runs, under the law refitted without it): RMSE "
              f"{'–' if lo.get('rmse') is None else format(lo['rmse'], '.2f')}.", "",
-             "| left out | runs | gamma | RMSE | mean error |", "|---|---:|---:|---:|---:|"]
+             "| left out | runs | c | RMSE | mean error |", "|---|---:|---:|---:|---:|"]
     for b in lo["by_budget"]:
         lines.append(f"| {b['budget']} | {b['n']} | refused: {b['refused']} | | |" if "refused" in b else
-                     f"| {b['budget']} | {b['n']} | {b['gamma']:.3f} | {b['rmse']:.2f} | {b['mean_error']:+.2f} |")
+                     f"| {b['budget']} | {b['n']} | {b['c']:.3f} | {b['rmse']:.2f} | {b['mean_error']:+.2f} |")
     lines += ["", "| grown shape | params | budget | seed | images seen | of them shallower | top-1 | law |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]
     for p in sorted(g["points"], key=lambda p: (p["params"], p["images"])):
-        d_eff = law.effective_images(p["images"], p["images_early"])
+        d_eff = law.effective_images(p["images"], p["images_shallow"], p["depth"])
         lines.append(f"| {p['shape']} | {p['params']:,} | {p['budget']} | {p.get('seed', '')} | {p['images']:,} | "
-                     f"{p['images_early']:,} | {p['top1']:.2f} | {law.predict(p['params'], d_eff):.2f} |")
+                     f"{', '.join(f'{v:,} at d{k}' for k, v in p['images_shallow'].items())} | {p['top1']:.2f} | "
+                     f"{law.predict(p['params'], d_eff):.2f} |")
     return lines
 
 

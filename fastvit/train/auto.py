@@ -1,12 +1,12 @@
 """`--model auto`: the model this budget can train best on this machine, chosen before the run.
 
     candidates  fastvit.models.shapes.candidate_family(device): widths × depths (heads width/64, MLP 4,
-                locality on), each with its parameter count N; and, where the law has a growth term
-                (fastvit.scaling.fit_growth), each shape grown (`d4-w128+grow`: --growth manual, its depth
+                locality on), each with its parameter count N; and each shape grown (`d4-w128+grow`: --growth manual, its depth
                 growing with the curriculum from --growth-depth's first share), forecast at N = its final
-                parameters and D = images at full depth + gamma × images seen shallower. --growth manual
-                weighs grown shapes only (its law needs the term); --growth auto fixed ones (AutoProg
-                decides the depth during the run)
+                parameters and D = images at full depth + credit × images seen at each shallower depth k
+                (1 - c·(1/k - 1/depth), fastvit.scaling.credit). Weighed with --auto-grow (beside the fixed
+                ones; off by default: issue 22's growing runs, bench/results/auto) or --growth manual (grown
+                ones only); --growth auto weighs fixed ones (AutoProg decides the depth during the run)
     speed       each candidate's training images/s at every stage of the curriculum the config asks
                 for: measured by the planner's own probe (RunPlanner.probe: compile + timed synthetic
                 steps, counted in the budget), or from the probe cache (keyed by machine + shape: a
@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fastvit.models.shapes import GROW
 from fastvit.stage import Stage
 
 from .errors import TrainError
@@ -123,7 +124,7 @@ class Candidate:
     speed_from: str = ""                       # "probe", "cache", "flops", "assumed"
     images: int = 0
     grows: bool = False                        # --growth manual: the stages' depths grow to the shape's
-    images_early: int = 0                      # of images: seen at a depth below the shape's (grows)
+    images_shallow: dict = field(default_factory=dict)   # of images: {depth k: seen at k < the shape's} (grows)
 
     @property
     def name(self) -> str:
@@ -138,7 +139,8 @@ class Candidate:
         row = {"shape": self.name, "params": self.params, "images": self.images, "speed_from": self.speed_from,
                "img_s": img_s}
         if self.grows:
-            row.update(images_early=self.images_early, depths=sorted({s.depth for s in self.stages if s.depth}))
+            row.update(depth=self.overrides["depth"], images_shallow=dict(self.images_shallow),
+                       depths=sorted({s.depth for s in self.stages if s.depth}))
         return row
 
 
@@ -175,14 +177,15 @@ def grown_stages(cfg, stages: list[Stage], full: int) -> list[Stage] | None:
 
 
 def weighs(cfg, law) -> tuple[bool, bool]:
-    """(fixed shapes, grown shapes) weighed: --growth none both (grown ones where the law has a growth
-    term), manual grown ones only (a law without the term: one line, exit 2), auto fixed ones only."""
-    mode = cfg.growth.mode
-    if mode == "manual" and not law.growth:
-        raise TrainError("--model auto --growth manual: the scaling law has no growth term, so it cannot forecast "
-                         "a growing run (fit one: fastvit-sweep --fit-scaling over --growth manual runs, then "
-                         "--scaling FILE; or leave --growth out)", 2)
-    return mode != "manual", mode != "auto" and bool(law.growth)
+    """(fixed shapes, grown shapes) weighed: --growth none fixed ones, and with --auto-grow the grown ones
+    beside them; --growth manual grown ones only; --growth auto fixed ones only (AutoProg decides the depth
+    during the run). Grown shapes with a law that has no growth term: one line, exit 2."""
+    mode, both = cfg.growth.mode, cfg.budget.auto_grow and cfg.growth.mode == "none"
+    if (mode == "manual" or both) and not law.growth:
+        raise TrainError(f"--model auto {'--growth manual' if mode == 'manual' else '--auto-grow'}: the scaling law "
+                         "has no growth term, so it cannot forecast a growing run (fit one: fastvit-sweep "
+                         "--fit-scaling over --growth manual runs, then --scaling FILE)", 2)
+    return mode != "manual", mode == "manual" or both
 
 
 def candidates(cfg, env, law=None) -> list[Candidate]:
@@ -219,15 +222,18 @@ def stage_flops(cfg, stage: Stage, gpu: bool, shape: dict | None = None) -> floa
     return train_flops(vcfg, stage.res, stage.keep, sparse_locality=gpu and vcfg.sparse_locality)
 
 
-def images_in(c: Candidate, budget_s: float | None, budget_images: int | None) -> tuple[int, int]:
-    """(images, of them at a depth below the shape's) a candidate sees: plan_budget's at its speeds (an image
-    budget: the budget, split by the stages' shares of it)."""
+def images_in(c: Candidate, budget_s: float | None, budget_images: int | None) -> tuple[int, dict]:
+    """(images, {depth k: of them seen at k < the shape's}) a candidate sees: plan_budget's at its speeds (an
+    image budget: the budget, split by the stages' shares of it)."""
     from .run_planner import images_split
 
     full = c.overrides["depth"]
     if budget_s is None:
-        early = sum(s.f1 - s.f0 for s in c.stages if s.depth and s.depth < full)
-        return int(budget_images), int(round(early * budget_images))
+        shallow: dict = {}
+        for s in c.stages:
+            if s.depth and s.depth < full:
+                shallow[s.depth] = shallow.get(s.depth, 0) + int(round((s.f1 - s.f0) * budget_images))
+        return int(budget_images), shallow
     return images_split(c.stages, c.speeds, budget_s, shallower_than=full)
 
 
@@ -250,8 +256,8 @@ class Choice:
     def lines(self) -> list[str]:
         """The few lines printed at the start of the run."""
         def one(r):
-            grown = (f", {r['images_early']:,} of them at depth < {r['depths'][-1]} (D_eff {r['images_effective']:,})"
-                     if r.get("images_effective") is not None else "")
+            grown = (f", {sum(r['images_shallow'].values()):,} of them at depth < {r['depth']} (D_eff "
+                     f"{r['images_effective']:,})" if r.get("images_effective") is not None else "")
             return (f"{r['shape']} ({r['params'] / 1e6:.2f} M params, {r['images']:,} images{grown}, speed: "
                     f"{r['speed_from']}) predicted top-1 {r['top1']:.1f}% "
                     f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]")
@@ -259,10 +265,12 @@ class Choice:
         if len(self.rows) > 1 and self.rows[1]["top1"] is not None:
             out.append(f"model auto: runner-up {one(self.rows[1])}")
         ext = self.pick.get("extrapolates")
-        gamma = self.law.get("growth_gamma")
+        c = self.law.get("growth_c")
+        grown = any(r["shape"].endswith(GROW) for r in self.rows)
         out.append(f"model auto: law {self.law['name']} ({self.law['form']})"
                    + (f"; extrapolating: {ext}" if ext else "")
-                   + (f"; growth: gamma {gamma:.2f}" if gamma is not None else "; growth not weighed (no growth term)")
+                   + (f"; grown shapes weighed, growth term c {c:.2f}" if grown else
+                      "; grown shapes not weighed (--auto-grow)" + ("" if c is not None else ", the law has no growth term"))
                    + f"; {len(self.rows)} candidates, probe "
                    f"{self.probe_s:.1f} s counted, cache {self.cache['hits']} hit(s) / {self.cache['misses']} miss(es)")
         return out + [f"warning: {w}" for w in self.warnings]
@@ -287,7 +295,8 @@ def decide(law, cands: list[Candidate]) -> list[dict]:
     from fastvit import scaling
 
     rows = scaling.choose(law, [{"shape": c.name, "params": c.params, "images": c.images,
-                                 **({"images_early": c.images_early} if c.grows else {})} for c in cands])
+                                 **({"depth": c.overrides["depth"], "images_shallow": c.images_shallow}
+                                    if c.grows else {})} for c in cands])
     by = {c.name: c for c in cands}
     return [{**r, **{k: v for k, v in by[r["shape"]].row().items() if k not in r}} for r in rows]
 
@@ -327,7 +336,7 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
         _scale_unmeasured(cfg, cands, gpu)
     while True:
         for c in cands:
-            c.images, c.images_early = images_in(c, budget_s, images)
+            c.images, c.images_shallow = images_in(c, budget_s, images)
         rows = decide(law, cands)
         top = next(c for c in cands if c.name == rows[0]["shape"])
         if top.speed_from != "flops" or spent >= cap_s:
@@ -362,7 +371,7 @@ def _law_summary(law) -> dict:
     return {"name": law.data.get("name") or "unnamed", "data": dict(law.data), "form": law.describe(),
             "params": dict(law.params), "provenance": law.provenance,
             "leave_one_budget_out_rmse": law.loo.get("rmse"), "n_range": list(law.n_range),
-            "d_range": list(law.d_range), "growth_gamma": law.growth.get("gamma") if law.growth else None,
+            "d_range": list(law.d_range), "growth_c": law.growth.get("c") if law.growth else None,
             "growth_loo_rmse": law.growth.get("loo", {}).get("rmse") if law.growth else None}
 
 

@@ -186,6 +186,9 @@ class BudgetConfig:
                                         "of the device)")
     auto_probe_share: float = setting(0.03, "--model auto: share of the budget the candidates' speed probes may "
                                             "take (counted; cached per machine and shape)")
+    auto_grow: bool = setting(False, "--model auto: weigh each shape grown by --growth manual beside the fixed "
+                                     "ones, picked where the law's growth term forecasts it pays (off: issue 22's "
+                                     "evidence, bench/results/auto; --growth manual weighs grown shapes only)")
 
     @property
     def given(self) -> bool:

@@ -165,7 +165,8 @@ def _choose(cfg, env, assumed, say):
             say(f"  {r['shape']:>19}  {r['params'] / 1e6:7.2f} M  {r['images']:>14,} images  not forecast: "
                 f"{r['extrapolates']}  speed: {r['speed_from']}")
             continue
-        grown = f"  ({r['images_early']:,} shallow, D_eff {r['images_effective']:,})" if "images_effective" in r else ""
+        grown = (f"  ({sum(r['images_shallow'].values()):,} shallow, D_eff {r['images_effective']:,})"
+                 if "images_effective" in r else "")
         say(f"  {r['shape']:>19}  {r['params'] / 1e6:7.2f} M  {r['images']:>14,} images  top-1 {r['top1']:5.1f}% "
             f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]  speed: {r['speed_from']}{grown}"
             + (f"  (extrapolating: {r['extrapolates']})" if r["extrapolates"] else ""))

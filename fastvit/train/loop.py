@@ -570,7 +570,7 @@ def _predicted(model_auto: dict) -> dict:
     interval (the law was told the images the plan gave; the run may have seen a few % more or less)."""
     p = model_auto["pick"]
     return {"top1": p["top1"], "interval": p["interval"], "images": p["images"], "extrapolates": p["extrapolates"],
-            **{k: p[k] for k in ("images_early", "images_effective") if k in p}}
+            **{k: p[k] for k in ("images_shallow", "images_effective") if k in p}}
 
 
 def _peak(env: RunEnv) -> float | None:

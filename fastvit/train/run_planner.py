@@ -238,16 +238,18 @@ def images_in_budget(stages: list[Stage], speeds: dict, budget_s: float) -> int:
 
 
 def images_split(stages: list[Stage], speeds: dict, budget_s: float, shallower_than: int | None = None
-                 ) -> tuple[int, int]:
-    """(images, the part of them seen at stages whose depth is below `shallower_than`: a growing run's
-    shallow phase) that the planner would fit into `budget_s` seconds at these speeds ((0, 0) when none)."""
+                 ) -> tuple[int, dict]:
+    """(images, {depth k: images seen at stages of depth k < `shallower_than`}: a growing run's shallow phase)
+    that the planner would fit into `budget_s` seconds at these speeds ((0, {}) when none)."""
     try:
         plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
     except BudgetTooSmall:
-        return 0, 0
-    early = sum(s.steps * s.batch_size for s in plan.stages
-                if shallower_than and s.depth and s.depth < shallower_than)
-    return plan.images_until(plan.total_steps), early
+        return 0, {}
+    shallow: dict = {}
+    for s in plan.stages:
+        if shallower_than and s.depth and s.depth < shallower_than and s.steps:
+            shallow[s.depth] = shallow.get(s.depth, 0) + s.steps * s.batch_size
+    return plan.images_until(plan.total_steps), shallow
 
 
 # ------------------------------------------------------------------------------------------------------
