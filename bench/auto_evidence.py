@@ -23,12 +23,13 @@ probe, so nothing measured at b enters the pick. Regret = the grid's best mean t
 measured mean top-1 at b (seeds averaged). Forecast error = forecast − measured mean, of the pick.
 
 Growth as a candidate (`--growth-sweep DIR`: a second sweep with `fastvit+shape=<shape>+growth=manual` variants,
-and any fixed-shape variants as its same-batch controls): at each budget b the law fitted without b also fits
-its growth term (fastvit.scaling.fit_growth: gamma) on the growing runs of the other budgets, and the grown shapes
-join the candidates (images and the share of them seen shallow forecast from the other budgets' runs); regret is
-then against the best measured of the grid and the grown shapes. Beside it: the growing runs against the fixed
-shapes at each budget (does growth pay here?), and the shipped cpu prior's growth term (fitted on the older growth
-study, not on these runs) forecasting each growing run from its measured images.
+and any fixed-shape variants as its same-batch controls; `lobo_grow`): at each budget b the law fitted without b fits
+its growth term (fastvit.scaling.fit_growth: c) on the growing runs of the other budgets, and the grown shapes
+join the candidates (images and the share of them seen at each shallow depth forecast from the other budgets'
+runs); regret is then against the best measured of the grid and the grown shapes. The same with one credit for
+every shallow image whatever its depth (`lobo_const`: the credit the mean of the other budgets' growing runs
+need; the form first tried). Beside it: the growing runs against the fixed shapes at each budget (does growth pay
+here?), the credit each growing run needs under the grid's law, and the shipped cpu prior's forecast of each.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastvit.models.shapes import grow_label, param_count, parse_shape  # noqa: E402
 from fastvit.scaling import ScalingError, choose, fit_growth, fit_law, load_prior  # noqa: E402
-from fastvit.sweep.scaling_fit import images_early, split_shape  # noqa: E402
+from fastvit.sweep.scaling_fit import images_shallow, split_shape  # noqa: E402
 from fastvit.train.results import Results  # noqa: E402
 
 AUTO_VARIANT = "fastvit+model=auto"
@@ -75,7 +76,8 @@ def read_runs(sweep: Path, classes: int) -> list[dict]:
             elif shape:
                 row.update(shape=shape, params=int(res.get("params") or param_count(shape, classes)))
                 if "growth=manual" in r["variant"].split("+"):
-                    row.update(shape=grow_label(shape), images_early=images_early(res, parse_shape(shape)["depth"]))
+                    depth = parse_shape(shape)["depth"]
+                    row.update(shape=grow_label(shape), depth=depth, images_shallow=images_shallow(res, depth))
             else:
                 continue
             rows.append(row)
@@ -102,14 +104,32 @@ def grid_means(grid: list[dict]) -> dict:
 
 
 def _point(r: dict) -> dict:
-    return {k: r[k] for k in ("shape", "params", "images", "top1", "budget", "seed", "images_early") if k in r}
+    return {k: r[k] for k in ("shape", "params", "images", "top1", "budget", "seed", "depth", "images_shallow")
+            if k in r}
+
+
+def run_credit(params: dict, r: dict) -> float:
+    """The credit per shallow image that puts a growing run exactly on the law: D_eff solved from its top-1
+    (err = E + A/N^alpha + B/D_eff^beta), less its images at full depth, over its shallow images."""
+    rest = 1 - r["top1"] / 100 - params["E"] - params["A"] * r["params"] ** -params["alpha"]
+    d_eff = (params["B"] / rest) ** (1 / params["beta"]) if rest > 0 else float("inf")
+    shallow = sum(r["images_shallow"].values())
+    return (d_eff - (r["images"] - shallow)) / shallow
+
+
+def _const(c: dict, credit: float) -> dict:
+    """A grown candidate forecast with one credit for every shallow image (the form first tried)."""
+    shallow = sum(c["images_shallow"].values())
+    return {k: v for k, v in c.items() if k not in ("depth", "images_shallow")} | \
+        {"images": int(c["images"] - shallow + credit * shallow)}
 
 
 def lobo(grid: list[dict], budgets: list[tuple[str, float]], fixed: dict, means: dict,
-         grown: list[dict] = ()) -> list[dict]:
+         grown: list[dict] = (), const: bool = False) -> list[dict]:
     """For each budget: the law fitted without it (`fixed`: parameters held; with `grown` runs, its growth term
     too), its pick among the grid's shapes (and the grown ones) at forecast images, the regret and the forecast
-    error (and the plain most-images pick, for comparison)."""
+    error (and the plain most-images pick, for comparison). `const`: the grown shapes forecast with one credit
+    per shallow image, the mean run_credit of the other budgets' growing runs, instead of the growth term."""
     out = []
     shapes = sorted({r["shape"] for r in grid}) + sorted({r["shape"] for r in grown})
     for b, secs in budgets:
@@ -118,9 +138,11 @@ def lobo(grid: list[dict], budgets: list[tuple[str, float]], fixed: dict, means:
         row = {"budget": b, "budget_s": secs, "fitted_on": sorted({r["budget"] for r in rest})}
         try:
             law = fit_law([_point(r) for r in rest], fixed=fixed, loo=False)
-            if rest_grown:
+            if rest_grown and const:
+                row["credit"] = _mean([run_credit(law.params, r) for r in rest_grown])
+            elif rest_grown:
                 law = fit_growth(law, [_point(r) for r in rest_grown])
-                row["gamma"] = law.growth["gamma"]
+                row["c"] = law.growth["c"]
         except ScalingError as e:
             out.append({**row, "refused": str(e)})
             continue
@@ -131,8 +153,13 @@ def lobo(grid: list[dict], budgets: list[tuple[str, float]], fixed: dict, means:
                 continue
             rate = _mean([r["images"] / r["counted_s"] for r in runs])
             c = {"shape": s, "params": runs[0]["params"], "images": int(rate * secs)}
-            if "images_early" in runs[0]:             # a grown shape: the share seen shallow, as at the other budgets
-                c["images_early"] = int(c["images"] * _mean([r["images_early"] / r["images"] for r in runs]))
+            if "images_shallow" in runs[0]:           # a grown shape: the shares seen shallow, as at the other budgets
+                c["depth"] = runs[0]["depth"]
+                c["images_shallow"] = {k: int(c["images"] * _mean([r["images_shallow"].get(k, 0) / r["images"]
+                                                                   for r in runs]))
+                                       for k in sorted({k for r in runs for k in r["images_shallow"]})}
+                if const:
+                    c = _const(c, row["credit"])
             cands.append(c)
         ranked = choose(law, cands)
         pick = ranked[0]
@@ -183,10 +210,11 @@ def speed_check(auto: list[dict], means: dict) -> list[dict]:
     return out
 
 
-def growth_check(grown: list[dict], control: list[dict], means: dict, budgets) -> list[dict]:
+def growth_check(grown: list[dict], control: list[dict], means: dict, budgets, grid_law: dict | None) -> list[dict]:
     """Per budget: each grown shape's measured mean top-1 against the grid's best fixed shape, the grid's run of
     the shape it grows (fixed, full depth) and the same-batch controls; and the shipped cpu prior's forecast of
-    each growing run from its measured images (its growth term was fitted on the older growth study)."""
+    each growing run from its measured images (its term fitted on the older growth study, not on these runs); and the credit per shallow image each run needs under `grid_law`
+    (the grid's law, all five parameters free, fitted on every budget)."""
     prior = load_prior("cpu")
     gm, cm = grid_means(grown), grid_means(control)
     out = []
@@ -195,10 +223,12 @@ def growth_check(grown: list[dict], control: list[dict], means: dict, budgets) -
         best = max(cells, key=lambda s: cells[s]["top1"]) if cells else None
         for shape, c in sorted(gm.get(b, {}).items()):
             runs = [r for r in grown if r["budget"] == b and r["shape"] == shape]
-            fc = [prior.predict(r["params"], prior.effective_images(r["images"], r["images_early"])) for r in runs]
+            fc = [prior.predict(r["params"], prior.effective_images(r["images"], r["images_shallow"], r["depth"]))
+                  for r in runs]
             fixed_shape = shape.removesuffix("+grow")
             out.append({"budget": b, "shape": shape, "seeds": c["seeds"], "top1": c["top1"], "images": c["images"],
-                        "shallow_share": _mean([r["images_early"] / r["images"] for r in runs]),
+                        "shallow_share": _mean([sum(r["images_shallow"].values()) / r["images"] for r in runs]),
+                        "run_credits": [run_credit(grid_law, r) for r in runs] if grid_law else None,
                         "grid_best": best, "grid_best_top1": cells[best]["top1"] if best else None,
                         "vs_grid_best": c["top1"] - cells[best]["top1"] if best else None,
                         "grid_fixed_top1": cells.get(fixed_shape, {}).get("top1"),
@@ -212,16 +242,23 @@ def table_md(ev: dict) -> str:
     lines = []
     for key, title in (("lobo", f"alpha held at the gpu prior's {ev['alpha_fixed']:.4g} (set before the runs, as "
                                 "the pilot and the cpu prior)"),
-                       ("lobo_free", "all five parameters free (as `fastvit-sweep --fit-scaling` fits)")):
+                       ("lobo_free", "all five parameters free (as `fastvit-sweep --fit-scaling` fits)"),
+                       ("lobo_grow", "all five free, and the grown shapes beside the fixed ones (growth term c "
+                                     "fitted on the other budgets' growing runs; best and regret over both)"),
+                       ("lobo_const", "as above, the grown shapes at one credit per shallow image (the form "
+                                      "first tried)")):
+        if not ev.get(key):
+            continue
         lines += [f"## Leave-one-budget-out picks: {title}", "",
-                  "| budget | law fitted on | law | growth gamma | pick | forecast | measured | best | best top-1 | "
+                  "| budget | law fitted on | law | growth c (or one credit) | pick | forecast | measured | best | best top-1 | "
                   "regret | most-images pick (regret) |", "|---|---|---|---:|---|---:|---:|---|---:|---:|---|"]
         for r in ev[key]:
             if "refused" in r:
                 lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | refused: {r['refused']} | | | | | | | | |")
                 continue
-            gamma = "–" if r.get("gamma") is None else f"{r['gamma']:.2f}"
-            lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | {r['law'].split(' (')[0]} | {gamma} | {r['pick']} | "
+            term = f"c {r['c']:.2f}" if r.get("c") is not None else \
+                f"credit {r['credit']:.2f}" if r.get("credit") is not None else "–"
+            lines.append(f"| {r['budget']} | {', '.join(r['fitted_on'])} | {r['law'].split(' (')[0]} | {term} | {r['pick']} | "
                          f"{r['forecast_top1']:.2f} | {r['measured_top1']:.2f} | {r['best']} | {r['best_top1']:.2f} | "
                          f"**{r['regret']:.2f}** | {r['most_images_pick']} ({r['most_images_regret']:.2f}) |")
         lines.append("")
@@ -229,8 +266,9 @@ def table_md(ev: dict) -> str:
         ctl = sorted({s for r in ev["growth"] for s in r["controls"]})
         lines += ["## Growing runs (`--growth manual`) against the fixed shapes", "",
                   "| budget | grown shape | top-1 (seeds) | images (shallow share) | grid's fixed run of it | grid best "
-                  "| grown − grid best | " + " | ".join(f"same-batch {s}" for s in ctl) + " | cpu prior forecast (error) |",
-                  "|---|---|---:|---:|---:|---|---:|" + "---:|" * len(ctl) + "---:|"]
+                  "| grown − grid best | " + " | ".join(f"same-batch {s}" for s in ctl)
+                  + " | credit per shallow image (seeds) | cpu prior forecast (error) |",
+                  "|---|---|---:|---:|---:|---|---:|" + "---:|" * len(ctl) + "---:|---:|"]
         for r in ev["growth"]:
             seeds = " / ".join(f"{x:.1f}" for x in r["seeds"])
             fixed_top = "–" if r["grid_fixed_top1"] is None else f"{r['grid_fixed_top1']:.2f}"
@@ -238,6 +276,7 @@ def table_md(ev: dict) -> str:
                          f"({r['shallow_share']:.0%}) | {fixed_top} | {r['grid_best']} {r['grid_best_top1']:.2f} | "
                          f"**{r['vs_grid_best']:+.2f}** | "
                          + " | ".join("–" if s not in r["controls"] else f"{r['controls'][s]:.2f}" for s in ctl)
+                         + " | " + (" / ".join(f"{x:.2f}" for x in r["run_credits"]) if r["run_credits"] else "–")
                          + f" | {r['prior_forecast']:.2f} ({r['prior_error']:+.2f}) |")
         lines.append("")
     lines += ["## `--model auto` end to end against the `cpu` preset (2 seeds each)", "",
@@ -344,13 +383,20 @@ def copy_runs(rows: list[dict], sweep: Path, out: Path) -> int:
     return n
 
 
+def _grid_law(grid: list[dict]) -> dict | None:
+    try:
+        return fit_law([_point(r) for r in grid], loo=False).params
+    except ScalingError:
+        return None
+
+
 def evidence(sweep: Path, preset_shape: str, classes: int, growth_sweep: Path | None = None) -> dict:
     rows = read_runs(sweep, classes)
-    grid = [r for r in rows if r["variant"] != AUTO_VARIANT and "images_early" not in r]
+    grid = [r for r in rows if r["variant"] != AUTO_VARIANT and "images_shallow" not in r]
     auto = [r for r in rows if r["variant"] == AUTO_VARIANT]
     more = read_runs(growth_sweep, classes) if growth_sweep else []
-    grown = [r for r in rows + more if "images_early" in r]
-    control = [r for r in more if "images_early" not in r and r["variant"] != AUTO_VARIANT]
+    grown = [r for r in rows + more if "images_shallow" in r]
+    control = [r for r in more if "images_shallow" not in r and r["variant"] != AUTO_VARIANT]
     budgets = sorted({(r["budget"], r["budget_s"]) for r in rows}, key=lambda b: b[1])
     means = grid_means(grid)
     alpha = load_prior("gpu").params["alpha"]
@@ -358,9 +404,11 @@ def evidence(sweep: Path, preset_shape: str, classes: int, growth_sweep: Path | 
         r["sweep"] = "growth"
     return {"sweep": str(sweep), "growth_sweep": str(growth_sweep) if growth_sweep else None, "classes": classes,
             "preset_shape": preset_shape, "alpha_fixed": alpha,
-            "budgets": budgets, "grid": means, "lobo": lobo(grid, budgets, {"alpha": alpha}, means, grown),
-            "lobo_free": lobo(grid, budgets, {}, means, grown),
-            "growth": growth_check(grown, control, means, budgets) if grown else [],
+            "budgets": budgets, "grid": means, "lobo": lobo(grid, budgets, {"alpha": alpha}, means),
+            "lobo_free": lobo(grid, budgets, {}, means),
+            "lobo_grow": lobo(grid, budgets, {}, means, grown) if grown else [],
+            "lobo_const": lobo(grid, budgets, {}, means, grown, const=True) if grown else [],
+            "growth": growth_check(grown, control, means, budgets, _grid_law(grid)) if grown else [],
             "auto_vs_preset": auto_vs_preset(auto, means, budgets, preset_shape),
             "speed_check": speed_check(auto, means), "runs": rows + more}
 

@@ -111,12 +111,14 @@ def test_cli_refuses_a_dir_without_a_sweep(tmp_path, capsys):
     assert "no sweep.csv" in capsys.readouterr().err
 
 
-# growth as a candidate: a second sweep of grown runs (d4-w192 grown, faster than fixed d4-w192, 70% of its images
-# shallow) whose top-1 follows the law at D_eff = D_full + gamma * D_early
+# growth as a candidate: a second sweep of grown runs (d4-w192 grown 2 -> 4, faster than fixed d4-w192, 70% of its
+# images at depth 2) whose top-1 follows the law at D_eff = D_4 + credit(2, 4, c) * D_2
 GROWN_RATE, SHALLOW = 200.0, 0.7
 
 
-def _growth_sweep(tmp_path: Path, gamma: float) -> Path:
+def _growth_sweep(tmp_path: Path, c: float) -> Path:
+    from fastvit.scaling import credit
+
     sweep = tmp_path / "growth"
     rows = []
     for budget, secs in BUDGETS:
@@ -131,7 +133,7 @@ def _growth_sweep(tmp_path: Path, gamma: float) -> Path:
                     early = int(SHALLOW * images)
                     res["stages"] = [{"steps": early, "batch_size": 1, "depth": 2},
                                      {"steps": images - early, "batch_size": 1, "depth": 4}]
-                    images_law = images - early + gamma * early
+                    images_law = images - early + credit(2, 4, c) * early
                 else:
                     images_law = images
                 res["top1"] = _top1(shape, images_law, seed)
@@ -145,30 +147,38 @@ def _growth_sweep(tmp_path: Path, gamma: float) -> Path:
     return sweep
 
 
-@pytest.mark.parametrize("gamma", [0.0, 1.0])
-def test_growth_joins_the_candidates_where_the_law_has_its_term(tmp_path, gamma):
-    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10, _growth_sweep(tmp_path, gamma))
-    for r in ev["lobo_free"]:
-        assert r["gamma"] == pytest.approx(gamma, abs=0.05)               # fitted on the other budgets' grown runs
-        assert "d4-w192+grow" in [c["shape"] for c in r["ranking"]]
+@pytest.mark.parametrize("c", [0.0, 2.0])
+def test_growth_joins_the_candidates_where_the_law_has_its_term(tmp_path, c):
+    from fastvit.scaling import credit
+
+    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10, _growth_sweep(tmp_path, c))
+    worth = credit(2, 4, c)
+    assert all("c" not in r for r in ev["lobo"] + ev["lobo_free"])        # the fixed-shape checks stay as they were
+    for r in ev["lobo_grow"]:
+        assert credit(2, 4, r["c"]) == pytest.approx(worth, abs=0.05)      # c fitted on the other budgets' grown runs
+        assert "d4-w192+grow" in [x["shape"] for x in r["ranking"]]
         assert r["regret"] < 0.25                                          # the seeds' jitter is ±0.1
-        grown_true = _top1("d4-w192", GROWN_RATE * r["budget_s"] * (1 - SHALLOW + gamma * SHALLOW), 0)
+        grown_true = _top1("d4-w192", GROWN_RATE * r["budget_s"] * (1 - SHALLOW + worth * SHALLOW), 0)
         fixed_true = max(_top1(s, RATE[s] * r["budget_s"], 0) for s in RATE)
         if abs(grown_true - fixed_true) > 0.3:                             # clear cases: the pick is the better one
             assert (r["pick"] == "d4-w192+grow") == (grown_true > fixed_true)
-    assert gamma == 1.0 or all(r["pick"] != "d4-w192+grow" for r in ev["lobo_free"])
+    assert c == 0.0 or all(r["pick"] != "d4-w192+grow" for r in ev["lobo_grow"])
+    # one credit for all: one growth schedule here, so the same credit as the term's
+    for r in ev["lobo_const"]:
+        assert r["credit"] == pytest.approx(worth, abs=0.05) and r["regret"] < 0.25
     rows = ev["growth"]
     assert [r["budget"] for r in rows] == ["4m", "8m", "16m"]
     for r in rows:
         assert r["shallow_share"] == pytest.approx(SHALLOW, abs=0.01) and set(r["controls"]) == {"d2-w128"}
         assert r["vs_grid_best"] == pytest.approx(r["top1"] - r["grid_best_top1"])
         assert r["grid_fixed_top1"] is not None and r["prior_forecast"] is not None
+        assert all(x == pytest.approx(worth, abs=0.08) for x in r["run_credits"])     # seed jitter ±0.1 point
 
 
 def test_cli_with_a_growth_sweep_copies_its_runs_apart(tmp_path):
     out = tmp_path / "out"
     assert auto_evidence.main(["--sweep", str(_sweep(tmp_path)), "--out", str(out),
-                               "--growth-sweep", str(_growth_sweep(tmp_path, 0.5))]) == 0
+                               "--growth-sweep", str(_growth_sweep(tmp_path, 1.0))]) == 0
     ev = json.loads((out / "evidence.json").read_text())
     grown = [r for r in ev["runs"] if r.get("sweep") == "growth"]
     assert len(grown) == 3 * 2 * 2 and all(r["run_dir"].startswith("growth/runs/") for r in grown)
