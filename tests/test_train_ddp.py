@@ -407,3 +407,29 @@ def test_auto_growth_on_two_processes_takes_one_choice(tiny_prepped, tmp_path):
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == res["planned_steps"] and res["world_size"] == 2
     assert [e["kind"] for e in res["growth"]["events"]].count("choose") == 1
+
+
+def test_model_auto_on_two_processes_takes_rank_0s_choice(tiny_prepped, tmp_path, monkeypatch):
+    """--model auto under torchrun: the ranks probe the candidates together (DDP steps), choose from rank 0's
+    speeds and cache, train the one shape; the cache is written once; a second run probes nothing."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path / "cache"))
+    runs = []
+    for name in ("first", "second"):
+        run = tmp_path / name
+        proc = _torchrun(["--data", str(tiny_prepped), "--out", str(run), "--epochs", "2", "--evals", "0",
+                          "--model", "auto", *TINY])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("model auto: ") >= 2 and proc.stderr.count("predicted top-1") == 2   # rank 0 says
+        runs.append((run, proc.stderr))
+    picks = []
+    for run, err in runs:
+        res = json.loads((run / "results.json").read_text())
+        cfg = json.loads((run / "config.json").read_text())
+        pick = res["model_auto"]["pick"]
+        assert res["world_size"] == 2 and res["steps"] == res["planned_steps"]
+        from fastvit.models.shapes import parse_shape
+        assert cfg["model"]["depth"] == parse_shape(pick["shape"])["depth"]
+        picks.append(pick["shape"])
+    assert picks[0] == picks[1]
+    assert len(list((tmp_path / "cache").glob("probe-*.json"))) == 1
+    assert "cache 0 hit(s)" in runs[0][1] and "probe 0.0 s counted" in runs[1][1]

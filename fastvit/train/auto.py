@@ -71,8 +71,9 @@ class ProbeCache:
     (cache_dir()/probe-<machine key>.json). Reads tolerate a missing or broken file (an empty cache);
     writes are atomic and best effort (a read-only home never stops a run)."""
 
-    def __init__(self, key: str, root: Path | None = None):
+    def __init__(self, key: str, root: Path | None = None, write: bool = True):
         self.path = (root or cache_dir()) / f"probe-{key}.json"
+        self.write = write                  # under torchrun only rank 0 writes (every rank measured the same)
         try:
             self.data = json.loads(self.path.read_text())
             if not isinstance(self.data, dict):
@@ -102,6 +103,8 @@ class ProbeCache:
         for s in stages:
             if s.shape in speeds:
                 self.data[self._key(spec, s)] = round(float(speeds[s.shape]), 4)
+        if not self.write:
+            return
         try:
             from fastvit.fileio import write_bytes_atomic
 
@@ -301,10 +304,13 @@ def decide(law, cands: list[Candidate]) -> list[dict]:
     return [{**r, **{k: v for k, v in by[r["shape"]].row().items() if k not in r}} for r in rows]
 
 
-def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, assumed=None) -> Choice:
+def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, assumed=None, sync=None) -> Choice:
     """The choice for cfg's budget. `measure(cfg_shaped, stages) -> (stages, speeds, seconds)` is the
     planner's probe of one candidate (at most --auto-probe-share of the budget in all); `assumed`
-    (speeds.AssumedSpeeds) replaces every measurement (the dry run on a machine you are not on)."""
+    (speeds.AssumedSpeeds) replaces every measurement (the dry run on a machine you are not on). `sync(obj)`
+    (torchrun: rank 0's obj on every rank) makes every rank choose from rank 0's cache and measurements, so
+    all probe the same candidates in the same order and take the same pick."""
+    sync = sync or (lambda obj: obj)
     from .rules import budget_images
 
     budget_s, cap_s = cfg.budget_s, probe_cap_s(cfg.budget_s, cfg.budget.auto_probe_share)
@@ -316,7 +322,7 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
     def probe(c: Candidate) -> None:
         nonlocal spent
         # the stages' batches may come back halved (out of memory): the probed stages replace them
-        c.stages, speeds, secs = measure(shaped(cfg, c.overrides, c.grows), c.stages)
+        c.stages, speeds, secs = sync(measure(shaped(cfg, c.overrides, c.grows), c.stages))
         spent += secs
         c.speeds, c.speed_from = speeds, "probe"
         if cache is not None:
@@ -327,6 +333,8 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
             c.speeds = {s.shape: assumed.img_s(stage_flops(cfg, s, gpu, c.overrides), s.res, s.keep) for s in c.stages}
             c.speed_from = "assumed"
     else:
+        if cache is not None:
+            cache.data = sync(cache.data)
         for c in cands:
             hit = cache.get(c.spec, c.stages) if cache is not None else None
             if hit:
@@ -403,17 +411,19 @@ def measure_with(env, clock):
 
 
 def choose_for_run(cfg, env, clock, say, assumed=None) -> Choice:
-    """--model auto for a run (or its dry run): refused for the baseline recipe and under torchrun;
-    the law (--scaling or the device's prior), the probe cache of this machine (none for an assumed
-    one), the choice, its lines said."""
+    """--model auto for a run (or its dry run): refused for the baseline recipe; the law (--scaling or the
+    device's prior), the probe cache of this machine (none for an assumed one), the choice, its lines said.
+    Under torchrun every rank probes each candidate together (the probe's steps are DDP steps) and takes
+    rank 0's cache and speeds (dist.broadcast_object), so every rank makes rank 0's choice."""
+    from . import dist
+
     if cfg.run.recipe == "baseline":
         raise TrainError("--model auto needs --recipe fastvit (the baseline is timm's ViT at its named size)", 2)
-    if env.dist.enabled:
-        raise TrainError("--model auto runs in one process: choose with `fastvit-train --model auto --dry-run` "
-                         "(or one process) and pass the shape (--depth, --embed-dim, --num-heads) to torchrun", 2)
+    sync = (lambda obj: dist.broadcast_object(obj, env.dist, env.device)) if env.dist.enabled else None
     law, warnings = law_for(cfg, env, cfg.budget.scaling)
     if assumed is None:
-        choice = choose_model(cfg, env, measure_with(env, clock), law, cache=ProbeCache(machine_key(env)))
+        choice = choose_model(cfg, env, measure_with(env, clock), law, sync=sync,
+                              cache=ProbeCache(machine_key(env), write=env.dist.rank == 0))
     else:
         choice = choose_model(cfg, env, None, law, assumed=assumed)
     choice.warnings += warnings
