@@ -12,8 +12,8 @@ images seen and top-1; growth and plain/patch-8/patch-32 nets are left out (anot
 growth term (fastvit.scaling.fit_growth: c) is fitted on the growth study's --growth manual runs
 (bench/results/growth: d4-w192 grown 2 -> 4, fresh and kept AdamW moments; images per depth from
 depth_per_stage × the preset's batch 64), which ran beside the law's own fixed-depth points. Issue 22's growing
-runs (bench/results/auto/growth) are left out: this law forecasts that batch of runs 3.5-4.8 points low, and
-fitted on them c falls to 0 (growth free) to make up the law's bias, not growth's worth. The gpu prior has no
+runs (bench/results/auto/growth) are left out: this law forecasts that batch's fixed d2-w128 controls 2.2-5.7
+points low, and fitted on them c falls to 0 (growth free) to make up the law's bias, not growth's worth. The gpu prior has no
 growth term: no published growth run was read for it, so `--model auto` on a GPU weighs fixed shapes only.
 """
 from __future__ import annotations

@@ -25,8 +25,8 @@ k (and the rest at L) is forecast as a fixed model of size N that saw
 
 one parameter c >= 0: c = 0, growth is free speed (a shallow image is a full one); c = 1, an image seen at depth 1
 of 2 counts 0.5, at 2 of 4 0.75, at 6 of 12 0.92: a shallow phase is worth more the deeper it is (on Imagenette
-the credits the grid's law gives each growing run were 0.43-0.70 for 1 -> 2 and 0.70-0.95 for 2 -> 4, one credit
-for all was off by 2.5 points: bench/results/auto/README.md). A law without growth runs has no growth term: it
+the credits the grid's law gives each growing run were 0.43-0.70 for 1 -> 2 and 0.69-0.95 for 2 -> 4:
+bench/results/auto/README.md). A law without growth runs has no growth term: it
 forecasts no growing run (`choose` gives such a candidate top1 None, never the pick).
 
 scaling.json (`save_law` / `load_law`, the one reader and writer of the format) holds the law, the points it
@@ -578,7 +578,7 @@ def _growth_from(g, where: str) -> dict:
         raise ScalingError(f"{where}: growth.loo.cs must be a list of numbers")
     if not all(lo <= v <= hi for v in [c, *cs]):
         raise ScalingError(f"{where}: growth c must be in [{lo:g}, {hi:g}], got {c!r}")
-    return dict(g)
+    return {**g, "loo": {**loo, "cs": cs}}
 
 
 def load_law(path) -> ScalingLaw:

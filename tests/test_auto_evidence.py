@@ -116,14 +116,14 @@ def test_cli_refuses_a_dir_without_a_sweep(tmp_path, capsys):
 GROWN_RATE, SHALLOW = 200.0, 0.7
 
 
-def _growth_sweep(tmp_path: Path, c: float) -> Path:
+def _growth_sweep(tmp_path: Path, c: float, grown_rate: float = GROWN_RATE) -> Path:
     from fastvit.scaling import credit
 
     sweep = tmp_path / "growth"
     rows = []
     for budget, secs in BUDGETS:
         for seed in (0, 1):
-            for variant, shape, rate in (("fastvit+shape=d4-w192+growth=manual", "d4-w192", GROWN_RATE),
+            for variant, shape, rate in (("fastvit+shape=d4-w192+growth=manual", "d4-w192", grown_rate),
                                          ("fastvit+shape=d2-w128", "d2-w128", RATE["d2-w128"])):
                 d = sweep / "runs" / variant.replace("+", "_") / budget / f"s{seed}"
                 d.mkdir(parents=True)
@@ -147,25 +147,28 @@ def _growth_sweep(tmp_path: Path, c: float) -> Path:
     return sweep
 
 
-@pytest.mark.parametrize("c", [0.0, 2.0])
-def test_growth_joins_the_candidates_where_the_law_has_its_term(tmp_path, c):
+@pytest.mark.parametrize("c, rate, grown_wins", [(0.0, GROWN_RATE, False), (2.0, GROWN_RATE, False),
+                                                 (0.0, 1.2 * RATE["d2-w128"], True)])
+def test_growth_joins_the_candidates_where_the_law_has_its_term(tmp_path, c, rate, grown_wins):
     from fastvit.scaling import credit
 
-    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10, _growth_sweep(tmp_path, c))
+    ev = auto_evidence.evidence(_sweep(tmp_path), "d4-w192", 10, _growth_sweep(tmp_path, c, rate))
     worth = credit(2, 4, c)
+    # growth fast enough and its shallow images worth full ones: the grown shape is the pick at every budget
+    assert all((r["pick"] == "d4-w192+grow") == grown_wins for r in ev["lobo_grow"])
     assert all("c" not in r for r in ev["lobo"] + ev["lobo_free"])        # the fixed-shape checks stay as they were
     for r in ev["lobo_grow"]:
-        assert credit(2, 4, r["c"]) == pytest.approx(worth, abs=0.05)      # c fitted on the other budgets' grown runs
+        assert credit(2, 4, r["c"]) == pytest.approx(worth, abs=0.1)       # c fitted on the other budgets' grown runs
         assert "d4-w192+grow" in [x["shape"] for x in r["ranking"]]
         assert r["regret"] < 0.25                                          # the seeds' jitter is ±0.1
-        grown_true = _top1("d4-w192", GROWN_RATE * r["budget_s"] * (1 - SHALLOW + worth * SHALLOW), 0)
+        grown_true = _top1("d4-w192", rate * r["budget_s"] * (1 - SHALLOW + worth * SHALLOW), 0)
         fixed_true = max(_top1(s, RATE[s] * r["budget_s"], 0) for s in RATE)
         if abs(grown_true - fixed_true) > 0.3:                             # clear cases: the pick is the better one
             assert (r["pick"] == "d4-w192+grow") == (grown_true > fixed_true)
     assert c == 0.0 or all(r["pick"] != "d4-w192+grow" for r in ev["lobo_grow"])
     # one credit for all: one growth schedule here, so the same credit as the term's
     for r in ev["lobo_const"]:
-        assert r["credit"] == pytest.approx(worth, abs=0.05) and r["regret"] < 0.25
+        assert r["credit"] == pytest.approx(worth, abs=0.1) and r["regret"] < 0.25
     rows = ev["growth"]
     assert [r["budget"] for r in rows] == ["4m", "8m", "16m"]
     for r in rows:

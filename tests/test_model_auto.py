@@ -210,13 +210,25 @@ def test_grown_shapes_are_weighed_only_when_asked_and_need_a_growth_term(small_f
     cfg, env = _growth_env(tiny_prepped, grown)
     choice = auto.choose_model(cfg, env, _by_depth, _grown_law(0.5))
     assert not any(r["shape"].endswith("+grow") for r in choice.rows)
-    assert "grown shapes not weighed (--auto-grow)" in "\n".join(choice.lines())
-    # --growth auto: AutoProg decides the depth during the run, so only fixed shapes are weighed
+    assert "grown shapes not weighed (--auto-grow off)" in "\n".join(choice.lines())
+    # --growth auto: AutoProg decides the depth during the run, so only fixed shapes are weighed, and asking
+    # for grown ones too is a usage error
+    from fastvit.train.errors import TrainError
+    cfg, env = _growth_env(tiny_prepped, grown, growth="auto")
+    choice = auto.choose_model(cfg, env, _by_depth, _grown_law(0.5))
+    assert not any(r["shape"].endswith("+grow") for r in choice.rows)
+    assert "grown shapes not weighed (--growth auto: AutoProg chooses the depth)" in "\n".join(choice.lines())
     cfg, env = _growth_env(tiny_prepped, grown, growth="auto", auto_grow=True)
-    assert not any(n.endswith("+grow") for n in names(cfg, env, _grown_law(0.5)))
+    with pytest.raises(TrainError, match="give one of them"):
+        auto.choose_model(cfg, env, _by_depth, _grown_law(0.5))
     # --growth manual: grown shapes only
     cfg, env = _growth_env(tiny_prepped, grown, growth="manual")
     assert all(n.endswith("+grow") for n in names(cfg, env, _grown_law(0.5)))
+    # --growth manual where nothing can grow (one resolution): one line and exit 2, no traceback
+    rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r1"), "--minutes", "5", "--model", "auto",
+               "--growth", "manual", "--scaling", str(grown), "--dry-run", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no candidate grows" in err[0], err
     # grown shapes asked for with a law that cannot forecast them: one line and exit 2
     for flags in (["--growth", "manual"], ["--auto-grow"]):
         rc = main(["--data", str(tiny_prepped), "--out", str(tmp_path / "r"), "--minutes", "5", "--model", "auto",
@@ -224,3 +236,46 @@ def test_grown_shapes_are_weighed_only_when_asked_and_need_a_growth_term(small_f
                    "--dry-run", *TINY])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "no growth term" in err[0] and flags[0] in err[0], err
+
+
+def test_the_probe_cache_of_a_rank_other_than_0_writes_nothing(tmp_path):
+    from fastvit.stage import Stage
+    from fastvit.train import auto
+
+    stages = [Stage(res=32, batch_size=8)]
+    auto.ProbeCache("k", root=tmp_path, write=False).put("d1-w32", stages, {stages[0].shape: 10.0})
+    assert not (tmp_path / "probe-k.json").exists()
+    auto.ProbeCache("k", root=tmp_path).put("d1-w32", stages, {stages[0].shape: 10.0})
+    assert auto.ProbeCache("k", root=tmp_path).get("d1-w32", stages) == {stages[0].shape: 10.0}
+
+
+def test_every_rank_chooses_from_rank_0s_cache_and_measurements(small_family, tiny_prepped, tmp_path):
+    """sync (torchrun: rank 0's object on every rank) replaces this rank's cache and probe results: the choice
+    is made from rank 0's, whatever this rank read or measured."""
+    from fastvit import scaling
+    from fastvit.train import auto
+    from fastvit.train.config import make_config
+    from fastvit.train.setup import open_env
+
+    cfg = make_config("test", {"data": str(tiny_prepped), "minutes": 2.0, "device": "cpu", "backend": "dali",
+                               "model": "auto", "scaling": str(small_family)})
+    env = open_env(cfg)
+    law = scaling.load_law(small_family)
+    cache = auto.ProbeCache("mine", root=tmp_path / "c")
+    for spec in FAMILY:                                   # this rank's cache knows every shape...
+        stages = auto.candidates(cfg, env)[FAMILY.index(spec)].stages
+        cache.put(spec, stages, {s.shape: 5.0 for s in stages})
+
+    def rank0(obj):                                       # ...rank 0's knows none, and measured 10x faster
+        if isinstance(obj, dict):
+            return {}
+        stages, speeds, _ = obj
+        return stages, {k: 10 * v for k, v in speeds.items()}, 1.25
+
+    def measure(c, stages):
+        return stages, {s.shape: 100.0 for s in stages}, 0.5
+
+    choice = auto.choose_model(cfg, env, measure, law, cache=cache, sync=rank0)
+    assert choice.cache["hits"] == 0 and choice.pick["speed_from"] == "probe"
+    assert choice.probe_s == pytest.approx(1.25 * sum(r["speed_from"] == "probe" for r in choice.rows))
+    assert set(choice.pick["img_s"].values()) == {1000.0}

@@ -271,6 +271,10 @@ def test_growth_term_round_trips_and_a_bad_c_is_one_line(law, tmp_path):
         grown.predict(1e6, grown.effective_images(6e4, {2: 3e4}, 4)), rel=1e-9)
     assert "growth" not in scaling.law_to_dict(law)                       # no term, no key
     d = scaling.law_to_dict(grown)
+    d["growth"]["loo"] = None                                              # a term without its refits
+    (tmp_path / "noloo.json").write_text(json.dumps(d, default=float))
+    bare = load_law(tmp_path / "noloo.json")
+    assert bare.grown_interval(1e6, 6e4, {2: 3e4}, 4)[0] <= bare.predict(1e6, bare.effective_images(6e4, {2: 3e4}, 4))
     d["growth"]["c"] = 2.7
     (tmp_path / "bad.json").write_text(json.dumps(d, default=float))
     with pytest.raises(ScalingError, match=r"growth c must be in \[0, 2\]"):

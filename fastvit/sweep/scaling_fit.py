@@ -64,7 +64,8 @@ def images_shallow(results: dict, full_depth: int) -> dict:
     return out
 
 
-def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int, data_res: list[int]) -> dict:
+def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int, data_res: list[int],
+                 say=print) -> dict:
     """{recipe: {"fixed": [point, ...], "growth": [point with depth, images_shallow, ...]}} from the sweep's rows (WSD
     rows left out: their D spans several runs; --growth auto runs too: their depth is the run's decision)."""
     out: dict = {}
@@ -87,9 +88,12 @@ def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int,
         if m["growth"] == "manual":
             depth = parse_shape(m["shape"])["depth"]
             shallow = images_shallow(res, depth)
-            if shallow:                                  # a run that never trained shallow did not grow
+            if shallow:
                 group["growth"].append({**point, "shape": grow_label(m["shape"]), "depth": depth,
                                         "images_shallow": shallow})
+            else:
+                say(f"fastvit-sweep: {r.get('run_dir')}: a --growth manual run whose results.json shows no stage "
+                    "below its final depth (missing, or it never grew): left out of the growth term")
             continue
         group["fixed"].append(point)
     return out
@@ -147,7 +151,7 @@ def write_scaling(rows: list[dict], out: Path, per_variant: dict, preset: str, d
     """Fit and write scaling.json (+ scaling.md) per recipe; a refused fit is said in one line. Returns the
     files written."""
     written = []
-    groups = sweep_points(rows, per_variant, preset, classes, data_res)
+    groups = sweep_points(rows, per_variant, preset, classes, data_res, say)
     for recipe, group in groups.items():
         pts, grown = group["fixed"], group["growth"]
         name = "scaling" if len(groups) == 1 else f"scaling-{slug(recipe)}"

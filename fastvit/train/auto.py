@@ -184,6 +184,9 @@ def weighs(cfg, law) -> tuple[bool, bool]:
     beside them; --growth manual grown ones only; --growth auto fixed ones only (AutoProg decides the depth
     during the run). Grown shapes with a law that has no growth term: one line, exit 2."""
     mode, both = cfg.growth.mode, cfg.budget.auto_grow and cfg.growth.mode == "none"
+    if mode == "auto" and cfg.budget.auto_grow:
+        raise TrainError("--auto-grow weighs shapes grown by --growth manual; with --growth auto AutoProg chooses "
+                         "the depth during the run: give one of them", 2)
     if (mode == "manual" or both) and not law.growth:
         raise TrainError(f"--model auto {'--growth manual' if mode == 'manual' else '--auto-grow'}: the scaling law "
                          "has no growth term, so it cannot forecast a growing run (fit one: fastvit-sweep "
@@ -211,6 +214,11 @@ def candidates(cfg, env, law=None) -> list[Candidate]:
         growing = grown_stages(cfg, stages, over["depth"]) if grown else None
         if growing:
             out.append(Candidate(spec=spec, overrides=over, params=params, stages=growing, grows=True))
+    if not out:                                           # --growth manual, and no shape ever trains shallower
+        raise TrainError(f"--model auto --growth manual: no candidate grows (the curriculum has "
+                         f"{len({s.res for s in stages})} resolution(s) and --growth-depth is "
+                         f"{','.join(f'{v:g}' for v in cfg.growth.growth_depth)}: growth needs two resolutions and "
+                         "a first share below 1)", 2)
     return out
 
 
@@ -230,14 +238,8 @@ def images_in(c: Candidate, budget_s: float | None, budget_images: int | None) -
     image budget: the budget, split by the stages' shares of it)."""
     from .run_planner import images_split
 
-    full = c.overrides["depth"]
-    if budget_s is None:
-        shallow: dict = {}
-        for s in c.stages:
-            if s.depth and s.depth < full:
-                shallow[s.depth] = shallow.get(s.depth, 0) + int(round((s.f1 - s.f0) * budget_images))
-        return int(budget_images), shallow
-    return images_split(c.stages, c.speeds, budget_s, shallower_than=full)
+    return images_split(c.stages, c.speeds, budget_s, shallower_than=c.overrides["depth"],
+                        budget_images=budget_images if budget_s is None else None)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -251,6 +253,7 @@ class Choice:
     warnings: list[str]
     probe_s: float                             # seconds spent probing (counted in the budget)
     cache: dict                                # hits / misses
+    growth_off: str = ""                       # why no grown shape was weighed (the printout)
 
     def to_dict(self) -> dict:
         return {"pick": self.pick, "rows": self.rows, "law": self.law, "warnings": self.warnings,
@@ -273,7 +276,7 @@ class Choice:
         out.append(f"model auto: law {self.law['name']} ({self.law['form']})"
                    + (f"; extrapolating: {ext}" if ext else "")
                    + (f"; grown shapes weighed, growth term c {c:.2f}" if grown else
-                      "; grown shapes not weighed (--auto-grow)" + ("" if c is not None else ", the law has no growth term"))
+                      f"; grown shapes not weighed ({self.growth_off})")
                    + f"; {len(self.rows)} candidates, probe "
                    f"{self.probe_s:.1f} s counted, cache {self.cache['hits']} hit(s) / {self.cache['misses']} miss(es)")
         return out + [f"warning: {w}" for w in self.warnings]
@@ -354,14 +357,19 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
     if rows[0]["top1"] is None:
         raise TrainError("--model auto: the budget leaves no time to train any candidate after set-up "
                          "(raise --minutes/--hours)", 2)
+    off = ("" if any(c.grows for c in cands) else "--auto-grow off" if not cfg.budget.auto_grow and
+           cfg.growth.mode == "none" else "--growth auto: AutoProg chooses the depth" if cfg.growth.mode == "auto"
+           else "no shape grows with this curriculum and --growth-depth")
     return Choice(pick=rows[0], rows=rows, law=_law_summary(law), warnings=[], probe_s=spent,
-                  cache={"hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0})
+                  cache={"hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0}, growth_off=off)
 
 
 def _scale_unmeasured(cfg, cands: list[Candidate], gpu: bool) -> None:
     """Candidates without a measured speed: the achieved FLOP rate of the measured ones (per stage
-    resolution and keep, averaged) over their own FLOPs per image."""
-    known = [c for c in cands if c.speed_from in ("probe", "cache")]
+    resolution and keep, averaged; the fixed shapes' where any was measured, a grown one's shallow stages
+    being another model than its FLOPs say) over their own FLOPs per image."""
+    measured = [c for c in cands if c.speed_from in ("probe", "cache")]
+    known = [c for c in measured if not c.grows] or measured
     for c in cands:
         if c.speed_from in ("probe", "cache"):
             continue

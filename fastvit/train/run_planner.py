@@ -237,12 +237,14 @@ def images_in_budget(stages: list[Stage], speeds: dict, budget_s: float) -> int:
     return images_split(stages, speeds, budget_s)[0]
 
 
-def images_split(stages: list[Stage], speeds: dict, budget_s: float, shallower_than: int | None = None
-                 ) -> tuple[int, dict]:
+def images_split(stages: list[Stage], speeds: dict, budget_s: float | None, shallower_than: int | None = None,
+                 budget_images: int | None = None) -> tuple[int, dict]:
     """(images, {depth k: images seen at stages of depth k < `shallower_than`}: a growing run's shallow phase)
-    that the planner would fit into `budget_s` seconds at these speeds ((0, {}) when none)."""
+    that the planner would fit into `budget_s` seconds at these speeds, or into an image budget
+    (`budget_images`, budget_s None) as a run plans it ((0, {}) when none)."""
     try:
-        plan = plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
+        plan = plan_budget(stages, budget_images=budget_images) if budget_s is None else \
+            plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
     except BudgetTooSmall:
         return 0, {}
     shallow: dict = {}
