@@ -9,12 +9,13 @@ of the prepped shards (fastvit.search.measures), and its measured training speed
 fastvit-train would plan (fastvit.search.probe) -> the images it would see in the budget. Candidates
 that cannot see --min-epochs epochs are dropped; the rest are ranked (--rank) by
 
-- law (the default): the top-1 the scaling law (fastvit.scaling: err = E + A/N^alpha + B/D^beta, --scaling
-  FILE or the shipped prior of the device) predicts from the net's parameters and its images in the budget.
-  The evidence behind the default: on Imagenette the images a run saw ranked the nets' top-1 with Kendall
-  τ 0.91, κ and L with 0.24 (bench/results/search); the law turns images and size into one forecast (τ 0.87
-  out of sample at the images seen, but 0.07 at images probed under another load: tau_law.md);
-- asvit: As-ViT's rank sum (κ ascending, L descending, plus --speed-weight × images in budget descending),
+- law: the top-1 the scaling law (fastvit.scaling: err = E + A/N^alpha + B/D^beta, --scaling FILE or the
+  shipped prior of the device) predicts from the net's parameters and its images in the budget. On
+  Imagenette the images a run saw ranked the nets' top-1 with Kendall τ 0.91, κ and L with 0.24
+  (bench/results/search); the law turns images and size into one forecast (τ 0.87 out of sample at the
+  images seen, but 0.07 at images probed under another load: tau_law.md);
+- asvit (the default: the best training-free τ measured, tau_law.md): As-ViT's rank sum (κ ascending, L
+  descending, plus --speed-weight × images in budget descending),
 
 and the best is grown As-ViT's way (+0/+1 block × width +0..20 %; the best proposal by the same ranking, and
 with the law only while the forecast improves) while the grown net still fits. κ, L and the law's forecast
