@@ -136,7 +136,10 @@ def test_kill_9_then_resume(src_with_pipe, tmp_path):
 def test_ctrl_c_leaves_no_finished_looking_file(src_with_pipe, tmp_path, workers):
     src, fifo, _ = src_with_pipe
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli(src, out, workers=workers), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGINT at its default in the child, whatever the test runner inherited: a shell without job control
+    # starts background jobs (`make test &`, `nohup ... &`) with SIGINT ignored, and the child would inherit it
+    proc = subprocess.Popen(cli(src, out, workers=workers), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: (finished_shards(out) and any(".tmp-" in p.name for p in (out / "dali").iterdir()))
                  or proc.poll() is not None)
