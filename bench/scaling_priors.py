@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastvit.models.shapes import param_count, shape_name  # noqa: E402
 from fastvit.scaling import ScalingError, fit_growth, fit_law, save_law  # noqa: E402
+from fastvit.stage import shallow_images  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 DEIT = "facebookresearch/deit README_deit.md, 'Model Zoo' table (acc@1); 300 epochs: its 'Training' section"
@@ -105,10 +106,7 @@ def cpu_growth_points(results: Path) -> list[dict]:
             if r["variant"] not in ("manual", "manual_keep"):
                 continue
             full = max(d for _, d, _ in r["depth_per_stage"])
-            shallow: dict = {}
-            for _, d, steps in r["depth_per_stage"]:
-                if d < full:
-                    shallow[d] = shallow.get(d, 0) + steps * CPU_BATCH
+            shallow = shallow_images([(d, steps, CPU_BATCH) for _, d, steps in r["depth_per_stage"]], full)
             pts.append({"shape": "d4-w192+grow", "params": param_count("d4-w192", 10), "images": int(r["images_seen"]),
                         "depth": full, "images_shallow": shallow, "top1": float(r["top1"]),
                         "budget": minutes.replace("min", "m"), "seed": int(r["seed"]),

@@ -114,7 +114,7 @@ class ScalingLaw:
                 raise ScalingError("the law has no growth term: fit one on runs that grew (fastvit-sweep "
                                    "--fit-scaling over --growth manual runs)")
             c = self.growth["c"]
-        return float(images) + sum((credit(k, int(depth), c) - 1.0) * v for k, v in shallow.items())
+        return grown_images(images, shallow, int(depth), c)
 
     def grown_interval(self, n, images, images_shallow, depth) -> tuple[float, float]:
         """interval() of a growing run over c and its leave-one-budget-out refits (min-max)."""
@@ -377,9 +377,13 @@ def _clean_growth(points) -> list[dict]:
     return pts
 
 
+def grown_images(images: float, shallow: dict, depth: int, c: float) -> float:
+    """D_eff: `images` with each of `shallow` {k: images seen at depth k < depth} counted at credit(k, depth, c)."""
+    return float(images) + sum((credit(k, depth, c) - 1.0) * v for k, v in shallow.items())
+
+
 def _grown_top1(params: dict, c: float, p: dict) -> float:
-    d = p["images"] + sum((credit(k, p["depth"], c) - 1.0) * v for k, v in p["images_shallow"].items())
-    return float(_top1(params, p["params"], d))
+    return float(_top1(params, p["params"], grown_images(p["images"], p["images_shallow"], p["depth"], c)))
 
 
 def _fit_c(params: dict, pts: list[dict]) -> float:

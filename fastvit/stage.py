@@ -62,6 +62,17 @@ class Stage:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def shallow_images(stages, depth: int) -> dict:
+    """{k: images} trained at each depth k below `depth` (a growing run's shallow phase), from
+    (depth, steps, batch size) of each stage; a depth of None is the full one. {} when none is shallower."""
+    out: dict = {}
+    for k, steps, batch in stages:
+        k = int(k or depth)
+        if k < depth and int(steps):
+            out[k] = out.get(k, 0) + int(steps) * int(batch)
+    return out
+
+
 def num_kept(num_patches: int, keep: float | None) -> int:
     """Patches kept of `num_patches` at keep rate `keep` (None or >= 1: all), at least one.
     Round half up: 49 patches at keep 0.5 keep 25. The model, the schedules and the FLOP count all

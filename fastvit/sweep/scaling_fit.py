@@ -20,6 +20,7 @@ from pathlib import Path
 from fastvit.models.configs import model_config
 from fastvit.models.shapes import grow_label, param_count, parse_shape, shape_name
 from fastvit.scaling import ScalingError, fit_growth, fit_law, save_law
+from fastvit.stage import shallow_images
 from fastvit.train.config import make_config
 
 from .runner import slug
@@ -56,12 +57,8 @@ def recipe_of(label: str) -> str:
 def images_shallow(results: dict, full_depth: int) -> dict:
     """{depth k: images} a growing run saw at each depth below its final one (its results.json stages: steps ×
     batch); {} when results.json has no stages or the run never trained shallow."""
-    out: dict = {}
-    for s in results.get("stages") or ():
-        k = int(s.get("depth") or full_depth)
-        if k < full_depth and int(s["steps"]):
-            out[k] = out.get(k, 0) + int(s["steps"]) * int(s["batch_size"])
-    return out
+    return shallow_images([(s.get("depth"), s["steps"], s["batch_size"]) for s in results.get("stages") or ()],
+                          full_depth)
 
 
 def sweep_points(rows: list[dict], per_variant: dict, preset: str, classes: int, data_res: list[int],

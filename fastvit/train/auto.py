@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fastvit.models.shapes import GROW
+from fastvit.models.shapes import GROW, grow_label
 from fastvit.stage import Stage
 
 from .errors import TrainError
@@ -132,8 +132,6 @@ class Candidate:
     @property
     def name(self) -> str:
         """The candidate's label in every table: the spec, "+grow" when it grows (shapes.grow_label)."""
-        from fastvit.models.shapes import grow_label
-
         return grow_label(self.spec) if self.grows else self.spec
 
     def row(self) -> dict:
@@ -357,11 +355,20 @@ def choose_model(cfg, env, measure, law, *, cache: ProbeCache | None = None, ass
     if rows[0]["top1"] is None:
         raise TrainError("--model auto: the budget leaves no time to train any candidate after set-up "
                          "(raise --minutes/--hours)", 2)
-    off = ("" if any(c.grows for c in cands) else "--auto-grow off" if not cfg.budget.auto_grow and
-           cfg.growth.mode == "none" else "--growth auto: AutoProg chooses the depth" if cfg.growth.mode == "auto"
-           else "no shape grows with this curriculum and --growth-depth")
     return Choice(pick=rows[0], rows=rows, law=_law_summary(law), warnings=[], probe_s=spent,
-                  cache={"hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0}, growth_off=off)
+                  cache={"hits": cache.hits if cache else 0, "misses": cache.misses if cache else 0},
+                  growth_off=_growth_off(cfg, cands))
+
+
+def _growth_off(cfg, cands: list[Candidate]) -> str:
+    """Why no grown shape is among the candidates ("" when one is), for the printout."""
+    if any(c.grows for c in cands):
+        return ""
+    if cfg.growth.mode == "auto":
+        return "--growth auto: AutoProg chooses the depth"
+    if not cfg.budget.auto_grow:
+        return "--auto-grow off"
+    return "no shape grows with this curriculum and --growth-depth"
 
 
 def _scale_unmeasured(cfg, cands: list[Candidate], gpu: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fastvit.stage import Stage
+from fastvit.stage import Stage, shallow_images
 
 from . import dist
 from . import schedules as S
@@ -247,10 +247,8 @@ def images_split(stages: list[Stage], speeds: dict, budget_s: float | None, shal
             plan_budget(stages, speeds=speeds, budget_s=budget_s, reserve_s=reserve_s(budget_s))
     except BudgetTooSmall:
         return 0, {}
-    shallow: dict = {}
-    for s in plan.stages:
-        if shallower_than and s.depth and s.depth < shallower_than and s.steps:
-            shallow[s.depth] = shallow.get(s.depth, 0) + s.steps * s.batch_size
+    shallow = shallow_images([(s.depth, s.steps, s.batch_size) for s in plan.stages], shallower_than) \
+        if shallower_than else {}
     return plan.images_until(plan.total_steps), shallow
 
 
